@@ -1,0 +1,3 @@
+from vitca_cli.cli import main
+
+main()

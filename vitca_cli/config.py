@@ -1,0 +1,137 @@
+"""Model configuration: one frozen dataclass, saved inside every checkpoint.
+
+No torch here, so the CLI can parse and print configurations without importing it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+ARCHES = ("vitca", "unetca")
+POS_ENCODINGS = ("none", "vit", "nerf", "learned")
+CELL_INITS = ("constant", "random")
+
+
+@dataclass(frozen=True)
+class CAConfig:
+    """Everything that defines a cellular automaton's cells and update rule.
+
+    Cell state layout (channels of the grid ``z``, in this order):
+    ``[nerf position channels (optional) | input Ci·P² | output Co·P² | hidden Ch]``.
+    """
+
+    arch: str = "vitca"
+    channels: int = 1  # Ci = Co: 1 (grayscale) or 3 (RGB)
+    hidden: int = 32  # Ch
+    patch_size: int = 1  # P: a cell holds a P×P patch of pixels (non-overlapping)
+    image_size: tuple[int, int] = (28, 28)  # training size; what size-dependent encodings were built for
+    cell_init: str = "constant"
+    update_rate: float = 0.5  # σ: per-cell Bernoulli update probability
+    # ViTCA update rule
+    embed: int = 128  # E
+    depth: int = 1
+    heads: int = 4
+    mlp: int = 64
+    neighbourhood: tuple[int, int] = (3, 3)  # NH×NW localised attention window
+    pos_encoding: str = "vit"
+    nerf_freqs: int = 5  # L: nerf encoding has 4L channels
+    zero_init_head: bool = True
+    # UNetCA update network
+    unet_features: int = 31  # 93,957 parameters for RGB, 92,519 for grayscale (near the 92.5K of ViTCA)
+    unet_octaves: int = 2
+
+    def __post_init__(self) -> None:
+        # JSON round-trips turn tuples into lists; normalise so configs compare equal.
+        object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
+        object.__setattr__(self, "neighbourhood", tuple(int(v) for v in self.neighbourhood))
+        problems = []
+        if self.arch not in ARCHES:
+            problems.append(f"arch must be one of {ARCHES}, got {self.arch!r}")
+        if self.channels not in (1, 3):
+            problems.append(f"channels must be 1 or 3, got {self.channels}")
+        if self.pos_encoding not in POS_ENCODINGS:
+            problems.append(f"pos_encoding must be one of {POS_ENCODINGS}, got {self.pos_encoding!r}")
+        if self.cell_init not in CELL_INITS:
+            problems.append(f"cell_init must be one of {CELL_INITS}, got {self.cell_init!r}")
+        if self.patch_size < 1:
+            problems.append(f"patch_size must be >= 1, got {self.patch_size}")
+        if any(n < 1 or n % 2 == 0 for n in self.neighbourhood):
+            problems.append(f"neighbourhood sizes must be odd and positive, got {self.neighbourhood}")
+        if self.heads < 1 or self.embed % self.heads:
+            problems.append(f"embed ({self.embed}) must be divisible by heads ({self.heads})")
+        if any(s % self.patch_size for s in self.image_size):
+            problems.append(f"image size {self.image_size} must be divisible by the patch size {self.patch_size}")
+        if not 0.0 < self.update_rate <= 1.0:
+            problems.append(f"update_rate must be in (0, 1], got {self.update_rate}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    # -- derived channel layout -------------------------------------------------
+    @property
+    def pe_channels(self) -> int:
+        return 4 * self.nerf_freqs if self.pos_encoding == "nerf" else 0
+
+    @property
+    def pixel_channels(self) -> int:
+        """Input (= output) channels per cell: image channels times the patch area."""
+        return self.channels * self.patch_size**2
+
+    @property
+    def cell_channels(self) -> int:
+        return self.pe_channels + 2 * self.pixel_channels + self.hidden
+
+    @property
+    def input_slice(self) -> slice:
+        return slice(self.pe_channels, self.pe_channels + self.pixel_channels)
+
+    @property
+    def output_slice(self) -> slice:
+        start = self.pe_channels + self.pixel_channels
+        return slice(start, start + self.pixel_channels)
+
+    @property
+    def hidden_slice(self) -> slice:
+        return slice(self.pe_channels + 2 * self.pixel_channels, self.cell_channels)
+
+    @property
+    def static_channels(self) -> int:
+        """Channels the update rule never changes: position encoding and input."""
+        return self.pe_channels + self.pixel_channels
+
+    @property
+    def size_dependent(self) -> bool:
+        """True when the encoding ties the model to the grid size it was trained at."""
+        return self.pos_encoding != "none"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CAConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        return cls(**data)
+
+    def replace(self, **changes) -> "CAConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# Per-dataset presets: the paper's baseline ViTCA (E 128, 4 heads, MLP 64, 32 hidden, 3×3, patch 1).
+PRESETS: dict[str, CAConfig] = {
+    "mnist": CAConfig(channels=1, image_size=(28, 28)),
+    "fashion-mnist": CAConfig(channels=1, image_size=(28, 28)),
+    "cifar10": CAConfig(channels=3, image_size=(32, 32)),
+    "celeba": CAConfig(channels=3, image_size=(64, 64)),
+    "landcoverrep": CAConfig(channels=3, image_size=(32, 32)),
+}
+
+
+def preset(name: str, **overrides) -> CAConfig:
+    """The named preset with ``overrides`` applied (None values are ignored)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(PRESETS[name], **changes)

@@ -1,0 +1,375 @@
+"""ViTCA and UNetCA: neural cellular automata for image restoration.
+
+Read top to bottom: helpers (update masks, patches, position encodings), the localised self-attention, the
+ViTCA update rule, the UNetCA update network, and the cellular automaton that owns the cell grid.
+
+A cell grid ``z`` has shape ``(B, C, H, W)`` with channels laid out as ``CAConfig`` describes:
+``[nerf position (optional) | input | output | hidden]``. One CA step is a pure function of the grid and an
+explicit per-cell update mask, so runs replay exactly and the step exports to ONNX.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vitca_cli.config import CAConfig
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------------------
+def draw_update_mask(
+    batch: int, height: int, width: int, rate: float, generator: torch.Generator | None = None, device=None
+) -> torch.Tensor:
+    """A per-cell Bernoulli(rate) update mask ``(B, 1, H, W)`` shared by all channels (``floor(U + σ)``)."""
+    u = torch.rand(batch, 1, height, width, generator=generator, device=device)
+    return torch.floor(u + rate).clamp_(max=1.0)
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """``b c (h p1) (w p2) -> b (p1 p2 c) h w``: a cell holds a p×p patch of pixels."""
+    if p == 1:
+        return x
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p)  # b c h p1 w p2
+    return x.permute(0, 3, 5, 1, 2, 4).reshape(b, p * p * c, h // p, w // p)
+
+
+def unpatchify(z: torch.Tensor, p: int) -> torch.Tensor:
+    """Inverse of :func:`patchify`."""
+    if p == 1:
+        return z
+    b, ppc, h, w = z.shape
+    c = ppc // (p * p)
+    z = z.reshape(b, p, p, c, h, w)  # b p1 p2 c h w
+    return z.permute(0, 3, 4, 1, 5, 2).reshape(b, c, h * p, w * p)
+
+
+def vit_position_encoding(height: int, width: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The reference's 1-D sinusoid over the raster index n = r·W + c, shape ``(H, W, E)``.
+
+    Channel c has frequency exp(-c·ln(1e4)/E), sine on even and cosine on odd channels: the odd channels use
+    exponent 2k+1, not the 2k of the usual formula (reference pitfall 2).
+    """
+    n = torch.arange(height * width, device=device, dtype=torch.float32)[:, None]
+    c = torch.arange(dim, device=device, dtype=torch.float32)
+    angle = n * torch.exp(-c * (math.log(1e4) / dim))
+    pe = torch.where(c.long() % 2 == 0, torch.sin(angle), torch.cos(angle))
+    return pe.reshape(height, width, dim).to(dtype)
+
+
+def nerf_position_channels(height: int, width: int, freqs: int, device=None) -> torch.Tensor:
+    """NeRF-style xy encoding ``(4L, H, W)``: [sin(2^l π x)]_l, [sin(2^l π y)]_l, [cos(2^l π x)]_l, [cos(2^l π y)]_l."""
+    y, x = torch.meshgrid(
+        torch.linspace(-1, 1, height, device=device), torch.linspace(-1, 1, width, device=device), indexing="ij"
+    )
+    scales = (2.0 ** torch.arange(freqs, device=device) * math.pi)[:, None, None]
+    xs, ys = scales * x, scales * y
+    return torch.cat([torch.sin(xs), torch.sin(ys), torch.cos(xs), torch.cos(ys)], dim=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Localised self-attention
+# ---------------------------------------------------------------------------------------------------------------------
+def neighbour_views(t: torch.Tensor, nh: int, nw: int):
+    """Yield the NH·NW shifted views of ``t`` (b h w ...), zero padded at the borders, row-major.
+
+    The views are strided windows of one padded copy: no stack of NH·NW copies is materialised.
+    """
+    b, h, w = t.shape[:3]
+    rh, rw = nh // 2, nw // 2
+    pad = [0, 0] * (t.dim() - 3) + [rw, rw, rh, rh]
+    padded = F.pad(t, pad)
+    for i in range(nh):
+        for j in range(nw):
+            yield padded[:, i : i + h, j : j + w]
+
+
+def local_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, neighbourhood: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of every cell over its NH×NW neighbourhood (itself included).
+
+    q, k, v: ``(B, H, W, heads, d)``, q already scaled. Border cells see zero "ghost" neighbours (k = 0, v = 0)
+    that still take softmax mass, exactly like the reference's ``padding='same'`` convolution.
+    Returns the attended values ``(B, H, W, heads, d)`` and the weights ``(B, H, W, heads, NH·NW)``.
+    """
+    nh, nw = neighbourhood
+    logits = torch.stack([(q * kn).sum(-1) for kn in neighbour_views(k, nh, nw)], dim=-1)
+    weights = logits.softmax(dim=-1)
+    out = None
+    for n, vn in enumerate(neighbour_views(v, nh, nw)):
+        term = weights[..., n, None] * vn
+        out = term if out is None else out + term
+    return out, weights
+
+
+class LocalSelfAttention(nn.Module):
+    """Multi-head self-attention restricted to each cell's neighbourhood."""
+
+    def __init__(self, cfg: CAConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.head_dim = cfg.embed // cfg.heads
+        self.neighbourhood = cfg.neighbourhood
+        inner = self.heads * self.head_dim
+        self.to_qkv = nn.Linear(cfg.embed, 3 * inner, bias=False)
+        # The reference drops the output projection only when a single head spans the whole embedding.
+        single = cfg.heads == 1 and self.head_dim == cfg.embed
+        self.to_out = nn.Identity() if single else nn.Linear(inner, cfg.embed)
+
+    def forward(self, x: torch.Tensor, head_mask: torch.Tensor | None = None):
+        b, h, w, _ = x.shape  # b h w e
+        q, k, v = self.to_qkv(x).view(b, h, w, 3, self.heads, self.head_dim).unbind(dim=3)
+        out, weights = local_attention(q * self.head_dim**-0.5, k, v, self.neighbourhood)
+        if head_mask is not None:  # 1 = head silenced (appendix Fig. 7)
+            out = out * (1.0 - head_mask.to(out.dtype))[:, None]
+        return self.to_out(out.reshape(b, h, w, -1)), weights
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ``x + Attn(LN(x))``, then ``x + FF(LN(x))``."""
+
+    def __init__(self, cfg: CAConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.embed)
+        self.attn = LocalSelfAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.embed)
+        self.ff = FeedForward(cfg.embed, cfg.mlp)
+
+    def forward(self, x: torch.Tensor, head_mask: torch.Tensor | None = None):
+        a, weights = self.attn(self.norm1(x), head_mask)
+        x = x + a
+        return x + self.ff(self.norm2(x)), weights
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Update networks: grid (B, C, H, W) -> residual update of output and hidden channels (B, Co·P² + Ch, H, W)
+# ---------------------------------------------------------------------------------------------------------------------
+class ViTCAUpdate(nn.Module):
+    """The ViTCA update rule F_θ: embed each cell, a localised transformer, a zero-initialised head."""
+
+    def __init__(self, cfg: CAConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Linear(cfg.cell_channels, cfg.embed)
+        if cfg.pos_encoding == "learned":
+            gh, gw = (s // cfg.patch_size for s in cfg.image_size)
+            self.learned_pe = nn.Parameter(torch.randn(gh, gw, cfg.embed))
+        self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.depth))
+        self.head = nn.Sequential(nn.LayerNorm(cfg.embed), nn.Linear(cfg.embed, cfg.pixel_channels + cfg.hidden))
+        if cfg.zero_init_head:  # a fresh rule leaves the grid unchanged
+            nn.init.zeros_(self.head[1].weight)
+            nn.init.zeros_(self.head[1].bias)
+        self._pe_cache: dict = {}
+        self.last_attention: list[torch.Tensor] | None = None
+
+    def position_encoding(self, height: int, width: int, x: torch.Tensor) -> torch.Tensor | None:
+        kind = self.cfg.pos_encoding
+        if kind == "learned":
+            if (height, width) != tuple(self.learned_pe.shape[:2]):
+                raise ValueError(
+                    f"learned position encoding was built for a {tuple(self.learned_pe.shape[:2])} grid, "
+                    f"got {(height, width)}: run tiled at the training size"
+                )
+            return self.learned_pe
+        if kind != "vit":
+            return None
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return vit_position_encoding(height, width, self.cfg.embed, x.device, x.dtype)
+        key = (height, width, x.device, x.dtype)
+        if key not in self._pe_cache:
+            self._pe_cache = {key: vit_position_encoding(height, width, self.cfg.embed, x.device, x.dtype)}
+        return self._pe_cache[key]
+
+    def forward(
+        self, z: torch.Tensor, head_mask: torch.Tensor | None = None, keep_attention: bool = False
+    ) -> torch.Tensor:
+        b, _, h, w = z.shape
+        x = self.embed(z.permute(0, 2, 3, 1))  # b h w e
+        pe = self.position_encoding(h, w, x)
+        if pe is not None:
+            x = x + pe
+        maps = []
+        for block in self.blocks:
+            x, weights = block(x, head_mask)
+            maps.append(weights)
+        if keep_attention:
+            self.last_attention = [m.detach() for m in maps]
+        return self.head(x).permute(0, 3, 1, 2)  # b c h w
+
+
+class UNetUpdate(nn.Module):
+    """The UNetCA update network (reference §6, "nca_mode"): only the first convolution is 3×3, the rest 1×1, and
+    max-pooling widens the receptive field. Encoder widths F, 2F, …, F·2^octaves; each decoder stage joins the
+    skip of its level; the last stage joins the first features and the raw cells, then 1×1 convolutions to 64,
+    32 and the update (no activation, not zero-initialised, as in the reference).
+    """
+
+    def __init__(self, cfg: CAConfig):
+        super().__init__()
+        f, octaves = cfg.unet_features, cfg.unet_octaves
+        widths = [f * 2**o for o in range(octaves + 1)]
+
+        def conv(cin, cout, k=1):
+            return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2), nn.LeakyReLU(0.1))
+
+        self.enc = nn.ModuleList([conv(cfg.cell_channels, widths[0], 3)])
+        self.enc.extend(conv(widths[o], widths[o + 1]) for o in range(octaves))
+        self.bottleneck = conv(widths[-1], widths[-1])
+        self.dec = nn.ModuleList(  # deepest first
+            nn.Sequential(conv(2 * widths[o], widths[o]), conv(widths[o], widths[o - 1]))
+            for o in range(octaves, 0, -1)
+        )
+        self.out = nn.Sequential(
+            conv(2 * widths[0] + cfg.cell_channels, 64), conv(64, 32), nn.Conv2d(32, cfg.pixel_channels + cfg.hidden, 1)
+        )
+
+    def forward(self, z: torch.Tensor, head_mask=None, keep_attention: bool = False) -> torch.Tensor:
+        feats = [self.enc[0](z)]  # level 0 .. octaves
+        for enc in self.enc[1:]:
+            feats.append(enc(F.max_pool2d(feats[-1], 2, ceil_mode=True)))
+        x = self.bottleneck(feats[-1])
+        for dec, skip, finer in zip(self.dec, reversed(feats[1:]), reversed(feats[:-1])):
+            x = dec(torch.cat([x, skip], 1))
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")[..., : finer.shape[-2], : finer.shape[-1]]
+        return self.out(torch.cat([x, feats[0], z], 1))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The cellular automaton: cell grid seeding, one step, rollouts, fusion and mitosis
+# ---------------------------------------------------------------------------------------------------------------------
+class CellularAutomaton(nn.Module):
+    """A cell grid and its learned update rule (ViTCA or UNetCA, chosen by ``cfg.arch``)."""
+
+    def __init__(self, cfg: CAConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.rule = ViTCAUpdate(cfg) if cfg.arch == "vitca" else UNetUpdate(cfg)
+
+    # -- cells ------------------------------------------------------------------------------------------------------
+    def seed(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Cells for a (masked) image ``(B, Ci, H, W)``, H and W divisible by the patch size.
+
+        Input channels hold the image; output is 0.5 and hidden 0 (``constant``), or U[0,1) and U[-1,1)
+        (``random``); NeRF position channels, if any, come first.
+        """
+        cfg = self.cfg
+        x = patchify(image, cfg.patch_size)
+        b, _, h, w = x.shape
+        shape_out, shape_hidden = (b, cfg.pixel_channels, h, w), (b, cfg.hidden, h, w)
+        if cfg.cell_init == "constant":
+            out = torch.full(shape_out, 0.5, dtype=x.dtype, device=x.device)
+            hidden = torch.zeros(shape_hidden, dtype=x.dtype, device=x.device)
+        else:
+            out = torch.rand(shape_out, generator=generator, device=x.device).to(x.dtype)
+            hidden = (torch.rand(shape_hidden, generator=generator, device=x.device) * 2 - 1).to(x.dtype)
+        parts = [x, out, hidden]
+        if cfg.pos_encoding == "nerf":
+            pe = nerf_position_channels(h, w, cfg.nerf_freqs, device=x.device).to(x.dtype)
+            parts.insert(0, pe.expand(b, -1, -1, -1))
+        return torch.cat(parts, dim=1)
+
+    def output(self, z: torch.Tensor) -> torch.Tensor:
+        """The image held by the output channels ``(B, Co, H·P, W·P)`` (not clipped)."""
+        return unpatchify(z[:, self.cfg.output_slice], self.cfg.patch_size)
+
+    def hidden(self, z: torch.Tensor) -> torch.Tensor:
+        return z[:, self.cfg.hidden_slice]
+
+    # -- dynamics ---------------------------------------------------------------------------------------------------
+    def step(
+        self,
+        z: torch.Tensor,
+        update_mask: torch.Tensor,
+        head_mask: torch.Tensor | None = None,
+        keep_attention: bool = False,
+    ) -> torch.Tensor:
+        """One CA step: a residual update of the output and hidden channels of the cells where ``update_mask``
+        (``(B, 1, H, W)``, 1 = update) is set. Input and position channels never change.
+        """
+        delta = self.rule(z, head_mask, keep_attention)
+        k = self.cfg.static_channels
+        return torch.cat([z[:, :k], z[:, k:] + update_mask * delta], dim=1)
+
+    def update_masks(
+        self, z: torch.Tensor, steps: int, update_rate: float | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``steps`` update masks ``(T, B, 1, H, W)`` for grid ``z``, drawn from ``generator``."""
+        rate = self.cfg.update_rate if update_rate is None else update_rate
+        b, _, h, w = z.shape
+        return draw_update_mask(steps * b, h, w, rate, generator, z.device).view(steps, b, 1, h, w).to(z.dtype)
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        steps: int,
+        update_rate: float | None = None,
+        generator: torch.Generator | None = None,
+        masks: torch.Tensor | None = None,
+        checkpoint_segments: int = 0,
+        head_mask: torch.Tensor | None = None,
+        keep_attention: bool = False,
+    ) -> torch.Tensor:
+        """Apply ``steps`` CA steps. Masks are drawn up front (or given), so a checkpointed backward pass replays
+        exactly the same updates. ``checkpoint_segments`` > 1 splits the rollout into that many segments whose
+        activations are recomputed during the backward pass.
+        """
+        if masks is None:
+            masks = self.update_masks(z, steps, update_rate, generator)
+        if checkpoint_segments > 1 and torch.is_grad_enabled():
+            bounds = torch.linspace(0, steps, checkpoint_segments + 1).round().long().tolist()
+            for start, stop in zip(bounds[:-1], bounds[1:]):
+                z = checkpoint(self._segment, z, masks[start:stop], head_mask, use_reentrant=False)
+            return z
+        for t in range(steps):
+            z = self.step(z, masks[t], head_mask, keep_attention and t == steps - 1)
+        return z
+
+    def _segment(self, z: torch.Tensor, masks: torch.Tensor, head_mask: torch.Tensor | None) -> torch.Tensor:
+        for m in masks:
+            z = self.step(z, m, head_mask)
+        return z
+
+    @property
+    def last_attention(self) -> list[torch.Tensor] | None:
+        """Attention weights ``(B, H, W, heads, NH·NW)`` per block from the last step run with ``keep_attention``."""
+        return getattr(self.rule, "last_attention", None)
+
+    # -- fusion and mitosis (appendix A.1) --------------------------------------------------------------------------
+    def fusion(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Average 2×2 groups of cells into one; returns the fused grid and the stashed input (and position)
+        channels for re-injection after mitosis."""
+        stash = z[:, : self.cfg.static_channels]
+        return F.avg_pool2d(z, 2), stash
+
+    def mitosis(self, z: torch.Tensor, stash: torch.Tensor) -> torch.Tensor:
+        """Duplicate every cell to its right, bottom and bottom-right, then re-inject the stashed channels."""
+        z = z.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+        z = z[..., : stash.shape[-2], : stash.shape[-1]]
+        return torch.cat([stash, z[:, self.cfg.static_channels :]], dim=1)
+
+    def fusion_mitosis_rollout(
+        self, z: torch.Tensor, steps: int, update_rate: float | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Appendix A.1: 2 steps, fusion, ``steps - 4`` steps at half resolution, mitosis with re-injection, 2 steps."""
+        if steps < 4:
+            raise ValueError(f"fusion/mitosis needs at least 4 steps, got {steps}")
+        z = self(z, 2, update_rate, generator)
+        fused, stash = self.fusion(z)
+        fused = self(fused, steps - 4, update_rate, generator)
+        return self(self.mitosis(fused, stash), 2, update_rate, generator)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
