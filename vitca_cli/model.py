@@ -247,6 +247,36 @@ class UNetUpdate(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The cell grid: seeding and reading out (functions of the config alone, shared by every backend)
+# ---------------------------------------------------------------------------------------------------------------------
+def seed_cells(cfg: CAConfig, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Cells for a (masked) image ``(B, Ci, H, W)``, H and W divisible by the patch size.
+
+    Input channels hold the image; output is 0.5 and hidden 0 (``constant``), or U[0,1) and U[-1,1) (``random``);
+    NeRF position channels, if any, come first.
+    """
+    x = patchify(image, cfg.patch_size)
+    b, _, h, w = x.shape
+    shape_out, shape_hidden = (b, cfg.pixel_channels, h, w), (b, cfg.hidden, h, w)
+    if cfg.cell_init == "constant":
+        out = torch.full(shape_out, 0.5, dtype=x.dtype, device=x.device)
+        hidden = torch.zeros(shape_hidden, dtype=x.dtype, device=x.device)
+    else:
+        out = torch.rand(shape_out, generator=generator, device=x.device).to(x.dtype)
+        hidden = (torch.rand(shape_hidden, generator=generator, device=x.device) * 2 - 1).to(x.dtype)
+    parts = [x, out, hidden]
+    if cfg.pos_encoding == "nerf":
+        pe = nerf_position_channels(h, w, cfg.nerf_freqs, device=x.device).to(x.dtype)
+        parts.insert(0, pe.expand(b, -1, -1, -1))
+    return torch.cat(parts, dim=1)
+
+
+def output_image(cfg: CAConfig, z: torch.Tensor) -> torch.Tensor:
+    """The image held by the output channels ``(B, Co, H·P, W·P)`` (not clipped)."""
+    return unpatchify(z[:, cfg.output_slice], cfg.patch_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The cellular automaton: cell grid seeding, one step, rollouts, fusion and mitosis
 # ---------------------------------------------------------------------------------------------------------------------
 class CellularAutomaton(nn.Module):
@@ -259,30 +289,10 @@ class CellularAutomaton(nn.Module):
 
     # -- cells ------------------------------------------------------------------------------------------------------
     def seed(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Cells for a (masked) image ``(B, Ci, H, W)``, H and W divisible by the patch size.
-
-        Input channels hold the image; output is 0.5 and hidden 0 (``constant``), or U[0,1) and U[-1,1)
-        (``random``); NeRF position channels, if any, come first.
-        """
-        cfg = self.cfg
-        x = patchify(image, cfg.patch_size)
-        b, _, h, w = x.shape
-        shape_out, shape_hidden = (b, cfg.pixel_channels, h, w), (b, cfg.hidden, h, w)
-        if cfg.cell_init == "constant":
-            out = torch.full(shape_out, 0.5, dtype=x.dtype, device=x.device)
-            hidden = torch.zeros(shape_hidden, dtype=x.dtype, device=x.device)
-        else:
-            out = torch.rand(shape_out, generator=generator, device=x.device).to(x.dtype)
-            hidden = (torch.rand(shape_hidden, generator=generator, device=x.device) * 2 - 1).to(x.dtype)
-        parts = [x, out, hidden]
-        if cfg.pos_encoding == "nerf":
-            pe = nerf_position_channels(h, w, cfg.nerf_freqs, device=x.device).to(x.dtype)
-            parts.insert(0, pe.expand(b, -1, -1, -1))
-        return torch.cat(parts, dim=1)
+        return seed_cells(self.cfg, image, generator)
 
     def output(self, z: torch.Tensor) -> torch.Tensor:
-        """The image held by the output channels ``(B, Co, H·P, W·P)`` (not clipped)."""
-        return unpatchify(z[:, self.cfg.output_slice], self.cfg.patch_size)
+        return output_image(self.cfg, z)
 
     def hidden(self, z: torch.Tensor) -> torch.Tensor:
         return z[:, self.cfg.hidden_slice]

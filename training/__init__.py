@@ -1,0 +1,1 @@
+"""Training, datasets and evaluation for vitca. Imports the model; the model never imports this package."""
