@@ -1,0 +1,27 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))  # the unfold reference step lives beside the benchmark that uses it
+
+
+def randomise(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
+    """Small random weights everywhere, the zero-initialised head included, so that steps change the grid.
+
+    Norm gains stay near 1 so activations keep a realistic scale.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            is_gain = p.dim() == 1 and name.endswith("weight")
+            p.copy_(1 + 0.1 * noise if is_gain else scale * noise)
+    return model
+
+
+@pytest.fixture
+def randomise_model():
+    return randomise
