@@ -225,3 +225,17 @@ def test_cli_model_prints_exact_parameter_count():
     assert json.loads(result.output)["parameters"] == 165_280
     bad = CliRunner().invoke(app, ["model", "--preset", "mnist", "--neighbourhood", "4"])
     assert bad.exit_code == 2 and "odd" in bad.output
+
+
+def test_fast_step_gradients_equal_unfold_reference():
+    cfg = preset("cifar10", image_size=(8, 10))
+    ca = randomise(CellularAutomaton(cfg), scale=0.1)
+    z = ca.seed(torch.rand(2, 3, 8, 10))
+    mask = draw_update_mask(2, 8, 10, 0.5, torch.Generator().manual_seed(0))
+    grads = []
+    for step in (ca.step, lambda z, m: unfold_step(ca, z, m)):
+        ca.zero_grad()
+        step(step(z, mask), mask).square().mean().backward()
+        grads.append([p.grad.clone() for p in ca.parameters()])
+    for g_fast, g_ref in zip(*grads):
+        assert torch.allclose(g_fast, g_ref, atol=1e-6, rtol=1e-4)

@@ -100,13 +100,15 @@ def local_attention(
     Returns the attended values ``(B, H, W, heads, d)`` and the weights ``(B, H, W, heads, NH·NW)``.
     """
     nh, nw = neighbourhood
-    logits = torch.stack([(q * kn).sum(-1) for kn in neighbour_views(k, nh, nw)], dim=-1)
-    weights = logits.softmax(dim=-1)
+    # Neighbour axis first: the softmax and the weighted sum then run over large contiguous slices.
+    logits = torch.stack([(q * kn).sum(-1) for kn in neighbour_views(k, nh, nw)], dim=0)  # K b h w heads
+    weights = logits.softmax(dim=0)
     out = None
     for n, vn in enumerate(neighbour_views(v, nh, nw)):
-        term = weights[..., n, None] * vn
-        out = term if out is None else out + term
-    return out, weights
+        w = weights[n, ..., None]
+        # In-place accumulation is autograd-safe: addcmul's backward needs only its factors.
+        out = w * vn if out is None else out.addcmul_(w, vn)
+    return out, weights.permute(1, 2, 3, 4, 0)
 
 
 class LocalSelfAttention(nn.Module):
