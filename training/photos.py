@@ -1,0 +1,55 @@
+"""Collect the natural photos that install on these machines into train/test folders for the `photo` model.
+
+Sources: scikit-image's bundled samples (offline loaders only) and Debian's ``opencv-doc`` example images
+(``apt-get install opencv-doc``). A fixed list of photos is held out for testing and never used in training.
+
+    python -m training.photos OUT_DIR      # writes OUT_DIR/train/*.png and OUT_DIR/test/*.png
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+OPENCV_DIR = Path("/usr/share/doc/opencv-doc/examples/data")
+# Natural photographs and textures; logos, charts, text and calibration boards are left out.
+OPENCV_TRAIN = [
+    "aero1.jpg", "aero3.jpg", "aloeL.jpg", "apple.jpg", "basketball1.png", "blox.jpg", "board.jpg",
+    "butterfly.jpg", "chicky_512.png", "ela_original.jpg", "graf1.png", "HappyFish.jpg", "home.jpg",
+    "leuvenA.jpg", "lena.jpg", "messi5.jpg", "rubberwhale1.png", "stuff.jpg", "Blender_Suzanne1.jpg",
+    "box_in_scene.png", "licenseplate_motion.jpg",
+]
+OPENCV_TEST = ["baboon.jpg", "fruits.jpg", "building.jpg", "smarties.png", "squirrel_cls.jpg", "orange.jpg"]
+SKIMAGE_TRAIN = ["astronaut", "coffee", "chelsea", "rocket", "camera", "brick", "grass", "gravel", "hubble_deep_field"]
+
+
+def collect(out: Path) -> dict[str, int]:
+    """Write the photos as RGB PNGs into ``out/train`` and ``out/test``; returns how many went where."""
+    from PIL import Image
+
+    counts = {"train": 0, "test": 0}
+    for split, names in (("train", OPENCV_TRAIN), ("test", OPENCV_TEST)):
+        (out / split).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            src = OPENCV_DIR / name
+            if src.is_file():
+                Image.open(src).convert("RGB").save(out / split / f"opencv-{Path(name).stem}.png")
+                counts[split] += 1
+    try:
+        from skimage import data
+    except ImportError:
+        data = None
+    for name in SKIMAGE_TRAIN if data else []:
+        try:
+            image = Image.fromarray(getattr(data, name)()).convert("RGB")
+        except Exception:  # noqa: BLE001 - loaders that need a download fail offline; skip them
+            continue
+        image.save(out / "train" / f"skimage-{name}.png")
+        counts["train"] += 1
+    return counts
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    print(collect(Path(sys.argv[1])))
