@@ -1,0 +1,197 @@
+"""The restore library: padding, tiling and blending, reproducible masks, backends, frames."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vitca_cli.config import CAConfig
+from vitca_cli.errors import UsageError
+from vitca_cli.model import CellularAutomaton
+from vitca_cli.restore import (
+    MASK_BLOCK,
+    TorchBackend,
+    UpdateMasks,
+    corrupt,
+    frame_schedule,
+    mask_missing,
+    plan_tiles,
+    restore,
+    tiles_memory_cells,
+)
+
+SMALL = dict(embed=16, heads=2, mlp=16, hidden=4)
+
+
+def small_backend(**cfg_kw) -> TorchBackend:
+    """A tiny CA with a non-zero head, so every step changes the cells."""
+    torch.manual_seed(0)
+    cfg = CAConfig(**{**SMALL, **cfg_kw})
+    ca = CellularAutomaton(cfg)
+    with torch.no_grad():
+        head = ca.rule.head[1]
+        head.weight.normal_(0, 0.2)
+        head.bias.normal_(0, 0.05)
+    return TorchBackend(ca, "tiny")
+
+
+def rand_image(h, w, c=1, seed=0):
+    return np.random.default_rng(seed).random((h, w, c), dtype=np.float32)
+
+
+def test_output_keeps_size_when_not_divisible_by_patch():
+    backend = small_backend(patch_size=2, pos_encoding="none")
+    out = restore(backend, rand_image(13, 11), iters=3).image
+    assert out.shape == (13, 11, 1)
+    assert np.isfinite(out).all()
+
+
+def test_size_dependent_model_pads_small_images_to_training_size():
+    backend = small_backend(pos_encoding="vit", image_size=(16, 16))
+    result = restore(backend, rand_image(10, 7), iters=2)
+    assert result.image.shape == (10, 7, 1)
+    assert result.plan.tile == (16, 16) and result.plan.count == 1
+
+
+def test_same_seed_same_output_other_seed_differs():
+    backend = small_backend(pos_encoding="none")
+    img = rand_image(12, 12)
+    a = restore(backend, img, iters=4, seed=3).image
+    b = restore(backend, img, iters=4, seed=3).image
+    c = restore(backend, img, iters=4, seed=4).image
+    assert np.array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_restore_matches_a_plain_rollout_with_the_same_masks():
+    backend = small_backend(pos_encoding="none")
+    img = rand_image(9, 10)
+    steps = 5
+    out = restore(backend, img, iters=steps, seed=7).image
+    masks = UpdateMasks(7, steps, 0.5).window(0, 0, 9, 10).float()  # T 1 h w
+    z = backend.model.seed(torch.from_numpy(img).permute(2, 0, 1)[None])
+    with torch.no_grad():
+        z = backend.model(z, steps, masks=masks[:, None])
+    expected = backend.model.output(z)[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_masks_of_a_window_equal_the_same_cells_of_the_whole_grid():
+    masks = UpdateMasks(seed=1, steps=3, rate=0.5)
+    whole = masks.window(0, 0, 2 * MASK_BLOCK + 5, MASK_BLOCK + 9)
+    part = masks.window(MASK_BLOCK - 3, 17, MASK_BLOCK + 6, MASK_BLOCK - 10)
+    assert torch.equal(part, whole[..., MASK_BLOCK - 3 : 2 * MASK_BLOCK + 3, 17 : MASK_BLOCK + 7])
+    rate = whole.float().mean().item()
+    assert 0.45 < rate < 0.55
+
+
+@pytest.mark.parametrize("patch", [1, 2])
+def test_tiled_equals_untiled_for_a_size_agnostic_model(patch):
+    backend = small_backend(pos_encoding="none", patch_size=patch)
+    img = rand_image(30 * patch + 1, 27 * patch, seed=patch)
+    iters = 3
+    untiled = restore(backend, img, iters=iters, tile=0)
+    tiled = restore(backend, img, iters=iters, tile=16 * patch)
+    assert untiled.plan.count == 1
+    assert tiled.plan.count >= 4 and tiled.plan.exact
+    np.testing.assert_allclose(tiled.image, untiled.image, atol=1e-5)
+
+
+def test_too_small_a_margin_would_show_the_tile_edges(monkeypatch):
+    """The exactness above is not vacuous: tiles without the margin differ from the untiled run."""
+    import vitca_cli.restore as r
+
+    backend = small_backend(pos_encoding="none")
+    img = rand_image(40, 40)
+    untiled = restore(backend, img, iters=6, tile=0).image
+    monkeypatch.setattr(r, "MAX_MARGIN", 0)
+    tiled = restore(backend, img, iters=6, tile=16)
+    assert not tiled.plan.exact
+    assert np.abs(tiled.image - untiled).max() > 1e-4
+
+
+def test_size_dependent_tiles_are_the_training_size_and_blend_smoothly():
+    cfg = CAConfig(**SMALL, pos_encoding="vit", image_size=(28, 28))
+    plan = plan_tiles(cfg, (100, 61), iters=64)
+    assert plan.tile == (28, 28)
+    # Weights form a partition that every cell is covered by, with no jumps larger than one ramp step.
+    total = torch.zeros(100, 61)
+    for y, x in plan.origins:
+        total[y : y + 28, x : x + 28] += plan.weights(y, x)
+    assert (total > 0).all()
+    for y, x in plan.origins:
+        w = plan.weights(y, x)
+        assert w.diff(dim=0).abs().max() <= 1 / (plan.band + 1) + 1e-6
+        assert w.diff(dim=1).abs().max() <= 1 / (plan.band + 1) + 1e-6
+    # Blending a constant field through the weights gives the constant back (no seams from normalisation).
+    acc = torch.zeros(100, 61)
+    for y, x in plan.origins:
+        acc[y : y + 28, x : x + 28] += 0.7 * plan.weights(y, x)
+    torch.testing.assert_close(acc / total, torch.full((100, 61), 0.7))
+
+
+def test_size_dependent_run_over_several_tiles():
+    backend = small_backend(pos_encoding="vit", image_size=(8, 8))
+    result = restore(backend, rand_image(20, 13), iters=2)
+    assert result.plan.count > 1 and result.plan.tile == (8, 8)
+    assert result.image.shape == (20, 13, 1) and np.isfinite(result.image).all()
+
+
+def test_memory_stays_bounded_for_a_4000_by_3000_photo():
+    """A 12-megapixel photo is cut into tiles; at most ``max_cells`` cells are live at once."""
+    agnostic = CAConfig(channels=3, pos_encoding="none")
+    for cfg in (agnostic, CAConfig(channels=3, pos_encoding="vit", image_size=(32, 32))):
+        plan = plan_tiles(cfg, (3000, 4000), iters=64)
+        live = tiles_memory_cells(plan, 1 << 16)
+        assert plan.count > 1
+        assert live <= max(1 << 16, plan.tile[0] * plan.tile[1]) <= 400 * 400
+        # every cell is covered by some tile
+        assert plan.ys[0] == 0 and plan.ys[-1] + plan.tile[0] == 3000
+        assert plan.xs[0] == 0 and plan.xs[-1] + plan.tile[1] == 4000
+    plan = plan_tiles(agnostic, (3000, 4000), iters=64)
+    assert plan.exact and plan.margin == 64
+
+
+def test_tile_options_checked_against_the_model():
+    backend = small_backend(pos_encoding="vit", image_size=(8, 8))
+    with pytest.raises(UsageError):
+        restore(backend, rand_image(8, 8), iters=1, tile=0)
+    with pytest.raises(UsageError):
+        restore(backend, rand_image(8, 8), iters=1, tile=16)
+    with pytest.raises(UsageError):
+        restore(backend, rand_image(8, 8), iters=0)
+
+
+def test_frames_follow_the_schedule_and_end_at_the_result():
+    assert frame_schedule(64, 8) == [8, 16, 24, 32, 40, 48, 56, 64]
+    assert frame_schedule(3, 10) == [1, 2, 3]
+    backend = small_backend(pos_encoding="none")
+    result = restore(backend, rand_image(10, 10), iters=6, frames=3)
+    assert result.frame_steps == [2, 4, 6]
+    assert len(result.frames) == 3
+    np.testing.assert_array_equal(result.frames[-1], result.image)
+    assert not np.allclose(result.frames[0], result.image)
+
+
+def test_corruption_is_seeded_and_patchy():
+    img = np.full((10, 9, 1), 0.5, np.float32)
+    a = corrupt(img, 0.5, 4, "dropout", seed=1)
+    assert np.array_equal(a, corrupt(img, 0.5, 4, "dropout", seed=1))
+    dropped = a[..., 0] == 0
+    assert 0 < dropped.mean() < 1
+    assert dropped[:4, :4].all() or not dropped[:4, :4].any()  # whole 4×4 patches
+    noisy = corrupt(img, 1.0, 1, "noise", seed=1)
+    assert noisy.std() > 0.5
+
+
+def test_mask_missing_touches_only_missing_pixels():
+    img = rand_image(6, 5, 3)
+    missing = np.zeros((6, 5), bool)
+    missing[2:4, 1:3] = True
+    out = mask_missing(img, missing, "dropout")
+    assert np.array_equal(out[~missing], img[~missing])
+    assert (out[missing] == 0).all()
+    noisy = mask_missing(img, missing, "noise")
+    assert np.array_equal(noisy[~missing], img[~missing])
+    assert not np.allclose(noisy[missing], img[missing])
