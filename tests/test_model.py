@@ -239,3 +239,19 @@ def test_fast_step_gradients_equal_unfold_reference():
         grads.append([p.grad.clone() for p in ca.parameters()])
     for g_fast, g_ref in zip(*grads):
         assert torch.allclose(g_fast, g_ref, atol=1e-6, rtol=1e-4)
+
+
+def test_compiled_attention_kernel_matches_eager():
+    from vitca_cli.model import use_compiled_attention
+
+    ca = randomise(CellularAutomaton(preset("fashion-mnist", image_size=(8, 8))), scale=0.1)
+    z = ca.seed(torch.rand(2, 1, 8, 8))
+    mask = draw_update_mask(2, 8, 8, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = ca.step(z, mask)
+        try:
+            use_compiled_attention(True)
+            compiled = ca.step(z, mask)
+        finally:
+            use_compiled_attention(False)
+    assert (compiled - eager).abs().max().item() < 1e-5

@@ -111,6 +111,33 @@ def local_attention(
     return out, weights.permute(1, 2, 3, 4, 0)
 
 
+_attention_kernel = {"fn": local_attention}
+
+
+def use_compiled_attention(enabled: bool = True) -> None:
+    """Run the localised attention as one fused kernel from ``torch.compile`` (needs a C++ compiler on CPU).
+
+    The eager attention is memory-bound: each neighbour costs a pass over q, k and v. Fused, a step is ~1.3×
+    faster and a training iteration ~2× faster on CPU (bench/step.py, bench/train.py). The first call of each
+    shape compiles (seconds); if compilation fails, the eager kernel is used from then on.
+    """
+    _attention_kernel["fn"] = torch.compile(local_attention) if enabled else local_attention
+
+
+def attend(q, k, v, neighbourhood):
+    fn = _attention_kernel["fn"]
+    if fn is local_attention or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return local_attention(q, k, v, neighbourhood)
+    try:
+        return fn(q, k, v, neighbourhood)
+    except Exception as exc:  # noqa: BLE001 - e.g. no C++ compiler: fall back, once, to the same maths in eager
+        import warnings
+
+        warnings.warn(f"compiled attention unavailable ({type(exc).__name__}); using eager attention", stacklevel=2)
+        _attention_kernel["fn"] = local_attention
+        return local_attention(q, k, v, neighbourhood)
+
+
 class LocalSelfAttention(nn.Module):
     """Multi-head self-attention restricted to each cell's neighbourhood."""
 
@@ -128,7 +155,7 @@ class LocalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, head_mask: torch.Tensor | None = None):
         b, h, w, _ = x.shape  # b h w e
         q, k, v = self.to_qkv(x).view(b, h, w, 3, self.heads, self.head_dim).unbind(dim=3)
-        out, weights = local_attention(q * self.head_dim**-0.5, k, v, self.neighbourhood)
+        out, weights = attend(q * self.head_dim**-0.5, k, v, self.neighbourhood)
         if head_mask is not None:  # 1 = head silenced (appendix Fig. 7)
             out = out * (1.0 - head_mask.to(out.dtype))[:, None]
         return self.to_out(out.reshape(b, h, w, -1)), weights
