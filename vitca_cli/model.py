@@ -91,18 +91,18 @@ def neighbour_views(t: torch.Tensor, nh: int, nw: int):
 
 
 def local_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, neighbourhood: tuple[int, int]
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, neighbourhood: tuple[int, int], scale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of every cell over its NH×NW neighbourhood (itself included).
 
-    q, k, v: ``(B, H, W, heads, d)``, q already scaled. Border cells see zero "ghost" neighbours (k = 0, v = 0)
+    q, k, v: ``(B, H, W, heads, d)``; logits are multiplied by ``scale``. Border cells see zero "ghost" neighbours (k = 0, v = 0)
     that still take softmax mass, exactly like the reference's ``padding='same'`` convolution.
     Returns the attended values ``(B, H, W, heads, d)`` and the weights ``(B, H, W, heads, NH·NW)``.
     """
     nh, nw = neighbourhood
     # Neighbour axis first: the softmax and the weighted sum then run over large contiguous slices.
     logits = torch.stack([(q * kn).sum(-1) for kn in neighbour_views(k, nh, nw)], dim=0)  # K b h w heads
-    weights = logits.softmax(dim=0)
+    weights = (logits * scale).softmax(dim=0)  # scaling the 9 logits is cheaper than scaling q's d channels
     out = None
     for n, vn in enumerate(neighbour_views(v, nh, nw)):
         w = weights[n, ..., None]
@@ -124,18 +124,18 @@ def use_compiled_attention(enabled: bool = True) -> None:
     _attention_kernel["fn"] = torch.compile(local_attention) if enabled else local_attention
 
 
-def attend(q, k, v, neighbourhood):
+def attend(q, k, v, neighbourhood, scale):
     fn = _attention_kernel["fn"]
     if fn is local_attention or torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return local_attention(q, k, v, neighbourhood)
+        return local_attention(q, k, v, neighbourhood, scale)
     try:
-        return fn(q, k, v, neighbourhood)
+        return fn(q, k, v, neighbourhood, scale)
     except Exception as exc:  # noqa: BLE001 - e.g. no C++ compiler: fall back, once, to the same maths in eager
         import warnings
 
         warnings.warn(f"compiled attention unavailable ({type(exc).__name__}); using eager attention", stacklevel=2)
         _attention_kernel["fn"] = local_attention
-        return local_attention(q, k, v, neighbourhood)
+        return local_attention(q, k, v, neighbourhood, scale)
 
 
 class LocalSelfAttention(nn.Module):
@@ -155,7 +155,7 @@ class LocalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, head_mask: torch.Tensor | None = None):
         b, h, w, _ = x.shape  # b h w e
         q, k, v = self.to_qkv(x).view(b, h, w, 3, self.heads, self.head_dim).unbind(dim=3)
-        out, weights = attend(q * self.head_dim**-0.5, k, v, self.neighbourhood)
+        out, weights = attend(q, k, v, self.neighbourhood, self.head_dim**-0.5)
         if head_mask is not None:  # 1 = head silenced (appendix Fig. 7)
             out = out * (1.0 - head_mask.to(out.dtype))[:, None]
         return self.to_out(out.reshape(b, h, w, -1)), weights
@@ -297,7 +297,9 @@ def seed_cells(cfg: CAConfig, image: torch.Tensor, generator: torch.Generator | 
     if cfg.pos_encoding == "nerf":
         pe = nerf_position_channels(h, w, cfg.nerf_freqs, device=x.device).to(x.dtype)
         parts.insert(0, pe.expand(b, -1, -1, -1))
-    return torch.cat(parts, dim=1)
+    # Channels-last memory: each cell's channels are contiguous, so the per-cell linear layers read the grid
+    # without a transposing copy, and the step's output keeps the layout.
+    return torch.cat(parts, dim=1).contiguous(memory_format=torch.channels_last)
 
 
 def output_image(cfg: CAConfig, z: torch.Tensor) -> torch.Tensor:
