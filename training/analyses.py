@@ -1,0 +1,440 @@
+"""The appendix analyses (A.3, Fig. 4, 7): how a trained CA behaves outside its training conditions.
+
+Each analysis runs the CA on a few test images, writes a PNG figure plus the same numbers as CSV and JSON into
+an output folder, and returns a result dict whose ``table`` is printed by ``vitca analyze``:
+
+- ``update-rate``  σ = 0.25, 0.5, 1.0 at test time: PSNR against iteration and iterations to converge.
+- ``unseen-noise`` corruptions never seen in training (additive Gaussian, salt-and-pepper, larger patches), an
+  unmasked and a fully masked input: PSNR against iteration, final quality and the final cell-state range.
+- ``head-masking`` every subset of attention heads silenced: output quality and each head's attention map.
+- ``stability``    many iterations (1000 by default): PSNR and the cell-state range at every step.
+
+Figures are drawn with Pillow (already a core dependency), so the analyses need no plotting extra.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from training.evaluate import rollout
+from training.metrics import psnr_per_image, ssim_per_image
+from vitca_cli.checkpoint import atomic_write_bytes
+from vitca_cli.errors import UsageError
+from vitca_cli.masking import apply_mask, parse_corruption
+
+KINDS = ("update-rate", "unseen-noise", "head-masking", "stability")
+DEFAULT_ITERS = {"update-rate": 64, "unseen-noise": 64, "head-masking": 64, "stability": 1000}
+CONVERGE_TOL_DB = 0.25  # "converged": PSNR stays within this of its final value from then on
+DIVERGED_ABS = 100.0  # a cell state beyond this magnitude (or non-finite) counts as divergence
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Figures with Pillow
+# ---------------------------------------------------------------------------------------------------------------------
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127)]
+
+
+def _font(size: int = 12):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        hi = lo + 1.0
+    raw = (hi - lo) / count
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    start = math.ceil(lo / step) * step
+    return [start + i * step for i in range(int((hi - start) / step + 1e-9) + 1)]
+
+
+def line_chart(series: dict[str, tuple], title: str, xlabel: str, ylabel: str, size=(720, 420)) -> Image.Image:
+    """A line chart: ``series`` maps a legend label to ``(xs, ys)``; non-finite points are skipped."""
+    w, h = size
+    left, right, top, bottom = 64, 170, 34, 48
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    font, small = _font(14), _font(11)
+    xs_all = [x for xs, _ in series.values() for x in xs]
+    ys_all = [y for _, ys in series.values() for y in ys if math.isfinite(y)]
+    x0, x1 = min(xs_all), max(xs_all)
+    y0, y1 = (min(ys_all), max(ys_all)) if ys_all else (0.0, 1.0)
+    pad = 0.05 * (y1 - y0 or 1.0)
+    y0, y1 = y0 - pad, y1 + pad
+    x1 = x1 if x1 > x0 else x0 + 1
+
+    def px(x, y):
+        return (left + (x - x0) / (x1 - x0) * (w - left - right), h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
+
+    d.rectangle([left, top, w - right, h - bottom], outline="black")
+    for t in _nice_ticks(y0, y1):
+        _, py = px(x0, t)
+        d.line([left - 4, py, left, py], fill="black")
+        d.line([left + 1, py, w - right - 1, py], fill=(235, 235, 235))
+        d.text((left - 6, py), f"{t:g}", fill="black", font=small, anchor="rm")
+    for t in _nice_ticks(x0, x1, 6):
+        qx, _ = px(t, y0)
+        d.line([qx, h - bottom, qx, h - bottom + 4], fill="black")
+        d.text((qx, h - bottom + 6), f"{t:g}", fill="black", font=small, anchor="mt")
+    for i, (label, (xs, ys)) in enumerate(series.items()):
+        colour = PALETTE[i % len(PALETTE)]
+        pts = [px(x, y) for x, y in zip(xs, ys) if math.isfinite(y)]
+        if len(pts) > 1:
+            d.line(pts, fill=colour, width=2)
+        elif pts:
+            d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=colour)
+        ly = top + 8 + 18 * i
+        d.line([w - right + 10, ly, w - right + 30, ly], fill=colour, width=3)
+        d.text((w - right + 36, ly), label, fill="black", font=small, anchor="lm")
+    d.text((left + (w - left - right) / 2, 8), title, fill="black", font=font, anchor="mt")
+    d.text((left + (w - left - right) / 2, h - 6), xlabel, fill="black", font=small, anchor="mb")
+    d.text((6, top - 20), ylabel, fill="black", font=small)
+    return img
+
+
+def _to_pil(image: torch.Tensor, cell: int) -> Image.Image:
+    """A ``(C, H, W)`` image (clipped to [0, 1]) or ``(H, W)`` map as a ``cell``-pixel-high tile, nearest-upscaled."""
+    a = image.detach().float().clamp(0, 1).cpu().numpy()
+    a = a if a.ndim == 2 else (a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0))
+    tile = Image.fromarray(np.round(a * 255).astype(np.uint8))
+    scale = max(1, cell // max(tile.size))
+    return tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST)
+
+
+def image_grid(rows: list[list], row_labels: list[str], col_labels: list[str], cell: int = 96) -> Image.Image:
+    """A labelled grid of image tiles; ``None`` leaves a cell empty."""
+    font = _font(11)
+    label_w, head_h, gap = 150, 20, 4
+    ncols = max(len(r) for r in rows)
+    tiles = [[_to_pil(t, cell) if t is not None else None for t in r] for r in rows]
+    tw = max(t.width for r in tiles for t in r if t is not None)
+    th = max(t.height for r in tiles for t in r if t is not None)
+    img = Image.new("RGB", (label_w + ncols * (tw + gap), head_h + len(rows) * (th + gap)), "white")
+    d = ImageDraw.Draw(img)
+    for j, label in enumerate(col_labels):
+        d.text((label_w + j * (tw + gap) + tw / 2, head_h / 2), label, fill="black", font=font, anchor="mm")
+    for i, (label, r) in enumerate(zip(row_labels, tiles)):
+        y = head_h + i * (th + gap)
+        d.text((4, y + th / 2), label, fill="black", font=font, anchor="lm")
+        for j, t in enumerate(r):
+            if t is not None:
+                img.paste(t, (label_w + j * (tw + gap), y))
+    return img
+
+
+def stack_vertically(images: list[Image.Image]) -> Image.Image:
+    out = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images)), "white")
+    y = 0
+    for i in images:
+        out.paste(i, (0, y))
+        y += i.height
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Outputs: figure, CSV, JSON (atomic writes)
+# ---------------------------------------------------------------------------------------------------------------------
+def _save_png(path: Path, image: Image.Image) -> None:
+    atomic_write_bytes(path, lambda f: image.save(f, format="PNG"))
+
+
+def _save_table(out_dir: Path, name: str, rows: list[dict], extra: dict) -> list[Path]:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    csv_path, json_path = out_dir / f"{name}.csv", out_dir / f"{name}.json"
+    atomic_write_bytes(csv_path, lambda f: f.write(buf.getvalue().encode()))
+    payload = json.dumps({**extra, "table": rows}, indent=2, default=float)
+    atomic_write_bytes(json_path, lambda f: f.write(payload.encode()))
+    return [csv_path, json_path]
+
+
+def format_table(rows: list[dict]) -> str:
+    """Rows of equal keys as an aligned plain-text table."""
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    keys = list(rows[0])
+    body = [[cell(r[k]) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(b[i]) for b in body)) for i, k in enumerate(keys)]
+    lines = ["  ".join(k.rjust(w) for k, w in zip(keys, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Corruptions, including the unseen ones
+# ---------------------------------------------------------------------------------------------------------------------
+def _keep_mask(b: int, h: int, w: int, prob: float, patch: int, gen: torch.Generator) -> torch.Tensor:
+    """Like ``patch_keep_mask`` but for patches that need not divide the image (edge patches are cropped)."""
+    u = torch.rand(b, 1, -(-h // patch), -(-w // patch), generator=gen)
+    keep = torch.floor(u + (1.0 - prob)).clamp_(max=1.0)
+    return keep.repeat_interleave(patch, 2).repeat_interleave(patch, 3)[..., :h, :w]
+
+
+def corrupt_spec(x: torch.Tensor, spec: str, gen: torch.Generator) -> torch.Tensor:
+    """Apply a ``parse_corruption`` spec (``p=…,patch=…,type=…``), or nothing for ``none``."""
+    if spec.strip().lower() == "none":
+        return x.clone()
+    try:
+        prob, patch, kind = parse_corruption(spec)
+    except ValueError as exc:
+        raise UsageError(f"--corruption: {exc}") from None
+    b, _, h, w = x.shape
+    return apply_mask(x, _keep_mask(b, h, w, prob, patch, gen), kind, patch, gen)
+
+
+def unseen_conditions(mask_type: str) -> dict[str, callable]:
+    """The corruptions of the unseen-noise analysis, each a function ``(x, generator) -> corrupted``."""
+
+    def trained(x, g):
+        return corrupt_spec(x, f"p=0.5,patch=2,type={mask_type}", g)
+
+    def gaussian(x, g):
+        return x + 0.2 * torch.randn(x.shape, generator=g)
+
+    def salt_pepper(x, g):
+        b, _, h, w = x.shape
+        hit = torch.rand(b, 1, h, w, generator=g) < 0.2
+        salt = (torch.rand(b, 1, h, w, generator=g) < 0.5).to(x.dtype)
+        return torch.where(hit, salt.expand_as(x), x)
+
+    def large_patches(x, g):
+        return corrupt_spec(x, f"p=0.5,patch=8,type={mask_type}", g)
+
+    def unmasked(x, g):
+        return x.clone()
+
+    def fully_masked(x, g):
+        return corrupt_spec(x, f"p=1,patch=1,type={mask_type}", g)
+
+    return {
+        f"trained-like (p=0.5, 2×2 {mask_type})": trained,
+        "gaussian σ=0.2": gaussian,
+        "salt & pepper 20%": salt_pepper,
+        f"larger patches (p=0.5, 8×8 {mask_type})": large_patches,
+        "unmasked": unmasked,
+        f"fully masked ({mask_type})": fully_masked,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tracking a rollout
+# ---------------------------------------------------------------------------------------------------------------------
+class Trace:
+    """Per-step PSNR and cell-state range of a rollout (a ``rollout`` callback)."""
+
+    def __init__(self, model, target: torch.Tensor, keep_at: tuple[int, ...] = ()):
+        self.model, self.target, self.keep_at = model, target, set(keep_at)
+        self.psnr: list[float] = []
+        self.out_range: list[tuple[float, float]] = []
+        self.hidden_range: list[tuple[float, float]] = []
+        self.snapshots: dict[int, torch.Tensor] = {}
+
+    def __call__(self, t: int, z: torch.Tensor) -> None:
+        out = self.model.output(z).float().cpu()
+        self.psnr.append(float(psnr_per_image(out, self.target).mean()))
+        o, hdn = z[:, self.model.cfg.output_slice], self.model.hidden(z)
+        self.out_range.append((float(o.min()), float(o.max())))
+        self.hidden_range.append((float(hdn.min()), float(hdn.max())) if hdn.numel() else (0.0, 0.0))
+        if t in self.keep_at:
+            self.snapshots[t] = out[0]
+
+    def max_abs(self) -> float:
+        values = [abs(v) for pair in self.out_range + self.hidden_range for v in pair]
+        return max(values) if all(map(math.isfinite, values)) else float("inf")
+
+
+def iterations_to_converge(psnr: list[float], tol: float = CONVERGE_TOL_DB) -> int:
+    """First iteration (1-based) from which PSNR stays within ``tol`` dB of its final value."""
+    final = psnr[-1]
+    t = len(psnr)
+    while t > 0 and abs(psnr[t - 1] - final) <= tol:
+        t -= 1
+    return t + 1
+
+
+def _run(model, corrupted: torch.Tensor, clean: torch.Tensor, steps: int, seed: int, rate=None, head_mask=None,
+         keep_attention=False, keep_at=()) -> tuple[Trace, torch.Tensor]:
+    device = next(model.parameters()).device
+    trace = Trace(model, clean, keep_at)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():
+        z = model.seed(corrupted.to(device))
+        z = rollout(model, z, steps, gen, rate, head_mask.to(device) if head_mask is not None else None,
+                    keep_attention, trace)
+    return trace, model.output(z).float().cpu()
+
+
+def _snapshot_steps(steps: int) -> tuple[int, ...]:
+    marks = [1, 8, 16, 32, 64, 128, 256, 512, 1000, steps]
+    return tuple(sorted({m for m in marks if m <= steps}))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The analyses
+# ---------------------------------------------------------------------------------------------------------------------
+def update_rate(model, clean, out_dir: Path, iters: int, seed: int, corruption: str,
+                rates=(0.25, 0.5, 1.0)) -> dict:
+    """Appendix A.3 / Fig. 4d: PSNR against iteration at test-time update rates ``rates``."""
+    corrupted = corrupt_spec(clean, corruption, torch.Generator().manual_seed(seed))
+    marks = _snapshot_steps(iters)
+    rows, series, grid, labels = [], {}, [], []
+    for rate in rates:
+        trace, out = _run(model, corrupted, clean, iters, seed + 1, rate=rate, keep_at=marks)
+        series[f"σ = {rate:g}"] = (list(range(1, iters + 1)), trace.psnr)
+        rows.append({
+            "update_rate": rate,
+            "final_psnr": round(trace.psnr[-1], 3),
+            "best_psnr": round(max(trace.psnr), 3),
+            "iterations_to_converge": iterations_to_converge(trace.psnr),
+            "final_ssim": round(float(ssim_per_image(out, clean).mean()), 4) if min(clean.shape[-2:]) >= 11 else None,
+        })
+        grid.append([corrupted[0], *[trace.snapshots[m] for m in marks], clean[0]])
+        labels.append(f"σ = {rate:g}")
+    chart = line_chart(series, f"PSNR vs CA iteration ({corruption})", "iteration", "PSNR (dB)")
+    strip = image_grid(grid, labels, ["input", *[f"t={m}" for m in marks], "target"])
+    return _finish(out_dir, "update-rate", stack_vertically([chart, strip]), rows,
+                   {"corruption": corruption, "iters": iters, "images": len(clean), "seed": seed,
+                    "converge_tolerance_db": CONVERGE_TOL_DB})
+
+
+def unseen_noise(model, clean, out_dir: Path, iters: int, seed: int, mask_type: str) -> dict:
+    """Appendix A.3 / Fig. 4e, 4g: unseen corruptions, unmasked and fully masked inputs."""
+    marks = _snapshot_steps(iters)
+    rows, series, grid, labels = [], {}, [], []
+    for k, (name, fn) in enumerate(unseen_conditions(mask_type).items()):
+        corrupted = fn(clean, torch.Generator().manual_seed(seed + 10 * k))
+        trace, out = _run(model, corrupted, clean, iters, seed + 1, keep_at=marks)
+        series[name] = (list(range(1, iters + 1)), trace.psnr)
+        lo = min(min(r[0] for r in trace.out_range), min(r[0] for r in trace.hidden_range))
+        hi = max(max(r[1] for r in trace.out_range), max(r[1] for r in trace.hidden_range))
+        rows.append({
+            "condition": name,
+            "input_psnr": round(float(psnr_per_image(corrupted, clean).mean()), 3),
+            "final_psnr": round(trace.psnr[-1], 3),
+            "best_psnr": round(max(trace.psnr), 3),
+            "final_ssim": round(float(ssim_per_image(out, clean).mean()), 4) if min(clean.shape[-2:]) >= 11 else None,
+            "state_min": round(lo, 4),
+            "state_max": round(hi, 4),
+            "diverged": not (trace.max_abs() <= DIVERGED_ABS),
+        })
+        grid.append([corrupted[0], *[trace.snapshots[m] for m in marks], clean[0]])
+        labels.append(name)
+    chart = line_chart(series, "PSNR vs CA iteration, unseen inputs", "iteration", "PSNR (dB)", size=(820, 420))
+    strip = image_grid(grid, labels, ["input", *[f"t={m}" for m in marks], "target"])
+    return _finish(out_dir, "unseen-noise", stack_vertically([chart, strip]), rows,
+                   {"iters": iters, "images": len(clean), "seed": seed, "mask_type": mask_type})
+
+
+def head_masking(model, clean, out_dir: Path, iters: int, seed: int, corruption: str = "none") -> dict:
+    """Appendix Fig. 7: every subset of heads silenced; outputs and each head's attention map.
+
+    The map shown per head is, for each cell, the attention weight it gives to its neighbours rather than to
+    itself (1 − self-weight) at the last step, first block, first image: bright = looks around. All maps in the
+    figure share one contrast stretch (its range is in the JSON).
+    """
+    if model.cfg.arch != "vitca":
+        raise UsageError("head masking needs a ViTCA model (UNetCA has no attention heads)")
+    heads = model.cfg.heads
+    nh, nw = model.cfg.neighbourhood
+    centre = (nh * nw) // 2
+    corrupted = corrupt_spec(clean, corruption, torch.Generator().manual_seed(seed))
+    subsets = sorted(itertools.product((0, 1), repeat=heads), key=lambda s: (sum(s), s[::-1]))
+    rows, grid, labels = [], [], []
+    for subset in subsets:
+        mask = torch.tensor(subset, dtype=torch.float32)
+        trace, out = _run(model, corrupted, clean, iters, seed + 1, head_mask=mask, keep_attention=True)
+        attn = model.last_attention[0][0].float().cpu()  # h w heads n
+        maps = [1.0 - attn[..., i, centre] for i in range(heads)]
+        masked = [i + 1 for i, s in enumerate(subset) if s]
+        label = "masked: " + (",".join(map(str, masked)) if masked else "none")
+        rows.append({
+            "masked_heads": ",".join(map(str, masked)) or "none",
+            "psnr": round(trace.psnr[-1], 3),
+            "ssim": round(float(ssim_per_image(out, clean).mean()), 4) if min(clean.shape[-2:]) >= 11 else None,
+            "mean_neighbour_attention": round(float(torch.stack(maps).mean()), 4),
+        })
+        grid.append([out[0], *maps])
+        labels.append(label)
+    # One contrast stretch for every map in the figure, so heads and subsets stay comparable.
+    all_maps = torch.stack([m for row in grid for m in row[1:]])
+    lo, hi = float(all_maps.min()), float(all_maps.max())
+    grid = [[row[0], *[(m - lo) / max(hi - lo, 1e-6) for m in row[1:]]] for row in grid]
+    grid.insert(0, [corrupted[0], clean[0]])
+    labels.insert(0, "input | target")
+    fig = image_grid(grid, labels, ["output", *[f"head {i + 1}" for i in range(heads)]], cell=80)
+    return _finish(out_dir, "head-masking", fig, rows,
+                   {"iters": iters, "images": len(clean), "seed": seed, "corruption": corruption,
+                    "attention_map": "1 - self-attention weight, last step, block 1, image 1",
+                    "attention_map_range": [round(lo, 4), round(hi, 4)]})
+
+
+def stability(model, clean, out_dir: Path, iters: int, seed: int, corruption: str) -> dict:
+    """Appendix A.3: run ``iters`` (1000) steps and report the PSNR and cell-state range as it goes."""
+    corrupted = corrupt_spec(clean, corruption, torch.Generator().manual_seed(seed))
+    marks = _snapshot_steps(iters)
+    trace, _ = _run(model, corrupted, clean, iters, seed + 1, keep_at=marks)
+    steps = list(range(1, iters + 1))
+    rows = [{
+        "iteration": m,
+        "psnr": round(trace.psnr[m - 1], 3),
+        "output_min": round(trace.out_range[m - 1][0], 4),
+        "output_max": round(trace.out_range[m - 1][1], 4),
+        "hidden_min": round(trace.hidden_range[m - 1][0], 4),
+        "hidden_max": round(trace.hidden_range[m - 1][1], 4),
+    } for m in marks]
+    psnr_chart = line_chart({"PSNR": (steps, trace.psnr)}, f"PSNR over {iters} iterations ({corruption})",
+                            "iteration", "PSNR (dB)")
+    range_chart = line_chart({
+        "output min": (steps, [r[0] for r in trace.out_range]),
+        "output max": (steps, [r[1] for r in trace.out_range]),
+        "hidden min": (steps, [r[0] for r in trace.hidden_range]),
+        "hidden max": (steps, [r[1] for r in trace.hidden_range]),
+    }, "cell-state range", "iteration", "value")
+    strip = image_grid([[corrupted[0], *[trace.snapshots[m] for m in marks], clean[0]]], ["image 1"],
+                       ["input", *[f"t={m}" for m in marks], "target"])
+    max_abs = trace.max_abs()
+    return _finish(out_dir, "stability", stack_vertically([psnr_chart, range_chart, strip]), rows,
+                   {"iters": iters, "images": len(clean), "seed": seed, "corruption": corruption,
+                    "max_abs_state": max_abs, "diverged": not (max_abs <= DIVERGED_ABS)})
+
+
+def _finish(out_dir: Path, name: str, figure: Image.Image, rows: list[dict], extra: dict) -> dict:
+    out_dir = Path(out_dir)
+    png = out_dir / f"{name}.png"
+    _save_png(png, figure)
+    files = [png, *_save_table(out_dir, name, rows, extra)]
+    return {"kind": name, **extra, "table": rows, "files": [str(f) for f in files]}
+
+
+def run_analysis(kind: str, model, clean: torch.Tensor, out_dir: Path, iters: int | None = None, seed: int = 0,
+                 mask_type: str = "noise", corruption: str | None = None) -> dict:
+    """Run analysis ``kind`` on the clean images ``clean`` ``(B, C, H, W)`` and write its files to ``out_dir``."""
+    if kind not in KINDS:
+        raise UsageError(f"unknown analysis {kind!r}; choose from {', '.join(KINDS)}")
+    iters = iters or DEFAULT_ITERS[kind]
+    default = "none" if kind == "head-masking" else f"p=0.5,patch=2,type={mask_type}"
+    corruption = corruption or default
+    clean = clean.float()
+    if kind == "update-rate":
+        return update_rate(model, clean, out_dir, iters, seed, corruption)
+    if kind == "unseen-noise":
+        return unseen_noise(model, clean, out_dir, iters, seed, mask_type)
+    if kind == "head-masking":
+        return head_masking(model, clean, out_dir, iters, seed, corruption)
+    return stability(model, clean, out_dir, iters, seed, corruption)

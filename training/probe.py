@@ -1,0 +1,125 @@
+"""Linear probing, the paper's representation test (reference §5): how linearly separable are the CA's cells?
+
+The trained CA is frozen and run ``iters`` steps on **unmasked** images; each image's feature is its hidden
+channels averaged over the grid (Ch numbers, e.g. 32). A linear classifier is trained on those features and its
+top-1 test accuracy is compared with a linear classifier on the raw pixels trained exactly the same way: same
+standardisation (train-set mean and std), optimiser, epochs, batch size, seed and model selection (best
+validation top-1 on a held-out 10% of the training images).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from training.evaluate import batches, rollout
+
+VALIDATION_FRACTION = 0.1
+
+
+def ca_features(model, dataset, limit: int | None, iters: int, batch_size: int, seed: int,
+                progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(hidden features (N, Ch), raw pixels (N, C·H·W), labels (N,))`` for the first ``limit`` images."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    feats, pixels, labels = [], [], []
+    with torch.inference_mode():
+        for images, y in batches(dataset, batch_size, limit, with_labels=True):
+            z = rollout(model, model.seed(images.float().to(device)), iters, gen)
+            feats.append(model.hidden(z).float().mean((2, 3)).cpu())
+            pixels.append(images.float().flatten(1))
+            labels.append(y)
+            if progress is not None:
+                progress(len(y))
+    return torch.cat(feats), torch.cat(pixels), torch.cat(labels)
+
+
+def train_linear(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                 classes: int, epochs: int = 50, lr: float = 1e-2, batch_size: int = 256, seed: int = 0) -> dict:
+    """Fit a linear classifier (cross-entropy, AdamW) and return its top-1 accuracies.
+
+    Features are standardised with the training mean and std; the epoch with the best validation top-1 (on a
+    held-out ``VALIDATION_FRACTION`` of the training set) is the one tested.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = len(train_x)
+    order = torch.randperm(n, generator=g)
+    n_val = max(1, int(round(VALIDATION_FRACTION * n))) if n >= 10 else 0
+    val_idx, fit_idx = order[:n_val], order[n_val:]
+    mean, std = train_x[fit_idx].mean(0), train_x[fit_idx].std(0).clamp_min(1e-6)
+
+    def norm(x):
+        return (x - mean) / std
+
+    fit_x, fit_y = norm(train_x[fit_idx]), train_y[fit_idx]
+    val_x, val_y = norm(train_x[val_idx]), train_y[val_idx]
+    test_x = norm(test_x)
+    torch.manual_seed(seed)  # the layer's initialisation
+    clf = nn.Linear(train_x.shape[1], classes)
+    opt = torch.optim.AdamW(clf.parameters(), lr=lr)
+    best = (-1.0, None, 0)
+
+    def accuracy(x, y):
+        with torch.no_grad():
+            return float((clf(x).argmax(1) == y).float().mean()) if len(y) else float("nan")
+
+    for epoch in range(1, epochs + 1):
+        perm = torch.randperm(len(fit_x), generator=g)
+        for start in range(0, len(fit_x), batch_size):
+            idx = perm[start : start + batch_size]
+            loss = nn.functional.cross_entropy(clf(fit_x[idx]), fit_y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        val = accuracy(val_x, val_y) if n_val else accuracy(fit_x, fit_y)
+        if val > best[0]:
+            best = (val, {k: v.clone() for k, v in clf.state_dict().items()}, epoch)
+    clf.load_state_dict(best[1])
+    return {
+        "test_top1": round(accuracy(test_x, test_y), 4),
+        "val_top1": round(best[0], 4),
+        "train_top1": round(accuracy(fit_x, fit_y), 4),
+        "best_epoch": best[2],
+        "features": train_x.shape[1],
+    }
+
+
+def linear_probe(model, train_set, test_set, iters: int = 64, train_limit: int | None = 2000,
+                 test_limit: int | None = 1000, epochs: int = 50, lr: float = 1e-2, batch_size: int = 64,
+                 seed: int = 0, progress: Callable[[int], None] | None = None) -> dict:
+    """Probe the frozen CA's averaged hidden channels and, trained the same way, the raw pixels."""
+    model.requires_grad_(False).eval()
+    tr_f, tr_p, tr_y = ca_features(model, train_set, train_limit, iters, batch_size, seed, progress)
+    te_f, te_p, te_y = ca_features(model, test_set, test_limit, iters, batch_size, seed + 1, progress)
+    classes = int(max(int(tr_y.max()), int(te_y.max())) + 1)
+    settings = dict(classes=classes, epochs=epochs, lr=lr, seed=seed)
+    return {
+        "train_images": len(tr_y),
+        "test_images": len(te_y),
+        "classes": classes,
+        "iters": iters,
+        "epochs": epochs,
+        "lr": lr,
+        "seed": seed,
+        "ca_hidden_mean": train_linear(tr_f, tr_y, te_f, te_y, **settings),
+        "raw_pixels": train_linear(tr_p, tr_y, te_p, te_y, **settings),
+    }
+
+
+def format_probe(report: dict) -> str:
+    rows = [("features", "dims", "test top-1", "val top-1", "train top-1")]
+    for key, label in (("ca_hidden_mean", "CA hidden (spatial mean)"), ("raw_pixels", "raw pixels")):
+        r = report[key]
+        rows.append((label, str(r["features"]), f"{100 * r['test_top1']:.2f}%", f"{100 * r['val_top1']:.2f}%",
+                     f"{100 * r['train_top1']:.2f}%"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"{report.get('dataset', '?')}: linear probe on {report['train_images']} train / "
+             f"{report['test_images']} test images, {report['classes']} classes, CA run {report['iters']} steps on "
+             f"unmasked images, {report['epochs']} epochs AdamW lr {report['lr']:g}, seed {report['seed']}"]
+    for i, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,198 @@
+"""``vitca eval``, ``vitca analyze``, ``vitca profile`` and ``vitca probe``: measurements, as thin commands.
+
+The work lives in ``training.evaluate``, ``training.analyses``, ``training.profiling`` and ``training.probe``.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from vitca_cli.commands._util import handle_errors
+from vitca_cli.errors import UsageError
+from vitca_cli.log import log
+
+
+class MaskType(str, Enum):
+    noise = "noise"
+    dropout = "dropout"
+
+
+class Kind(str, Enum):
+    update_rate = "update-rate"
+    unseen_noise = "unseen-noise"
+    head_masking = "head-masking"
+    stability = "stability"
+
+
+WEIGHTS_HELP = "Checkpoint file (a training run's best.pt) or a shipped weights NAME."
+DATASET_HELP = "fashion-mnist, mnist, mnist-5k, cifar10, celeba or folder:PATH."
+
+
+def _load(weights: str, device: str):
+    """Resolve ``--weights``, load the CA on ``device``; returns (model, meta, path)."""
+    from vitca_cli.checkpoint import load_model
+    from vitca_cli.runtime import resolve_device, tune_allocator
+    from vitca_cli.weights import resolve
+
+    tune_allocator()
+    dev = resolve_device(device)
+    ref = resolve(weights)
+    if ref.path.suffix == ".onnx":
+        raise UsageError(f"--weights {weights}: measurements need a PyTorch checkpoint (.pt), not an ONNX file")
+    model, meta = load_model(ref.path, dev)
+    log.info(f"weights {ref.path} ({model.cfg.arch}, {model.cfg.channels} channel(s), "
+             f"trained at {model.cfg.image_size[0]}×{model.cfg.image_size[1]}); device {dev}")
+    return model, meta, ref.path
+
+
+def _mask_type(option: Optional[MaskType], meta: dict) -> str:
+    """The option, else the mask type the checkpoint was trained with, else the reference's ``noise``."""
+    from types import SimpleNamespace
+
+    from vitca_cli.restore import backend_mask_type
+
+    return option.value if option is not None else backend_mask_type(SimpleNamespace(meta=meta))
+
+
+class _Progress:
+    """Logs progress to stderr about every 10%."""
+
+    def __init__(self, total: int, what: str):
+        self.total, self.done, self.next, self.what = total, 0, max(1, total // 10), what
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.done >= self.next or self.done == self.total:
+            log.info(f"{self.what}: {self.done}/{self.total}")
+            self.next = self.done + max(1, self.total // 10)
+
+
+@handle_errors
+def eval_command(
+    weights: str = typer.Option(..., "--weights", "-w", help=WEIGHTS_HELP),
+    dataset: str = typer.Option(..., "--dataset", "-d", help=DATASET_HELP),
+    split: str = typer.Option("test", "--split", help="Dataset split."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where datasets are (or are downloaded to)."),
+    iters: int = typer.Option(64, "--iters", min=1, help="CA steps per image."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate the first N images only."),
+    mask_type: Optional[MaskType] = typer.Option(None, "--mask-type", help="Test corruption [default: as trained, else noise]."),
+    max_patch: int = typer.Option(4, "--max-patch", min=1, help="Largest test mask patch (sizes 1, max/2, max)."),
+    update_rate: Optional[float] = typer.Option(None, "--update-rate", help="Cell update rate σ [default: as trained]."),
+    baselines: bool = typer.Option(False, "--baselines", help="Also run classic restorers (vitca[baselines] extra)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per batch (one mask combo per batch)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the masks and the CA updates."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Score a model on a test split with the paper's test masking (PSNR, SSIM, LPIPS, 95% intervals)."""
+    from training import evaluate as ev
+    from training.baselines import BASELINES, check_available
+
+    if update_rate is not None and not 0 < update_rate <= 1:
+        raise UsageError(f"--update-rate must be in (0, 1], got {update_rate}")
+    if baselines:
+        check_available()
+    model, meta, path = _load(weights, device)
+    ds = ev.open_eval_dataset(dataset, split, model.cfg, data_dir)
+    ev.check_patch_sizes(ds.image_size, max_patch)
+    n = len(ds) if limit is None else min(limit, len(ds))
+    mtype = _mask_type(mask_type, meta)
+    lpips, lpips_status = ev.load_lpips(next(model.parameters()).device)
+    log.info(f"evaluating {n} {split} images of {dataset}: {iters} steps, {mtype} masking, seed {seed}; "
+             f"LPIPS {lpips_status}")
+    report = ev.evaluate(
+        model, ev.batches(ds, batch_size, n), iters=iters, mask_type=mtype, seed=seed, max_patch=max_patch,
+        update_rate=update_rate, baselines=list(BASELINES) if baselines else [], lpips=lpips,
+        progress=_Progress(n, "images"),
+    )
+    report = {"weights": str(path), "dataset": dataset, "split": split, "batch_size": batch_size,
+              "lpips": lpips_status, **report}
+    if baselines:
+        report["baselines"] = {k: v[0] for k, v in BASELINES.items()}
+    print(json.dumps(report, indent=2) if as_json else ev.format_report(report))
+
+
+@handle_errors
+def analyze_command(
+    kind: Kind = typer.Argument(..., help="update-rate, unseen-noise, head-masking or stability."),
+    weights: str = typer.Option(..., "--weights", "-w", help=WEIGHTS_HELP),
+    dataset: str = typer.Option(..., "--dataset", "-d", help=DATASET_HELP),
+    out: Path = typer.Option(..., "--output", "-o", help="Folder for the figure (PNG) and table (CSV, JSON)."),
+    split: str = typer.Option("test", "--split", help="Dataset split."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where datasets are."),
+    iters: Optional[int] = typer.Option(None, "--iters", min=1, help="CA steps [default: 64; stability 1000]."),
+    limit: int = typer.Option(8, "--limit", min=1, help="Number of test images."),
+    mask_type: Optional[MaskType] = typer.Option(None, "--mask-type", help="Corruption type [default: as trained]."),
+    corruption: Optional[str] = typer.Option(
+        None, "--corruption", help="'p=0.5,patch=2,type=noise' or 'none' [default: that; head-masking: none]."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed for the corruption and the CA updates."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Appendix analyses: update rate, unseen noise, head masking, stability. Writes a PNG figure and a table."""
+    import torch
+
+    from training.analyses import format_table, run_analysis
+    from training.evaluate import open_eval_dataset
+
+    model, meta, _ = _load(weights, device)
+    ds = open_eval_dataset(dataset, split, model.cfg, data_dir)
+    n = min(limit, len(ds))
+    clean = torch.stack([ds[i] for i in range(n)])
+    log.info(f"{kind.value}: {n} images of {dataset} {split}")
+    result = run_analysis(kind.value, model, clean, out, iters=iters, seed=seed,
+                          mask_type=_mask_type(mask_type, meta), corruption=corruption)
+    result = {"dataset": dataset, "split": split, **result}
+    if as_json:
+        print(json.dumps(result, indent=2, default=float))
+        return
+    print(format_table(result["table"]))
+    extras = {k: v for k, v in result.items() if k in ("max_abs_state", "diverged", "corruption")}
+    if extras:
+        print(", ".join(f"{k}: {v}" for k, v in extras.items()))
+    print("wrote " + ", ".join(result["files"]))
+
+
+@handle_errors
+def probe_command(
+    weights: str = typer.Option(..., "--weights", "-w", help=WEIGHTS_HELP),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="A labelled dataset: fashion-mnist, mnist, mnist-5k, …"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where datasets are."),
+    iters: int = typer.Option(64, "--iters", min=1, help="CA steps on each unmasked image."),
+    train_limit: int = typer.Option(2000, "--train-limit", min=2, help="Training images for the probe."),
+    test_limit: int = typer.Option(1000, "--test-limit", min=1, help="Test images."),
+    epochs: int = typer.Option(50, "--epochs", min=1, help="Classifier training epochs."),
+    lr: float = typer.Option(1e-2, "--lr", help="Classifier learning rate (AdamW)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="CA batch size for feature extraction."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the CA updates, the split and the classifier."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Linear probe: classify from the frozen CA's averaged hidden channels vs from raw pixels."""
+    from training.evaluate import open_eval_dataset
+    from training.probe import format_probe, linear_probe
+
+    model, _, path = _load(weights, device)
+    train_set = open_eval_dataset(dataset, "train", model.cfg, data_dir)
+    test_set = open_eval_dataset(dataset, "test", model.cfg, data_dir)
+    for ds in (train_set, test_set):
+        if getattr(ds, "labels", None) is None:
+            raise UsageError(f"--dataset {dataset}: no class labels, so nothing to probe")
+    total = min(train_limit, len(train_set)) + min(test_limit, len(test_set))
+    report = linear_probe(model, train_set, test_set, iters=iters, train_limit=train_limit, test_limit=test_limit,
+                          epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                          progress=_Progress(total, "features"))
+    report = {"weights": str(path), "dataset": dataset, **report}
+    print(json.dumps(report, indent=2) if as_json else format_probe(report))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)
+    app.command("analyze")(analyze_command)
+    app.command("probe")(probe_command)
