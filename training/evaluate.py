@@ -70,14 +70,14 @@ def open_eval_dataset(spec: str, split: str, cfg, data_dir=None):
 # ---------------------------------------------------------------------------------------------------------------------
 # Corruption and rollout
 # ---------------------------------------------------------------------------------------------------------------------
-def test_combos(max_patch: int = 4) -> list[tuple[float, int]]:
+def eval_combos(max_patch: int = 4) -> list[tuple[float, int]]:
     """The nine test-time (drop probability, patch size) combos: the curriculum with everything unlocked."""
     return MaskingSchedule(max_patch=max_patch).allowed(-1)
 
 
 def check_patch_sizes(image_size: tuple[int, int], max_patch: int) -> None:
     """Every test patch size must tile the image (the reference asserts it)."""
-    bad = [s for _, s in test_combos(max_patch) if image_size[0] % s or image_size[1] % s]
+    bad = [s for _, s in eval_combos(max_patch) if image_size[0] % s or image_size[1] % s]
     if bad:
         raise UsageError(
             f"test mask patch sizes {sorted(set(bad))} do not divide the image size {image_size[0]}×{image_size[1]};"
@@ -229,7 +229,7 @@ def evaluate(
     from training.baselines import run_baseline
 
     baselines = list(baselines)
-    combos = test_combos(max_patch)
+    combos = eval_combos(max_patch)
     mask_gen = torch.Generator().manual_seed(seed)
     ca_gen = torch.Generator().manual_seed(seed + 1)
     device = next(model.parameters()).device

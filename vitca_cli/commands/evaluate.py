@@ -167,8 +167,7 @@ def probe_command(
     iters: int = typer.Option(64, "--iters", min=1, help="CA steps on each unmasked image."),
     train_limit: int = typer.Option(2000, "--train-limit", min=2, help="Training images for the probe."),
     test_limit: int = typer.Option(1000, "--test-limit", min=1, help="Test images."),
-    epochs: int = typer.Option(50, "--epochs", min=1, help="Classifier training epochs."),
-    lr: float = typer.Option(1e-2, "--lr", help="Classifier learning rate (AdamW)."),
+    max_iter: int = typer.Option(200, "--max-iter", min=1, help="L-BFGS iterations for each classifier."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="CA batch size for feature extraction."),
     seed: int = typer.Option(0, "--seed", help="Seed for the CA updates, the split and the classifier."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
@@ -186,7 +185,7 @@ def probe_command(
             raise UsageError(f"--dataset {dataset}: no class labels, so nothing to probe")
     total = min(train_limit, len(train_set)) + min(test_limit, len(test_set))
     report = linear_probe(model, train_set, test_set, iters=iters, train_limit=train_limit, test_limit=test_limit,
-                          epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                          max_iter=max_iter, batch_size=batch_size, seed=seed,
                           progress=_Progress(total, "features"))
     report = {"weights": str(path), "dataset": dataset, **report}
     print(json.dumps(report, indent=2) if as_json else format_probe(report))

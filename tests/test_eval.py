@@ -1,0 +1,128 @@
+"""``vitca eval`` end to end on a tiny folder dataset, the eval core's determinism, baselines and the linear probe."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.evaluate import batches, evaluate, format_report, eval_combos
+from training.probe import linear_probe, train_linear
+from vitca_cli.checkpoint import save_checkpoint
+from vitca_cli.config import CAConfig
+from vitca_cli.model import CellularAutomaton
+
+CFG = CAConfig(channels=1, image_size=(16, 16), embed=16, heads=2, mlp=16, hidden=8)
+
+
+class TensorDataset:
+    """In-memory images (and labels) with the ImageDataset interface the eval code reads."""
+
+    def __init__(self, images, labels=None):
+        self.images, self.labels = images, labels
+        self.channels, self.image_size = images.shape[1], tuple(images.shape[-2:])
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+
+@pytest.fixture
+def model(randomise_model):
+    return randomise_model(CellularAutomaton(CFG)).eval()
+
+
+def _images(n, seed=0, size=16):
+    return torch.rand(n, 1, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# eval core
+# ---------------------------------------------------------------------------------------------------------------------
+def test_evaluate_is_deterministic_and_cycles_combos(model):
+    ds = TensorDataset(_images(18))
+    a = evaluate(model, batches(ds, 2), iters=3, seed=5)
+    b = evaluate(model, batches(ds, 2), iters=3, seed=5)
+    c = evaluate(model, batches(ds, 2), iters=3, seed=6)
+    for report in (a, b, c):  # timings are the only thing allowed to differ
+        for row in report["methods"].values():
+            row.pop("images_per_s", None)
+    assert a == b
+    assert a["methods"]["vitca"]["psnr"] != c["methods"]["vitca"]["psnr"]
+    # 9 batches of 2: every combo once, 2 images each
+    assert [v["images"] for v in a["psnr_per_combo"].values()] == [2] * 9
+    assert list(a["psnr_per_combo"]) == [f"p={p:g},patch={s}" for p, s in eval_combos(4)]
+    assert a["images"] == 18 and len(a["methods"]["vitca"]) >= 4
+
+
+def test_corrupted_input_row_matches_the_masking(model):
+    # dropout with p=0.25..0.75 zeroes pixels of an all-ones image: input PSNR is -10·log10(fraction dropped)
+    ones = TensorDataset(torch.ones(9, 1, 16, 16))
+    report = evaluate(model, batches(ones, 1), iters=1, mask_type="dropout", seed=0)
+    psnr = report["methods"]["input"]["psnr"]["mean"]
+    assert 1.2 < psnr < 6.1  # between -10·log10(0.75) and -10·log10(0.25), within sampling noise
+    assert report["methods"]["input"]["ssim"]["mean"] < 1
+
+
+def test_baselines_restore_better_than_the_input(model):
+    pytest.importorskip("skimage")
+    pytest.importorskip("cv2")
+    # smooth images: the inpainters should recover masked pixels from their neighbours
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 16), torch.linspace(0, 1, 16), indexing="ij")
+    smooth = ((xx + yy) / 2).expand(9, 1, 16, 16).clone()
+    report = evaluate(model, batches(TensorDataset(smooth), 3), iters=1, mask_type="dropout",
+                      baselines=["tv-chambolle", "nl-means", "biharmonic", "telea"])
+    rows = report["methods"]
+    assert set(rows) == {"vitca", "input", "tv-chambolle", "nl-means", "biharmonic", "telea"}
+    for name in ("biharmonic", "telea"):
+        assert rows[name]["psnr"]["mean"] > rows["input"]["psnr"]["mean"] + 10
+    text = format_report({**report, "dataset": "smooth", "split": "test", "batch_size": 3, "lpips": "skipped: x"})
+    assert "biharmonic" in text and "corrupted input" in text and "LPIPS: skipped: x" in text
+
+
+def test_missing_baseline_extra_is_a_clear_usage_error(monkeypatch):
+    import sys
+
+    from training.baselines import check_available
+    from vitca_cli.errors import UsageError
+
+    monkeypatch.setitem(sys.modules, "cv2", None)  # what Python does for a module that cannot be imported
+    with pytest.raises(UsageError, match=r"pip install vitca\[baselines\]"):
+        check_available()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# linear probe
+# ---------------------------------------------------------------------------------------------------------------------
+def test_train_linear_separates_separable_data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    result = train_linear(x[:150], y[:150], x[150:], y[150:], classes=2)
+    assert result["test_top1"] >= 0.95 and result["features"] == 5
+
+
+def test_linear_probe_on_a_synthetic_dataset(model):
+    # class k: a bright square in quadrant k — easy from pixels
+    def make(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.randint(0, 4, (n,), generator=g)
+        images = 0.1 * torch.rand(n, 1, 16, 16, generator=g)
+        for i, k in enumerate(labels.tolist()):
+            r, c = divmod(k, 2)
+            images[i, :, 8 * r : 8 * r + 8, 8 * c : 8 * c + 8] += 0.8
+        return TensorDataset(images, labels.tolist())
+
+    report = linear_probe(model, make(80, 0), make(40, 1), iters=2, train_limit=None, test_limit=None,
+                          max_iter=50, batch_size=16)
+    assert report["train_images"] == 80 and report["test_images"] == 40 and report["classes"] == 4
+    assert report["ca_hidden_mean"]["features"] == CFG.hidden
+    assert report["raw_pixels"]["features"] == 16 * 16
+    assert report["raw_pixels"]["test_top1"] >= 0.9
+    assert 0.0 <= report["ca_hidden_mean"]["test_top1"] <= 1.0
+    again = linear_probe(model, make(80, 0), make(40, 1), iters=2, train_limit=None, test_limit=None,
+                         max_iter=50, batch_size=16)
+    assert again == report
