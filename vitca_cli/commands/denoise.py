@@ -44,6 +44,7 @@ class Job:
     rel: Path  # name relative to its input folder (mirrored under an output folder)
     output: str = ""  # a path, or "-" for stdout
     error: str = ""  # set when the input could not even be listed (e.g. a glob with no match)
+    expanded: bool = False  # came from a folder or a glob: its output always goes into a folder
 
 
 @dataclass
@@ -87,19 +88,20 @@ def collect_inputs(specs: list[str], recursive: bool) -> list[Job]:
             if not found:
                 jobs.append(Job(spec, Path(path.name), error=f"{spec}: no images in folder"
                                 + ("" if recursive else " (add --recursive for sub-folders)")))
-            jobs.extend(Job(str(p), p.relative_to(path)) for p in found)
+            jobs.extend(Job(str(p), p.relative_to(path), expanded=True) for p in found)
         elif not path.exists() and glob.has_magic(spec):
             found = sorted(glob.glob(spec, recursive=recursive))
             if not found:
                 jobs.append(Job(spec, Path(path.name), error=f"{spec}: no files match"))
-            jobs.extend(Job(p, Path(Path(p).name)) for p in found if Path(p).is_file())
+            jobs.extend(Job(p, Path(Path(p).name), expanded=True) for p in found if Path(p).is_file())
         else:  # a file, or a missing one (reported when it is read, so the batch goes on)
             jobs.append(Job(spec, Path(path.name)))
     return jobs
 
 
 def assign_outputs(jobs: list[Job], output: str, ext: Optional[str]) -> None:
-    """``-o FILE`` for one input, ``-o DIR`` (mirroring sub-folders) for several, ``-o -`` for stdout."""
+    """``-o FILE`` for one input file, ``-o DIR`` (mirroring sub-folders) for several or for a folder or glob,
+    ``-o -`` for stdout."""
     suffix = None
     if ext:
         suffix = ext if ext.startswith(".") else f".{ext}"
@@ -108,7 +110,7 @@ def assign_outputs(jobs: list[Job], output: str, ext: Optional[str]) -> None:
             raise UsageError(f"-o - writes one image to stdout, but {len(jobs)} inputs were given")
         jobs[0].output = STDIO
         return
-    as_dir = len(jobs) > 1 or output.endswith(("/", os.sep)) or Path(output).is_dir()
+    as_dir = len(jobs) > 1 or jobs[0].expanded or output.endswith(("/", os.sep)) or Path(output).is_dir()
     if not as_dir:
         out = Path(output)
         jobs[0].output = str(out.with_suffix(suffix) if suffix else out)
