@@ -51,13 +51,15 @@ def batches(dataset, batch_size: int, limit: int | None = None, with_labels: boo
 
 
 def open_eval_dataset(spec: str, split: str, cfg, data_dir=None):
-    """The dataset ``spec`` at the model's training size (no augmentation), checked against the model's channels."""
+    """The dataset ``spec`` at the model's training size (no augmentation), checked against the model's channels.
+
+    Image folders are read with the model's channel count (photos become grayscale for a grayscale model).
+    """
     from training.data import open_dataset
 
-    try:
-        ds = open_dataset(spec, split, data_dir=data_dir, image_size=tuple(cfg.image_size), augment=False)
-    except (ValueError, FileNotFoundError) as exc:
-        raise UsageError(f"--dataset {spec}: {exc}") from None
+    ds = open_dataset(spec, split, data_dir=data_dir, image_size=tuple(cfg.image_size), augment=False)
+    if getattr(ds, "files", None) is not None:  # decoded on demand: read them as the model sees images
+        ds.channels = cfg.channels
     if len(ds) == 0:
         raise UsageError(f"--dataset {spec}: the {split} split has no images")
     if ds.channels != cfg.channels:
