@@ -165,7 +165,8 @@ def load_lpips(device) -> tuple[LPIPS | None, str]:
         where = ", ".join(str(f) for f in folders[:2])
         return None, (
             f"skipped: LPIPS (VGG) weights not found ({' and '.join(missing)}; looked in {where} and the lpips/"
-            "torchmetrics packages); they are downloaded from the internet, which this run does not do"
+            f"torchmetrics packages); vitca does not download them: put torchvision's {VGG_FILE} and LPIPS "
+            f"v0.1 {LPIPS_FILE} in {folders[0]} to enable it"
         )
     try:
         module = LPIPS(torch.load(vgg, map_location="cpu", weights_only=True),
@@ -308,8 +309,8 @@ def format_report(report: dict) -> str:
 
     out = [
         f"{report.get('dataset', '?')} {report.get('split', '')}: {report['images']} images, {report['iters']} CA "
-        f"steps at σ={report['update_rate']:g}, {report['mask_type']} masking ({report['combos']}), "
-        f"seed {report['seed']}",
+        f"steps at σ={report['update_rate']:g}, {report['mask_type']} masking, seed {report['seed']}",
+        f"corruption: {report['combos']}",
         row(header),
         row(["-" * w for w in widths]),
         *[row(r) for r in lines],
