@@ -58,7 +58,7 @@ def test_unseen_noise(model, clean, tmp_path):
     rows = {r["condition"]: r for r in result["table"]}
     assert set(rows) == set(unseen_conditions("dropout"))
     assert rows["unmasked"]["input_psnr"] >= 99  # the clean image itself
-    assert rows["fully masked (dropout)"]["input_psnr"] < 15  # all zeros
+    assert rows["fully masked dropout"]["input_psnr"] < 15  # all zeros
     for r in rows.values():
         assert r["state_min"] <= r["state_max"] and r["diverged"] in (False, True)
     _check_files(result, 6)

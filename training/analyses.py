@@ -9,7 +9,8 @@ an output folder, and returns a result dict whose ``table`` is printed by ``vitc
 - ``head-masking`` every subset of attention heads silenced: output quality and each head's attention map.
 - ``stability``    many iterations (1000 by default): PSNR and the cell-state range at every step.
 
-Figures are drawn with Pillow (already a core dependency), so the analyses need no plotting extra.
+Figures are drawn with Pillow (already a core dependency), so the analyses need no plotting extra; figure text
+stays ASCII because Pillow's built-in font has no Greek letters or ×.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
 def line_chart(series: dict[str, tuple], title: str, xlabel: str, ylabel: str, size=(720, 420)) -> Image.Image:
     """A line chart: ``series`` maps a legend label to ``(xs, ys)``; non-finite points are skipped."""
     w, h = size
-    left, right, top, bottom = 64, 170, 34, 48
+    left, right, top, bottom = 64, 200, 34, 48
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     font, small = _font(14), _font(11)
@@ -117,7 +118,7 @@ def _to_pil(image: torch.Tensor, cell: int) -> Image.Image:
 def image_grid(rows: list[list], row_labels: list[str], col_labels: list[str], cell: int = 96) -> Image.Image:
     """A labelled grid of image tiles; ``None`` leaves a cell empty."""
     font = _font(11)
-    label_w, head_h, gap = 150, 20, 4
+    label_w, head_h, gap = 170, 20, 4
     ncols = max(len(r) for r in rows)
     tiles = [[_to_pil(t, cell) if t is not None else None for t in r] for r in rows]
     tw = max(t.width for r in tiles for t in r if t is not None)
@@ -223,12 +224,12 @@ def unseen_conditions(mask_type: str) -> dict[str, callable]:
         return corrupt_spec(x, f"p=1,patch=1,type={mask_type}", g)
 
     return {
-        f"trained-like (p=0.5, 2×2 {mask_type})": trained,
-        "gaussian σ=0.2": gaussian,
+        f"trained-like 2x2 p=0.5 {mask_type}": trained,
+        "gaussian sd=0.2": gaussian,
         "salt & pepper 20%": salt_pepper,
-        f"larger patches (p=0.5, 8×8 {mask_type})": large_patches,
+        f"8x8 patches p=0.5 {mask_type}": large_patches,
         "unmasked": unmasked,
-        f"fully masked ({mask_type})": fully_masked,
+        f"fully masked {mask_type}": fully_masked,
     }
 
 
@@ -296,7 +297,7 @@ def update_rate(model, clean, out_dir: Path, iters: int, seed: int, corruption: 
     rows, series, grid, labels = [], {}, [], []
     for rate in rates:
         trace, out = _run(model, corrupted, clean, iters, seed + 1, rate=rate, keep_at=marks)
-        series[f"σ = {rate:g}"] = (list(range(1, iters + 1)), trace.psnr)
+        series[f"rate {rate:g}"] = (list(range(1, iters + 1)), trace.psnr)
         rows.append({
             "update_rate": rate,
             "final_psnr": round(trace.psnr[-1], 3),
@@ -305,7 +306,7 @@ def update_rate(model, clean, out_dir: Path, iters: int, seed: int, corruption: 
             "final_ssim": round(float(ssim_per_image(out, clean).mean()), 4) if min(clean.shape[-2:]) >= 11 else None,
         })
         grid.append([corrupted[0], *[trace.snapshots[m] for m in marks], clean[0]])
-        labels.append(f"σ = {rate:g}")
+        labels.append(f"update rate {rate:g}")
     chart = line_chart(series, f"PSNR vs CA iteration ({corruption})", "iteration", "PSNR (dB)")
     strip = image_grid(grid, labels, ["input", *[f"t={m}" for m in marks], "target"])
     return _finish(out_dir, "update-rate", stack_vertically([chart, strip]), rows,
