@@ -54,7 +54,7 @@ def test_evaluate_is_deterministic_and_cycles_combos(model):
     assert a["methods"]["vitca"]["psnr"] != c["methods"]["vitca"]["psnr"]
     # 9 batches of 2: every combo once, 2 images each
     assert [v["images"] for v in a["psnr_per_combo"].values()] == [2] * 9
-    assert list(a["psnr_per_combo"]) == [f"p={p:g},patch={s}" for p, s in eval_combos(4)]
+    assert list(a["psnr_per_combo"]) == [f"p={p:g},patch={s}" for p, s in eval_combos()]
     assert a["images"] == 18 and len(a["methods"]["vitca"]) >= 4
 
 
@@ -202,3 +202,14 @@ def test_analyze_command_writes_figure_and_table(files, tmp_path):
         assert (out / name).stat().st_size > 0
     table = json.loads((out / "stability.json").read_text())
     assert table["images"] == 2 and table["table"][-1]["iteration"] == 10
+
+
+def test_schedule_follows_the_checkpoint():
+    from training.evaluate import schedule_for
+    from vitca_cli.masking import MaskingSchedule
+
+    meta = {"masking": {"start": 500, "end": 10000, "prob_stages": 3, "max_prob": 0.75, "patch_stages": 3,
+                        "max_patch": 8}}
+    assert {s for _, s in eval_combos(schedule_for(meta))} == {1, 4, 8}
+    assert {s for _, s in eval_combos(schedule_for(meta, max_patch=2))} == {1, 2}
+    assert schedule_for({}) == MaskingSchedule() and schedule_for({"masking": {"bogus": 1}}) == MaskingSchedule()

@@ -18,6 +18,7 @@ itself and for each baseline; plus images/s of the CA.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -72,14 +73,25 @@ def open_eval_dataset(spec: str, split: str, cfg, data_dir=None):
 # ---------------------------------------------------------------------------------------------------------------------
 # Corruption and rollout
 # ---------------------------------------------------------------------------------------------------------------------
-def eval_combos(max_patch: int = 4) -> list[tuple[float, int]]:
-    """The nine test-time (drop probability, patch size) combos: the curriculum with everything unlocked."""
-    return MaskingSchedule(max_patch=max_patch).allowed(-1)
+def schedule_for(meta: dict | None = None, max_patch: int | None = None) -> MaskingSchedule:
+    """The masking schedule a checkpoint was trained with (its ``meta["masking"]``), else the default one;
+    ``max_patch`` overrides its largest patch size."""
+    masking = (meta or {}).get("masking")
+    try:
+        schedule = MaskingSchedule(**masking) if isinstance(masking, dict) else MaskingSchedule()
+    except TypeError:  # a meta from another version: fall back to the reference's defaults
+        schedule = MaskingSchedule()
+    return dataclasses.replace(schedule, max_patch=max_patch) if max_patch else schedule
 
 
-def check_patch_sizes(image_size: tuple[int, int], max_patch: int) -> None:
+def eval_combos(schedule: MaskingSchedule | None = None) -> list[tuple[float, int]]:
+    """The test-time (drop probability, patch size) combos: the curriculum with everything unlocked (nine)."""
+    return (schedule or MaskingSchedule()).allowed(-1)
+
+
+def check_patch_sizes(image_size: tuple[int, int], schedule: MaskingSchedule | None = None) -> None:
     """Every test patch size must tile the image (the reference asserts it)."""
-    bad = [s for _, s in eval_combos(max_patch) if image_size[0] % s or image_size[1] % s]
+    bad = [s for _, s in eval_combos(schedule) if image_size[0] % s or image_size[1] % s]
     if bad:
         raise UsageError(
             f"test mask patch sizes {sorted(set(bad))} do not divide the image size {image_size[0]}×{image_size[1]};"
@@ -218,13 +230,14 @@ def evaluate(
     iters: int = 64,
     mask_type: str = "noise",
     seed: int = 0,
-    max_patch: int = 4,
+    schedule: MaskingSchedule | None = None,
     update_rate: float | None = None,
     baselines: Iterable[str] = (),
     lpips: LPIPS | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
-    """Score ``model`` on batches of clean images (CPU tensors in [0, 1]) under the test masking.
+    """Score ``model`` on batches of clean images (CPU tensors in [0, 1]) under the test masking of ``schedule``
+    (default: the reference's, max patch 4).
 
     Returns a JSON-ready dict: settings, one row per method (``vitca``, ``input`` = the corrupted image itself,
     then each baseline) with mean and 95% half-width of each metric, and PSNR per mask combo for the CA.
@@ -232,7 +245,8 @@ def evaluate(
     from training.baselines import run_baseline
 
     baselines = list(baselines)
-    combos = eval_combos(max_patch)
+    schedule = schedule or MaskingSchedule()
+    combos = eval_combos(schedule)
     mask_gen = torch.Generator().manual_seed(seed)
     ca_gen = torch.Generator().manual_seed(seed + 1)
     device = next(model.parameters()).device
@@ -243,7 +257,7 @@ def evaluate(
         for k, clean in enumerate(data):
             clean = clean.float()
             if k == 0:
-                check_patch_sizes(tuple(clean.shape[-2:]), max_patch)
+                check_patch_sizes(tuple(clean.shape[-2:]), schedule)
             prob, patch = combos[k % len(combos)]
             corrupted, keep = corrupt(clean, prob, patch, mask_type, mask_gen)
             if device.type == "cuda":
@@ -272,7 +286,8 @@ def evaluate(
         "mask_type": mask_type,
         "seed": seed,
         "update_rate": model.cfg.update_rate if update_rate is None else update_rate,
-        "combos": "nine test combos (p ∈ {0.25, 0.5, 0.75} × patch sizes), cycled one per batch",
+        "combos": f"{len(combos)} test combos (p in {sorted({p for p, _ in combos})} x patch sizes "
+        f"{sorted({s for _, s in combos})}), cycled one per batch",
         "methods": {name: scores.summary() for name, scores in rows.items()},
         "psnr_per_combo": {
             key: {"psnr": round(mean_interval(v)[0], 4), "images": len(v)} for key, v in per_combo.items() if v

@@ -81,7 +81,9 @@ def eval_command(
     iters: int = typer.Option(64, "--iters", min=1, help="CA steps per image."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate the first N images only."),
     mask_type: Optional[MaskType] = typer.Option(None, "--mask-type", help="Test corruption [default: as trained, else noise]."),
-    max_patch: int = typer.Option(4, "--max-patch", min=1, help="Largest test mask patch (sizes 1, max/2, max)."),
+    max_patch: Optional[int] = typer.Option(
+        None, "--max-patch", min=1, help="Largest test mask patch (sizes 1, max/2, max) [default: as trained, else 4]."
+    ),
     update_rate: Optional[float] = typer.Option(None, "--update-rate", help="Cell update rate σ [default: as trained]."),
     baselines: bool = typer.Option(False, "--baselines", help="Also run classic restorers (vitca[baselines] extra)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per batch (one mask combo per batch)."),
@@ -99,14 +101,15 @@ def eval_command(
         check_available()
     model, meta, path = _load(weights, device)
     ds = ev.open_eval_dataset(dataset, split, model.cfg, data_dir)
-    ev.check_patch_sizes(ds.image_size, max_patch)
+    schedule = ev.schedule_for(meta, max_patch)
+    ev.check_patch_sizes(ds.image_size, schedule)
     n = len(ds) if limit is None else min(limit, len(ds))
     mtype = _mask_type(mask_type, meta)
     lpips, lpips_status = ev.load_lpips(next(model.parameters()).device)
     log.info(f"evaluating {n} {split} images of {dataset}: {iters} steps, {mtype} masking, seed {seed}; "
              f"LPIPS {lpips_status}")
     report = ev.evaluate(
-        model, ev.batches(ds, batch_size, n), iters=iters, mask_type=mtype, seed=seed, max_patch=max_patch,
+        model, ev.batches(ds, batch_size, n), iters=iters, mask_type=mtype, seed=seed, schedule=schedule,
         update_rate=update_rate, baselines=list(BASELINES) if baselines else [], lpips=lpips,
         progress=_Progress(n, "images"),
     )
