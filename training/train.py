@@ -1,0 +1,557 @@
+"""Pool-based training of the CA update rule: the paper's Algorithm 1 (appendix A; reference §4).
+
+One iteration ``i`` (1-based):
+
+1. On even ``i`` once the pool holds more than a batch, take the first ``b`` grids and their targets from the
+   (shuffled) pool. Otherwise draw a fresh batch, corrupt it with the curriculum ``mask(X, i)`` and seed cells.
+2. ``T ~ U{t_min, t_max}`` (inclusive), run ``T`` stochastic CA steps (plain, gradient-checkpointed in ⌊T/2⌋
+   segments, or the fusion/mitosis schedule of appendix A.1).
+3. ``L = α·L1(output, target) + β·(output overflow outside [0, 1] + hidden overflow outside [-1, 1])``.
+4. Back-propagate through all T steps, normalise each parameter's gradient ``g / (‖g‖ + 1e-8)``, AdamW step,
+   cosine learning rate stepped every iteration.
+5. Append the detached grids and targets to the pool, shuffle, truncate to the pool size.
+
+A run folder holds ``config.json`` (model and training configuration, seed, command line), ``command.txt``,
+``metrics.jsonl``, ``last.pt`` (everything needed to resume exactly: weights, optimizer, scheduler, pool, RNG
+states, iteration) and ``best.pt`` (weights of the best validation PSNR at ``val_steps`` CA steps).
+
+Randomness comes from three explicit sources saved in every checkpoint, so a resumed run continues bit for bit:
+``gen`` (on the training device: corruption masks, cell init, update masks), ``gen_data`` (CPU: which images,
+augmentation, pool shuffles) and ``rng`` (python: T and the curriculum combo). Validation uses its own fixed seed,
+so validating (or not) never changes the training trajectory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vitca_cli import log as logmod
+from vitca_cli.checkpoint import atomic_write_bytes, read_checkpoint, save_checkpoint
+from vitca_cli.config import CAConfig
+from vitca_cli.errors import UsageError, VitcaError
+from vitca_cli.masking import MASK_TYPES, MaskingSchedule, random_mask
+from vitca_cli.model import CellularAutomaton
+
+log = logmod.log
+CONFIG_FILE, METRICS_FILE, LAST, BEST = "config.json", "metrics.jsonl", "last.pt", "best.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of Algorithm 1 and the appendix ablations that is not part of the model itself."""
+
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    iterations: int = 100_000
+    batch_size: int = 32
+    pool_size: int = 1024
+    pool_overwrite: bool = False  # the reference's sample_with_replacement: pool batches replace their entries
+    t_min: int = 8
+    t_max: int = 32
+    alpha: float = 100.0  # reconstruction weight
+    beta: float = 100.0  # overflow weight
+    lr: float = 1e-3
+    lr_min: float = 0.0  # floor of the cosine schedule
+    weight_decay: float = 0.01  # AdamW default
+    grad_norm: bool = True  # per-parameter-tensor gradient normalisation
+    checkpointing: bool = False  # gradient checkpointing in ⌊T/2⌋ segments
+    fusion_mitosis: bool = False  # appendix A.1 schedule
+    mask_type: str = "noise"
+    mask_start: int = 500  # curriculum: first threshold
+    mask_end: int = 10_000  # curriculum: all nine combos after this iteration
+    mask_max_prob: float = 0.75
+    mask_prob_stages: int = 3
+    mask_max_patch: int = 4
+    mask_patch_stages: int = 3
+    val_every: int = 500
+    val_size: int = 256
+    val_steps: int = 64
+    save_every: int = 0  # 0: save last.pt at each validation (and at the end)
+    log_every: int = 10
+    seed: int = 0
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.iterations < 1 or self.batch_size < 1:
+            problems.append("iterations and batch size must be ≥ 1")
+        if self.pool_size < 0:
+            problems.append("pool size must be ≥ 0")
+        if not 1 <= self.t_min <= self.t_max:
+            problems.append(f"need 1 ≤ t_min ≤ t_max, got {self.t_min}..{self.t_max}")
+        if self.fusion_mitosis and self.t_min < 4:
+            problems.append("fusion/mitosis needs t_min ≥ 4")
+        if self.fusion_mitosis and self.checkpointing:
+            problems.append("choose --checkpointing or --fusion-mitosis, not both")
+        if self.mask_type not in MASK_TYPES:
+            problems.append(f"mask type must be one of {MASK_TYPES}")
+        if not 0 < self.mask_max_prob <= 1 or self.mask_max_patch < 1 or self.mask_start > self.mask_end:
+            problems.append("bad masking schedule (need 0 < max prob ≤ 1, max patch ≥ 1, start ≤ end)")
+        if self.lr <= 0 or self.val_steps < 1 or self.val_every < 0 or self.log_every < 1:
+            problems.append("lr, val steps and log interval must be positive")
+        if problems:
+            raise UsageError("; ".join(problems))
+
+    @property
+    def schedule(self) -> MaskingSchedule:
+        return MaskingSchedule(
+            start=self.mask_start,
+            end=self.mask_end,
+            prob_stages=self.mask_prob_stages,
+            max_prob=self.mask_max_prob,
+            patch_stages=self.mask_patch_stages,
+            max_patch=self.mask_max_patch,
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pieces of one iteration
+# ---------------------------------------------------------------------------------------------------------------------
+def ca_loss(ca: CellularAutomaton, z: torch.Tensor, target: torch.Tensor, alpha: float, beta: float):
+    """Algorithm 1's loss on the final grid: α·mean|o − x| + β·(mean|o − clip(o,0,1)| + mean|h − clip(h,−1,1)|).
+    Returns (loss, reconstruction L1, overflow)."""
+    out, hidden = ca.output(z), ca.hidden(z)
+    rec = (out - target).abs().mean()
+    overflow = (out - out.clamp(0, 1)).abs().mean() + (hidden - hidden.clamp(-1, 1)).abs().mean()
+    return alpha * rec + beta * overflow, rec, overflow
+
+
+def normalize_gradients(params) -> None:
+    """Per-parameter-tensor normalisation ``g ← g / (‖g‖₂ + 1e-8)`` (each tensor separately, not a global norm)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        norms = torch._foreach_norm(grads)
+        torch._foreach_div_(grads, torch._foreach_add(norms, 1e-8))
+
+
+def rollout(ca, z: torch.Tensor, steps: int, tcfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """The T training steps: plain, gradient-checkpointed (⌊T/2⌋ segments), or fusion/mitosis (appendix A.1)."""
+    if tcfg.fusion_mitosis:
+        return ca.fusion_mitosis_rollout(z, steps, None, generator)
+    segments = steps // 2 if tcfg.checkpointing and steps > 1 else 0
+    return ca(z, steps, generator=generator, checkpoint_segments=segments)
+
+
+class Pool:
+    """Algorithm 1's pool of (cell grid, clean target) pairs, kept as two stacked tensors on the device."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.z: torch.Tensor | None = None
+        self.x: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.z is None else len(self.z)
+
+    def take(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``b`` grids and targets (the pool is reshuffled on every update)."""
+        return self.z[:b], self.x[:b]
+
+    def update(self, z, x, from_pool: bool, overwrite: bool, generator: torch.Generator) -> None:
+        """Append (or, with ``overwrite`` and a pool batch, replace the first entries), shuffle, truncate."""
+        z, x = z.detach(), x.detach()
+        if self.z is None:
+            new_z, new_x = z, x
+        elif from_pool and overwrite:
+            new_z, new_x = torch.cat([z, self.z[len(z) :]]), torch.cat([x, self.x[len(x) :]])
+        else:
+            new_z, new_x = torch.cat([self.z, z]), torch.cat([self.x, x])
+        perm = torch.randperm(len(new_z), generator=generator)[: self.capacity].to(new_z.device)
+        self.z, self.x = new_z[perm], new_x[perm]
+
+    def state(self) -> dict:
+        return {"z": self.z, "x": self.x} if self.z is not None else {}
+
+    def load(self, state: dict, device) -> None:
+        if state.get("z") is not None:
+            self.z, self.x = state["z"].to(device), state["x"].to(device)
+
+
+def cosine_factor(iteration: int, total: int, floor: float) -> float:
+    """Cosine decay from 1 to ``floor`` over ``total`` iterations (closed form, so extending a run stays smooth)."""
+    t = min(iteration, total) / max(total, 1)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------------------------------
+class Trainer:
+    """Holds the model, optimizer, scheduler, pool and RNGs of one run; ``step()`` is one iteration of Algorithm 1."""
+
+    def __init__(self, cfg: CAConfig, tcfg: TrainConfig, train_ds, val_ds=None, device="cpu"):
+        self.cfg, self.tcfg = cfg, tcfg
+        self.device = torch.device(device)
+        self.train_ds, self.val_ds = train_ds, val_ds
+        torch.manual_seed(tcfg.seed)  # parameter initialisation
+        self.ca = CellularAutomaton(cfg).to(self.device)
+        self.params = [p for p in self.ca.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+        floor = tcfg.lr_min / tcfg.lr
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda it: cosine_factor(it, self.tcfg.iterations, floor)
+        )
+        self.pool = Pool(tcfg.pool_size)
+        self.gen = torch.Generator(self.device).manual_seed(tcfg.seed)
+        self.gen_data = torch.Generator().manual_seed(tcfg.seed + 1)
+        self.rng = random.Random(tcfg.seed)
+        self.iteration = 0
+        self.best = {"val_psnr": -math.inf, "val_ssim": None, "iteration": 0}
+        self.schedule = tcfg.schedule
+        self._val_batches = None
+        if tcfg.compile:
+            # Compile one CA step; the rollout loop, checkpointing and fusion/mitosis stay in python.
+            self.ca.step = torch.compile(self.ca.step, dynamic=False)
+
+    # -- one iteration ------------------------------------------------------------------------------------------
+    def fresh_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A new batch: images, the curriculum corruption for iteration ``i``, seeded cells."""
+        idx = torch.randint(len(self.train_ds), (self.tcfg.batch_size,), generator=self.gen_data)
+        x = self.train_ds.batch(idx.tolist(), self.gen_data).to(self.device)
+        prob, patch = self.schedule(i, self.rng)
+        with torch.no_grad():
+            z = self.ca.seed(random_mask(x, prob, patch, self.tcfg.mask_type, self.gen), self.gen)
+        return z, x
+
+    def step(self) -> dict:
+        """Run iteration ``self.iteration + 1`` of Algorithm 1; returns its loss terms (floats)."""
+        i = self.iteration + 1
+        t = self.tcfg
+        from_pool = len(self.pool) > t.batch_size and i % 2 == 0
+        z, x = self.pool.take(t.batch_size) if from_pool else self.fresh_batch(i)
+        steps = self.rng.randint(t.t_min, t.t_max)
+        self.ca.train()
+        z = rollout(self.ca, z, steps, t, self.gen)
+        loss, rec, overflow = ca_loss(self.ca, z, x, t.alpha, t.beta)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLoss(i, value)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_norm:
+            normalize_gradients(self.params)
+        lr = self.opt.param_groups[0]["lr"]
+        self.opt.step()
+        self.sched.step()
+        self.pool.update(z, x, from_pool, t.pool_overwrite, self.gen_data)
+        self.iteration = i
+        return {"loss": value, "l1": rec.item(), "overflow": overflow.item(), "T": steps, "pool": from_pool, "lr": lr}
+
+    # -- validation ---------------------------------------------------------------------------------------------
+    def _prepare_validation(self):
+        """Corrupt a fixed validation subset once, with the test masking (all nine combos, one per batch)."""
+        n = min(self.tcfg.val_size, len(self.val_ds))
+        gen = torch.Generator(self.device).manual_seed(10_000 + self.tcfg.seed)
+        rng = random.Random(10_000 + self.tcfg.seed)
+        batches = []
+        for start in range(0, n, self.tcfg.batch_size):
+            x = self.val_ds.batch(list(range(start, min(n, start + self.tcfg.batch_size)))).to(self.device)
+            prob, patch = self.schedule(-1, rng)
+            batches.append((random_mask(x, prob, patch, self.tcfg.mask_type, gen), x))
+        return batches
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """PSNR and SSIM of clipped outputs after ``val_steps`` CA steps on the fixed corrupted validation subset
+        (per-image means; ``val_psnr_batch`` is the reference's per-batch PSNR, averaged over batches)."""
+        from training.metrics import psnr_batch, psnr_per_image, ssim_per_image
+
+        if self._val_batches is None:
+            self._val_batches = self._prepare_validation()
+        gen = torch.Generator(self.device).manual_seed(20_000 + self.tcfg.seed)
+        self.ca.eval()
+        psnr, ssim, batch_psnr, l1 = [], [], [], []
+        for masked, x in self._val_batches:
+            z = self.ca(self.ca.seed(masked, gen), self.tcfg.val_steps, generator=gen)
+            out = self.ca.output(z)
+            psnr.append(psnr_per_image(out, x))
+            if min(x.shape[-2:]) >= 11:
+                ssim.append(ssim_per_image(out, x))
+            batch_psnr.append(psnr_batch(out, x))
+            l1.append(float((out.clamp(0, 1) - x).abs().mean()))
+        self.ca.train()
+        return {
+            "val_psnr": float(torch.cat(psnr).mean()),
+            "val_ssim": float(torch.cat(ssim).mean()) if ssim else None,
+            "val_psnr_batch": sum(batch_psnr) / len(batch_psnr),
+            "val_l1": sum(l1) / len(l1),
+        }
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+    def meta(self, iteration: int | None = None) -> dict:
+        """What ``training/ship.py`` and ``vitca eval`` need to know about the weights."""
+        t = self.tcfg
+        return {
+            "dataset": t.dataset,
+            "iterations": self.iteration if iteration is None else iteration,
+            "best_val_psnr": self.best["val_psnr"] if math.isfinite(self.best["val_psnr"]) else None,
+            "best_val_ssim": self.best["val_ssim"],
+            "best_iteration": self.best["iteration"],
+            "val_steps": t.val_steps,
+            "image_size": list(self.cfg.image_size),
+            "mask_type": t.mask_type,
+            "masking": dataclasses.asdict(self.schedule),
+            "batch_size": t.batch_size,
+            "pool_size": t.pool_size,
+            "t_range": [t.t_min, t.t_max],
+            "checkpointing": t.checkpointing,
+            "fusion_mitosis": t.fusion_mitosis,
+            "seed": t.seed,
+        }
+
+    def state_dict_model(self) -> dict:
+        return {k: v.detach().cpu() for k, v in self.ca.state_dict().items()}
+
+    def save(self, path: Path) -> None:
+        """Everything needed to resume exactly, written atomically."""
+        save_checkpoint(
+            path,
+            self.cfg,
+            self.state_dict_model(),
+            self.meta(),
+            train=self.tcfg.to_dict(),
+            iteration=self.iteration,
+            optimizer=self.opt.state_dict(),
+            scheduler=self.sched.state_dict(),
+            pool=self.pool.state(),
+            rng={
+                "device": self.gen.get_state(),
+                "data": self.gen_data.get_state(),
+                "python": self.rng.getstate(),
+            },
+            best=dict(self.best),
+        )
+
+    def save_best(self, path: Path) -> None:
+        """Weights and meta only (no optimizer or pool): what gets shipped."""
+        save_checkpoint(path, self.cfg, self.state_dict_model(), self.meta(), train=self.tcfg.to_dict())
+
+    def load(self, ckpt: dict) -> None:
+        """Restore a ``last.pt`` written by :meth:`save`."""
+        self.ca.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        self.pool.load(ckpt.get("pool", {}), self.device)
+        rng = ckpt["rng"]
+        self.gen.set_state(rng["device"])
+        self.gen_data.set_state(rng["data"])
+        version, internal, gauss = rng["python"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.iteration = int(ckpt["iteration"])
+        self.best = dict(ckpt.get("best", self.best))
+
+
+class NonFiniteLoss(VitcaError):
+    def __init__(self, iteration: int, value: float):
+        super().__init__(f"loss became {value} at iteration {iteration}")
+        self.iteration = iteration
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------------------------------------------------
+def _write_json(path: Path, data) -> None:
+    atomic_write_bytes(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
+
+
+def _trim_metrics(path: Path, iteration: int) -> None:
+    """On resume, drop metric lines written after the checkpoint, so the log matches the resumed trajectory."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("iteration", 0) <= iteration:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+    atomic_write_bytes(path, lambda f: f.write("".join(k + "\n" for k in keep).encode()))
+
+
+def read_run(run_dir: Path) -> tuple[CAConfig, TrainConfig, dict]:
+    """The model and training configuration of a run folder, and its ``last.pt`` checkpoint."""
+    run_dir = Path(run_dir)
+    last = run_dir / LAST
+    if not last.is_file():
+        raise UsageError(f"--resume {run_dir}: no {LAST} there (not a vitca run folder, or it never saved)")
+    ckpt = read_checkpoint(last)
+    if "train" not in ckpt or "optimizer" not in ckpt:
+        raise UsageError(f"{last}: holds weights only, not a resumable training state")
+    return CAConfig.from_dict(ckpt["config"]), TrainConfig.from_dict(ckpt["train"]), ckpt
+
+
+class _StopFlag:
+    """First Ctrl-C: finish the current iteration, save, stop. Second Ctrl-C: stop at once (the last save stays)."""
+
+    def __init__(self):
+        self.stop = False
+        self._previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.stop:
+                raise KeyboardInterrupt
+            self.stop = True
+            log.warning("interrupted: finishing this iteration and saving (Ctrl-C again to quit without saving)")
+
+        try:
+            self._previous = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def train(
+    cfg: CAConfig,
+    tcfg: TrainConfig,
+    run_dir: str | os.PathLike,
+    *,
+    train_ds,
+    val_ds=None,
+    device="cpu",
+    resume_from: dict | None = None,
+    stop_at: int | None = None,
+    argv: list[str] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train (or resume) a run in ``run_dir``; returns a summary dict. ``stop_at`` ends this session after that
+    iteration (saving), leaving the rest of the schedule for ``--resume``."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, tcfg, train_ds, val_ds, device)
+    metrics_path = run_dir / METRICS_FILE
+    if resume_from is not None:
+        trainer.load(resume_from)
+        _trim_metrics(metrics_path, trainer.iteration)
+        log.info(f"resuming {run_dir} at iteration {trainer.iteration} of {tcfg.iterations}")
+    config = {"model": cfg.to_dict(), "train": tcfg.to_dict(), "seed": tcfg.seed, "device": str(device)}
+    if argv is not None:
+        config["argv"] = list(argv)
+        import shlex
+
+        with open(run_dir / "command.txt", "a") as f:  # every session's command, in order
+            f.write(shlex.join(argv) + "\n")
+    _write_json(run_dir / CONFIG_FILE, config)
+
+    end = tcfg.iterations if stop_at is None else min(stop_at, tcfg.iterations)
+    save_every = tcfg.save_every or tcfg.val_every or tcfg.iterations
+    status = "done"
+    last_val = None
+    window: list[dict] = []
+    start_time, start_iter = time.perf_counter(), trainer.iteration
+    display = _Progress(progress, trainer.iteration, end)
+    with _StopFlag() as flag, display, open(metrics_path, "a") as metrics:
+        while trainer.iteration < end:
+            try:
+                rec = trainer.step()
+            except NonFiniteLoss as exc:
+                last = run_dir / LAST
+                where = f"{last} (iteration {read_checkpoint(last)['iteration']})" if last.is_file() else "none saved"
+                raise VitcaError(
+                    f"{exc}; training stopped. Last good checkpoint: {where}. Try a lower --lr or --beta."
+                ) from None
+            i = trainer.iteration
+            window.append(rec)
+            if i % tcfg.log_every == 0 or i == end:
+                mean = {k: sum(r[k] for r in window) / len(window) for k in ("loss", "l1", "overflow")}
+                elapsed = time.perf_counter() - start_time
+                metrics.write(
+                    json.dumps({"iteration": i, **mean, "lr": rec["lr"], "T": rec["T"], "time": round(elapsed, 2)})
+                    + "\n"
+                )
+                metrics.flush()
+                window.clear()
+            validated = False
+            if val_ds is not None and tcfg.val_every and (i % tcfg.val_every == 0 or i == tcfg.iterations):
+                last_val = trainer.validate()
+                validated = True
+                if last_val["val_psnr"] > trainer.best["val_psnr"]:
+                    trainer.best = {"val_psnr": last_val["val_psnr"], "val_ssim": last_val["val_ssim"], "iteration": i}
+                    trainer.save_best(run_dir / BEST)
+                metrics.write(json.dumps({"iteration": i, **last_val}) + "\n")
+                metrics.flush()
+            if i % save_every == 0 or i == end or flag.stop:
+                trainer.save(run_dir / LAST)
+            rate = (i - start_iter) / max(time.perf_counter() - start_time, 1e-9)
+            display.update(i, rec["loss"], last_val, rate, validated)
+            if flag.stop:
+                status = "interrupted"
+                break
+    if val_ds is None and not (run_dir / BEST).is_file():
+        trainer.save_best(run_dir / BEST)  # no validation: the final weights stand in for the best
+    return {
+        "status": status,
+        "iteration": trainer.iteration,
+        "best_val_psnr": trainer.best["val_psnr"] if math.isfinite(trainer.best["val_psnr"]) else None,
+        "best_val_ssim": trainer.best["val_ssim"],
+        "last_val": last_val,
+        "seconds": time.perf_counter() - start_time,
+        "run_dir": str(run_dir),
+        "trainer": trainer,
+    }
+
+
+class _Progress:
+    """A rich progress line on stderr when it is a terminal; otherwise a plain log line now and then."""
+
+    def __init__(self, enabled: bool, start: int, end: int):
+        self.enabled, self.start, self.end = enabled, start, end
+        self.bar = None
+        self.tty = sys.stderr.isatty()
+        self._last_line = time.monotonic()
+
+    def __enter__(self):
+        if self.enabled and self.tty:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}  val PSNR {task.fields[psnr]}  {task.fields[rate]} it/s"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+            )
+            self.bar.__enter__()
+            self.task = self.bar.add_task("train", total=self.end, completed=self.start, loss="-", psnr="-", rate="-")
+        return self
+
+    def update(self, i, loss, val, rate, validated):
+        psnr = f"{val['val_psnr']:.2f} dB" if val else "-"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=i, loss=f"{loss:.3f}", psnr=psnr, rate=f"{rate:.2f}")
+        elif self.enabled and (validated or time.monotonic() - self._last_line > 30 or i == self.end):
+            eta = (self.end - i) / rate if rate > 0 else float("nan")
+            log.info(f"iteration {i}/{self.end}  loss {loss:.3f}  val PSNR {psnr}  {rate:.2f} it/s  ETA {eta/60:.1f} min")
+            self._last_line = time.monotonic()
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
