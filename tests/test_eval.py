@@ -213,3 +213,10 @@ def test_schedule_follows_the_checkpoint():
     assert {s for _, s in eval_combos(schedule_for(meta))} == {1, 4, 8}
     assert {s for _, s in eval_combos(schedule_for(meta, max_patch=2))} == {1, 2}
     assert schedule_for({}) == MaskingSchedule() and schedule_for({"masking": {"bogus": 1}}) == MaskingSchedule()
+
+
+def test_random_cell_init_replays_with_the_seed(randomise_model):
+    model = randomise_model(CellularAutomaton(CFG.replace(cell_init="random"))).eval()
+    ds = TensorDataset(_images(4))
+    runs = [evaluate(model, batches(ds, 2), iters=2, seed=1)["methods"]["vitca"]["psnr"] for _ in range(2)]
+    assert runs[0] == runs[1]

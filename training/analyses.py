@@ -275,7 +275,7 @@ def _run(model, corrupted: torch.Tensor, clean: torch.Tensor, steps: int, seed: 
     trace = Trace(model, clean, keep_at)
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
-        z = model.seed(corrupted.to(device))
+        z = model.seed(corrupted, gen).to(device)
         z = rollout(model, z, steps, gen, rate, head_mask.to(device) if head_mask is not None else None,
                     keep_attention, trace)
     return trace, model.output(z).float().cpu()

@@ -137,7 +137,7 @@ def restore(model, corrupted: torch.Tensor, steps: int, generator: torch.Generat
             device=None) -> torch.Tensor:
     """Seed the CA with ``corrupted``, run it, and return the output image (on the CPU, not clipped)."""
     device = device or next(model.parameters()).device
-    z = model.seed(corrupted.to(device))
+    z = model.seed(corrupted, generator).to(device)  # seeded on the CPU: random cell init replays too
     return model.output(rollout(model, z, steps, generator, update_rate)).float().cpu()
 
 

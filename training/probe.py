@@ -28,7 +28,7 @@ def ca_features(model, dataset, limit: int | None, iters: int, batch_size: int, 
     feats, pixels, labels = [], [], []
     with torch.inference_mode():
         for images, y in batches(dataset, batch_size, limit, with_labels=True):
-            z = rollout(model, model.seed(images.float().to(device)), iters, gen)
+            z = rollout(model, model.seed(images.float(), gen).to(device), iters, gen)
             feats.append(model.hidden(z).float().mean((2, 3)).cpu())
             pixels.append(images.float().flatten(1))
             labels.append(y)
