@@ -189,7 +189,8 @@ def read_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _split_indices(n: int, n_val: int, split: str) -> np.ndarray:
-    """Held-out validation: the first ``n_val`` of a fixed permutation; training gets the rest (sorted)."""
+    """Held-out validation: the first ``n_val`` (at most a tenth) of a fixed permutation; training gets the rest."""
+    n_val = min(n_val, n // 10)
     perm = np.random.RandomState(SPLIT_SEED).permutation(n)
     return np.sort(perm[:n_val] if split == "val" else perm[n_val:])
 

@@ -1,0 +1,244 @@
+"""Training: Algorithm 1's loss, gradient normalisation, pool semantics, checkpointed gradients, exact resume,
+NaN and Ctrl-C handling, and `vitca train` end to end on real PNG files (all with tiny models and grids)."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from training.data import ImageDataset
+from training.train import (
+    Pool,
+    TrainConfig,
+    Trainer,
+    ca_loss,
+    normalize_gradients,
+    read_run,
+    rollout,
+    train,
+)
+from vitca_cli.checkpoint import load_model, read_checkpoint
+from vitca_cli.cli import app
+from vitca_cli.config import preset
+from vitca_cli.errors import UsageError, VitcaError
+from vitca_cli.model import CellularAutomaton
+
+SIZE = 8
+CFG = preset("mnist", image_size=(SIZE, SIZE), embed=16, heads=2, mlp=16, hidden=4)
+
+
+def tiny_dataset(n=16, seed=0) -> ImageDataset:
+    rng = np.random.RandomState(seed)
+    images = np.zeros((n, 1, SIZE, SIZE), np.uint8)
+    for k in range(n):  # simple structured images: a bright rectangle on black
+        r, c = rng.randint(0, SIZE - 3, 2)
+        images[k, 0, r : r + 3, c : c + 4] = 255
+    return ImageDataset("tiny", array=images, labels=np.arange(n) % 2)
+
+
+def tcfg(**kw) -> TrainConfig:
+    base = dict(
+        dataset="tiny", iterations=12, batch_size=4, pool_size=8, t_min=2, t_max=4, val_every=4, val_size=4,
+        val_steps=4, mask_start=2, mask_end=8, mask_max_patch=2, log_every=1,
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_loss_matches_algorithm_1():
+    ca = CellularAutomaton(CFG)
+    z = ca.seed(torch.zeros(2, 1, SIZE, SIZE))
+    z[:, CFG.output_slice] = 1.5  # 0.5 above the [0, 1] range
+    z[:, CFG.hidden_slice] = -3.0  # 2 below the [-1, 1] range
+    target = torch.ones(2, 1, SIZE, SIZE)
+    loss, rec, overflow = ca_loss(ca, z, target, alpha=100.0, beta=10.0)
+    assert rec.item() == pytest.approx(0.5)
+    assert overflow.item() == pytest.approx(0.5 + 2.0)
+    assert loss.item() == pytest.approx(100 * 0.5 + 10 * 2.5)
+
+
+def test_gradient_normalisation_is_per_tensor():
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))
+    a.grad, b.grad = torch.tensor([3.0, 4.0, 0.0]), torch.full((2, 2), 10.0)
+    normalize_gradients([a, b])
+    assert a.grad.norm().item() == pytest.approx(1.0, abs=1e-6)
+    assert b.grad.norm().item() == pytest.approx(1.0, abs=1e-6)
+    assert torch.allclose(a.grad, torch.tensor([0.6, 0.8, 0.0]))
+
+
+def test_pool_append_shuffle_truncate_and_overwrite():
+    pool = Pool(capacity=6)
+    g = torch.Generator().manual_seed(0)
+    ids = lambda k: torch.full((k, 1, 1, 1), 0.0)  # noqa: E731
+    pool.update(torch.arange(4.0).view(4, 1, 1, 1), torch.arange(4.0).view(4, 1, 1, 1), False, False, g)
+    assert len(pool) == 4
+    pool.update(torch.arange(4.0, 8.0).view(4, 1, 1, 1), torch.arange(4.0, 8.0).view(4, 1, 1, 1), False, False, g)
+    assert len(pool) == 6  # truncated to capacity
+    assert torch.equal(pool.z, pool.x)  # grids stay paired with their targets through the shuffle
+    z, x = pool.take(2)
+    assert torch.equal(z, pool.z[:2]) and torch.equal(x, pool.x[:2])  # the first b
+    # Overwrite (sample_with_replacement): a pool batch replaces its own entries, the size stays.
+    before = pool.z[2:].flatten().tolist()
+    pool.update(ids(2) - 1, ids(2) - 1, True, True, g)
+    assert len(pool) == 6 and (pool.z == -1).sum() == 2
+    assert sorted(v for v in pool.z.flatten().tolist() if v >= 0) == sorted(before)
+
+
+def test_pool_used_on_even_iterations_once_larger_than_a_batch():
+    trainer = Trainer(CFG, tcfg(pool_size=32), tiny_dataset(), None, "cpu")
+    used = [trainer.step()["pool"] for _ in range(6)]
+    # i=1 fresh; i=2 pool holds 4 = b (not more): fresh; i=3 odd: fresh; i=4 pool holds 12 > 4: pool; ...
+    assert used == [False, False, False, True, False, True]
+    assert len(trainer.pool) == 24  # every batch appended, sampled grids included (duplicates allowed)
+
+
+def test_checkpointed_and_plain_gradients_agree():
+    torch.manual_seed(0)
+    ca = CellularAutomaton(CFG)
+    torch.nn.init.normal_(ca.rule.head[1].weight, std=0.1)  # a non-zero head so gradients flow through all steps
+    x = torch.rand(2, 1, SIZE, SIZE)
+    z0 = ca.seed(x)
+    grads = []
+    for checkpointing in (False, True):
+        ca.zero_grad()
+        z = rollout(ca, z0, 8, tcfg(checkpointing=checkpointing), torch.Generator().manual_seed(5))
+        ca_loss(ca, z, x, 100.0, 100.0)[0].backward()
+        grads.append([p.grad.clone() for p in ca.parameters()])
+    for plain, ckpt in zip(*grads):
+        torch.testing.assert_close(plain, ckpt, rtol=1e-4, atol=1e-6)
+
+
+def test_tiny_run_lowers_the_loss_on_a_fixed_batch():
+    ds = tiny_dataset()
+    t = tcfg(batch_size=8, pool_size=0, lr=3e-3, t_min=4, t_max=4, mask_start=100, mask_end=200)
+    trainer = Trainer(CFG, t, ds, None, "cpu")
+    x = ds.batch(list(range(8)))
+
+    def fixed_loss():
+        with torch.no_grad():
+            z = trainer.ca(trainer.ca.seed(x), 4, generator=torch.Generator().manual_seed(1))
+            return ca_loss(trainer.ca, z, x, 100.0, 100.0)[0].item()
+
+    before = fixed_loss()
+    for _ in range(30):
+        trainer.step()
+    after = fixed_loss()
+    assert after < 0.8 * before, (before, after)
+
+
+def test_fusion_mitosis_training_step():
+    trainer = Trainer(CFG, tcfg(fusion_mitosis=True, t_min=6, t_max=6), tiny_dataset(), None, "cpu")
+    rec = trainer.step()
+    assert math.isfinite(rec["loss"]) and rec["T"] == 6
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.ca.parameters())
+
+
+def test_exact_resume_10_plus_10_equals_20(tmp_path):
+    ds, val = tiny_dataset(), tiny_dataset(8, seed=1)
+    t = tcfg(iterations=20, val_every=5)
+    train(CFG, t, tmp_path / "a", train_ds=ds, val_ds=val, progress=False)
+    first = train(CFG, t, tmp_path / "b", train_ds=ds, val_ds=val, progress=False, stop_at=10)
+    assert first["iteration"] == 10
+    cfg2, t2, ckpt = read_run(tmp_path / "b")
+    assert cfg2 == CFG and t2 == t and ckpt["iteration"] == 10
+    train(cfg2, t2, tmp_path / "b", train_ds=ds, val_ds=val, progress=False, resume_from=ckpt)
+    a, b = read_checkpoint(tmp_path / "a" / "last.pt"), read_checkpoint(tmp_path / "b" / "last.pt")
+    assert a["iteration"] == b["iteration"] == 20
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert torch.equal(a["pool"]["z"], b["pool"]["z"])
+    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "time"} for l in p.read_text().splitlines()]  # noqa
+    assert strip(tmp_path / "a" / "metrics.jsonl") == strip(tmp_path / "b" / "metrics.jsonl")
+
+
+def test_run_folder_contents_and_checkpoint_meta(tmp_path):
+    summary = train(CFG, tcfg(), tmp_path, train_ds=tiny_dataset(), val_ds=tiny_dataset(8, 1), progress=False,
+                    argv=["vitca", "train", "--seed", "0"])  # fmt: skip
+    assert summary["status"] == "done" and summary["iteration"] == 12
+    for name in ("config.json", "command.txt", "metrics.jsonl", "last.pt", "best.pt"):
+        assert (tmp_path / name).is_file(), name
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["seed"] == 0 and config["argv"][:2] == ["vitca", "train"] and config["model"]["hidden"] == 4
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert {"optimizer", "scheduler", "pool", "rng", "iteration"} <= set(last)
+    model, meta = load_model(tmp_path / "best.pt")
+    assert meta["dataset"] == "tiny" and meta["val_steps"] == 4 and meta["mask_type"] == "noise"
+    assert meta["image_size"] == [SIZE, SIZE] and meta["best_val_psnr"] == pytest.approx(summary["best_val_psnr"])
+    assert meta["best_val_ssim"] is None  # 8×8 is smaller than the 11×11 SSIM window: reported as absent
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]  # noqa: E741
+    assert [r["iteration"] for r in lines if "val_psnr" in r] == [4, 8, 12]
+    assert math.isclose(lines[0]["lr"], 1e-3)  # cosine starts at the base lr ...
+    assert lines[-2]["lr"] < 1e-4  # ... and decays towards 0
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    train(CFG, tcfg(iterations=4), tmp_path, train_ds=tiny_dataset(), progress=False)
+    before = (tmp_path / "last.pt").read_bytes()
+    cfg, t, ckpt = read_run(tmp_path)
+    with pytest.raises(VitcaError, match=r"loss became nan at iteration 5.*last\.pt \(iteration 4\)"):
+        train(cfg, t.replace(iterations=8, alpha=float("nan")), tmp_path, train_ds=tiny_dataset(),
+              progress=False, resume_from=ckpt)  # fmt: skip
+    assert (tmp_path / "last.pt").read_bytes() == before
+
+
+class InterruptingDataset(ImageDataset):
+    """Sends the process a real SIGINT while drawing the batch of the 3rd fresh-batch iteration."""
+
+    calls = 0
+
+    def batch(self, indices, generator=None):
+        InterruptingDataset.calls += 1
+        if InterruptingDataset.calls == 3:
+            signal.raise_signal(signal.SIGINT)
+        return super().batch(indices, generator)
+
+
+def test_ctrl_c_finishes_the_iteration_and_saves(tmp_path):
+    base = tiny_dataset()
+    ds = InterruptingDataset("tiny", array=base.array.numpy(), labels=base.labels)
+    summary = train(CFG, tcfg(iterations=50, val_every=0, pool_size=0), tmp_path, train_ds=ds, progress=False)
+    assert summary["status"] == "interrupted" and summary["iteration"] == 3
+    assert read_checkpoint(tmp_path / "last.pt")["iteration"] == 3
+
+
+def test_bad_training_config_is_a_usage_error():
+    with pytest.raises(UsageError, match="t_min"):
+        tcfg(t_min=5, t_max=3)
+    with pytest.raises(UsageError, match="not both"):
+        tcfg(checkpointing=True, fusion_mitosis=True)
+
+
+def test_cli_train_and_resume_on_png_folder(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.RandomState(0)
+    for k in range(12):
+        Image.fromarray(rng.randint(0, 256, (20, 24, 3), dtype=np.uint8)).save(photos / f"p{k}.png")
+    run = tmp_path / "run"
+    common = ["--t-min", "2", "--t-max", "3", "--val-size", "2", "--val-steps", "2", "--embed", "16",
+              "--heads", "2", "--mlp", "16", "--hidden", "4", "-b", "2", "--mask-max-patch", "2"]  # fmt: skip
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--dataset", f"folder:{photos}", "--image-size", "8", "-o", str(run),
+                              "--iterations", "4", "--val-every", "2", "--stop-at", "2", *common])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert read_checkpoint(run / "last.pt")["iteration"] == 2
+    res = runner.invoke(app, ["train", "--resume", str(run), "--lr", "0.1"])
+    assert res.exit_code == 2 and "cannot change --lr" in res.output
+    res = runner.invoke(app, ["train", "--dataset", f"folder:{photos}", "--image-size", "8", "-o", str(run)])
+    assert res.exit_code == 2 and "already holds a run" in res.output
+    res = runner.invoke(app, ["train", "--resume", str(run)])
+    assert res.exit_code == 0, res.output
+    ckpt = read_checkpoint(run / "last.pt")
+    assert ckpt["iteration"] == 4 and ckpt["config"]["channels"] == 3 and tuple(ckpt["config"]["image_size"]) == (8, 8)
+    assert len((run / "command.txt").read_text().splitlines()) == 2
+    res = runner.invoke(app, ["train", "--dataset", f"folder:{tmp_path / 'none'}", "--image-size", "8"])
+    assert res.exit_code == 1 and "image folder not found" in res.output
+    res = runner.invoke(app, ["train", "--dataset", "mnist-5k", "--image-size", "10", "-o", str(tmp_path / "r2")])
+    assert res.exit_code == 2 and "does not divide" in res.output
