@@ -104,3 +104,23 @@ def test_stability_flags_divergence(model, clean, tmp_path):
         model.rule.head[1].bias.fill_(10.0)
     result = run_analysis("stability", model, clean, tmp_path, iters=30, seed=0)
     assert result["diverged"] is True and result["max_abs_state"] > 100
+
+
+def test_profile_command_on_a_tiny_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from vitca_cli.checkpoint import save_checkpoint
+    from vitca_cli.cli import app
+
+    ckpt = tmp_path / "tiny.pt"
+    save_checkpoint(ckpt, CFG, CellularAutomaton(CFG).state_dict(), {})
+    base = ["profile", "-w", str(ckpt), "-b", "2", "--height", "8", "--width", "8", "-T", "4", "--repeats", "1",
+            "--device", "cpu"]
+    result = CliRunner().invoke(app, base + ["--mode", "plain", "--mode", "checkpointing"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("one training pass: batch 2 × 8×8, T = 4")
+    assert lines[3].startswith("no checkpointing") and lines[4].startswith("checkpointing (T/2 segments)")
+    assert "memory ×" in lines[5] and "backward ×" in lines[5]
+    bad = CliRunner().invoke(app, base + ["--mode", "sideways"])
+    assert bad.exit_code == 2 and "sideways" in bad.output

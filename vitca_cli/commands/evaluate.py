@@ -22,6 +22,12 @@ class MaskType(str, Enum):
     dropout = "dropout"
 
 
+class Compile(str, Enum):
+    none = "none"
+    step = "step"
+    attention = "attention"
+
+
 class Kind(str, Enum):
     update_rate = "update-rate"
     unseen_noise = "unseen-noise"
@@ -194,7 +200,87 @@ def probe_command(
     print(json.dumps(report, indent=2) if as_json else format_probe(report))
 
 
+PROFILE_MODES = ("plain", "checkpointing", "fusion-mitosis")
+MODE_LABELS = {"plain": "no checkpointing", "checkpointing": "checkpointing (T/2 segments)",
+               "fusion-mitosis": "fusion + mitosis"}
+
+
+def _format_profile(results: list[dict]) -> str:
+    """Appendix Table 8's layout: one row per training mode, plus the ratios against the plain rollout."""
+    r0 = results[0]
+    header = ("mode", "forward ms", "backward ms", "iteration ms", "no-grad ms", "peak memory")
+    rows = [header] + [(
+        MODE_LABELS[r["mode"]], f"{r['forward_ms']:.0f}", f"{r['backward_ms']:.0f}", f"{r['iteration_ms']:.0f}",
+        f"{r['nograd_rollout_ms']:.0f}", f"{r['peak_bytes'] / 2**20:.0f} MiB",
+    ) for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [f"one training pass: batch {r0['batch']} × {r0['height']}×{r0['width']}, T = {r0['steps']} steps, "
+             f"device {r0['device']} ({r0['threads']} threads), compile {r0['compile']}, "
+             f"memory via {r0['memory_method']}"]
+    for i, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    plain = next((r for r in results if r["mode"] == "plain"), None)
+    if plain:
+        for r in results:
+            if r is not plain and plain["peak_bytes"] > 0 and plain["backward_ms"] > 0:
+                lines.append(f"{MODE_LABELS[r['mode']]}: memory ×{r['peak_bytes'] / plain['peak_bytes']:.2f}, "
+                             f"backward ×{r['backward_ms'] / plain['backward_ms']:.2f} vs no checkpointing")
+    return "\n".join(lines)
+
+
+@handle_errors
+def profile_command(
+    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Profile this checkpoint's config."),
+    preset: str = typer.Option("celeba", "--preset", help="Config preset when no --weights (celeba: RGB, as Table 8)."),
+    batch: int = typer.Option(8, "--batch", "-b", min=1, help="Random images per batch (Table 8: 32)."),
+    height: int = typer.Option(32, "--height", min=1, help="Image height."),
+    width: int = typer.Option(32, "--width", min=1, help="Image width."),
+    steps: int = typer.Option(32, "--steps", "-T", min=1, help="CA steps T (Table 8: 32)."),
+    modes: list[str] = typer.Option(list(PROFILE_MODES), "--mode", help="plain, checkpointing, fusion-mitosis."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Timed passes per mode (median)."),
+    compile: Compile = typer.Option(Compile.none, "--compile", help="torch.compile the step or the attention."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Appendix Table 8: forward/backward ms and peak memory of a training pass, with and without checkpointing."""
+    from training.profiling import profile_training
+    from vitca_cli.config import preset as make_preset
+    from vitca_cli.runtime import resolve_device
+
+    bad = [m for m in modes if m not in PROFILE_MODES]
+    if bad:
+        raise UsageError(f"--mode {bad[0]!r}: choose from {', '.join(PROFILE_MODES)}")
+    if weights:
+        from vitca_cli.checkpoint import read_checkpoint
+        from vitca_cli.config import CAConfig
+        from vitca_cli.weights import resolve
+
+        cfg = CAConfig.from_dict(read_checkpoint(resolve(weights).path)["config"])
+    else:
+        try:
+            cfg = make_preset(preset)
+        except ValueError as exc:
+            raise UsageError(f"--preset: {exc}") from None
+    if height % cfg.patch_size or width % cfg.patch_size:
+        raise UsageError(f"--height/--width must be multiples of the patch size {cfg.patch_size}")
+    if cfg.pos_encoding == "learned":  # the learned encoding is tied to the training size
+        cfg = cfg.replace(image_size=(height, width))
+    dev = resolve_device(device)
+    results = []
+    for mode in modes:
+        log.info(f"profiling {mode}: batch {batch} × {cfg.channels}×{height}×{width}, T={steps} on {dev}")
+        try:
+            results.append(profile_training(cfg, batch, height, width, steps, mode, str(dev), repeats=repeats,
+                                            compile=None if compile is Compile.none else compile.value))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    print(json.dumps(results, indent=2) if as_json else _format_profile(results))
+
+
 def register(app: typer.Typer) -> None:
     app.command("eval")(eval_command)
     app.command("analyze")(analyze_command)
+    app.command("profile")(profile_command)
     app.command("probe")(probe_command)
