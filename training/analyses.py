@@ -78,7 +78,8 @@ def line_chart(series: dict[str, tuple], title: str, xlabel: str, ylabel: str, s
     x1 = x1 if x1 > x0 else x0 + 1
 
     def px(x, y):
-        return (left + (x - x0) / (x1 - x0) * (w - left - right), h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
+        return (left + (x - x0) / (x1 - x0) * (w - left - right),
+                h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
 
     d.rectangle([left, top, w - right, h - bottom], outline="black")
     for t in _nice_ticks(y0, y1):

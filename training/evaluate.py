@@ -28,7 +28,6 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from training.metrics import LPIPS, mean_interval, psnr_batch, psnr_per_image, ssim_per_image
-from vitca_cli import log
 from vitca_cli.errors import UsageError
 from vitca_cli.masking import MaskingSchedule, apply_mask, patch_keep_mask
 from vitca_cli.model import draw_update_mask

@@ -129,8 +129,8 @@ def format_probe(report: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"{report.get('dataset', '?')}: linear probe on {report['train_images']} train / "
              f"{report['test_images']} test images, {report['classes']} classes, CA run {report['iters']} steps on "
-             f"unmasked images; logistic regression (L-BFGS ≤{report['max_iter']} iterations, L2 picked on validation), "
-             f"seed {report['seed']}"]
+             f"unmasked images; logistic regression (L-BFGS ≤{report['max_iter']} iterations, L2 picked on "
+             f"validation), seed {report['seed']}"]
     for i, r in enumerate(rows):
         lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
         if i == 0:

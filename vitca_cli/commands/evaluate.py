@@ -86,12 +86,18 @@ def eval_command(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where datasets are (or are downloaded to)."),
     iters: int = typer.Option(64, "--iters", min=1, help="CA steps per image."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate the first N images only."),
-    mask_type: Optional[MaskType] = typer.Option(None, "--mask-type", help="Test corruption [default: as trained, else noise]."),
-    max_patch: Optional[int] = typer.Option(
-        None, "--max-patch", min=1, help="Largest test mask patch (sizes 1, max/2, max) [default: as trained, else 4]."
+    mask_type: Optional[MaskType] = typer.Option(
+        None, "--mask-type", help="Test corruption (default: as trained, else noise)."
     ),
-    update_rate: Optional[float] = typer.Option(None, "--update-rate", help="Cell update rate σ [default: as trained]."),
-    baselines: bool = typer.Option(False, "--baselines", help="Also run classic restorers (vitca[baselines] extra)."),
+    max_patch: Optional[int] = typer.Option(
+        None, "--max-patch", min=1, help="Largest test mask patch: sizes 1, max/2, max (default: as trained, else 4)."
+    ),
+    update_rate: Optional[float] = typer.Option(
+        None, "--update-rate", help="Cell update rate σ (default: as trained)."
+    ),
+    baselines: bool = typer.Option(
+        False, "--baselines", help="Also run classic restorers (needs the 'baselines' extra)."
+    ),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per batch (one mask combo per batch)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the masks and the CA updates."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
@@ -134,11 +140,11 @@ def analyze_command(
     out: Path = typer.Option(..., "--output", "-o", help="Folder for the figure (PNG) and table (CSV, JSON)."),
     split: str = typer.Option("test", "--split", help="Dataset split."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where datasets are."),
-    iters: Optional[int] = typer.Option(None, "--iters", min=1, help="CA steps [default: 64; stability 1000]."),
+    iters: Optional[int] = typer.Option(None, "--iters", min=1, help="CA steps (default: 64; stability: 1000)."),
     limit: int = typer.Option(8, "--limit", min=1, help="Number of test images."),
-    mask_type: Optional[MaskType] = typer.Option(None, "--mask-type", help="Corruption type [default: as trained]."),
+    mask_type: Optional[MaskType] = typer.Option(None, "--mask-type", help="Corruption type (default: as trained)."),
     corruption: Optional[str] = typer.Option(
-        None, "--corruption", help="'p=0.5,patch=2,type=noise' or 'none' [default: that; head-masking: none]."
+        None, "--corruption", help="'p=0.5,patch=2,type=noise' or 'none' (default: that; head-masking: none)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed for the corruption and the CA updates."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
