@@ -43,7 +43,8 @@ def batches(dataset, batch_size: int, limit: int | None = None, with_labels: boo
     labels = getattr(dataset, "labels", None)
     for start in range(0, n, batch_size):
         idx = range(start, min(start + batch_size, n))
-        images = torch.stack([dataset[i] for i in idx])
+        # ImageDataset.batch reads (and resizes) a whole batch at once; anything indexable works too
+        images = dataset.batch(list(idx)) if hasattr(dataset, "batch") else torch.stack([dataset[i] for i in idx])
         if with_labels:
             yield images, torch.as_tensor([int(labels[i]) for i in idx])
         else:
