@@ -151,15 +151,13 @@ def analyze_command(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Appendix analyses: update rate, unseen noise, head masking, stability. Writes a PNG figure and a table."""
-    import torch
-
     from training.analyses import format_table, run_analysis
-    from training.evaluate import open_eval_dataset
+    from training.evaluate import batches, open_eval_dataset
 
     model, meta, _ = _load(weights, device)
     ds = open_eval_dataset(dataset, split, model.cfg, data_dir)
     n = min(limit, len(ds))
-    clean = torch.stack([ds[i] for i in range(n)])
+    clean = next(batches(ds, n, n))
     log.info(f"{kind.value}: {n} images of {dataset} {split}")
     result = run_analysis(kind.value, model, clean, out, iters=iters, seed=seed,
                           mask_type=_mask_type(mask_type, meta), corruption=corruption)
