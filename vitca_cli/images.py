@@ -134,7 +134,7 @@ def read_image(source: str | Path) -> Picture:
         pixels = (arr / (65535.0 if bits == 16 else 255.0))[..., None]
     elif mode == "F":
         pixels = np.asarray(img, dtype=np.float32)[..., None]
-        notes.append("floating-point image read as values in [0, 1]")
+        notes.append("floating-point image: values taken as they are (expected in [0, 1])")
     else:
         if mode == "CMYK":
             notes.append("CMYK converted to RGB")

@@ -51,6 +51,9 @@ class TorchBackend:
     """A ``CellularAutomaton`` run eagerly under ``torch.inference_mode``."""
 
     def __init__(self, model, name: str = "model", meta: dict | None = None):
+        from vitca_cli.runtime import tune_allocator
+
+        tune_allocator()  # the rollout reallocates the same large activations every step
         self.model = model.eval()
         self.cfg: CAConfig = model.cfg
         self.name = name
@@ -75,7 +78,7 @@ class TorchBackend:
 def make_backend(weights_spec: str | None, backend: str = "torch", device: str = "auto", channels: int | None = None):
     """Resolve ``--weights`` (or the default for ``channels``) and build a backend on ``device``."""
     from vitca_cli import weights
-    from vitca_cli.runtime import resolve_device, tune_allocator
+    from vitca_cli.runtime import resolve_device
 
     if backend not in ("torch", "onnx"):
         raise UsageError(f"--backend {backend!r}: expected torch or onnx")
@@ -91,7 +94,6 @@ def make_backend(weights_spec: str | None, backend: str = "torch", device: str =
         if ref.path.suffix == ".onnx":
             raise WeightsError(f"{ref.path}: an ONNX file needs --backend onnx")
         dev = resolve_device(device)
-        tune_allocator()
         result = TorchBackend.from_file(ref.path, dev, ref.name)
     result.name = ref.name
     log.info(f"weights: {ref.name} ({ref.source}: {ref.path}); backend {result.device}")
