@@ -1,0 +1,241 @@
+"""Run an exported CA step (``vitca export-onnx``) in ONNX Runtime: a backend for :func:`vitca_cli.restore.restore`.
+
+A backend has ``.cfg`` (rebuilt from the graph's ``vitca.*`` metadata, so no other file is needed), ``.name``,
+``.device`` (a description for the log), ``.tensor_device`` (CPU: tensors cross into ONNX Runtime there),
+``.meta`` (the source checkpoint's meta) and ``.step(z, update_mask) -> z``. The restore loop draws the update
+masks from seeded CPU generators and passes them in, so the torch and ONNX backends replay the same run.
+
+Providers are explicit: ``--device cpu`` → CPU; ``cuda[:N]`` → CUDA, and an error when the CUDA provider cannot
+run here (never a silent fallback); ``auto`` → CUDA when a CUDA driver is present and the provider starts, else
+CPU. The provider used is logged. The CPU provider uses one intra-op thread per available core.
+
+Weights: given a vitca checkpoint (``.pt``) instead of an ``.onnx`` file (``--backend onnx --weights NAME``
+where only ``NAME.pt`` exists), :func:`onnx_for_checkpoint` uses ``NAME.onnx`` beside it when that file was
+exported from exactly this checkpoint (its metadata records the checkpoint's sha256), else exports once into the
+cache folder (``<VITCA_HOME>/onnx/NAME-<sha256 prefix>.onnx``) and reuses that file afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vitca_cli.config import CAConfig
+from vitca_cli.errors import UsageError, VitcaError, WeightsError
+from vitca_cli.log import log
+from vitca_cli.log import verbosity as log_verbosity
+from vitca_cli.onnx_export import FORMAT, FORMAT_VERSION, HEAD_MASK, INPUTS, LAYOUT, OUTPUT
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+CHECKPOINT_SUFFIXES = (".pt", ".pth")
+
+
+def cpu_threads() -> int:
+    """Cores this process may run on (the affinity mask where the platform has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def _cuda_driver_present() -> bool:
+    """Whether a CUDA driver library loads: without one, the CUDA provider cannot start (and says so loudly)."""
+    import ctypes
+    import ctypes.util
+
+    for name in ("libcuda.so.1", ctypes.util.find_library("cuda"), "nvcuda.dll"):
+        if not name:
+            continue
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _parse_device(device: str) -> tuple[str, int]:
+    spec = (device or "auto").strip().lower()
+    if spec in ("auto", "cpu", "cuda"):
+        return spec, 0
+    if spec.startswith("cuda:") and spec[5:].isdigit():
+        return "cuda", int(spec[5:])
+    raise UsageError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def create_session(source, device: str = "auto", threads: int | None = None):
+    """An ``InferenceSession`` for ``source`` (a path or serialized bytes) with explicit providers, and the
+    provider it actually runs on. ``--device cuda`` without a working CUDA provider is a ``UsageError``."""
+    import onnxruntime as ort
+
+    kind, index = _parse_device(device)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or cpu_threads()
+    options.inter_op_num_threads = 1  # one step is one chain of kernels; parallelism lives inside them
+    available = ort.get_available_providers()
+
+    if kind == "cuda" and CUDA not in available:
+        raise UsageError(
+            f"--device {device}: this onnxruntime ({ort.__version__}) has no CUDA provider "
+            f"(install onnxruntime-gpu on Linux x86-64, or use --device cpu)"
+        )
+    driver = CUDA in available and _cuda_driver_present()
+    if kind == "cuda" and not driver:
+        raise UsageError(f"--device {device}: no CUDA driver found (no GPU here?); use --device cpu")
+    if kind == "cuda" or (kind == "auto" and driver):
+        # ORT does not raise when CUDA cannot start: it logs errors and falls back to CPU. Keep its log quiet
+        # (unless -v) and check which provider it chose.
+        options.log_severity_level = 2 if log_verbosity() else 4
+        session = ort.InferenceSession(source, options, providers=[(CUDA, {"device_id": index}), CPU])
+        if session.get_providers()[0] == CUDA:
+            return session, f"{CUDA}:{index}"
+        if kind == "cuda":
+            raise UsageError(
+                f"--device {device}: the ONNX Runtime CUDA provider failed to start (onnxruntime-gpu "
+                f"{ort.__version__} needs matching CUDA and cuDNN libraries; -v shows its log); use --device cpu"
+            )
+        log.debug("CUDA provider unavailable; using the CPU provider")
+        options.log_severity_level = 2
+    session = ort.InferenceSession(source, options, providers=[CPU])
+    return session, CPU
+
+
+def read_metadata(session, path) -> tuple[CAConfig, dict, dict]:
+    """The config, the source checkpoint's meta and the raw ``vitca.*`` map of a step graph's session."""
+    props = session.get_modelmeta().custom_metadata_map
+    if props.get("vitca.format") != FORMAT:
+        raise WeightsError(
+            f"{path}: an ONNX model, but not a vitca step graph (no vitca metadata); export one with "
+            f"`vitca export-onnx`"
+        )
+    version = int(props.get("vitca.format_version", "0") or 0)
+    if version > FORMAT_VERSION:
+        raise WeightsError(f"{path}: step graph format {version} is newer than this vitca reads; upgrade vitca")
+    try:
+        cfg = CAConfig.from_dict(json.loads(props["vitca.config"]))
+        layout = json.loads(props["vitca.layout"])
+        meta = json.loads(props.get("vitca.meta", "{}"))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise WeightsError(f"{path}: damaged vitca metadata ({exc}); re-export it with `vitca export-onnx`") from None
+    if layout.get("memory") != LAYOUT or layout.get("cell_channels") != cfg.cell_channels:
+        raise WeightsError(f"{path}: unexpected cell layout {layout}; re-export it with `vitca export-onnx`")
+    names = [i.name for i in session.get_inputs()]
+    if names[: len(INPUTS)] != list(INPUTS) or OUTPUT not in [o.name for o in session.get_outputs()]:
+        raise WeightsError(f"{path}: graph inputs {names} are not a vitca step's; re-export it")
+    return cfg, meta, props
+
+
+class OnnxBackend:
+    """One CA step in an ONNX Runtime session, on CPU torch tensors."""
+
+    def __init__(self, session, provider: str, cfg: CAConfig, meta: dict, name: str, path: Path | None = None):
+        self.session = session
+        self.provider = provider
+        self.cfg = cfg
+        self.meta = meta
+        self.name = name
+        self.path = path
+        self.tensor_device = torch.device("cpu")
+        self.has_head_mask = HEAD_MASK in [i.name for i in session.get_inputs()]
+        threads = session.get_session_options().intra_op_num_threads
+        self.device = f"onnxruntime {provider}" + (f" ({threads} threads)" if provider == CPU else "")
+
+    @classmethod
+    def from_file(cls, path, device: str = "auto", threads: int | None = None) -> "OnnxBackend":
+        """Load a step graph (or a vitca checkpoint, exported on first use, see :func:`onnx_for_checkpoint`).
+
+        A missing, corrupt or foreign file raises ``WeightsError``; an unusable ``--device`` a ``UsageError``.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise WeightsError(f"{path}: weights file not found")
+        if _is_checkpoint(path):
+            path = onnx_for_checkpoint(path)
+        try:
+            session, provider = create_session(str(path), device, threads)
+        except VitcaError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - ORT raises several types for unreadable models
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise WeightsError(
+                f"{path}: not a readable ONNX model ({reason}); re-export it with `vitca export-onnx`"
+            ) from None
+        cfg, meta, props = read_metadata(session, path)
+        source = json.loads(props.get("vitca.source", "{}") or "{}")
+        backend = cls(session, provider, cfg, meta, source.get("name") or path.stem, path)
+        log.debug(f"onnxruntime: {backend.device} for {path}")  # make_backend logs the provider at info level
+        return backend
+
+    def step(self, z: torch.Tensor, update_mask: torch.Tensor, head_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One CA step on a CPU grid ``(B, C, H, W)`` with an update mask ``(B, 1, H, W)`` (1 = update).
+
+        The graph is channels-last: a channels-last ``z`` (as ``seed_cells`` makes them) and a contiguous mask
+        are read in place, and the result is written by ONNX Runtime straight into a new channels-last tensor.
+        """
+        if z.device.type != "cpu" or update_mask.device.type != "cpu":
+            raise ValueError("the ONNX backend steps CPU tensors")
+        cells = _nhwc_array(z)
+        mask = _nhwc_array(update_mask)
+        out = torch.empty(cells.shape, dtype=torch.float32)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(INPUTS[0], cells)
+        binding.bind_cpu_input(INPUTS[1], mask)
+        if self.has_head_mask:
+            heads = head_mask if head_mask is not None else torch.zeros(self.cfg.heads)
+            binding.bind_cpu_input(HEAD_MASK, np.ascontiguousarray(heads.detach().numpy(), dtype=np.float32))
+        elif head_mask is not None:
+            raise UsageError("this step graph was exported without --with-head-mask")
+        binding.bind_output(OUTPUT, "cpu", 0, np.float32, list(out.shape), out.data_ptr())
+        self.session.run_with_iobinding(binding)
+        return out.permute(0, 3, 1, 2)  # b c h w, channels-last in memory
+
+
+def _nhwc_array(t: torch.Tensor) -> np.ndarray:
+    """``(B, C, H, W)`` → a C-contiguous float32 ``(B, H, W, C)`` array; a view when ``t`` is channels-last."""
+    t = t.detach().permute(0, 2, 3, 1)
+    if t.dtype != torch.float32:
+        t = t.float()
+    return np.ascontiguousarray(t.numpy())
+
+
+def _is_checkpoint(path: Path) -> bool:
+    if path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        return True
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"  # torch.save's zip container; ONNX files are protobuf
+
+
+def _source_sha(path: Path) -> str | None:
+    """The checkpoint sha256 recorded in a step graph's metadata (None when unreadable or foreign)."""
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        props = {p.key: p.value for p in model.metadata_props}
+        return json.loads(props.get("vitca.source", "{}")).get("sha256")
+    except Exception:  # noqa: BLE001 - any unreadable candidate is simply not a match
+        return None
+
+
+def onnx_for_checkpoint(checkpoint: Path) -> Path:
+    """The step graph of a vitca checkpoint: ``<stem>.onnx`` beside it if exported from this very file, else a
+    cached export (made now, once, if missing) in ``<VITCA_HOME>/onnx/``."""
+    from vitca_cli.onnx_export import export_checkpoint, file_sha256
+    from vitca_cli.weights import home_dir
+
+    sha = file_sha256(checkpoint)
+    sibling = checkpoint.with_suffix(".onnx")
+    if sibling.is_file() and _source_sha(sibling) == sha:
+        return sibling
+    cached = home_dir() / "onnx" / f"{checkpoint.stem}-{sha[:16]}.onnx"
+    if cached.is_file() and _source_sha(cached) == sha:
+        return cached
+    log.info(f"exporting {checkpoint.name} to ONNX once (cached as {cached})")
+    export_checkpoint(checkpoint, cached)
+    return cached

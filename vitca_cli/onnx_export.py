@@ -1,0 +1,398 @@
+"""Export ONE CA step to ONNX, so the update rule runs without PyTorch (``vitca export-onnx``).
+
+The graph is a pure function of its inputs; the caller owns the randomness:
+
+- ``cells``        ``(B, H, W, C)`` float32: the cell grid, channels last (see below);
+- ``update_mask``  ``(B, H, W, 1)`` float32: 1 = the cell updates this step;
+- ``head_mask``    ``(heads,)`` float32, only with ``with_head_mask``: 1 = head silenced;
+- output ``next_cells`` ``(B, H, W, C)``.
+
+Batch, height and width are dynamic (height and width are fixed to the training grid for a learned position
+encoding). The grid is channels-last because vitca's torch grids are channels-last in memory
+(``seed_cells``): ``z.permute(0, 2, 3, 1)`` is then a zero-copy view that ONNX Runtime reads in place, and the
+per-cell linear layers need no transposes inside the graph.
+
+The model's config, the channel layout and the source checkpoint's meta go into the model's ``metadata_props``
+(keys ``vitca.*``), so a runtime needs no other file: :class:`vitca_cli.onnx_backend.OnnxBackend` rebuilds the
+``CAConfig`` from them.
+
+Exporters: the default is PyTorch's current (dynamo, torch.export-based) exporter, which needs ``onnxscript``;
+the legacy TorchScript exporter is available as ``exporter="torchscript"``. Both give a correct graph with dynamic
+H and W that runs at the same speed in ONNX Runtime (bench/onnx_step.py). The dynamo exporter is the default
+because it is PyTorch's maintained path (the TorchScript one is deprecated and warns it will be removed) and its
+file is ~10% smaller; the TorchScript exporter takes ~0.5 s instead of 7-20 s and needs no onnxscript, which
+suits old torch versions (before 2.6) and quick experiments.
+
+Speed: the model's eager attention loops over the NH·NW neighbours with strided views, which are free in torch
+but each become a copying ``Slice`` plus ``Mul``/``ReduceSum``/``Add`` nodes in ONNX. For the export the
+attention is swapped for :func:`blocked_local_attention`, the same maths as dense attention of each small block
+of queries over its halo (two ``Gather``\\ s and two batched ``MatMul``\\ s, a constant -inf mask outside each
+query's window): ~1.3× faster in ONNX Runtime (bench/onnx_step.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitca_cli import __version__
+from vitca_cli import model as model_module
+from vitca_cli.checkpoint import atomic_write_bytes
+from vitca_cli.config import CAConfig
+from vitca_cli.errors import UsageError, VitcaError
+from vitca_cli.log import log
+
+FORMAT = "vitca-onnx-step"
+FORMAT_VERSION = 1
+DEFAULT_OPSET = 18
+MIN_OPSET = 18  # the dynamo exporter's own opset; LayerNormalization alone needs 17
+INPUTS = ("cells", "update_mask")
+HEAD_MASK = "head_mask"
+OUTPUT = "next_cells"
+LAYOUT = "NHWC"
+# Queries per attention block in the exported graph. Small blocks keep the halo (and the softmax over it) short:
+# 2×4 queries over a 4×6 halo for a 3×3 window. 2×2 to 4×4 measured within noise of each other; 8×8 is slower.
+EXPORT_BLOCK = (2, 4)
+EXPORTERS = ("dynamo", "torchscript")
+DEFAULT_EXPORTER = "dynamo"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The export-friendly attention
+# ---------------------------------------------------------------------------------------------------------------------
+def _window_bias(block: tuple[int, int], neighbourhood: tuple[int, int], device) -> torch.Tensor:
+    """``(bh·bw, kh·kw)``: 0 where a halo cell lies in the query's NH×NW window, -inf elsewhere."""
+    (bh, bw), (nh, nw) = block, neighbourhood
+    kh, kw = bh + nh - 1, bw + nw - 1
+    dy = torch.arange(kh)[None, None, :, None] - torch.arange(bh)[:, None, None, None]  # halo row - query row
+    dx = torch.arange(kw)[None, None, None, :] - torch.arange(bw)[None, :, None, None]
+    inside = (dy >= 0) & (dy < nh) & (dx >= 0) & (dx < nw)
+    return torch.where(inside, 0.0, float("-inf")).reshape(bh * bw, kh * kw).to(device)
+
+
+def blocked_local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    neighbourhood: tuple[int, int],
+    scale: float = 1.0,
+    block: tuple[int, int] = EXPORT_BLOCK,
+):
+    """:func:`vitca_cli.model.local_attention` (same arguments and maths) in a form that exports to few ONNX nodes.
+
+    The grid is cut into ``block`` tiles of queries (padded up to whole blocks; the padding is cropped). Each
+    tile attends densely to its halo, the (bh+NH-1)×(bw+NW-1) cells around it, gathered from the zero-padded
+    keys and values, so border cells still see zero "ghost" neighbours that take softmax mass. Halo cells
+    outside a query's own window get -inf logits and thus exactly zero weight. Returns ``(out, None)``: the
+    attention maps are not an output of the exported step.
+    """
+    (nh, nw), (bh, bw) = neighbourhood, block
+    b, h, w, heads, d = q.shape
+    rh, rw = nh // 2, nw // 2
+    gh, gw = (h + bh - 1) // bh, (w + bw - 1) // bw  # blocks per column and row
+    hb, wb = gh * bh, gw * bw  # grid padded to whole blocks
+    kh, kw = bh + nh - 1, bw + nw - 1  # halo
+    wk = wb + 2 * rw  # row length of the padded keys
+
+    # Queries: b hb wb heads d -> b heads blocks (bh bw) d
+    qb = F.pad(q, [0, 0, 0, 0, 0, wb - w, 0, hb - h]).reshape(b, gh, bh, gw, bw, heads, d)
+    qb = qb.permute(0, 5, 1, 3, 2, 4, 6).reshape(b, heads, gh * gw, bh * bw, d)
+
+    # Halo index of every block into the flattened, zero-padded key grid: block origin + halo offset.
+    dev = q.device
+    origin = (torch.arange(gh, device=dev) * (bh * wk))[:, None] + (torch.arange(gw, device=dev) * bw)[None, :]
+    offset = torch.arange(kh, device=dev)[:, None] * wk + torch.arange(kw, device=dev)[None, :]
+    index = (origin.reshape(-1, 1) + offset.reshape(1, -1)).reshape(-1)
+
+    def halo(t: torch.Tensor) -> torch.Tensor:  # b h w heads d -> b heads blocks (kh kw) d
+        t = F.pad(t, [0, 0, 0, 0, rw, rw + wb - w, rh, rh + hb - h]).permute(0, 3, 1, 2, 4)
+        return t.reshape(b, heads, -1, d).index_select(2, index).reshape(b, heads, gh * gw, kh * kw, d)
+
+    logits = (qb @ halo(k).transpose(-1, -2)) * scale + _window_bias(block, neighbourhood, dev)
+    out = logits.softmax(dim=-1) @ halo(v)  # b heads blocks (bh bw) d
+    out = out.reshape(b, heads, gh, gw, bh, bw, d).permute(0, 2, 4, 3, 5, 1, 6).reshape(b, hb, wb, heads, d)
+    return out[:, :h, :w], None
+
+
+_export_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def export_kernels():
+    """Swap the model's attention kernel for :func:`blocked_local_attention` while exporting.
+
+    ``LocalSelfAttention`` calls the module-level ``vitca_cli.model.attend`` (the seam the fused torch.compile
+    kernel also uses), so replacing it there changes only which kernel computes the same maths. A lock keeps two
+    exports in one process from interleaving the swap.
+    """
+    if not callable(getattr(model_module, "attend", None)):
+        raise VitcaError("vitca_cli.model has no attend() kernel seam; the ONNX export needs updating")
+    with _export_lock:
+        original = model_module.attend
+        model_module.attend = blocked_local_attention
+        try:
+            yield
+        finally:
+            model_module.attend = original
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The exported module and its metadata
+# ---------------------------------------------------------------------------------------------------------------------
+class StepGraph(nn.Module):
+    """One CA step on a channels-last grid: the module that is exported."""
+
+    def __init__(self, ca: nn.Module):
+        super().__init__()
+        self.ca = ca
+
+    def forward(self, cells: torch.Tensor, update_mask: torch.Tensor, head_mask: torch.Tensor | None = None):
+        z = cells.permute(0, 3, 1, 2)  # b c h w (the permutes cancel against the model's own)
+        return self.ca.step(z, update_mask.permute(0, 3, 1, 2), head_mask).permute(0, 2, 3, 1)
+
+
+def channel_layout(cfg: CAConfig) -> dict:
+    """Where each part of a cell lives along the channel axis, as ``[start, stop)`` pairs."""
+
+    def span(s: slice) -> list[int]:
+        return [s.start, s.stop]
+
+    return {
+        "memory": LAYOUT,
+        "cell_channels": cfg.cell_channels,
+        "static_channels": cfg.static_channels,
+        "position": [0, cfg.pe_channels],
+        "input": span(cfg.input_slice),
+        "output": span(cfg.output_slice),
+        "hidden": span(cfg.hidden_slice),
+        "patch_size": cfg.patch_size,
+    }
+
+
+def build_metadata(cfg: CAConfig, with_head_mask: bool, meta: dict | None, source: dict | None) -> dict[str, str]:
+    """The ``vitca.*`` metadata_props of an exported step (all values are strings; JSON where structured)."""
+    return {
+        "vitca.format": FORMAT,
+        "vitca.format_version": str(FORMAT_VERSION),
+        "vitca.version": __version__,
+        "vitca.config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "vitca.layout": json.dumps(channel_layout(cfg), sort_keys=True),
+        "vitca.inputs": ",".join(INPUTS + ((HEAD_MASK,) if with_head_mask else ())),
+        "vitca.outputs": OUTPUT,
+        "vitca.meta": json.dumps(meta or {}, sort_keys=True, default=str),
+        "vitca.source": json.dumps(source or {}, sort_keys=True),
+    }
+
+
+def _example_grid(cfg: CAConfig) -> tuple[int, int]:
+    """Grid size to trace with. Distinct, not 0 or 1 (the exporter would specialise on those), and not a
+    multiple of the attention block, so the padding path is traced with non-zero pads."""
+    if cfg.pos_encoding == "learned":  # tied to the training grid
+        return tuple(s // cfg.patch_size for s in cfg.image_size)
+    return 7, 10
+
+
+def export_step(
+    ca: nn.Module,
+    path: Path,
+    opset: int = DEFAULT_OPSET,
+    with_head_mask: bool = False,
+    meta: dict | None = None,
+    source: dict | None = None,
+    exporter: str = DEFAULT_EXPORTER,
+) -> dict:
+    """Export ``ca.step`` as an ONNX graph at ``path`` (written atomically) and return a summary dict.
+
+    The graph is checked with ``onnx.checker`` (full check, with shape inference) and, as a guard against
+    exporter regressions, run once in ONNX Runtime against the torch step on a small random grid.
+    """
+    import onnx
+
+    if opset < MIN_OPSET:
+        raise UsageError(f"--opset {opset}: the exporter needs opset {MIN_OPSET} or newer")
+    cfg: CAConfig = ca.cfg
+    ca = ca.float().cpu().eval()
+    gh, gw = _example_grid(cfg)
+    gen = torch.Generator().manual_seed(0)
+    cells = torch.rand(2, gh, gw, cfg.cell_channels, generator=gen)
+    mask = (torch.rand(2, gh, gw, 1, generator=gen) < 0.5).float()
+    args = (cells, mask) + ((torch.zeros(cfg.heads),) if with_head_mask else ())
+    names = list(INPUTS) + ([HEAD_MASK] if with_head_mask else [])
+
+    dynamic = ("batch",) if cfg.pos_encoding == "learned" else ("batch", "height", "width")
+
+    graph = StepGraph(ca)
+    try:
+        # The exporters print progress to stdout and warn about their internals: keep stdout clean, logs quiet.
+        with export_kernels(), torch.no_grad(), _quiet_exporter():
+            if exporter == "dynamo":
+                proto = _export_dynamo(graph, args, names, opset, dynamic)
+            elif exporter == "torchscript":
+                proto = _export_torchscript(graph, args, names, opset, dynamic)
+            else:
+                raise UsageError(f"--exporter {exporter!r}: expected {' or '.join(EXPORTERS)}")
+    except ImportError as exc:
+        raise VitcaError(f"ONNX export needs onnx and onnxscript ({exc}); pip install onnx onnxscript") from None
+    except VitcaError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - exporter failures are many and deep; name them in one line
+        raise VitcaError(f"ONNX export failed for this model ({type(exc).__name__}: {str(exc)[:300]})") from None
+
+    _strip_debug_info(proto)
+    proto.producer_name = "vitca"
+    proto.producer_version = __version__
+    del proto.metadata_props[:]
+    for key, value in build_metadata(cfg, with_head_mask, meta, source).items():
+        proto.metadata_props.add(key=key, value=value)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise VitcaError(f"the exported graph fails onnx.checker: {str(exc)[:300]}") from None
+    data = proto.SerializeToString()
+    error = _self_check(data, ca, with_head_mask)
+    if error > 1e-4:
+        raise VitcaError(f"the exported graph disagrees with the torch step (max error {error:.2e}); not written")
+    path = Path(path)
+    atomic_write_bytes(path, lambda f: f.write(data))
+    summary = {
+        "path": str(path),
+        "bytes": len(data),
+        "opset": opset,
+        "inputs": names,
+        "exporter": exporter,
+        "dynamic": ", ".join(dynamic),
+        "self_check_max_error": error,
+    }
+    log.debug(f"exported {path} ({len(data) / 1024:.0f} KB, opset {opset}, self-check error {error:.1e})")
+    return summary
+
+
+def _export_dynamo(graph: nn.Module, args: tuple, names: list[str], opset: int, dynamic: tuple[str, ...]):
+    """torch.export-based exporter (needs onnxscript); returns the ModelProto."""
+    dims = {axis: torch.export.Dim(name) for axis, name in enumerate(dynamic)}
+    shapes = {name: (dims if name in INPUTS else None) for name in names}
+    program = torch.onnx.export(
+        graph,
+        args,
+        dynamo=True,
+        input_names=names,
+        output_names=[OUTPUT],
+        dynamic_shapes=shapes,
+        opset_version=opset,
+        optimize=True,
+        verbose=False,
+        external_data=False,
+    )
+    return program.model_proto
+
+
+def _export_torchscript(graph: nn.Module, args: tuple, names: list[str], opset: int, dynamic: tuple[str, ...]):
+    """The legacy TorchScript exporter (deprecated by PyTorch, but 20× faster to export); returns the ModelProto."""
+    import io
+
+    import onnx
+
+    axes = dict(enumerate(dynamic))
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        graph,
+        args,
+        buffer,
+        dynamo=False,
+        input_names=names,
+        output_names=[OUTPUT],
+        dynamic_axes={name: axes for name in list(INPUTS) + [OUTPUT]},
+        opset_version=opset,
+    )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporters' stdout progress, warnings and torch's own log lines (e.g. about torchvision)."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def _strip_debug_info(proto) -> None:
+    """Drop the exporter's per-node debug metadata (stack traces, FX node text): a third of the file otherwise."""
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del proto.graph.metadata_props[:]
+    proto.graph.doc_string = ""
+
+
+def _self_check(data: bytes, ca: nn.Module, with_head_mask: bool) -> float:
+    """Max |ORT - torch| of one step on a small random grid of a size other than the traced one, relative to the
+    largest state value when that exceeds 1."""
+    import onnxruntime as ort
+
+    cfg: CAConfig = ca.cfg
+    gh, gw = _example_grid(cfg)
+    if cfg.pos_encoding != "learned":
+        gh, gw = 5, 12
+    gen = torch.Generator().manual_seed(1)
+    z = torch.rand(3, cfg.cell_channels, gh, gw, generator=gen)
+    m = (torch.rand(3, 1, gh, gw, generator=gen) < 0.5).float()
+    head = (torch.arange(cfg.heads) % 2).float() if with_head_mask and cfg.heads > 1 else None
+    feeds = {"cells": z.permute(0, 2, 3, 1).numpy().copy(), "update_mask": m.permute(0, 2, 3, 1).numpy().copy()}
+    if with_head_mask:
+        feeds[HEAD_MASK] = (head if head is not None else torch.zeros(cfg.heads)).numpy()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    (out,) = session.run([OUTPUT], feeds)
+    with torch.no_grad():
+        ref = ca.step(z, m, head).permute(0, 2, 3, 1)
+    # Relative to the state's scale: a model with large activations legitimately differs by more float rounding.
+    return float((torch.from_numpy(out) - ref).abs().max() / max(1.0, float(ref.abs().max())))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# From a checkpoint file
+# ---------------------------------------------------------------------------------------------------------------------
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_checkpoint(
+    checkpoint: Path,
+    path: Path,
+    opset: int = DEFAULT_OPSET,
+    with_head_mask: bool = False,
+    name: str | None = None,
+    exporter: str = DEFAULT_EXPORTER,
+) -> dict:
+    """Export the step of a vitca checkpoint (``.pt``) to ``path``; the metadata records the checkpoint's sha256,
+    so a cached export can be matched to the exact weights it came from."""
+    from vitca_cli.checkpoint import load_model
+
+    checkpoint = Path(checkpoint)
+    ca, meta = load_model(checkpoint, "cpu")
+    source = {"name": name or checkpoint.stem, "file": checkpoint.name, "sha256": file_sha256(checkpoint)}
+    return export_step(ca, path, opset, with_head_mask, meta=meta, source=source, exporter=exporter)
