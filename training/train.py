@@ -460,7 +460,7 @@ def train(
     _write_json(run_dir / CONFIG_FILE, config)
 
     end = tcfg.iterations if stop_at is None else min(stop_at, tcfg.iterations)
-    save_every = tcfg.save_every or tcfg.val_every or tcfg.iterations
+    save_every = tcfg.save_every or tcfg.val_every or 500
     status = "done"
     last_val = None
     window: list[dict] = []

@@ -89,6 +89,10 @@ def train(
     seed: Optional[int] = _opt(None, "--seed", help="Random seed [0].", panel=RUN_HELP),
     device: str = _opt("auto", "--device", help="auto | cpu | cuda[:N].", panel=RUN_HELP),
     compile: Optional[bool] = _opt(None, "--compile/--no-compile", help="torch.compile the CA step.", panel=RUN_HELP),
+    threads: Optional[int] = _opt(
+        None, "--threads", help="CPU threads (1 is fastest on a busy machine: no waiting at OpenMP barriers).",
+        panel=RUN_HELP,
+    ),
     arch: Optional[Arch] = _opt(None, "--arch", help="Update network [vitca].", panel=MODEL_HELP),
     hidden: Optional[int] = _opt(None, "--hidden", help="Hidden channels per cell [32].", panel=MODEL_HELP),
     patch_size: Optional[int] = _opt(None, "--patch-size", help="Cell patch size [1].", panel=MODEL_HELP),
@@ -137,6 +141,12 @@ def train(
 
     dev = resolve_device(device)
     tune_allocator()
+    if threads is not None:
+        if threads < 1:
+            raise UsageError("--threads must be ≥ 1")
+        import torch
+
+        torch.set_num_threads(threads)
     resume_from = None
     if resume is not None:
         fixed = sorted(set(train_opts) - RESUMABLE) + sorted(model_opts)

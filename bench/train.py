@@ -1,0 +1,90 @@
+"""Training speed and memory (appendix Table 8 and A.1 style), as ratios measured in one run.
+
+    python bench/train.py                     # batch 32, 28×28, T = 32; fusion/mitosis at 64×64
+    python bench/train.py --device cuda       # the same on a GPU
+    python bench/train.py --compare-compile   # also: eager vs torch.compile'd step vs fused attention kernel
+
+Targets (issue 3): gradient checkpointing cuts peak memory ≥ 4× for ≤ 2× the iteration time; one training
+iteration (forward + backward) costs ≤ 3.5× a no-grad forward rollout of the same T. On CPU each configuration runs
+in a fresh subprocess and its peak is the resident-set high-water mark (see training/profiling.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from training.profiling import profile_training  # noqa: E402
+from vitca_cli.config import preset  # noqa: E402
+
+
+def row(name: str, r: dict) -> str:
+    return (
+        f"{name:<34} fwd {r['forward_ms']:9.1f} ms  bwd {r['backward_ms']:9.1f} ms  "
+        f"iter {r['iteration_ms']:9.1f} ms  no-grad {r['nograd_rollout_ms']:8.1f} ms  "
+        f"peak {r['peak_bytes'] / 2**20:8.1f} MiB"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, default=28)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--channels", type=int, default=1, help="1 (FashionMNIST) or 3 (RGB, as appendix Table 8)")
+    p.add_argument("--fm-size", type=int, default=64)
+    p.add_argument("--fm-batch", type=int, default=None, help="fusion/mitosis batch (default: --batch on GPU, 8 on CPU)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--compare-compile", action="store_true")
+    p.add_argument("--skip-fm", action="store_true")
+    p.add_argument("--json", type=Path, help="also write all measurements here")
+    a = p.parse_args()
+
+    results = {}
+    cfg = preset("fashion-mnist", channels=a.channels, image_size=(a.size, a.size))
+    common = dict(batch=a.batch, height=a.size, width=a.size, steps=a.steps, device=a.device, repeats=a.repeats)
+    print(f"batch {a.batch}, {a.channels}×{a.size}×{a.size}, T = {a.steps}, device {a.device}", flush=True)
+    for mode in ("plain", "checkpointing"):
+        results[mode] = r = profile_training(cfg, mode=mode, **common)
+        print(row(mode, r), flush=True)
+    plain, ckpt = results["plain"], results["checkpointing"]
+    print(f"memory method: {plain['memory_method']}, threads {plain['threads']}")
+    mem_cut = plain["peak_bytes"] / max(ckpt["peak_bytes"], 1)
+    t_ratio = ckpt["iteration_ms"] / plain["iteration_ms"]
+    b_ratio = ckpt["backward_ms"] / plain["backward_ms"]
+    it_ratio = plain["iteration_ms"] / plain["nograd_rollout_ms"]
+    print(f"checkpointing memory cut        {mem_cut:6.2f}×   (target ≥ 4×; paper 6.8×)")
+    print(f"checkpointing iteration time    {t_ratio:6.2f}×   (target ≤ 2×); backward {b_ratio:.2f}× (paper 1.6×)")
+    print(f"iteration / no-grad rollout     {it_ratio:6.2f}×   (target ≤ 3.5×)")
+    results["ratios"] = {"memory_cut": mem_cut, "checkpointing_time": t_ratio, "checkpointing_backward": b_ratio,
+                         "iteration_over_nograd": it_ratio}  # fmt: skip
+
+    if a.compare_compile:
+        for kind in ("step", "attention"):
+            results[f"compile-{kind}"] = r = profile_training(cfg, mode="plain", compile=kind, **common)
+            print(row(f"plain, compiled {kind}", r), flush=True)
+            print(f"  iteration speed-up vs eager    {plain['iteration_ms'] / r['iteration_ms']:6.2f}×")
+
+    if not a.skip_fm:
+        fm_batch = a.fm_batch or (a.batch if a.device.startswith("cuda") else 8)
+        fm_cfg = preset("celeba", channels=a.channels, image_size=(a.fm_size, a.fm_size))
+        fm_common = dict(common, batch=fm_batch, height=a.fm_size, width=a.fm_size)
+        print(f"\nbatch {fm_batch}, {a.channels}×{a.fm_size}×{a.fm_size}, T = {a.steps}", flush=True)
+        for mode in ("plain", "checkpointing", "fusion-mitosis"):
+            results[f"{mode}@{a.fm_size}"] = r = profile_training(fm_cfg, mode=mode, **fm_common)
+            print(row(mode, r), flush=True)
+        p64, fm = results[f"plain@{a.fm_size}"], results[f"fusion-mitosis@{a.fm_size}"]
+        print(f"fusion/mitosis memory cut       {p64['peak_bytes'] / max(fm['peak_bytes'], 1):6.2f}×   "
+              f"(appendix A.1: ~50% reduction, similar to checkpointing)")  # fmt: skip
+        print(f"fusion/mitosis iteration time   {fm['iteration_ms'] / p64['iteration_ms']:6.2f}×")
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
