@@ -199,3 +199,20 @@ def test_real_mnist_5k():
     assert (len(train), len(val), len(test)) == (4000, 500, 500)
     assert np.bincount(train.labels).min() > 300  # stratification by permutation, not the sorted file order
     assert train[0].shape == (1, 28, 28)
+
+
+def test_download_flag_fetches_and_extracts_cifar(tmp_path, monkeypatch):
+    import tarfile
+
+    src = tmp_path / "src" / "cifar-10-batches-py"
+    src.mkdir(parents=True)
+    for name in [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]:
+        write_cifar_batch(src / name, 10, len(name))
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src, arcname="cifar-10-batches-py")
+    monkeypatch.setattr(D, "CIFAR_URL", archive.as_uri())
+    monkeypatch.setattr(D, "CIFAR_MD5", D.md5sum(archive))
+    ds = open_dataset("cifar10", "test", data_dir=tmp_path / "data", download=True)
+    assert len(ds) == 10 and ds[0].shape == (3, 32, 32)
+    assert (tmp_path / "data" / "cifar10" / "cifar-10-batches-py" / "data_batch_3").is_file()

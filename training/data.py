@@ -366,7 +366,9 @@ def _open_cifar(split: str, data_dir, image_size, augment, download_missing: boo
         archive = download([CIFAR_URL], folders[0].parent / "cifar-10-python.tar.gz", CIFAR_MD5)
         try:
             with tarfile.open(archive) as tar:
-                tar.extractall(folders[0].parent, filter="data")
+                # The "data" filter refuses absolute paths and links out of the folder (Python ≥ 3.10.12).
+                safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                tar.extractall(folders[0].parent, **safe)
         except (tarfile.TarError, OSError) as exc:
             raise VitcaError(f"{archive}: corrupt archive ({exc}); delete it and retry") from None
         folder = folders[0]
