@@ -223,10 +223,10 @@ def _source_sha(path: Path) -> str | None:
         return None
 
 
-def onnx_for_checkpoint(checkpoint: Path) -> Path:
+def onnx_for_checkpoint(checkpoint: Path, exporter: str | None = None) -> Path:
     """The step graph of a vitca checkpoint: ``<stem>.onnx`` beside it if exported from this very file, else a
     cached export (made now, once, if missing) in ``<VITCA_HOME>/onnx/``."""
-    from vitca_cli.onnx_export import export_checkpoint, file_sha256
+    from vitca_cli.onnx_export import DEFAULT_EXPORTER, export_checkpoint, file_sha256
     from vitca_cli.weights import home_dir
 
     sha = file_sha256(checkpoint)
@@ -237,5 +237,5 @@ def onnx_for_checkpoint(checkpoint: Path) -> Path:
     if cached.is_file() and _source_sha(cached) == sha:
         return cached
     log.info(f"exporting {checkpoint.name} to ONNX once (cached as {cached})")
-    export_checkpoint(checkpoint, cached)
+    export_checkpoint(checkpoint, cached, exporter=exporter or DEFAULT_EXPORTER)
     return cached

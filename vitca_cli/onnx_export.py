@@ -278,7 +278,9 @@ def export_step(
 
 def _export_dynamo(graph: nn.Module, args: tuple, names: list[str], opset: int, dynamic: tuple[str, ...]):
     """torch.export-based exporter (needs onnxscript); returns the ModelProto."""
-    dims = {axis: torch.export.Dim(name) for axis, name in enumerate(dynamic)}
+    # Dim.AUTO, not named Dims: with named Dims torch.export rejects UNetCA, whose ceil-mode pooling makes the
+    # tracer guard H, W >= 5, although the exported graph is right for any size (tested down to 1×1).
+    dims = {axis: torch.export.Dim.AUTO for axis, _ in enumerate(dynamic)}
     shapes = {name: (dims if name in INPUTS else None) for name in names}
     program = torch.onnx.export(
         graph,
@@ -292,7 +294,19 @@ def _export_dynamo(graph: nn.Module, args: tuple, names: list[str], opset: int, 
         verbose=False,
         external_data=False,
     )
-    return program.model_proto
+    proto = program.model_proto
+    _name_dynamic_axes(proto, dynamic)
+    return proto
+
+
+def _name_dynamic_axes(proto, dynamic: tuple[str, ...]) -> None:
+    """Rename the exporter's symbolic dims (``s40``...) of the cell grid to ``batch``, ``height``, ``width``."""
+    first = proto.graph.input[0].type.tensor_type.shape.dim
+    rename = {first[axis].dim_param: name for axis, name in enumerate(dynamic) if first[axis].dim_param}
+    for info in list(proto.graph.input) + list(proto.graph.output) + list(proto.graph.value_info):
+        for dim in info.type.tensor_type.shape.dim:
+            if dim.dim_param in rename:
+                dim.dim_param = rename[dim.dim_param]
 
 
 def _export_torchscript(graph: nn.Module, args: tuple, names: list[str], opset: int, dynamic: tuple[str, ...]):
