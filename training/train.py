@@ -41,7 +41,7 @@ from vitca_cli.checkpoint import atomic_write_bytes, read_checkpoint, save_check
 from vitca_cli.config import CAConfig
 from vitca_cli.errors import UsageError, VitcaError
 from vitca_cli.masking import MASK_TYPES, MaskingSchedule, random_mask
-from vitca_cli.model import CellularAutomaton
+from vitca_cli.model import CellularAutomaton, use_compiled_attention
 
 log = logmod.log
 CONFIG_FILE, METRICS_FILE, LAST, BEST = "config.json", "metrics.jsonl", "last.pt", "best.pt"
@@ -222,8 +222,9 @@ class Trainer:
         self.schedule = tcfg.schedule
         self._val_batches = None
         if tcfg.compile:
-            # Compile one CA step; the rollout loop, checkpointing and fusion/mitosis stay in python.
-            self.ca.step = torch.compile(self.ca.step, dynamic=False)
+            # Fuse the memory-bound localised attention into one compiled kernel (~2× faster iterations on CPU);
+            # the matrix products, rollout loop, checkpointing and fusion/mitosis stay eager.
+            use_compiled_attention(True)
 
     # -- one iteration ------------------------------------------------------------------------------------------
     def fresh_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
