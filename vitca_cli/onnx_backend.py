@@ -59,6 +59,25 @@ def _cuda_driver_present() -> bool:
     return False
 
 
+def _warn_if_both_runtimes() -> None:
+    """``onnxruntime`` and ``onnxruntime-gpu`` share one ``onnxruntime/`` folder; with both installed, whichever was
+    installed last wins, file by file. Say so, with the fix, rather than fail obscurely later."""
+    from importlib import metadata
+
+    installed = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            installed.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            pass
+    if len(installed) == 2:
+        log.warning(
+            f"both {installed[0]} and {installed[1]} are installed and overwrite each other's files; keep one: "
+            f"pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu (Linux x86-64) "
+            f"or onnxruntime (elsewhere)"
+        )
+
+
 def _parse_device(device: str) -> tuple[str, int]:
     spec = (device or "auto").strip().lower()
     if spec in ("auto", "cpu", "cuda"):
@@ -74,6 +93,7 @@ def create_session(source, device: str = "auto", threads: int | None = None):
     import onnxruntime as ort
 
     kind, index = _parse_device(device)
+    _warn_if_both_runtimes()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or cpu_threads()
