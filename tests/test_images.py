@@ -165,7 +165,10 @@ def test_atomic_write_leaves_no_temporary_and_keeps_the_old_file_on_failure(tmp_
     images.write_bytes(target, b"new")
     assert target.read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.png"]
-    assert target.stat().st_mode & 0o777 == images._FILE_MODE  # the user's usual mode, not mkstemp's 0600
+    fresh = tmp_path / "fresh"
+    fresh.write_bytes(b"")  # what open() gives under the current umask
+    assert target.stat().st_mode & 0o777 == fresh.stat().st_mode & 0o777  # not mkstemp's 0600
+    fresh.unlink()
 
     def failing(_):
         raise RuntimeError("disk full")

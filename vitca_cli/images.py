@@ -8,7 +8,6 @@ No torch here: the model code converts arrays to tensors itself.
 from __future__ import annotations
 
 import io
-import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -22,9 +21,6 @@ from vitca_cli.errors import VitcaError
 from vitca_cli.log import log
 
 STDIO = "-"
-_umask = os.umask(0)
-os.umask(_umask)
-_FILE_MODE = 0o666 & ~_umask
 
 # Extensions we write, with the Pillow format name; anything else keeps the input's format.
 FORMATS = {
@@ -257,12 +253,8 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
         return
-    def write(f):
-        os.fchmod(f.fileno(), _FILE_MODE)  # mkstemp makes 0600 files; images get the user's usual permissions
-        f.write(data)
-
     try:
-        atomic_write_bytes(Path(path), write)
+        atomic_write_bytes(Path(path), lambda f: f.write(data))
     except OSError as exc:
         raise ImageError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
