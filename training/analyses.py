@@ -348,7 +348,7 @@ def head_masking(model, clean, out_dir: Path, iters: int, seed: int, corruption:
 
     The map shown per head is, for each cell, the attention weight it gives to its neighbours rather than to
     itself (1 − self-weight) at the last step, first block, first image: bright = looks around. All maps in the
-    figure share one contrast stretch (its range is in the JSON).
+    figure share one contrast stretch, 1st to 99th percentile (its range is in the JSON).
     """
     if model.cfg.arch != "vitca":
         raise UsageError("head masking needs a ViTCA model (UNetCA has no attention heads)")
@@ -356,7 +356,9 @@ def head_masking(model, clean, out_dir: Path, iters: int, seed: int, corruption:
     nh, nw = model.cfg.neighbourhood
     centre = (nh * nw) // 2
     corrupted = corrupt_spec(clean, corruption, torch.Generator().manual_seed(seed))
-    subsets = sorted(itertools.product((0, 1), repeat=heads), key=lambda s: (sum(s), s[::-1]))
+    subsets = sorted(  # none, each head alone, pairs, … in index order
+        itertools.product((0, 1), repeat=heads), key=lambda s: (sum(s), [i for i, v in enumerate(s) if v])
+    )
     rows, grid, labels = [], [], []
     for subset in subsets:
         mask = torch.tensor(subset, dtype=torch.float32)
@@ -373,13 +375,15 @@ def head_masking(model, clean, out_dir: Path, iters: int, seed: int, corruption:
         })
         grid.append([out[0], *maps])
         labels.append(label)
-    # One contrast stretch for every map in the figure, so heads and subsets stay comparable.
-    all_maps = torch.stack([m for row in grid for m in row[1:]])
-    lo, hi = float(all_maps.min()), float(all_maps.max())
-    grid = [[row[0], *[(m - lo) / max(hi - lo, 1e-6) for m in row[1:]]] for row in grid]
-    grid.insert(0, [corrupted[0], clean[0]])
-    labels.insert(0, "input | target")
-    fig = image_grid(grid, labels, ["output", *[f"head {i + 1}" for i in range(heads)]], cell=80)
+    # One contrast stretch (1st-99th percentile of every map in the figure), so heads and subsets stay comparable
+    # and a few extreme cells do not wash the rest out.
+    all_maps = torch.stack([m for row in grid for m in row[1:]]).flatten()
+    lo, hi = (float(v) for v in torch.quantile(all_maps, torch.tensor([0.01, 0.99])))
+    scale = max(hi - lo, 1e-6)
+    grid = [[corrupted[0] if i == 0 else None, clean[0] if i == 0 else None, row[0],
+             *[((m - lo) / scale).clamp(0, 1) for m in row[1:]]] for i, row in enumerate(grid)]
+    columns = ["input", "target", "output", *[f"head {i + 1}" for i in range(heads)]]
+    fig = image_grid(grid, labels, columns, cell=80)
     return _finish(out_dir, "head-masking", fig, rows,
                    {"iters": iters, "images": len(clean), "seed": seed, "corruption": corruption,
                     "attention_map": "1 - self-attention weight, last step, block 1, image 1",
