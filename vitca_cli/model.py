@@ -58,8 +58,15 @@ def vit_position_encoding(height: int, width: int, dim: int, device=None, dtype=
     """
     n = torch.arange(height * width, device=device, dtype=torch.float32)[:, None]
     c = torch.arange(dim, device=device, dtype=torch.float32)
-    angle = n * torch.exp(-c * (math.log(1e4) / dim))
-    pe = torch.where(c.long() % 2 == 0, torch.sin(angle), torch.cos(angle))
+    freq = torch.exp(-c * (math.log(1e4) / dim))
+    # Sine of the even and cosine of the odd channels only, interleaved: bit-identical to a where() over both,
+    # at half the cost (exported ONNX graphs recompute this every step; nothing is cached there).
+    sin, cos = torch.sin(n * freq[0::2]), torch.cos(n * freq[1::2])
+    if dim % 2:
+        cos = F.pad(cos, (0, 1))
+    pe = torch.stack([sin, cos], dim=-1).reshape(height * width, -1)
+    if dim % 2:
+        pe = pe[:, :dim]
     return pe.reshape(height, width, dim).to(dtype)
 
 
