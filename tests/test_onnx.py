@@ -173,10 +173,15 @@ def test_every_configuration_exports_and_matches(tmp_path, kw):
             ref = ca.step(z, mask)
         assert (backend.step(z, mask) - ref).abs().max() < 1e-5
     assert info["dynamic"] == ("batch" if cfg.pos_encoding == "learned" else "batch, height, width")
+    if cfg.pos_encoding == "learned":  # static grid: a clear error, not ORT's shape complaint
+        with pytest.raises(ValueError, match="learned position encoding"):
+            backend.step(seed_cells(cfg, torch.rand(1, 1, 8, 8)), torch.ones(1, 1, 8, 8))
 
 
 @pytest.mark.parametrize(
-    "kw", [dict(neighbourhood=(7, 7), patch_size=16, **SMALL), dict(arch="unetca", unet_features=8)], ids=["vitca", "unetca"]
+    "kw",
+    [dict(neighbourhood=(7, 7), patch_size=16, **SMALL), dict(arch="unetca", unet_features=8)],
+    ids=["vitca", "unetca"],
 )
 def test_dynamo_exports_the_widest_window_the_largest_patch_and_unetca(tmp_path, kw):
     cfg = CAConfig(image_size=(32, 32), **kw)
@@ -269,5 +274,7 @@ def test_export_onnx_cli(exported, tmp_path):
     assert OnnxBackend.from_file(out, "cpu").cfg == exported["ca"].cfg
     assert CliRunner().invoke(app, args).exit_code == 2  # exists, no --overwrite
     assert CliRunner().invoke(app, args + ["--overwrite", "--opset", "11"]).exit_code == 2
-    missing = CliRunner().invoke(app, ["export-onnx", "--weights", str(tmp_path / "nope.pt"), "-o", str(tmp_path / "n.onnx")])
+    missing = CliRunner().invoke(
+        app, ["export-onnx", "--weights", str(tmp_path / "nope.pt"), "-o", str(tmp_path / "n.onnx")]
+    )
     assert missing.exit_code == 3

@@ -200,6 +200,14 @@ class OnnxBackend:
         """
         if z.device.type != "cpu" or update_mask.device.type != "cpu":
             raise ValueError("the ONNX backend steps CPU tensors")
+        cfg = self.cfg
+        if z.dim() != 4 or z.shape[1] != cfg.cell_channels:
+            raise ValueError(f"expected a cell grid (B, {cfg.cell_channels}, H, W), got {tuple(z.shape)}")
+        if cfg.pos_encoding == "learned":  # exported with a static grid: ORT's own error would be cryptic
+            grid = tuple(s // cfg.patch_size for s in cfg.image_size)
+            if tuple(z.shape[-2:]) != grid:
+                got = tuple(z.shape[-2:])
+                raise ValueError(f"this model's learned position encoding needs a {grid} grid, got {got}")
         cells = _nhwc_array(z)
         mask = _nhwc_array(update_mask)
         out = torch.empty(cells.shape, dtype=torch.float32)
@@ -207,7 +215,7 @@ class OnnxBackend:
         binding.bind_cpu_input(INPUTS[0], cells)
         binding.bind_cpu_input(INPUTS[1], mask)
         if self.has_head_mask:
-            heads = head_mask if head_mask is not None else torch.zeros(self.cfg.heads)
+            heads = head_mask if head_mask is not None else torch.zeros(cfg.heads)
             binding.bind_cpu_input(HEAD_MASK, np.ascontiguousarray(heads.detach().numpy(), dtype=np.float32))
         elif head_mask is not None:
             raise UsageError("this step graph was exported without --with-head-mask")
