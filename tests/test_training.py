@@ -46,7 +46,7 @@ def tiny_dataset(n=16, seed=0) -> ImageDataset:
 def tcfg(**kw) -> TrainConfig:
     base = dict(
         dataset="tiny", iterations=12, batch_size=4, pool_size=8, t_min=2, t_max=4, val_every=4, val_size=4,
-        val_steps=4, mask_start=2, mask_end=8, mask_max_patch=2, log_every=1,
+        val_steps=4, mask_start=2, mask_end=8, mask_max_patch=2, log_every=1, compile=False,
     )  # fmt: skip
     base.update(kw)
     return TrainConfig(**base)
@@ -223,7 +223,7 @@ def test_cli_train_and_resume_on_png_folder(tmp_path):
         Image.fromarray(rng.randint(0, 256, (20, 24, 3), dtype=np.uint8)).save(photos / f"p{k}.png")
     run = tmp_path / "run"
     common = ["--t-min", "2", "--t-max", "3", "--val-size", "2", "--val-steps", "2", "--embed", "16",
-              "--heads", "2", "--mlp", "16", "--hidden", "4", "-b", "2", "--mask-max-patch", "2"]  # fmt: skip
+              "--heads", "2", "--mlp", "16", "--hidden", "4", "-b", "2", "--mask-max-patch", "2", "--no-compile"]  # fmt: skip
     runner = CliRunner()
     res = runner.invoke(app, ["train", "--dataset", f"folder:{photos}", "--image-size", "8", "-o", str(run),
                               "--iterations", "4", "--val-every", "2", "--stop-at", "2", *common])  # fmt: skip

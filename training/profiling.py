@@ -64,7 +64,6 @@ def _measure(cfg_dict: dict, batch: int, height: int, width: int, steps: int, mo
     """Run the measurement in this process (called in a fresh subprocess on CPU)."""
     import torch
 
-    from training.train import TrainConfig, ca_loss, rollout
     from vitca_cli.config import CAConfig
     from vitca_cli.model import CellularAutomaton, use_compiled_attention
     from vitca_cli.runtime import tune_allocator
@@ -77,9 +76,21 @@ def _measure(cfg_dict: dict, batch: int, height: int, width: int, steps: int, mo
     if cfg.arch == "vitca":  # a non-zero head, so the grid evolves as in a trained model
         torch.nn.init.normal_(ca.rule.head[1].weight, std=0.02)
     if compile == "step":
-        ca.step = torch.compile(ca.step, dynamic=False)
+        ca.step = torch.compile(ca.step)
     elif compile == "attention":
         use_compiled_attention(True)
+    try:
+        return _passes(ca, cfg, batch, height, width, steps, mode, dev, repeats, compile, seed)
+    finally:
+        if compile == "attention":
+            use_compiled_attention(False)
+
+
+def _passes(ca, cfg, batch, height, width, steps, mode, dev, repeats, compile, seed) -> dict:
+    import torch
+
+    from training.train import TrainConfig, ca_loss, rollout
+
     tcfg = TrainConfig(checkpointing=mode == "checkpointing", fusion_mitosis=mode == "fusion-mitosis",
                        t_min=steps, t_max=steps)  # fmt: skip
     x = torch.rand(batch, cfg.channels, height, width, device=dev)
@@ -106,11 +117,14 @@ def _measure(cfg_dict: dict, batch: int, height: int, width: int, steps: int, mo
 
     # Initialise every code path (autograd engine, checkpoint machinery, kernels) on a batch of one and two steps,
     # so the memory pass below counts the pass itself, not one-time set-up; compile outside the measured passes.
-    x_small, z_small = x[:1], z0[:1]
-    ca.zero_grad(set_to_none=True)
-    ca_loss(ca, rollout(ca, z_small, max(4, steps // 8), tcfg, gen), x_small, 1.0, 1.0)[0].backward()
-    if compile:
-        one_pass()
+    # With compile, two small batch sizes let torch.compile generalise to a dynamic batch before the memory pass
+    # (a compile inside it would count the compiler's memory); a recompile for the full batch may still happen.
+    for b in (1, 2) if compile else (1,):
+        ca.zero_grad(set_to_none=True)
+        ca_loss(ca, rollout(ca, z0[:b], max(4, steps // 8), tcfg, gen), x[:b], 1.0, 1.0)[0].backward()
+        if compile:
+            with torch.no_grad():
+                ca(z0[:b], 2, generator=gen)
     # First pass: memory.
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

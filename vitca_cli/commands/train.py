@@ -88,7 +88,7 @@ def train(
     log_every: Optional[int] = _opt(None, "--log-every", help="metrics.jsonl line every N iterations [10].", panel=RUN_HELP),
     seed: Optional[int] = _opt(None, "--seed", help="Random seed [0].", panel=RUN_HELP),
     device: str = _opt("auto", "--device", help="auto | cpu | cuda[:N].", panel=RUN_HELP),
-    compile: Optional[bool] = _opt(None, "--compile/--no-compile", help="torch.compile the CA step.", panel=RUN_HELP),
+    compile: Optional[bool] = _opt(None, "--compile/--no-compile", help="Fused (torch.compile) attention kernel, ~2× faster on CPU [on].", panel=RUN_HELP),
     threads: Optional[int] = _opt(
         None, "--threads", help="CPU threads (1 is fastest on a busy machine: no waiting at OpenMP barriers).",
         panel=RUN_HELP,
