@@ -242,3 +242,20 @@ def test_cli_train_and_resume_on_png_folder(tmp_path):
     assert res.exit_code == 1 and "image folder not found" in res.output
     res = runner.invoke(app, ["train", "--dataset", "mnist-5k", "--image-size", "10", "-o", str(tmp_path / "r2")])
     assert res.exit_code == 2 and "does not divide" in res.output
+
+
+def test_profile_training_reports_times_and_checkpointing_saves_memory():
+    from training.profiling import profile_training
+
+    cfg = preset("mnist", image_size=(16, 16))
+    args = dict(batch=4, height=16, width=16, steps=8, repeats=1)
+    plain = profile_training(cfg, mode="plain", **args)  # each in a fresh subprocess: honest RSS peaks
+    ckpt = profile_training(cfg, mode="checkpointing", **args)
+    for r in (plain, ckpt):
+        assert r["memory_method"] in ("rss", "ru_maxrss") and r["forward_ms"] > 0 and r["backward_ms"] > 0
+        assert r["nograd_rollout_ms"] > 0 and r["iteration_ms"] >= r["forward_ms"]
+    assert 0 < ckpt["peak_bytes"] < plain["peak_bytes"]
+    fm = profile_training(cfg, mode="fusion-mitosis", isolate=False, **args)
+    assert fm["mode"] == "fusion-mitosis" and fm["backward_ms"] > 0
+    with pytest.raises(ValueError, match="mode"):
+        profile_training(cfg, mode="nope")
