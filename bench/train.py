@@ -40,15 +40,20 @@ def main() -> None:
     p.add_argument("--fm-size", type=int, default=64)
     p.add_argument("--fm-batch", type=int, default=None, help="fusion/mitosis batch (default: --batch on GPU, 8 on CPU)")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--compare-compile", action="store_true")
+    p.add_argument("--compile", choices=("none", "attention", "step"), default="attention",
+                   help="kernel for every configuration [attention: what vitca train uses by default]")
+    p.add_argument("--compare-compile", action="store_true", help="also time plain eager/step/attention")
     p.add_argument("--skip-fm", action="store_true")
     p.add_argument("--json", type=Path, help="also write all measurements here")
     a = p.parse_args()
 
     results = {}
     cfg = preset("fashion-mnist", channels=a.channels, image_size=(a.size, a.size))
-    common = dict(batch=a.batch, height=a.size, width=a.size, steps=a.steps, device=a.device, repeats=a.repeats)
-    print(f"batch {a.batch}, {a.channels}×{a.size}×{a.size}, T = {a.steps}, device {a.device}", flush=True)
+    compile = None if a.compile == "none" else a.compile
+    common = dict(batch=a.batch, height=a.size, width=a.size, steps=a.steps, device=a.device, repeats=a.repeats,
+                  compile=compile)  # fmt: skip
+    print(f"batch {a.batch}, {a.channels}×{a.size}×{a.size}, T = {a.steps}, device {a.device}, "
+          f"compile {a.compile}", flush=True)  # fmt: skip
     for mode in ("plain", "checkpointing"):
         results[mode] = r = profile_training(cfg, mode=mode, **common)
         print(row(mode, r), flush=True)
@@ -65,10 +70,13 @@ def main() -> None:
                          "iteration_over_nograd": it_ratio}  # fmt: skip
 
     if a.compare_compile:
-        for kind in ("step", "attention"):
-            results[f"compile-{kind}"] = r = profile_training(cfg, mode="plain", compile=kind, **common)
-            print(row(f"plain, compiled {kind}", r), flush=True)
-            print(f"  iteration speed-up vs eager    {plain['iteration_ms'] / r['iteration_ms']:6.2f}×")
+        for kind in ("none", "step", "attention"):
+            if kind == a.compile:
+                continue
+            r = profile_training(cfg, mode="plain", **dict(common, compile=None if kind == "none" else kind))
+            results[f"compile-{kind}"] = r
+            print(row(f"plain, compile {kind}", r), flush=True)
+            print(f"  iteration time vs compile {a.compile}: {r['iteration_ms'] / plain['iteration_ms']:6.2f}×")
 
     if not a.skip_fm:
         fm_batch = a.fm_batch or (a.batch if a.device.startswith("cuda") else 8)

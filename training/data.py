@@ -435,13 +435,17 @@ def open_dataset(
 ) -> ImageDataset:
     """Open dataset ``spec`` (fashion-mnist|mnist|mnist-5k|cifar10|celeba|folder:PATH) at ``split``
     (train|val|test). ``image_size`` resizes (arrays, CelebA) or crops (folders) to that size; ``augment``
-    (default: on for train) adds flips, and random crops for folders. Missing data raises ``VitcaError`` saying
-    where it looked and how to get it; ``download=True`` fetches MNIST, FashionMNIST or CIFAR-10 first."""
+    (default: on for training folders and CelebA) adds flips, and random crops for folders. Missing data raises
+    ``VitcaError`` saying where it looked and how to get it; ``download=True`` fetches MNIST, FashionMNIST or
+    CIFAR-10 first."""
     if split not in SPLITS:
         raise VitcaError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
-    augment = (split == "train") if augment is None else augment
+    # As in the reference: MNIST, FashionMNIST and CIFAR-10 are only resized; folders and CelebA get random
+    # crops (folders) and horizontal flips when training.
+    file_based = spec == "celeba" or spec.startswith("folder:")
+    augment = (split == "train" and file_based) if augment is None else augment
     if spec in ("fashion-mnist", "mnist"):
         return _open_idx(spec, split, data_dir, image_size, augment, download)
     if spec == "mnist-5k":
