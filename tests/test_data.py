@@ -89,6 +89,8 @@ def test_missing_dataset_says_where_and_how(tmp_path, monkeypatch):
     assert "--download" in msg and "\n" not in msg
     with pytest.raises(VitcaError, match="cifar10 not found"):
         open_dataset("cifar10", "train", data_dir=tmp_path / "nothing")
+    with pytest.raises(VitcaError, match="celeba not found.*img_align_celeba"):
+        open_dataset("celeba", "train", data_dir=tmp_path / "nothing")
     with pytest.raises(VitcaError, match="unknown dataset"):
         open_dataset("imagenet", "train")
 
@@ -216,3 +218,14 @@ def test_download_flag_fetches_and_extracts_cifar(tmp_path, monkeypatch):
     ds = open_dataset("cifar10", "test", data_dir=tmp_path / "data", download=True)
     assert len(ds) == 10 and ds[0].shape == (3, 32, 32)
     assert (tmp_path / "data" / "cifar10" / "cifar-10-batches-py" / "data_batch_3").is_file()
+
+
+def test_celeba_uses_the_official_partition(tmp_path):
+    root = tmp_path / "celeba"
+    write_pngs(root / "img_align_celeba", 6, size=(18, 22))
+    names = sorted(p.name for p in (root / "img_align_celeba").iterdir())
+    (root / "list_eval_partition.txt").write_text("".join(f"{n} {k % 3}\n" for k, n in enumerate(names)))
+    train = open_dataset("celeba", "train", data_dir=tmp_path, image_size=16)
+    test = open_dataset("celeba", "test", data_dir=tmp_path, image_size=16)
+    assert [p.name for p in train.files] == names[0::3] and [p.name for p in test.files] == names[2::3]
+    assert train[0].shape == (3, 16, 16) and train.augment and not test.augment
