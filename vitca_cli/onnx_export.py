@@ -27,7 +27,7 @@ Speed: the model's eager attention loops over the NH·NW neighbours with strided
 but each become a copying ``Slice`` plus ``Mul``/``ReduceSum``/``Add`` nodes in ONNX. For the export the
 attention is swapped for :func:`blocked_local_attention`, the same maths as dense attention of each small block
 of queries over its halo (two ``Gather``\\ s and two batched ``MatMul``\\ s, a constant -inf mask outside each
-query's window): ~1.3× faster in ONNX Runtime (bench/onnx_step.py).
+query's window): 1.3× faster in ONNX Runtime than exporting the eager loop (measured at 256×256, one thread).
 """
 
 from __future__ import annotations
@@ -245,7 +245,9 @@ def export_step(
     except VitcaError:
         raise
     except Exception as exc:  # noqa: BLE001 - exporter failures are many and deep; name them in one line
-        raise VitcaError(f"ONNX export failed for this model ({type(exc).__name__}: {str(exc)[:300]})") from None
+        hint = "; try --exporter torchscript" if exporter == "dynamo" else ""
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise VitcaError(f"ONNX export failed for this model ({type(exc).__name__}: {reason}){hint}") from None
 
     _strip_debug_info(proto)
     proto.producer_name = "vitca"
