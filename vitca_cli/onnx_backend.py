@@ -9,6 +9,12 @@ Providers are explicit: ``--device cpu`` → CPU; ``cuda[:N]`` → CUDA, and an 
 run here (never a silent fallback); ``auto`` → CUDA when a CUDA driver is present and the provider starts, else
 CPU. The provider used is logged. The CPU provider uses one intra-op thread per available core.
 
+Install: vitca depends on ``onnxruntime-gpu`` on Linux x86-64 (it also runs on CPU-only machines there) and on
+``onnxruntime`` elsewhere (environment markers in pyproject.toml). The two packages share one ``onnxruntime/``
+folder and must never be installed together (a warning says so if they are). For CUDA, onnxruntime-gpu needs
+CUDA and cuDNN libraries of the versions it was built for: system-wide, or ``pip install
+"onnxruntime-gpu[cuda,cudnn]"``, which this module preloads.
+
 Weights: given a vitca checkpoint (``.pt``) instead of an ``.onnx`` file (``--backend onnx --weights NAME``
 where only ``NAME.pt`` exists), :func:`onnx_for_checkpoint` uses ``NAME.onnx`` beside it when that file was
 exported from exactly this checkpoint (its metadata records the checkpoint's sha256), else exports once into the
@@ -17,8 +23,10 @@ cache folder (``<VITCA_HOME>/onnx/NAME-<sha256 prefix>.onnx``) and reuses that f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +86,19 @@ def _warn_if_both_runtimes() -> None:
         )
 
 
+def _preload_cuda_libraries(ort) -> None:
+    """Let onnxruntime-gpu find CUDA/cuDNN installed as pip packages (``pip install "onnxruntime-gpu[cuda,cudnn]"``)
+    or shipped with a CUDA build of torch; system-wide libraries are found without this. Its notes go to stderr."""
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime >= 1.21
+    if preload is None:
+        return
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            preload()
+    except Exception as exc:  # noqa: BLE001 - best effort: the session check below reports what matters
+        log.debug(f"onnxruntime.preload_dlls failed: {exc}")
+
+
 def _parse_device(device: str) -> tuple[str, int]:
     spec = (device or "auto").strip().lower()
     if spec in ("auto", "cpu", "cuda"):
@@ -112,6 +133,7 @@ def create_session(source, device: str = "auto", threads: int | None = None):
         # ORT does not raise when CUDA cannot start: it logs errors and falls back to CPU. Keep its log quiet
         # (unless -v) and check which provider it chose.
         options.log_severity_level = 2 if log_verbosity() else 4
+        _preload_cuda_libraries(ort)
         session = ort.InferenceSession(source, options, providers=[(CUDA, {"device_id": index}), CPU])
         if session.get_providers()[0] == CUDA:
             return session, f"{CUDA}:{index}"
