@@ -157,12 +157,12 @@ def _cli(*args):
 def test_eval_command_json(files):
     ckpt, folder = files
     args = ["eval", "--weights", ckpt, "--dataset", f"folder:{folder}", "--iters", 2, "--batch-size", 1,
-            "--device", "cpu", "--json"]
+            "--device", "cpu", "--threads", 1, "--json"]
     result = _cli(*args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["images"] == 9 and report["mask_type"] == "dropout"  # taken from the checkpoint's meta
-    assert report["seed"] == 0 and report["iters"] == 2
+    assert report["seed"] == 0 and report["iters"] == 2 and report["threads"] == 1 and report["device"] == "cpu"
     assert report["lpips"] == "computed" or report["lpips"].startswith("skipped: ")
     vitca = report["methods"]["vitca"]
     assert vitca["images_per_s"] > 0 and 0 < vitca["psnr"]["mean"] < 100 and vitca["psnr"]["ci95"] > 0

@@ -332,6 +332,7 @@ def format_report(report: dict) -> str:
         "means ± 95% interval; PSNR/SSIM/LPIPS on clipped images; batch PSNR = one MSE per batch "
         f"(batch size {report.get('batch_size', '?')}), as in the reference",
         f"LPIPS: {report.get('lpips', 'skipped')}",
+        f"images/s on {report.get('device', '?')} ({report.get('threads', '?')} threads), CA steps or baseline only",
         "CA PSNR per combo: "
         + ", ".join(f"{k} {v['psnr']:.2f} ({v['images']})" for k, v in report["psnr_per_combo"].items()),
     ]

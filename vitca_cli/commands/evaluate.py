@@ -37,14 +37,19 @@ class Kind(str, Enum):
 
 WEIGHTS_HELP = "Checkpoint file (a training run's best.pt) or a shipped weights NAME."
 DATASET_HELP = "fashion-mnist, mnist, mnist-5k, cifar10, celeba or folder:PATH."
+THREADS_HELP = "CPU threads (1 is fastest on a busy machine: no waiting at OpenMP barriers)."
 
 
-def _load(weights: str, device: str):
+def _load(weights: str, device: str, threads: Optional[int] = None):
     """Resolve ``--weights``, load the CA on ``device``; returns (model, meta, path)."""
+    import torch
+
     from vitca_cli.checkpoint import load_model
     from vitca_cli.runtime import resolve_device, tune_allocator
     from vitca_cli.weights import resolve
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     tune_allocator()
     dev = resolve_device(device)
     ref = resolve(weights)
@@ -101,6 +106,7 @@ def eval_command(
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per batch (one mask combo per batch)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the masks and the CA updates."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Score a model on a test split with the paper's test masking (PSNR, SSIM, LPIPS, 95% intervals)."""
@@ -111,7 +117,7 @@ def eval_command(
         raise UsageError(f"--update-rate must be in (0, 1], got {update_rate}")
     if baselines:
         check_available()
-    model, meta, path = _load(weights, device)
+    model, meta, path = _load(weights, device, threads)
     ds = ev.open_eval_dataset(dataset, split, model.cfg, data_dir)
     schedule = ev.schedule_for(meta, max_patch)
     ev.check_patch_sizes(ds.image_size, schedule)
@@ -125,7 +131,10 @@ def eval_command(
         update_rate=update_rate, baselines=list(BASELINES) if baselines else [], lpips=lpips,
         progress=_Progress(n, "images"),
     )
+    import torch
+
     report = {"weights": str(path), "dataset": dataset, "split": split, "batch_size": batch_size,
+              "device": str(next(model.parameters()).device), "threads": torch.get_num_threads(),
               "lpips": lpips_status, **report}
     if baselines:
         report["baselines"] = {k: v[0] for k, v in BASELINES.items()}
@@ -148,13 +157,14 @@ def analyze_command(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed for the corruption and the CA updates."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Appendix analyses: update rate, unseen noise, head masking, stability. Writes a PNG figure and a table."""
     from training.analyses import format_table, run_analysis
     from training.evaluate import batches, open_eval_dataset
 
-    model, meta, _ = _load(weights, device)
+    model, meta, _ = _load(weights, device, threads)
     ds = open_eval_dataset(dataset, split, model.cfg, data_dir)
     n = min(limit, len(ds))
     clean = next(batches(ds, n, n))
@@ -184,13 +194,14 @@ def probe_command(
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="CA batch size for feature extraction."),
     seed: int = typer.Option(0, "--seed", help="Seed for the CA updates, the split and the classifier."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Linear probe: classify from the frozen CA's averaged hidden channels vs from raw pixels."""
     from training.evaluate import open_eval_dataset
     from training.probe import format_probe, linear_probe
 
-    model, _, path = _load(weights, device)
+    model, _, path = _load(weights, device, threads)
     train_set = open_eval_dataset(dataset, "train", model.cfg, data_dir)
     test_set = open_eval_dataset(dataset, "test", model.cfg, data_dir)
     for ds in (train_set, test_set):
@@ -246,6 +257,7 @@ def profile_command(
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed passes per mode (median)."),
     compile: Compile = typer.Option(Compile.none, "--compile", help="torch.compile the step or the attention."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Appendix Table 8: forward/backward ms and peak memory of a training pass, with and without checkpointing."""
@@ -272,6 +284,13 @@ def profile_command(
     if cfg.pos_encoding == "learned":  # the learned encoding is tied to the training size
         cfg = cfg.replace(image_size=(height, width))
     dev = resolve_device(device)
+    if threads is not None:  # CPU runs measure in fresh subprocesses, which read the thread count from the env
+        import os
+
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
     results = []
     for mode in modes:
         log.info(f"profiling {mode}: batch {batch} × {cfg.channels}×{height}×{width}, T={steps} on {dev}")
