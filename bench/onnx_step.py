@@ -6,6 +6,9 @@ thread per core; torch runs ``CellularAutomaton.step`` under ``inference_mode`` 
 size alternates the two for ``--repeats`` rounds and keeps the best time of each (the machine is shared and
 noisy: compare the ratios of one run, not absolute figures across runs). Target: ratio ≥ 1 at both sizes.
 
+Thread counts: one per core (the target) and one (a per-core comparison that is less sensitive to other jobs
+on a shared machine; torch's OpenMP threads slow down more than ONNX Runtime's when cores are oversubscribed).
+
 ``--profile`` adds ONNX Runtime's per-operator profile of the largest size (where the time goes in the graph);
 ``--exporters dynamo,torchscript`` compares the graphs of both exporters.
 
@@ -68,57 +71,64 @@ def profile(path: Path, z: torch.Tensor, mask: torch.Tensor, threads: int, runs:
     print("    top nodes:", ", ".join(f"{n} {t / total:.0%}" for n, t in by_node.most_common(6)))
 
 
+def time_size(ca: CellularAutomaton, backends: dict, h: int, w: int, b: int, repeats: int) -> None:
+    """Best-of-``repeats`` step time of torch eager and each ONNX backend on an ``h×w×b`` grid, alternating."""
+    cfg = ca.cfg
+    gen = torch.Generator().manual_seed(0)
+    z = seed_cells(cfg, torch.rand(b, cfg.channels, h * cfg.patch_size, w * cfg.patch_size, generator=gen))
+    mask = ca.update_masks(z, 1, generator=gen)[0]
+    runners = {"torch eager": lambda: ca.step(z, mask)}
+    runners.update({f"onnx {name}": (lambda be=be: be.step(z, mask)) for name, be in backends.items()})
+    best = {name: float("inf") for name in runners}
+    with torch.inference_mode():
+        for fn in runners.values():  # warm-up
+            fn()
+        for _ in range(repeats):
+            for name, fn in runners.items():
+                t0 = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - t0)
+    base = best["torch eager"]
+    print(f"  {h}×{w}×{b}:")
+    for name, t in best.items():
+        ratio = "" if name == "torch eager" else f"  ratio vs torch eager {base / t:.2f}"
+        print(f"    {name:18s} {t * 1000:8.1f} ms/step  {b * h * w / t / 1e6:6.3f} M cell-steps/s{ratio}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="64x64x8,256x256x1", help="HxWxB grids (cells)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="0 = one per core")
+    parser.add_argument("--threads", default="0,1", help="comma-separated intra-op thread counts; 0 = one per core")
     parser.add_argument("--exporters", default="dynamo", help="comma-separated: dynamo, torchscript")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
 
     tune_allocator()
-    threads = args.threads or cpu_threads()
-    torch.set_num_threads(threads)
+    thread_counts = [int(t) or cpu_threads() for t in args.threads.split(",")]
     ca = realistic_model()
     cfg = ca.cfg
     tmp = Path(tempfile.mkdtemp(prefix="vitca-bench-onnx-"))
-    backends = {}
     for exporter in args.exporters.split(","):
-        path = tmp / f"step-{exporter}.onnx"
         t0 = time.perf_counter()
-        info = export_step(ca, path, exporter=exporter)
-        backends[exporter] = OnnxBackend.from_file(path, "cpu", threads)
+        info = export_step(ca, tmp / f"step-{exporter}.onnx", exporter=exporter)
         print(f"export ({exporter}): {info['bytes'] / 1024:.0f} KB in {time.perf_counter() - t0:.1f} s")
-    print(f"torch {torch.__version__}, threads {threads}; best of {args.repeats}, alternating")
 
-    for h, w, b in parse_sizes(args.sizes):
-        gen = torch.Generator().manual_seed(0)
-        z = seed_cells(cfg, torch.rand(b, cfg.channels, h * cfg.patch_size, w * cfg.patch_size, generator=gen))
-        mask = ca.update_masks(z, 1, generator=gen)[0]
-        runners = {"torch eager": lambda: ca.step(z, mask)}
-        runners.update({f"onnx {name}": (lambda be=be: be.step(z, mask)) for name, be in backends.items()})
-        best = {name: float("inf") for name in runners}
-        with torch.inference_mode():
-            for fn in runners.values():  # warm-up
-                fn()
-            for _ in range(args.repeats):
-                for name, fn in runners.items():
-                    t0 = time.perf_counter()
-                    fn()
-                    best[name] = min(best[name], time.perf_counter() - t0)
-        cells = b * h * w
-        base = best["torch eager"]
-        print(f"{h}×{w}×{b}:")
-        for name, t in best.items():
-            ratio = "" if name == "torch eager" else f"  ratio vs torch eager {base / t:.2f}"
-            print(f"  {name:18s} {t * 1000:8.1f} ms/step  {cells / t / 1e6:6.3f} M cell-steps/s{ratio}")
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        backends = {
+            exporter: OnnxBackend.from_file(tmp / f"step-{exporter}.onnx", "cpu", threads)
+            for exporter in args.exporters.split(",")
+        }
+        print(f"torch {torch.__version__} and onnxruntime, {threads} thread(s); best of {args.repeats}, alternating")
+        for h, w, b in parse_sizes(args.sizes):
+            time_size(ca, backends, h, w, b, args.repeats)
     if args.profile:
         h, w, b = parse_sizes(args.sizes)[-1]
         z = seed_cells(cfg, torch.rand(b, cfg.channels, h * cfg.patch_size, w * cfg.patch_size))
-        for exporter in backends:
+        for exporter in args.exporters.split(","):
             print(f"{exporter} graph at {h}×{w}×{b}:")
-            profile(tmp / f"step-{exporter}.onnx", z, torch.ones(b, 1, h, w), threads)
+            profile(tmp / f"step-{exporter}.onnx", z, torch.ones(b, 1, h, w), thread_counts[0])
     for f in tmp.iterdir():
         f.unlink()
     tmp.rmdir()
