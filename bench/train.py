@@ -38,10 +38,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--channels", type=int, default=1, help="1 (FashionMNIST) or 3 (RGB, as appendix Table 8)")
     p.add_argument("--fm-size", type=int, default=64)
-    p.add_argument("--fm-batch", type=int, default=None, help="fusion/mitosis batch (default: --batch on GPU, 8 on CPU)")
+    p.add_argument(
+        "--fm-batch", type=int, default=None, help="fusion/mitosis batch (default: --batch on GPU, 8 on CPU)"
+    )
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--compile", choices=("none", "attention", "step"), default="attention",
-                   help="kernel for every configuration [attention: what vitca train uses by default]")
+    p.add_argument(
+        "--compile",
+        choices=("none", "attention", "step"),
+        default="attention",
+        help="kernel for every configuration [attention: what vitca train uses by default]",
+    )
     p.add_argument("--compare-compile", action="store_true", help="also time plain eager/step/attention")
     p.add_argument("--skip-fm", action="store_true")
     p.add_argument("--json", type=Path, help="also write all measurements here")

@@ -222,8 +222,8 @@ def test_cli_train_and_resume_on_png_folder(tmp_path):
     for k in range(12):
         Image.fromarray(rng.randint(0, 256, (20, 24, 3), dtype=np.uint8)).save(photos / f"p{k}.png")
     run = tmp_path / "run"
-    common = ["--t-min", "2", "--t-max", "3", "--val-size", "2", "--val-steps", "2", "--embed", "16",
-              "--heads", "2", "--mlp", "16", "--hidden", "4", "-b", "2", "--mask-max-patch", "2", "--no-compile"]  # fmt: skip
+    common = ["--t-min", "2", "--t-max", "3", "--val-size", "2", "--val-steps", "2", "--embed", "16", "--heads",
+              "2", "--mlp", "16", "--hidden", "4", "-b", "2", "--mask-max-patch", "2", "--no-compile"]  # fmt: skip
     runner = CliRunner()
     res = runner.invoke(app, ["train", "--dataset", f"folder:{photos}", "--image-size", "8", "-o", str(run),
                               "--iterations", "4", "--val-every", "2", "--stop-at", "2", *common])  # fmt: skip

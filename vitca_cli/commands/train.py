@@ -43,11 +43,15 @@ def train(
     data_dir: Optional[Path] = _opt(
         None, "--data-dir", help="Dataset root (default: $VITCA_DATA, then the user cache).", panel=DATA_HELP
     ),
-    download: bool = _opt(False, "--download", help="Download MNIST/FashionMNIST/CIFAR-10 if missing.", panel=DATA_HELP),
+    download: bool = _opt(
+        False, "--download", help="Download MNIST/FashionMNIST/CIFAR-10 if missing.", panel=DATA_HELP
+    ),
     image_size: Optional[int] = _opt(
         None, "--image-size", help="Training size (resize; random crops for folder:).", panel=DATA_HELP
     ),
-    run_dir: Optional[Path] = _opt(None, "--run-dir", "-o", help="Run folder (default runs/DATASET-TIME).", panel=RUN_HELP),
+    run_dir: Optional[Path] = _opt(
+        None, "--run-dir", "-o", help="Run folder (default runs/DATASET-TIME).", panel=RUN_HELP
+    ),
     resume: Optional[Path] = _opt(None, "--resume", help="Continue the run in this folder exactly.", panel=RUN_HELP),
     iterations: Optional[int] = _opt(None, "--iterations", help="Total iterations I [100000].", panel=TRAIN_HELP),
     stop_at: Optional[int] = _opt(
@@ -76,21 +80,42 @@ def train(
     ),
     mask_type: Optional[MaskType] = _opt(None, "--mask-type", help="Corruption type [noise].", panel=TRAIN_HELP),
     mask_start: Optional[int] = _opt(None, "--mask-start", help="Curriculum first threshold [500].", panel=TRAIN_HELP),
-    mask_end: Optional[int] = _opt(None, "--mask-end", help="Curriculum: all combos after this [10000].", panel=TRAIN_HELP),
-    mask_max_prob: Optional[float] = _opt(None, "--mask-max-prob", help="Largest drop probability [0.75].", panel=TRAIN_HELP),
-    mask_prob_stages: Optional[int] = _opt(None, "--mask-prob-stages", help="Probability stages [3].", panel=TRAIN_HELP),
+    mask_end: Optional[int] = _opt(
+        None, "--mask-end", help="Curriculum: all combos after this [10000].", panel=TRAIN_HELP
+    ),
+    mask_max_prob: Optional[float] = _opt(
+        None, "--mask-max-prob", help="Largest drop probability [0.75].", panel=TRAIN_HELP
+    ),
+    mask_prob_stages: Optional[int] = _opt(
+        None, "--mask-prob-stages", help="Probability stages [3].", panel=TRAIN_HELP
+    ),
     mask_max_patch: Optional[int] = _opt(None, "--mask-max-patch", help="Largest mask patch [4].", panel=TRAIN_HELP),
-    mask_patch_stages: Optional[int] = _opt(None, "--mask-patch-stages", help="Patch-size stages [3].", panel=TRAIN_HELP),
-    val_every: Optional[int] = _opt(None, "--val-every", help="Validate every N iterations (0: never) [500].", panel=RUN_HELP),
+    mask_patch_stages: Optional[int] = _opt(
+        None, "--mask-patch-stages", help="Patch-size stages [3].", panel=TRAIN_HELP
+    ),
+    val_every: Optional[int] = _opt(
+        None, "--val-every", help="Validate every N iterations (0: never) [500].", panel=RUN_HELP
+    ),
     val_size: Optional[int] = _opt(None, "--val-size", help="Validation images [256].", panel=RUN_HELP),
     val_steps: Optional[int] = _opt(None, "--val-steps", help="CA steps at validation [64].", panel=RUN_HELP),
-    save_every: Optional[int] = _opt(None, "--save-every", help="Save last.pt every N iterations [= --val-every].", panel=RUN_HELP),
-    log_every: Optional[int] = _opt(None, "--log-every", help="metrics.jsonl line every N iterations [10].", panel=RUN_HELP),
+    save_every: Optional[int] = _opt(
+        None, "--save-every", help="Save last.pt every N iterations [= --val-every].", panel=RUN_HELP
+    ),
+    log_every: Optional[int] = _opt(
+        None, "--log-every", help="metrics.jsonl line every N iterations [10].", panel=RUN_HELP
+    ),
     seed: Optional[int] = _opt(None, "--seed", help="Random seed [0].", panel=RUN_HELP),
     device: str = _opt("auto", "--device", help="auto | cpu | cuda[:N].", panel=RUN_HELP),
-    compile: Optional[bool] = _opt(None, "--compile/--no-compile", help="Fused (torch.compile) attention kernel, ~2× faster on CPU [on].", panel=RUN_HELP),
+    compile: Optional[bool] = _opt(
+        None,
+        "--compile/--no-compile",
+        help="Fused (torch.compile) attention kernel, ~2× faster on CPU [on].",
+        panel=RUN_HELP,
+    ),
     threads: Optional[int] = _opt(
-        None, "--threads", help="CPU threads (1 is fastest on a busy machine: no waiting at OpenMP barriers).",
+        None,
+        "--threads",
+        help="CPU threads (1 is fastest on a busy machine: no waiting at OpenMP barriers).",
         panel=RUN_HELP,
     ),
     arch: Optional[Arch] = _opt(None, "--arch", help="Update network [vitca].", panel=MODEL_HELP),
@@ -105,7 +130,9 @@ def train(
     heads: Optional[int] = _opt(None, "--heads", help="Attention heads [4].", panel=MODEL_HELP),
     depth: Optional[int] = _opt(None, "--depth", help="Transformer blocks [1].", panel=MODEL_HELP),
     mlp: Optional[int] = _opt(None, "--mlp", help="MLP width [64].", panel=MODEL_HELP),
-    pos_encoding: Optional[PosEncoding] = _opt(None, "--pos-encoding", help="Position encoding [vit].", panel=MODEL_HELP),
+    pos_encoding: Optional[PosEncoding] = _opt(
+        None, "--pos-encoding", help="Position encoding [vit].", panel=MODEL_HELP
+    ),
 ) -> None:
     """Train a ViTCA (or UNetCA) with the paper's pool-based Algorithm 1; resume a run exactly with --resume."""
     from training.data import dataset_channels, open_dataset
@@ -153,13 +180,17 @@ def train(
         fixed += [n for n, v in (("dataset", dataset), ("image_size", image_size), ("data_dir", data_dir)) if v]
         if fixed or run_dir is not None:
             extra = ", ".join("--" + n.replace("_", "-") for n in fixed + (["run_dir"] if run_dir else []))
-            raise UsageError(f"--resume keeps the run's configuration; cannot change {extra} (allowed: "
-                             f"{', '.join('--' + n.replace('_', '-') for n in sorted(RESUMABLE))})")
+            raise UsageError(
+                f"--resume keeps the run's configuration; cannot change {extra} (allowed: "
+                f"{', '.join('--' + n.replace('_', '-') for n in sorted(RESUMABLE))})"
+            )
         cfg, tcfg, resume_from = read_run(resume)
         tcfg = tcfg.replace(**train_opts)
         if resume_from["iteration"] >= tcfg.iterations:
-            raise UsageError(f"{resume}: already at iteration {resume_from['iteration']} of {tcfg.iterations}; "
-                             "pass a larger --iterations to continue")
+            raise UsageError(
+                f"{resume}: already at iteration {resume_from['iteration']} of {tcfg.iterations}; "
+                "pass a larger --iterations to continue"
+            )
         out_dir = resume
         image_hw = cfg.image_size
     else:
