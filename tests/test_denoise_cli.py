@@ -292,17 +292,6 @@ def test_cuda_without_gpu_is_a_clear_usage_error(tmp_path, ckpt):
     assert "no CUDA GPU" in error_lines(result)[0]
 
 
-def test_onnx_backend_is_reported_when_missing(tmp_path, ckpt):
-    result = run("denoise", png(tmp_path / "in.png"), "-o", tmp_path / "o.png", "-w", ckpt[1], "--backend", "onnx",
-                 *ITERS)
-    try:
-        import vitca_cli.onnx_backend  # noqa: F401
-    except ImportError:
-        assert result.exit_code == 2 and "not available" in error_lines(result)[0]
-    else:  # the ONNX engineer's backend exists: it either runs or says clearly why not
-        assert result.exit_code in (0, 2, 3) and "Traceback" not in result.stderr
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Real subprocesses
 # ---------------------------------------------------------------------------------------------------------------------

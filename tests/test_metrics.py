@@ -76,7 +76,7 @@ def test_mean_interval():
 def test_lpips_from_state_dicts():
     # No real weights offline: random ones in the published key layout check loading and the distance's shape.
     g = torch.Generator().manual_seed(0)
-    widths, convs, cin, idx = (64, 128, 256, 512, 512), [], 3, 0
+    widths, cin, idx = (64, 128, 256, 512, 512), 3, 0
     vgg = {}
     for stage, n in zip(widths, (2, 2, 3, 3, 3)):
         for _ in range(n):

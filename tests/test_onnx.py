@@ -18,7 +18,8 @@ from vitca_cli.config import CAConfig, preset
 from vitca_cli.errors import UsageError, WeightsError
 from vitca_cli.model import CellularAutomaton, local_attention, seed_cells
 from vitca_cli.onnx_backend import OnnxBackend, _cuda_driver_present, _nhwc_array, create_session, onnx_for_checkpoint
-from vitca_cli.onnx_export import INPUTS, OUTPUT, blocked_local_attention, export_checkpoint, export_step, file_sha256
+from vitca_cli.weights import sha256_file
+from vitca_cli.onnx_export import INPUTS, OUTPUT, blocked_local_attention, export_checkpoint, export_step
 
 SMALL = dict(embed=16, heads=2, mlp=16, hidden=4)
 
@@ -78,7 +79,7 @@ def test_export_passes_checker_with_dynamic_axes_and_metadata(exported):
     layout = json.loads(props["vitca.layout"])
     assert layout["output"] == [cfg.output_slice.start, cfg.output_slice.stop]
     assert layout["memory"] == "NHWC"
-    assert json.loads(props["vitca.source"])["sha256"] == file_sha256(exported["ckpt"])
+    assert json.loads(props["vitca.source"])["sha256"] == sha256_file(exported["ckpt"])
     assert json.loads(props["vitca.meta"]) == {"mask_type": "noise"}
 
 

@@ -6,7 +6,7 @@ No torch here, so the CLI can parse and print configurations without importing i
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 ARCHES = ("vitca", "unetca")
 POS_ENCODINGS = ("none", "vit", "nerf", "learned")

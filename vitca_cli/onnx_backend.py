@@ -276,10 +276,11 @@ def _source_sha(path: Path) -> str | None:
 def onnx_for_checkpoint(checkpoint: Path, exporter: str | None = None) -> Path:
     """The step graph of a vitca checkpoint: ``<stem>.onnx`` beside it if exported from this very file, else a
     cached export (made now, once, if missing) in ``<VITCA_HOME>/onnx/``."""
-    from vitca_cli.onnx_export import DEFAULT_EXPORTER, export_checkpoint, file_sha256
+    from vitca_cli.onnx_export import DEFAULT_EXPORTER, export_checkpoint
+    from vitca_cli.weights import sha256_file
     from vitca_cli.weights import home_dir
 
-    sha = file_sha256(checkpoint)
+    sha = sha256_file(checkpoint)
     sibling = checkpoint.with_suffix(".onnx")
     if sibling.is_file() and _source_sha(sibling) == sha:
         return sibling

@@ -33,7 +33,6 @@ query's window): 1.3× faster in ONNX Runtime than exporting the eager loop (mea
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import sys
 import threading
@@ -46,6 +45,7 @@ from torch import nn
 
 from vitca_cli import __version__
 from vitca_cli import model as model_module
+from vitca_cli.weights import sha256_file
 from vitca_cli.checkpoint import atomic_write_bytes
 from vitca_cli.config import CAConfig
 from vitca_cli.errors import UsageError, VitcaError
@@ -388,14 +388,6 @@ def _self_check(data: bytes, ca: nn.Module, with_head_mask: bool) -> float:
 # ---------------------------------------------------------------------------------------------------------------------
 # From a checkpoint file
 # ---------------------------------------------------------------------------------------------------------------------
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def export_checkpoint(
     checkpoint: Path,
     path: Path,
@@ -410,5 +402,5 @@ def export_checkpoint(
 
     checkpoint = Path(checkpoint)
     ca, meta = load_model(checkpoint, "cpu")
-    source = {"name": name or checkpoint.stem, "file": checkpoint.name, "sha256": file_sha256(checkpoint)}
+    source = {"name": name or checkpoint.stem, "file": checkpoint.name, "sha256": sha256_file(checkpoint)}
     return export_step(ca, path, opset, with_head_mask, meta=meta, source=source, exporter=exporter)

@@ -382,5 +382,5 @@ def tiles_memory_cells(plan: TilePlan, max_cells: int) -> int:
 __all__ = [
     "TorchBackend", "make_backend", "backend_mask_type", "UpdateMasks", "corrupt", "mask_missing", "step_radius",
     "TilePlan", "plan_tiles", "Restored", "frame_schedule", "restore", "cell_steps", "tiles_memory_cells",
-    "MASK_BLOCK", "math",
+    "MASK_BLOCK",
 ]

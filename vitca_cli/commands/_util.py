@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import functools
 import traceback
+from enum import Enum
 
 import typer
 
 from vitca_cli import log
 from vitca_cli.errors import EXIT_FAILED, VitcaError
+
+
+class MaskType(str, Enum):
+    """The paper's corruption types (``vitca_cli.masking.MASK_TYPES``; not imported here to keep torch out)."""
+
+    noise = "noise"
+    dropout = "dropout"
 
 
 def handle_errors(fn):

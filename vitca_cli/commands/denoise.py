@@ -19,7 +19,7 @@ from typing import List, Optional
 import typer
 
 from vitca_cli import log as logmod
-from vitca_cli.commands._util import handle_errors
+from vitca_cli.commands._util import MaskType, handle_errors
 from vitca_cli.errors import EXIT_FAILED, UsageError, VitcaError, WeightsError
 from vitca_cli.log import log
 
@@ -29,11 +29,6 @@ STDIO = "-"
 class Backend(str, Enum):
     torch = "torch"
     onnx = "onnx"
-
-
-class MaskType(str, Enum):
-    dropout = "dropout"
-    noise = "noise"
 
 
 @dataclass

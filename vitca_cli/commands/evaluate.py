@@ -12,14 +12,9 @@ from typing import Optional
 
 import typer
 
-from vitca_cli.commands._util import handle_errors
+from vitca_cli.commands._util import MaskType, handle_errors
 from vitca_cli.errors import UsageError
 from vitca_cli.log import log
-
-
-class MaskType(str, Enum):
-    noise = "noise"
-    dropout = "dropout"
 
 
 class Compile(str, Enum):

@@ -14,14 +14,13 @@ from typing import Optional
 
 import typer
 
-from vitca_cli.commands._util import handle_errors
+from vitca_cli.commands._util import MaskType, handle_errors
 from vitca_cli.config import ARCHES, CELL_INITS, POS_ENCODINGS
 from vitca_cli.errors import UsageError
 
 Arch = Enum("Arch", {n: n for n in ARCHES}, type=str)
 CellInit = Enum("CellInit", {n: n for n in CELL_INITS}, type=str)
 PosEncoding = Enum("PosEncoding", {n: n for n in POS_ENCODINGS}, type=str)
-MaskType = Enum("MaskType", {n: n for n in ("noise", "dropout")}, type=str)
 
 # Options that may change when resuming; everything else is fixed by the run's saved configuration.
 RESUMABLE = {"iterations", "val_every", "save_every", "log_every", "compile"}
