@@ -240,7 +240,7 @@ def test_cli_train_and_resume_on_png_folder(tmp_path):
     assert len((run / "command.txt").read_text().splitlines()) == 2
     res = runner.invoke(app, ["train", "--dataset", f"folder:{tmp_path / 'none'}", "--image-size", "8"])
     assert res.exit_code == 1 and "image folder not found" in res.output
-    res = runner.invoke(app, ["train", "--dataset", "mnist-5k", "--image-size", "10", "-o", str(tmp_path / "r2")])
+    res = runner.invoke(app, ["train", "--dataset", f"folder:{photos}", "--image-size", "10", "-o", str(tmp_path / "r2")])
     assert res.exit_code == 2 and "does not divide" in res.output
 
 
