@@ -4,6 +4,9 @@ Sources: scikit-image's bundled samples (offline loaders only) and Debian's ``op
 (``apt-get install opencv-doc``). A fixed list of photos is held out for testing and never used in training.
 
     python -m training.photos OUT_DIR      # writes OUT_DIR/train/*.png and OUT_DIR/test/*.png
+                                           # and OUT_DIR/crops/test/*.png (16 random 32×32 crops per test photo)
+
+Evaluate the photo model on the held-out crops with ``vitca eval --dataset folder:OUT_DIR/crops``.
 """
 
 from __future__ import annotations
@@ -49,7 +52,27 @@ def collect(out: Path) -> dict[str, int]:
     return counts
 
 
+def test_crops(out: Path, size: int = 32, per_image: int = 16, seed: int = 0) -> int:
+    """Cut ``per_image`` random ``size``×``size`` crops from each held-out photo into ``out/crops/test``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    dest = out / "crops" / "test"
+    dest.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for photo in sorted((out / "test").glob("*.png")):
+        image = np.asarray(Image.open(photo).convert("RGB"))
+        h, w = image.shape[:2]
+        for k in range(per_image):
+            y, x = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
+            Image.fromarray(image[y : y + size, x : x + size]).save(dest / f"{photo.stem}-{k:02d}.png")
+            count += 1
+    return count
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit(__doc__)
-    print(collect(Path(sys.argv[1])))
+    root = Path(sys.argv[1])
+    print(collect(root), "test crops:", test_crops(root))
