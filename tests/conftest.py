@@ -25,3 +25,15 @@ def randomise(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> tor
 @pytest.fixture
 def randomise_model():
     return randomise
+
+
+@pytest.fixture
+def weights_dirs(tmp_path, monkeypatch):
+    """An empty shipped-weights folder and VITCA_HOME, so tests never depend on the weights the project ships."""
+    import vitca_cli.weights as weights_mod
+
+    shipped, home = tmp_path / "shipped", tmp_path / "home"
+    shipped.mkdir()
+    monkeypatch.setattr(weights_mod, "SHIPPED_DIRS", (shipped,))
+    monkeypatch.setenv("VITCA_HOME", str(home))
+    return shipped, home

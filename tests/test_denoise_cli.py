@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import vitca_cli.weights as weights_mod
 from vitca_cli.checkpoint import save_checkpoint
 from vitca_cli.cli import app
 from vitca_cli.config import CAConfig
@@ -36,12 +35,8 @@ def make_checkpoint(path: Path, channels: int = 1, **kw) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def isolated_weights(tmp_path, monkeypatch):
-    """No shipped weights and an empty VITCA_HOME, so tests never depend on what the lead has shipped yet."""
-    shipped = tmp_path / "shipped"
-    shipped.mkdir()
-    monkeypatch.setattr(weights_mod, "SHIPPED_DIRS", (shipped,))
-    monkeypatch.setenv("VITCA_HOME", str(tmp_path / "home"))
+def isolated_weights(weights_dirs):
+    """No shipped weights and an empty VITCA_HOME (see conftest)."""
 
 
 @pytest.fixture(scope="module")

@@ -36,11 +36,8 @@ def realistic(cfg: CAConfig, seed: int = 0, head_std: float = 0.005) -> Cellular
 
 
 @pytest.fixture(autouse=True)
-def isolated_home(tmp_path, monkeypatch):
-    shipped = tmp_path / "shipped"
-    shipped.mkdir()
-    monkeypatch.setattr(weights_mod, "SHIPPED_DIRS", (shipped,))
-    monkeypatch.setenv("VITCA_HOME", str(tmp_path / "home"))
+def isolated_home(weights_dirs):
+    """No shipped weights and an empty VITCA_HOME (see conftest)."""
 
 
 @pytest.fixture(scope="module")

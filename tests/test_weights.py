@@ -23,12 +23,8 @@ CFG = CAConfig(embed=16, heads=2, mlp=16, hidden=4, pos_encoding="none")
 
 
 @pytest.fixture
-def dirs(tmp_path, monkeypatch):
-    shipped, home = tmp_path / "shipped", tmp_path / "home"
-    shipped.mkdir()
-    monkeypatch.setattr(weights_mod, "SHIPPED_DIRS", (shipped,))
-    monkeypatch.setenv("VITCA_HOME", str(home))
-    return shipped, home
+def dirs(weights_dirs):
+    return weights_dirs
 
 
 def training_checkpoint(path: Path) -> Path:
