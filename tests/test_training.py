@@ -26,7 +26,7 @@ from training.train import (
 )
 from vitca_cli.checkpoint import load_model, read_checkpoint
 from vitca_cli.cli import app
-from vitca_cli.config import preset
+from vitca_cli.config import CAConfig, preset
 from vitca_cli.errors import UsageError, VitcaError
 from vitca_cli.model import CellularAutomaton
 
@@ -242,6 +242,37 @@ def test_cli_train_and_resume_on_png_folder(tmp_path):
     assert res.exit_code == 1 and "image folder not found" in res.output
     res = runner.invoke(app, ["train", "--dataset", f"folder:{photos}", "--image-size", "10", "-o", str(tmp_path / "r2")])
     assert res.exit_code == 2 and "does not divide" in res.output
+
+
+def test_cli_init_weights_starts_a_new_run_from_trained_weights(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.RandomState(1)
+    for k in range(6):
+        Image.fromarray(rng.randint(0, 256, (12, 12, 3), dtype=np.uint8)).save(photos / f"p{k}.png")
+    common = ["--dataset", f"folder:{photos}", "--t-min", "2", "--t-max", "2", "-b", "2", "--mask-max-patch", "2",
+              "--val-every", "0", "--no-compile"]  # fmt: skip
+    runner = CliRunner()
+    first = tmp_path / "first"
+    res = runner.invoke(app, ["train", *common, "--image-size", "8", "--embed", "16", "--heads", "2", "--mlp", "16",
+                              "--hidden", "4", "--iterations", "3", "-o", str(first)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    second = tmp_path / "second"
+    res = runner.invoke(app, ["train", *common, "--init-weights", str(first / "best.pt"), "--iterations", "1",
+                              "--lr", "1e-12", "-o", str(second)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    a, b = read_checkpoint(first / "best.pt"), read_checkpoint(second / "last.pt")
+    assert b["config"] == a["config"] and b["iteration"] == 1  # model and image size come from the weights
+    assert max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]) < 1e-6
+    assert b["train"]["init_weights"].startswith("best (best.pt, sha256 ")
+    fresh = CellularAutomaton(CAConfig.from_dict(a["config"])).state_dict()
+    assert any((fresh[k] - b["model"][k]).abs().max() > 1e-3 for k in fresh)  # not a fresh initialisation
+    res = runner.invoke(app, ["train", *common, "--init-weights", str(first / "best.pt"), "--embed", "32"])
+    assert res.exit_code == 2 and "cannot also set --embed" in res.output
+    res = runner.invoke(app, ["train", "--resume", str(second), "--init-weights", str(first / "best.pt")])
+    assert res.exit_code == 2 and "pick one" in res.output
+    res = runner.invoke(app, ["train", *common, "--init-weights", str(tmp_path / "missing.pt")])
+    assert res.exit_code == 3 and "not found" in res.output
 
 
 def test_profile_training_reports_times_and_checkpointing_saves_memory():

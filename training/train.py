@@ -80,6 +80,7 @@ class TrainConfig:
     save_every: int = 0  # 0: save last.pt at each validation (and at the end)
     log_every: int = 10
     seed: int = 0
+    init_weights: str | None = None  # fine-tuned from these weights (recorded; the run's own state lives in last.pt)
     compile: bool = True  # the fused attention kernel: ~2× faster iterations on CPU, gradients within 1e-4
 
     def __post_init__(self) -> None:
@@ -437,11 +438,13 @@ def train(
     val_ds=None,
     device="cpu",
     resume_from: dict | None = None,
+    init_state: dict | None = None,
     stop_at: int | None = None,
     argv: list[str] | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train (or resume) a run in ``run_dir``; returns a summary dict. ``stop_at`` ends this session after that
+    """Train (or resume) a run in ``run_dir``; returns a summary dict. ``init_state`` (a model state dict for ``cfg``)
+    starts a new run from trained weights instead of a fresh initialisation. ``stop_at`` ends this session after that
     iteration (saving), leaving the rest of the schedule for ``--resume``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -451,6 +454,8 @@ def train(
         trainer.load(resume_from)
         _trim_metrics(metrics_path, trainer.iteration)
         log.info(f"resuming {run_dir} at iteration {trainer.iteration} of {tcfg.iterations}")
+    elif init_state is not None:
+        trainer.ca.load_state_dict(init_state)
     config = {"model": cfg.to_dict(), "train": tcfg.to_dict(), "seed": tcfg.seed, "device": str(device)}
     if argv is not None:
         config["argv"] = list(argv)

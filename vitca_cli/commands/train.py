@@ -132,6 +132,12 @@ def train(
     pos_encoding: Optional[PosEncoding] = _opt(
         None, "--pos-encoding", help="Position encoding [vit].", panel=MODEL_HELP
     ),
+    init_weights: Optional[str] = _opt(
+        None,
+        "--init-weights",
+        help="Start from these weights (NAME or PATH; fine-tuning): the model and image size come from them.",
+        panel=MODEL_HELP,
+    ),
 ) -> None:
     """Train a ViTCA (or UNetCA) with the paper's pool-based Algorithm 1; resume a run exactly with --resume."""
     from training.data import dataset_channels, open_dataset
@@ -173,7 +179,15 @@ def train(
         import torch
 
         torch.set_num_threads(threads)
-    resume_from = None
+    resume_from = init_cfg = init_state = None
+    if init_weights is not None:
+        if resume is not None:
+            raise UsageError("--init-weights starts a new run; --resume continues one (pick one)")
+        if model_opts:
+            given = ", ".join("--" + n.replace("_", "-") for n in sorted(model_opts))
+            raise UsageError(f"--init-weights fixes the model; cannot also set {given}")
+        init_cfg, init_state, init_name = _read_init(init_weights)
+        train_opts["init_weights"] = init_name
     if resume is not None:
         fixed = sorted(set(train_opts) - RESUMABLE) + sorted(model_opts)
         fixed += [n for n, v in (("dataset", dataset), ("image_size", image_size), ("data_dir", data_dir)) if v]
@@ -198,14 +212,24 @@ def train(
             tcfg = TrainConfig(dataset=spec, data_dir=str(data_dir) if data_dir else None, **train_opts)
         except TypeError as exc:
             raise UsageError(str(exc)) from None
-        image_hw = (image_size, image_size) if image_size else None
+        image_hw = (image_size, image_size) if image_size else (init_cfg.image_size if init_cfg else None)
         out_dir = run_dir or Path("runs") / f"{_slug(spec)}-{time.strftime('%Y%m%d-%H%M%S')}"
         if (out_dir / "last.pt").exists():
             raise UsageError(f"{out_dir} already holds a run; use --resume {out_dir} or another --run-dir")
 
     train_ds = open_dataset(tcfg.dataset, "train", tcfg.data_dir, image_hw, download=download)
     val_ds = open_dataset(tcfg.dataset, "val", tcfg.data_dir, train_ds.image_size) if tcfg.val_every else None
-    if resume_from is None:
+    if init_cfg is not None:
+        cfg = init_cfg
+        if dataset_channels(tcfg.dataset) != cfg.channels or tuple(train_ds.image_size) != tuple(cfg.image_size):
+            if dataset_channels(tcfg.dataset) != cfg.channels or cfg.pos_encoding != "none":
+                raise UsageError(
+                    f"--init-weights {init_weights}: a {cfg.channels}-channel {cfg.image_size[0]}×{cfg.image_size[1]} "
+                    f"model ({cfg.pos_encoding} position encoding) cannot train on {train_ds.name} "
+                    f"({dataset_channels(tcfg.dataset)} channels, {train_ds.image_size[0]}×{train_ds.image_size[1]})"
+                )
+            cfg = cfg.replace(image_size=train_ds.image_size)
+    elif resume_from is None:
         base = PRESETS.get({"mnist-5k": "mnist"}.get(tcfg.dataset, tcfg.dataset), PRESETS["celeba"])
         try:
             cfg = base.replace(channels=dataset_channels(tcfg.dataset), image_size=train_ds.image_size, **model_opts)
@@ -222,7 +246,7 @@ def train(
     )
     summary = run_training(
         cfg, tcfg, out_dir, train_ds=train_ds, val_ds=val_ds, device=dev, resume_from=resume_from,
-        stop_at=stop_at, argv=["vitca", *sys.argv[1:]],
+        init_state=init_state, stop_at=stop_at, argv=["vitca", *sys.argv[1:]],
     )  # fmt: skip
     best = summary["best_val_psnr"]
     logmod.log.info(
@@ -232,6 +256,25 @@ def train(
     )
     if summary["status"] == "interrupted":
         raise typer.Exit(130)
+
+
+def _read_init(spec: str):
+    """``--init-weights NAME|PATH``: the model configuration, its state dict, and a record of where it came from."""
+    from vitca_cli import weights
+    from vitca_cli.checkpoint import read_checkpoint
+    from vitca_cli.config import CAConfig
+    from vitca_cli.errors import WeightsError
+
+    ref = weights.resolve(spec)
+    if ref.path.suffix == ".onnx":
+        raise UsageError(f"--init-weights {spec}: an ONNX step cannot be trained; give a .pt checkpoint")
+    ckpt = read_checkpoint(ref.path)
+    try:
+        cfg = CAConfig.from_dict(ckpt["config"])
+        state = ckpt["model"]
+    except (KeyError, ValueError) as exc:
+        raise WeightsError(f"{ref.path}: not a model checkpoint ({exc})") from None
+    return cfg, state, f"{ref.name} ({ref.path.name}, sha256 {weights.sha256_file(ref.path)[:12]})"
 
 
 def _slug(spec: str) -> str:
