@@ -53,21 +53,18 @@ def unpatchify(z: torch.Tensor, p: int) -> torch.Tensor:
 def vit_position_encoding(height: int, width: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """The reference's 1-D sinusoid over the raster index n = r·W + c, shape ``(H, W, E)``.
 
-    Channel c has frequency exp(-c·ln(1e4)/E), sine on even and cosine on odd channels: the odd channels use
-    exponent 2k+1, not the 2k of the usual formula (reference pitfall 2).
+    Channel e has frequency f = exp(-e·ln(1e4)/E), sine on even and cosine on odd channels: the odd channels use
+    exponent 2k+1, not the 2k of the usual formula (reference pitfall 2). Written as sin(n·f + φ) with φ = π/2 on
+    odd channels, and n·f = r·W·f + c·f split by angle addition into per-row and per-column tables: the grid-sized
+    work is two products and a sum, no sine per element (exported ONNX graphs recompute this every step).
     """
-    n = torch.arange(height * width, device=device, dtype=torch.float32)[:, None]
-    c = torch.arange(dim, device=device, dtype=torch.float32)
-    freq = torch.exp(-c * (math.log(1e4) / dim))
-    # Sine of the even and cosine of the odd channels only, interleaved: bit-identical to a where() over both,
-    # at half the cost (exported ONNX graphs recompute this every step; nothing is cached there).
-    sin, cos = torch.sin(n * freq[0::2]), torch.cos(n * freq[1::2])
-    if dim % 2:
-        cos = F.pad(cos, (0, 1))
-    pe = torch.stack([sin, cos], dim=-1).reshape(height * width, -1)
-    if dim % 2:
-        pe = pe[:, :dim]
-    return pe.reshape(height, width, dim).to(dtype)
+    e = torch.arange(dim, device=device, dtype=torch.float32)
+    freq = torch.exp(-e * (math.log(1e4) / dim))
+    phase = (e % 2) * (math.pi / 2)
+    row = torch.arange(height, device=device, dtype=torch.float32)[:, None] * (width * freq)  # H E
+    col = torch.arange(width, device=device, dtype=torch.float32)[:, None] * freq + phase  # W E
+    pe = torch.sin(row)[:, None] * torch.cos(col)[None] + torch.cos(row)[:, None] * torch.sin(col)[None]
+    return pe.to(dtype)
 
 
 def nerf_position_channels(height: int, width: int, freqs: int, device=None) -> torch.Tensor:
@@ -161,7 +158,9 @@ class LocalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, head_mask: torch.Tensor | None = None):
         b, h, w, _ = x.shape  # b h w e
-        q, k, v = self.to_qkv(x).view(b, h, w, 3, self.heads, self.head_dim).unbind(dim=3)
+        # Three products with slices of the one to_qkv weight: q, k and v come out contiguous (no split copies
+        # in an exported graph, and the attention reads each of them densely).
+        q, k, v = (F.linear(x, wt).view(b, h, w, self.heads, self.head_dim) for wt in self.to_qkv.weight.chunk(3))
         out, weights = attend(q, k, v, self.neighbourhood, self.head_dim**-0.5)
         if head_mask is not None:  # 1 = head silenced (appendix Fig. 7)
             out = out * (1.0 - head_mask.to(out.dtype))[:, None]
@@ -231,8 +230,15 @@ class ViTCAUpdate(nn.Module):
     def forward(
         self, z: torch.Tensor, head_mask: torch.Tensor | None = None, keep_attention: bool = False
     ) -> torch.Tensor:
-        b, _, h, w = z.shape
-        x = self.embed(z.permute(0, 2, 3, 1))  # b h w e
+        """Grid ``(B, C, H, W)`` -> update ``(B, Co·P² + Ch, H, W)``."""
+        return self.update_cells(z.permute(0, 2, 3, 1), head_mask, keep_attention).permute(0, 3, 1, 2)
+
+    def update_cells(
+        self, cells: torch.Tensor, head_mask: torch.Tensor | None = None, keep_attention: bool = False
+    ) -> torch.Tensor:
+        """The same on a channels-last grid: cells ``(B, H, W, C)`` -> update ``(B, H, W, Co·P² + Ch)``."""
+        b, h, w, _ = cells.shape
+        x = self.embed(cells)  # b h w e
         pe = self.position_encoding(h, w, x)
         if pe is not None:
             x = x + pe
@@ -242,7 +248,7 @@ class ViTCAUpdate(nn.Module):
             maps.append(weights)
         if keep_attention:
             self.last_attention = [m.detach() for m in maps]
-        return self.head(x).permute(0, 3, 1, 2)  # b c h w
+        return self.head(x)
 
 
 class UNetUpdate(nn.Module):
@@ -280,6 +286,10 @@ class UNetUpdate(nn.Module):
             x = dec(torch.cat([x, skip], 1))
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")[..., : finer.shape[-2], : finer.shape[-1]]
         return self.out(torch.cat([x, feats[0], z], 1))
+
+    def update_cells(self, cells: torch.Tensor, head_mask=None, keep_attention: bool = False) -> torch.Tensor:
+        """:meth:`forward` on a channels-last grid ``(B, H, W, C)`` (convolutions run channels-first)."""
+        return self(cells.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -346,9 +356,19 @@ class CellularAutomaton(nn.Module):
         """One CA step: a residual update of the output and hidden channels of the cells where ``update_mask``
         (``(B, 1, H, W)``, 1 = update) is set. Input and position channels never change.
         """
-        delta = self.rule(z, head_mask, keep_attention)
-        k = self.cfg.static_channels
-        return torch.cat([z[:, :k], z[:, k:] + update_mask * delta], dim=1)
+        cells = self.step_cells(z.permute(0, 2, 3, 1), update_mask.permute(0, 2, 3, 1), head_mask, keep_attention)
+        return cells.permute(0, 3, 1, 2)  # channels-last grids stay channels-last: the permutes are views
+
+    def step_cells(
+        self,
+        cells: torch.Tensor,
+        update_mask: torch.Tensor,
+        head_mask: torch.Tensor | None = None,
+        keep_attention: bool = False,
+    ) -> torch.Tensor:
+        """:meth:`step` on a channels-last grid ``(B, H, W, C)`` with mask ``(B, H, W, 1)`` (what ONNX exports)."""
+        delta = self.rule.update_cells(cells, head_mask, keep_attention)  # b h w (Co·P² + Ch)
+        return cells + update_mask * F.pad(delta, (self.cfg.static_channels, 0))  # static channels: + 0
 
     def update_masks(
         self, z: torch.Tensor, steps: int, update_rate: float | None = None, generator: torch.Generator | None = None

@@ -59,9 +59,10 @@ INPUTS = ("cells", "update_mask")
 HEAD_MASK = "head_mask"
 OUTPUT = "next_cells"
 LAYOUT = "NHWC"
-# Queries per attention block in the exported graph. Small blocks keep the halo (and the softmax over it) short:
-# 2×4 queries over a 4×6 halo for a 3×3 window. 2×2 to 4×4 measured within noise of each other; 8×8 is slower.
-EXPORT_BLOCK = (2, 4)
+# Queries per attention block in the exported graph: 2×2 queries over a 4×4 halo for a 3×3 window. The halo
+# gathers are the graph's largest cost (ONNX has no strided views, so every overlapping window is a copy); at
+# 256×256 (2 threads, bench/onnx_step.py) a step took 155 ms with 2×2, 165 with 2×4, 168 with 1×8, 175 with 4×4.
+EXPORT_BLOCK = (2, 2)
 EXPORTERS = ("dynamo", "torchscript")
 DEFAULT_EXPORTER = "dynamo"
 
@@ -156,8 +157,7 @@ class StepGraph(nn.Module):
         self.ca = ca
 
     def forward(self, cells: torch.Tensor, update_mask: torch.Tensor, head_mask: torch.Tensor | None = None):
-        z = cells.permute(0, 3, 1, 2)  # b c h w (the permutes cancel against the model's own)
-        return self.ca.step(z, update_mask.permute(0, 3, 1, 2), head_mask).permute(0, 2, 3, 1)
+        return self.ca.step_cells(cells, update_mask, head_mask)
 
 
 def channel_layout(cfg: CAConfig) -> dict:
