@@ -74,11 +74,12 @@ def test_baselines_restore_better_than_the_input(model):
     yy, xx = torch.meshgrid(torch.linspace(0, 1, 16), torch.linspace(0, 1, 16), indexing="ij")
     smooth = ((xx + yy) / 2).expand(9, 1, 16, 16).clone()
     report = evaluate(model, batches(TensorDataset(smooth), 3), iters=1, mask_type="dropout",
-                      baselines=["tv-chambolle", "nl-means", "biharmonic", "telea"])
+                      baselines=["median", "tv-chambolle", "nl-means", "biharmonic", "telea"])
     rows = report["methods"]
-    assert set(rows) == {"vitca", "input", "tv-chambolle", "nl-means", "biharmonic", "telea"}
+    assert set(rows) == {"vitca", "input", "median", "tv-chambolle", "nl-means", "biharmonic", "telea"}
     for name in ("biharmonic", "telea"):
         assert rows[name]["psnr"]["mean"] > rows["input"]["psnr"]["mean"] + 10
+    assert rows["median"]["psnr"]["mean"] > rows["input"]["psnr"]["mean"] + 1  # isolated dropped pixels are removed
     text = format_report({**report, "dataset": "smooth", "split": "test", "batch_size": 3, "lpips": "skipped: x"})
     assert "biharmonic" in text and "corrupted input" in text and "LPIPS: skipped: x" in text
 
@@ -178,7 +179,7 @@ def test_eval_command_table_with_baselines(files):
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert "4 images" in lines[0] and "noise masking" in lines[0]
-    for name in ("vitca", "corrupted input", "tv-chambolle", "nl-means", "biharmonic", "telea"):
+    for name in ("vitca", "corrupted input", "median", "tv-chambolle", "nl-means", "biharmonic", "telea"):
         assert any(line.startswith(name) for line in lines), name
 
 

@@ -1,5 +1,6 @@
 """Classic restorers a user would try instead of ViTCA, run on the same corrupted inputs as ``vitca eval``.
 
+A median filter (the classic for impulse noise, which the patch noise of vitca's masking resembles),
 scikit-image total-variation (Chambolle) and non-local-means denoising, scikit-image biharmonic inpainting, and
 OpenCV's Telea inpainting. The inpainters are told which pixels are masked (they need it); the denoisers are not
 (they cannot take it). All get the corrupted image clipped to [0, 1], as it would be after saving it to a file.
@@ -18,6 +19,7 @@ INSTALL_HINT = "pip install vitca[baselines]"
 
 # name -> (description, takes the mask)
 BASELINES: dict[str, tuple[str, bool]] = {
+    "median": ("SciPy median filter, 3×3 per channel, reflected borders", False),
     "tv-chambolle": ("scikit-image denoise_tv_chambolle (weight 0.1)", False),
     "nl-means": ("scikit-image denoise_nl_means (5×5 patches, h = 0.8σ̂, Immerkær noise estimate)", False),
     "biharmonic": ("scikit-image inpaint_biharmonic (given the mask)", True),
@@ -32,6 +34,11 @@ def _require(module: str):
         return importlib.import_module(module)
     except ImportError:
         raise UsageError(f"the classic baselines need {module.split('.')[0]}: {INSTALL_HINT}") from None
+
+
+def _median(image: np.ndarray, masked: np.ndarray) -> np.ndarray:
+    ndimage = _require("scipy.ndimage")
+    return ndimage.median_filter(image, size=(3, 3, 1), mode="reflect")
 
 
 def _tv(image: np.ndarray, masked: np.ndarray) -> np.ndarray:
@@ -81,6 +88,7 @@ def _telea(image: np.ndarray, masked: np.ndarray) -> np.ndarray:
 
 
 _FUNCS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "median": _median,
     "tv-chambolle": _tv,
     "nl-means": _nl_means,
     "biharmonic": _biharmonic,
