@@ -2,7 +2,8 @@
 
 For each size it times, in one run: (a) a plain fp32 matrix product with the FLOPs of one step (preallocated
 output: the ceiling), (b) a straightforward unfold-based step (bench/unfold_reference.py), (c) our eager step and
-(d) our step with the fused (torch.compile) attention kernel, ``use_compiled_attention()``. It prints throughput and the ratios the core issue targets
+(d) our step with the fused (torch.compile) attention and bias kernels, ``use_compiled_kernels()``. It prints
+throughput and the ratios the core issue targets
 (64×64: ≥ 60% of the ceiling and ≥ 3× unfold; 256×256: ≥ 40% of the ceiling). The machine is shared and noisy:
 compare ratios from one run, not absolute figures across runs.
 
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from unfold_reference import unfold_step  # noqa: E402
 
 from vitca_cli.config import preset  # noqa: E402
-from vitca_cli.model import CellularAutomaton, use_compiled_attention  # noqa: E402
+from vitca_cli.model import CellularAutomaton, use_compiled_kernels  # noqa: E402
 from vitca_cli.runtime import tune_allocator  # noqa: E402
 
 
@@ -74,9 +75,9 @@ def main() -> None:
             rates["unfold"] = 1 / best_time(lambda: unfold_step(ca, z, mask), args.repeats)
             rates["eager"] = 1 / best_time(lambda: ca.step(z, mask), args.repeats)
             if not args.no_compile:
-                use_compiled_attention(True)
+                use_compiled_kernels(True)
                 rates["compiled"] = 1 / best_time(lambda: ca.step(z, mask), args.repeats)
-                use_compiled_attention(False)
+                use_compiled_kernels(False)
         cps = {k: v * cells for k, v in rates.items()}
         best = max(cps.get("compiled", 0), cps["eager"])
         cols = " ".join(f"{cps.get(k, float('nan')):10.3g}" for k in ("ceiling", "unfold", "eager", "compiled"))

@@ -2,7 +2,7 @@
 
     python bench/train.py                     # batch 32, 28×28, T = 32; fusion/mitosis at 64×64
     python bench/train.py --device cuda       # the same on a GPU
-    python bench/train.py --compare-compile   # also: eager vs torch.compile'd step vs fused attention kernel
+    python bench/train.py --compare-compile   # also: eager vs torch.compile'd step vs fused attention/bias kernels
 
 Targets (issue 3): gradient checkpointing cuts peak memory ≥ 4× for ≤ 2× the iteration time; one training
 iteration (forward + backward) costs ≤ 3.5× a no-grad forward rollout of the same T. On CPU each configuration runs

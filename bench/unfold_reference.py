@@ -32,7 +32,8 @@ def unfold_delta(ca: CellularAutomaton, z: torch.Tensor) -> torch.Tensor:
         attn = (q @ neighbourhoods(k).transpose(-1, -2) * d**-0.5).softmax(-1)  # b heads n 1 K
         out = (attn @ neighbourhoods(v)).squeeze(-2).permute(0, 2, 1, 3).reshape(b, h * w, -1)
         x = x + block.attn.to_out(out)
-        x = x + block.ff(block.norm2(x))
+        ff0, _, ff2 = block.ff
+        x = x + ff2(F.gelu(ff0(block.norm2(x))))
     return rule.head(x).transpose(1, 2).reshape(b, -1, h, w)
 
 

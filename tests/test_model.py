@@ -241,17 +241,25 @@ def test_fast_step_gradients_equal_unfold_reference():
         assert torch.allclose(g_fast, g_ref, atol=1e-6, rtol=1e-4)
 
 
-def test_compiled_attention_kernel_matches_eager():
-    from vitca_cli.model import use_compiled_attention
+def test_compiled_kernels_match_eager_values_and_gradients():
+    from vitca_cli.model import use_compiled_kernels
 
     ca = randomise(CellularAutomaton(preset("fashion-mnist", image_size=(8, 8))), scale=0.1)
     z = ca.seed(torch.rand(2, 1, 8, 8))
     mask = draw_update_mask(2, 8, 8, 0.5, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        eager = ca.step(z, mask)
-        try:
-            use_compiled_attention(True)
-            compiled = ca.step(z, mask)
-        finally:
-            use_compiled_attention(False)
+
+    def run():
+        ca.zero_grad()
+        out = ca.step(ca.step(z, mask), mask)
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in ca.parameters()]
+
+    eager, eager_grads = run()
+    try:
+        use_compiled_kernels(True)
+        compiled, compiled_grads = run()
+    finally:
+        use_compiled_kernels(False)
     assert (compiled - eager).abs().max().item() < 1e-5
+    for g_c, g_e in zip(compiled_grads, eager_grads):
+        assert torch.allclose(g_c, g_e, atol=1e-6, rtol=1e-4)

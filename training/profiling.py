@@ -65,7 +65,7 @@ def _measure(cfg_dict: dict, batch: int, height: int, width: int, steps: int, mo
     import torch
 
     from vitca_cli.config import CAConfig
-    from vitca_cli.model import CellularAutomaton, use_compiled_attention
+    from vitca_cli.model import CellularAutomaton, use_compiled_kernels
     from vitca_cli.runtime import tune_allocator
 
     tune_allocator()
@@ -78,12 +78,12 @@ def _measure(cfg_dict: dict, batch: int, height: int, width: int, steps: int, mo
     if compile == "step":
         ca.step = torch.compile(ca.step)
     elif compile == "attention":
-        use_compiled_attention(True)
+        use_compiled_kernels(True)
     try:
         return _passes(ca, cfg, batch, height, width, steps, mode, dev, repeats, compile, seed)
     finally:
         if compile == "attention":
-            use_compiled_attention(False)
+            use_compiled_kernels(False)
 
 
 def _passes(ca, cfg, batch, height, width, steps, mode, dev, repeats, compile, seed) -> dict:
@@ -170,7 +170,7 @@ def profile_training(
 ) -> dict:
     """Forward ms, backward ms, iteration (forward + backward) ms, peak memory bytes of one training pass, and the
     no-grad forward rollout ms for the same T. ``cfg`` is a ``CAConfig``; ``compile`` is None, ``"step"``
-    (torch.compile of the CA step) or ``"attention"`` (the fused attention kernel). On CPU each call runs in a
+    (torch.compile of the CA step) or ``"attention"`` (the fused attention and bias kernels). On CPU each call runs in a
     fresh subprocess (``isolate``, default on for CPU) so its memory peak is honest; see the module docstring."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

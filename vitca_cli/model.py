@@ -115,31 +115,54 @@ def local_attention(
     return out, weights.permute(1, 2, 3, 4, 0)
 
 
-_attention_kernel = {"fn": local_attention}
+def bias_gelu(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU(y + bias): the MLP's first layer, after its bias-free matrix product."""
+    return F.gelu(y + bias)
 
 
-def use_compiled_attention(enabled: bool = True) -> None:
-    """Run the localised attention as one fused kernel from ``torch.compile`` (needs a C++ compiler on CPU).
+def bias_add(y: torch.Tensor, bias: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """y + bias + other: a layer's bias and what is added to its output (residual, position encoding)."""
+    return y + bias + other
 
-    The eager attention is memory-bound: each neighbour costs a pass over q, k and v. Fused, a step is ~1.3×
-    faster and a training iteration ~2× faster on CPU (bench/step.py, bench/train.py). The first call of each
-    shape compiles (seconds); if compilation fails, the eager kernel is used from then on.
+
+# The memory-bound parts of a step, by name. Eager by default; ``use_compiled_kernels`` fuses each into one
+# ``torch.compile`` kernel. The linear layers whose bias goes through ``bias_gelu``/``bias_add`` run their matrix
+# product without bias, so a fused epilogue adds the bias in the same pass as the GELU or the residual.
+_EAGER_KERNELS = {"attend": local_attention, "bias_gelu": bias_gelu, "bias_add": bias_add}
+_kernels = dict(_EAGER_KERNELS)
+
+
+def use_compiled_kernels(enabled: bool = True) -> None:
+    """Run the localised attention and the bias epilogues as fused kernels from ``torch.compile`` (needs a C++
+    compiler on CPU).
+
+    They are memory-bound: eager, each neighbour of the attention and each bias, GELU and residual costs a pass
+    over a grid-sized tensor. Fused, a step is ~1.4× faster and a training iteration ~2× faster on CPU
+    (bench/step.py, bench/train.py). The first call of each shape compiles (seconds); if compilation fails, the
+    eager kernels are used from then on.
     """
-    _attention_kernel["fn"] = torch.compile(local_attention) if enabled else local_attention
+    for name, fn in _EAGER_KERNELS.items():
+        _kernels[name] = torch.compile(fn) if enabled else fn
 
 
-def attend(q, k, v, neighbourhood, scale):
-    fn = _attention_kernel["fn"]
-    if fn is local_attention or torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return local_attention(q, k, v, neighbourhood, scale)
+def _kernel(name: str, *args):
+    eager = _EAGER_KERNELS[name]
+    fn = _kernels[name]
+    if fn is eager or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return eager(*args)
     try:
-        return fn(q, k, v, neighbourhood, scale)
+        return fn(*args)
     except Exception as exc:  # noqa: BLE001 - e.g. no C++ compiler: fall back, once, to the same maths in eager
         import warnings
 
-        warnings.warn(f"compiled attention unavailable ({type(exc).__name__}); using eager attention", stacklevel=2)
-        _attention_kernel["fn"] = local_attention
-        return local_attention(q, k, v, neighbourhood, scale)
+        warnings.warn(f"compiled kernels unavailable ({type(exc).__name__}); using eager ones", stacklevel=3)
+        _kernels.update(_EAGER_KERNELS)
+        return eager(*args)
+
+
+def attend(q, k, v, neighbourhood, scale):
+    """The localised attention kernel (the seam the ONNX export swaps for its own formulation)."""
+    return _kernel("attend", q, k, v, neighbourhood, scale)
 
 
 class LocalSelfAttention(nn.Module):
@@ -156,7 +179,8 @@ class LocalSelfAttention(nn.Module):
         single = cfg.heads == 1 and self.head_dim == cfg.embed
         self.to_out = nn.Identity() if single else nn.Linear(inner, cfg.embed)
 
-    def forward(self, x: torch.Tensor, head_mask: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, head_mask: torch.Tensor | None = None):
+        """``residual`` + attention of ``x`` (both ``(B, H, W, E)``), and the attention weights."""
         b, h, w, _ = x.shape  # b h w e
         # Three products with slices of the one to_qkv weight: q, k and v come out contiguous (no split copies
         # in an exported graph, and the attention reads each of them densely).
@@ -164,12 +188,22 @@ class LocalSelfAttention(nn.Module):
         out, weights = attend(q, k, v, self.neighbourhood, self.head_dim**-0.5)
         if head_mask is not None:  # 1 = head silenced (appendix Fig. 7)
             out = out * (1.0 - head_mask.to(out.dtype))[:, None]
-        return self.to_out(out.reshape(b, h, w, -1)), weights
+        out = out.reshape(b, h, w, -1)
+        if isinstance(self.to_out, nn.Identity):
+            return residual + out, weights
+        return _kernel("bias_add", F.linear(out, self.to_out.weight), self.to_out.bias, residual), weights
 
 
 class FeedForward(nn.Sequential):
+    """Linear → GELU → Linear, called as ``ff(x, residual)`` = residual + FF(x), biases in fused epilogues."""
+
     def __init__(self, dim: int, hidden: int):
         super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        first, _, second = self
+        h = _kernel("bias_gelu", F.linear(x, first.weight), first.bias)
+        return _kernel("bias_add", F.linear(h, second.weight), second.bias, residual)
 
 
 class TransformerBlock(nn.Module):
@@ -183,9 +217,8 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(cfg.embed, cfg.mlp)
 
     def forward(self, x: torch.Tensor, head_mask: torch.Tensor | None = None):
-        a, weights = self.attn(self.norm1(x), head_mask)
-        x = x + a
-        return x + self.ff(self.norm2(x)), weights
+        x, weights = self.attn(self.norm1(x), x, head_mask)
+        return self.ff(self.norm2(x), x), weights
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -238,10 +271,9 @@ class ViTCAUpdate(nn.Module):
     ) -> torch.Tensor:
         """The same on a channels-last grid: cells ``(B, H, W, C)`` -> update ``(B, H, W, Co·P² + Ch)``."""
         b, h, w, _ = cells.shape
-        x = self.embed(cells)  # b h w e
+        x = F.linear(cells, self.embed.weight)  # b h w e
         pe = self.position_encoding(h, w, x)
-        if pe is not None:
-            x = x + pe
+        x = x + self.embed.bias if pe is None else _kernel("bias_add", x, self.embed.bias, pe)
         maps = []
         for block in self.blocks:
             x, weights = block(x, head_mask)

@@ -108,7 +108,7 @@ def train(
     compile: Optional[bool] = _opt(
         None,
         "--compile/--no-compile",
-        help="Fused (torch.compile) attention kernel, ~2× faster on CPU [on].",
+        help="Fused (torch.compile) attention and bias kernels, ~2× faster on CPU [on].",
         panel=RUN_HELP,
     ),
     threads: Optional[int] = _opt(
