@@ -19,7 +19,16 @@ from vitca_cli.errors import UsageError, WeightsError
 from vitca_cli.model import CellularAutomaton, local_attention, seed_cells
 from vitca_cli.onnx_backend import OnnxBackend, _cuda_driver_present, _nhwc_array, create_session, onnx_for_checkpoint
 from vitca_cli.weights import sha256_file
-from vitca_cli.onnx_export import INPUTS, OUTPUT, blocked_local_attention, export_checkpoint, export_step
+from vitca_cli.onnx_export import (
+    INPUTS,
+    OUTPUT,
+    TileGrid,
+    export_checkpoint,
+    export_step,
+    from_tiles,
+    tiled_local_attention,
+    to_tiles,
+)
 
 SMALL = dict(embed=16, heads=2, mlp=16, hidden=4)
 
@@ -80,13 +89,25 @@ def test_export_passes_checker_with_dynamic_axes_and_metadata(exported):
     assert json.loads(props["vitca.meta"]) == {"mask_type": "noise"}
 
 
-def test_blocked_attention_equals_the_model_attention():
+def test_tiled_attention_equals_the_model_attention():
     g = torch.Generator().manual_seed(0)
-    for (h, w), nbh in [((5, 7), (3, 3)), ((9, 4), (5, 7)), ((1, 1), (3, 3))]:
+    for (h, w), nbh in [((5, 7), (3, 3)), ((9, 4), (5, 7)), ((1, 1), (3, 3)), ((6, 8), (3, 3))]:
         q, k, v = (torch.randn(2, h, w, 3, 4, generator=g) for _ in range(3))
         ref, _ = local_attention(q, k, v, nbh, 0.5)
-        out, _ = blocked_local_attention(q, k, v, nbh, 0.5)
+        grid = TileGrid(h, w)
+        tiled = [to_tiles(t.flatten(-2), grid).unflatten(-1, (3, 4)) for t in (q, k, v)]
+        out, _ = tiled_local_attention(*tiled, nbh, 0.5, grid)
+        out = from_tiles(out.flatten(-2), grid).unflatten(-1, (3, 4))
         assert torch.allclose(out, ref, atol=1e-6)
+
+
+def test_tiles_round_trip():
+    x = torch.randn(2, 5, 7, 3)
+    grid = TileGrid(5, 7)
+    tiles = to_tiles(x, grid)
+    assert tiles.shape == (2, 3, 4 * 4, 3)
+    assert torch.equal(tiles[0, 1, 4 * 2 + 2 * 1 + 0], x[0, 2 * 1 + 1, 2 * 2 + 0])  # tile (1, 2), cell (1, 0)
+    assert torch.equal(from_tiles(tiles, grid), x)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -193,6 +214,20 @@ def test_dynamo_exports_the_widest_window_the_largest_patch_and_unetca(tmp_path,
         mask = torch.ones(2, 1, *z.shape[-2:])
         with torch.inference_mode():
             assert (backend.step(z, mask) - ca.step(z, mask)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_opset_18_spells_out_gelu_and_20_has_the_op(tmp_path, exporter):
+    ca = realistic(CAConfig(**SMALL), head_std=0.05)
+    z = seed_cells(ca.cfg, torch.rand(2, 1, 9, 6))
+    mask = (torch.rand(2, 1, 9, 6) < 0.5).float()
+    for opset in (18, 20):
+        path = tmp_path / f"o{opset}.onnx"
+        assert export_step(ca, path, opset=opset, exporter=exporter)["opset"] == opset
+        ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+        assert ("Gelu" in ops, "Erf" in ops) == ((False, True) if opset == 18 else (True, False))
+        with torch.inference_mode():
+            assert (OnnxBackend.from_file(path, "cpu").step(z, mask) - ca.step(z, mask)).abs().max() < 1e-5
 
 
 def test_head_mask_input(tmp_path):

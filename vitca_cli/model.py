@@ -50,21 +50,29 @@ def unpatchify(z: torch.Tensor, p: int) -> torch.Tensor:
     return z.permute(0, 3, 4, 1, 5, 2).reshape(b, c, h * p, w * p)
 
 
-def vit_position_encoding(height: int, width: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """The reference's 1-D sinusoid over the raster index n = r·W + c, shape ``(H, W, E)``.
+def vit_position_encoding_at(rows: torch.Tensor, cols: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """The reference's 1-D sinusoid over the raster index n = r·W + c at the cells whose row and column
+    coordinates are ``rows`` and ``cols`` (float tensors that broadcast together) on a grid ``width`` cells wide:
+    shape ``broadcast(rows, cols) + (E,)``.
 
     Channel e has frequency f = exp(-e·ln(1e4)/E), sine on even and cosine on odd channels: the odd channels use
     exponent 2k+1, not the 2k of the usual formula (reference pitfall 2). Written as sin(n·f + φ) with φ = π/2 on
-    odd channels, and n·f = r·W·f + c·f split by angle addition into per-row and per-column tables: the grid-sized
-    work is two products and a sum, no sine per element (exported ONNX graphs recompute this every step).
+    odd channels, and n·f = r·W·f + c·f split by angle addition into row and column tables: the grid-sized work
+    is two products and a sum, no sine per element (exported ONNX graphs recompute this every step).
     """
-    e = torch.arange(dim, device=device, dtype=torch.float32)
+    e = torch.arange(dim, device=rows.device, dtype=torch.float32)
     freq = torch.exp(-e * (math.log(1e4) / dim))
     phase = (e % 2) * (math.pi / 2)
-    row = torch.arange(height, device=device, dtype=torch.float32)[:, None] * (width * freq)  # H E
-    col = torch.arange(width, device=device, dtype=torch.float32)[:, None] * freq + phase  # W E
-    pe = torch.sin(row)[:, None] * torch.cos(col)[None] + torch.cos(row)[:, None] * torch.sin(col)[None]
-    return pe.to(dtype)
+    row = rows[..., None] * (width * freq)
+    col = cols[..., None] * freq + phase
+    return torch.sin(row) * torch.cos(col) + torch.cos(row) * torch.sin(col)
+
+
+def vit_position_encoding(height: int, width: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """:func:`vit_position_encoding_at` of a whole H×W grid, shape ``(H, W, E)``."""
+    rows = torch.arange(height, device=device, dtype=torch.float32)[:, None]
+    cols = torch.arange(width, device=device, dtype=torch.float32)[None, :]
+    return vit_position_encoding_at(rows, cols, width, dim).to(dtype)
 
 
 def nerf_position_channels(height: int, width: int, freqs: int, device=None) -> torch.Tensor:
@@ -267,12 +275,20 @@ class ViTCAUpdate(nn.Module):
         return self.update_cells(z.permute(0, 2, 3, 1), head_mask, keep_attention).permute(0, 3, 1, 2)
 
     def update_cells(
-        self, cells: torch.Tensor, head_mask: torch.Tensor | None = None, keep_attention: bool = False
+        self,
+        cells: torch.Tensor,
+        head_mask: torch.Tensor | None = None,
+        keep_attention: bool = False,
+        position: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The same on a channels-last grid: cells ``(B, H, W, C)`` -> update ``(B, H, W, Co·P² + Ch)``."""
+        """The same on a channels-last grid: cells ``(B, H, W, C)`` -> update ``(B, H, W, Co·P² + Ch)``.
+
+        ``position`` replaces this rule's position encoding of an H×W grid, for a caller that lays the cells out
+        otherwise (the ONNX export runs the step on tiles of cells; see ``vitca_cli.onnx_export``).
+        """
         b, h, w, _ = cells.shape
         x = F.linear(cells, self.embed.weight)  # b h w e
-        pe = self.position_encoding(h, w, x)
+        pe = self.position_encoding(h, w, x) if position is None else position
         x = x + self.embed.bias if pe is None else _kernel("bias_add", x, self.embed.bias, pe)
         maps = []
         for block in self.blocks:
@@ -399,7 +415,10 @@ class CellularAutomaton(nn.Module):
         keep_attention: bool = False,
     ) -> torch.Tensor:
         """:meth:`step` on a channels-last grid ``(B, H, W, C)`` with mask ``(B, H, W, 1)`` (what ONNX exports)."""
-        delta = self.rule.update_cells(cells, head_mask, keep_attention)  # b h w (Co·P² + Ch)
+        return self.apply_update(cells, update_mask, self.rule.update_cells(cells, head_mask, keep_attention))
+
+    def apply_update(self, cells: torch.Tensor, update_mask: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Cells ``(B, H, W, C)`` plus the rule's update ``delta`` ``(B, H, W, Co·P² + Ch)`` where the mask is set."""
         return cells + update_mask * F.pad(delta, (self.cfg.static_channels, 0))  # static channels: + 0
 
     def update_masks(

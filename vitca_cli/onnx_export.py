@@ -24,15 +24,18 @@ file is ~10% smaller; the TorchScript exporter takes ~0.5 s instead of 7-20 s an
 suits old torch versions (before 2.6) and quick experiments.
 
 Speed: the model's eager attention loops over the NH·NW neighbours with strided views, which are free in torch
-but each become a copying ``Slice`` plus ``Mul``/``ReduceSum``/``Add`` nodes in ONNX. For the export the
-attention is swapped for :func:`blocked_local_attention`, the same maths as dense attention of each small block
-of queries over its halo (two ``Gather``\\ s and two batched ``MatMul``\\ s, a constant -inf mask outside each
-query's window): 1.3× faster in ONNX Runtime than exporting the eager loop (measured at 256×256, one thread).
+but each become a copying ``Slice`` plus ``Mul``/``ReduceSum``/``Add`` nodes in ONNX. The exported ViTCA step
+instead runs on tiles of 2×2 cells (:class:`StepGraph`): every per-cell layer runs in tile order, and the
+attention is :func:`tiled_local_attention`, the same maths as dense attention of each tile's queries over its
+halo (two ``Gather``\ s and two batched ``MatMul``\ s, a constant -inf mask outside each query's window). The
+default opset is 20, whose ``Gelu`` ONNX Runtime fuses with the bias before it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import sys
 import threading
@@ -45,6 +48,7 @@ from torch import nn
 
 from vitca_cli import __version__
 from vitca_cli import model as model_module
+from vitca_cli.model import ViTCAUpdate, vit_position_encoding_at
 from vitca_cli.weights import sha256_file
 from vitca_cli.checkpoint import atomic_write_bytes
 from vitca_cli.config import CAConfig
@@ -53,111 +57,156 @@ from vitca_cli.log import log
 
 FORMAT = "vitca-onnx-step"
 FORMAT_VERSION = 1
-DEFAULT_OPSET = 18
+DEFAULT_OPSET = 20  # Gelu is an ONNX op from opset 20 (onnxruntime >= 1.17 runs it); older opsets spell it out
 MIN_OPSET = 18  # the dynamo exporter's own opset; LayerNormalization alone needs 17
 INPUTS = ("cells", "update_mask")
 HEAD_MASK = "head_mask"
 OUTPUT = "next_cells"
 LAYOUT = "NHWC"
-# Queries per attention block in the exported graph: 2×2 queries over a 4×4 halo for a 3×3 window. The halo
-# gathers are the graph's largest cost (ONNX has no strided views, so every overlapping window is a copy); at
-# 256×256 (2 threads, bench/onnx_step.py) a step took 155 ms with 2×2, 165 with 2×4, 168 with 1×8, 175 with 4×4.
-EXPORT_BLOCK = (2, 2)
+# Cells per tile of the exported ViTCA step: each tile's 2×2 queries attend to a 4×4 halo for a 3×3 window.
+# ONNX has no strided views, so the overlapping halos are copies (4× the keys and values); at 256×256 (2 threads,
+# bench/onnx_step.py, raster-ordered graph) a step took 155 ms with 2×2, 165 with 2×4, 168 with 1×8, 175 with 4×4.
+EXPORT_TILE = (2, 2)
 EXPORTERS = ("dynamo", "torchscript")
 DEFAULT_EXPORTER = "dynamo"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The export-friendly attention
+# The exported step: ViTCA on tiles of cells
 # ---------------------------------------------------------------------------------------------------------------------
-def _window_bias(block: tuple[int, int], neighbourhood: tuple[int, int], device) -> torch.Tensor:
-    """``(bh·bw, kh·kw)``: 0 where a halo cell lies in the query's NH×NW window, -inf elsewhere."""
-    (bh, bw), (nh, nw) = block, neighbourhood
-    kh, kw = bh + nh - 1, bw + nw - 1
-    dy = torch.arange(kh)[None, None, :, None] - torch.arange(bh)[:, None, None, None]  # halo row - query row
-    dx = torch.arange(kw)[None, None, None, :] - torch.arange(bw)[None, :, None, None]
+@dataclasses.dataclass(frozen=True)
+class TileGrid:
+    """An ``h``×``w`` grid of cells cut into ``tile`` = (th, tw) tiles, ``gh``×``gw`` of them (padded up to whole
+    tiles). In tile order a grid is ``(B, GH, GW·th·tw, C)``: tiles in raster order, each tile's cells together."""
+
+    h: int
+    w: int
+    tile: tuple[int, int] = EXPORT_TILE
+
+    @property
+    def gh(self) -> int:
+        return (self.h + self.tile[0] - 1) // self.tile[0]
+
+    @property
+    def gw(self) -> int:
+        return (self.w + self.tile[1] - 1) // self.tile[1]
+
+
+def to_tiles(t: torch.Tensor, grid: TileGrid) -> torch.Tensor:
+    """``(B, H, W, C)`` -> ``(B, GH, GW·th·tw, C)``, zero padded to whole tiles."""
+    (th, tw), b, c = grid.tile, t.shape[0], t.shape[-1]
+    t = F.pad(t, [0, 0, 0, grid.gw * tw - grid.w, 0, grid.gh * th - grid.h])
+    t = t.reshape(b, grid.gh, th, grid.gw, tw, c).permute(0, 1, 3, 2, 4, 5)
+    return t.reshape(b, grid.gh, grid.gw * th * tw, c)
+
+
+def from_tiles(t: torch.Tensor, grid: TileGrid) -> torch.Tensor:
+    """Inverse of :func:`to_tiles`, padding cropped."""
+    (th, tw), b, c = grid.tile, t.shape[0], t.shape[-1]
+    t = t.reshape(b, grid.gh, grid.gw, th, tw, c).permute(0, 1, 3, 2, 4, 5)
+    return t.reshape(b, grid.gh * th, grid.gw * tw, c)[:, : grid.h, : grid.w]
+
+
+def tiled_position_encoding(rule: ViTCAUpdate, grid: TileGrid) -> torch.Tensor | None:
+    """The rule's position encoding in tile order ``(GH, GW·th·tw, E)``; the vit sinusoid is computed in that
+    order directly (from row and column tables), not permuted."""
+    kind, (th, tw), dim = rule.cfg.pos_encoding, grid.tile, rule.cfg.embed
+    if kind == "learned":
+        return to_tiles(rule.learned_pe[None], grid)[0]
+    if kind != "vit":
+        return None
+    rows = (torch.arange(grid.gh)[:, None] * th + torch.arange(th)).float()  # gh th
+    cols = (torch.arange(grid.gw)[:, None] * tw + torch.arange(tw)).float()  # gw tw
+    pe = vit_position_encoding_at(rows[:, None, :, None], cols[None, :, None, :], grid.w, dim)  # gh gw th tw E
+    return pe.reshape(grid.gh, grid.gw * th * tw, dim)
+
+
+def _window_bias(tile: tuple[int, int], neighbourhood: tuple[int, int]) -> torch.Tensor:
+    """``(th·tw, kh·kw)``: 0 where a halo cell lies in the query's NH×NW window, -inf elsewhere."""
+    (th, tw), (nh, nw) = tile, neighbourhood
+    kh, kw = th + nh - 1, tw + nw - 1
+    dy = torch.arange(kh)[None, None, :, None] - torch.arange(th)[:, None, None, None]  # halo row - query row
+    dx = torch.arange(kw)[None, None, None, :] - torch.arange(tw)[None, :, None, None]
     inside = (dy >= 0) & (dy < nh) & (dx >= 0) & (dx < nw)
-    return torch.where(inside, 0.0, float("-inf")).reshape(bh * bw, kh * kw).to(device)
+    return torch.where(inside, 0.0, float("-inf")).reshape(th * tw, kh * kw)
 
 
-def blocked_local_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    neighbourhood: tuple[int, int],
-    scale: float = 1.0,
-    block: tuple[int, int] = EXPORT_BLOCK,
-):
-    """:func:`vitca_cli.model.local_attention` (same arguments and maths) in a form that exports to few ONNX nodes.
+def tiled_local_attention(q, k, v, neighbourhood: tuple[int, int], scale: float, grid: TileGrid):
+    """:func:`vitca_cli.model.local_attention` (same maths) on tile-ordered q, k, v ``(B, GH, GW·th·tw, heads, d)``,
+    in a form that exports to few ONNX nodes.
 
-    The grid is cut into ``block`` tiles of queries (padded up to whole blocks; the padding is cropped). Each
-    tile attends densely to its halo, the (bh+NH-1)×(bw+NW-1) cells around it, gathered from the zero-padded
-    keys and values, so border cells still see zero "ghost" neighbours that take softmax mass. Halo cells
-    outside a query's own window get -inf logits and thus exactly zero weight. Returns ``(out, None)``: the
+    Each tile of queries attends densely to its halo, the (th+NH-1)×(tw+NW-1) cells around it, gathered (one
+    ``Gather`` for k and one for v) from the tile-ordered keys with a zero row appended: halo cells outside the
+    h×w grid read the zero row, so border cells still see zero "ghost" neighbours that take softmax mass. Halo
+    cells outside a query's own window get -inf logits and thus exactly zero weight. Returns ``(out, None)``: the
     attention maps are not an output of the exported step.
     """
-    (nh, nw), (bh, bw) = neighbourhood, block
-    b, h, w, heads, d = q.shape
-    rh, rw = nh // 2, nw // 2
-    gh, gw = (h + bh - 1) // bh, (w + bw - 1) // bw  # blocks per column and row
-    hb, wb = gh * bh, gw * bw  # grid padded to whole blocks
-    kh, kw = bh + nh - 1, bw + nw - 1  # halo
-    wk = wb + 2 * rw  # row length of the padded keys
+    (nh, nw), (th, tw) = neighbourhood, grid.tile
+    b, heads, d = q.shape[0], q.shape[-2], q.shape[-1]
+    tiles, per_tile = grid.gh * grid.gw, th * tw
+    n = tiles * per_tile
+    kh, kw = th + nh - 1, tw + nw - 1
 
-    # Queries: b hb wb heads d -> b heads blocks (bh bw) d
-    qb = F.pad(q, [0, 0, 0, 0, 0, wb - w, 0, hb - h]).reshape(b, gh, bh, gw, bw, heads, d)
-    qb = qb.permute(0, 5, 1, 3, 2, 4, 6).reshape(b, heads, gh * gw, bh * bw, d)
+    # Halo of every tile as indices into the tile-ordered cells; n (the appended zero row) outside the grid.
+    r = (torch.arange(grid.gh) * th - nh // 2)[:, None, None, None] + torch.arange(kh)[None, None, :, None]
+    c = (torch.arange(grid.gw) * tw - nw // 2)[None, :, None, None] + torch.arange(kw)[None, None, None, :]
+    inside = (r >= 0) & (r < grid.h) & (c >= 0) & (c < grid.w)
+    r, c = r.clamp(min=0), c.clamp(min=0)
+    index = ((r // th) * grid.gw + c // tw) * per_tile + (r % th) * tw + c % tw
+    index = torch.where(inside, index, n).reshape(-1)
 
-    # Halo index of every block into the flattened, zero-padded key grid: block origin + halo offset.
-    dev = q.device
-    origin = (torch.arange(gh, device=dev) * (bh * wk))[:, None] + (torch.arange(gw, device=dev) * bw)[None, :]
-    offset = torch.arange(kh, device=dev)[:, None] * wk + torch.arange(kw, device=dev)[None, :]
-    index = (origin.reshape(-1, 1) + offset.reshape(1, -1)).reshape(-1)
+    def heads_first(t):  # b gh (gw th tw) heads d -> b heads n d
+        return t.reshape(b, n, heads, d).transpose(1, 2)
 
-    def halo(t: torch.Tensor) -> torch.Tensor:  # b h w heads d -> b heads blocks (kh kw) d
-        t = F.pad(t, [0, 0, 0, 0, rw, rw + wb - w, rh, rh + hb - h]).permute(0, 3, 1, 2, 4)
-        return t.reshape(b, heads, -1, d).index_select(2, index).reshape(b, heads, gh * gw, kh * kw, d)
+    def halo(t):  # -> b heads tiles (kh kw) d
+        t = torch.cat([heads_first(t), t.new_zeros(b, heads, 1, d)], dim=2)
+        return t.index_select(2, index).reshape(b, heads, tiles, kh * kw, d)
 
-    logits = (qb @ halo(k).transpose(-1, -2)) * scale + _window_bias(block, neighbourhood, dev)
-    out = logits.softmax(dim=-1) @ halo(v)  # b heads blocks (bh bw) d
-    out = out.reshape(b, heads, gh, gw, bh, bw, d).permute(0, 2, 4, 3, 5, 1, 6).reshape(b, hb, wb, heads, d)
-    return out[:, :h, :w], None
-
-
-_export_lock = threading.Lock()
+    queries = heads_first(q).reshape(b, heads, tiles, per_tile, d)
+    logits = (queries @ halo(k).transpose(-1, -2)) * scale + _window_bias(grid.tile, neighbourhood)
+    out = logits.softmax(dim=-1) @ halo(v)  # b heads tiles (th tw) d
+    return out.reshape(b, heads, n, d).transpose(1, 2).reshape(q.shape), None
 
 
 @contextlib.contextmanager
-def export_kernels():
-    """Swap the model's attention kernel for :func:`blocked_local_attention` while exporting.
-
-    ``LocalSelfAttention`` calls the module-level ``vitca_cli.model.attend`` (the seam the fused torch.compile
-    kernel also uses), so replacing it there changes only which kernel computes the same maths. A lock keeps two
-    exports in one process from interleaving the swap.
-    """
+def _attention_kernel(kernel):
+    """Run the model's attention through ``kernel`` (the ``vitca_cli.model.attend`` seam) inside the block."""
     if not callable(getattr(model_module, "attend", None)):
         raise VitcaError("vitca_cli.model has no attend() kernel seam; the ONNX export needs updating")
-    with _export_lock:
-        original = model_module.attend
-        model_module.attend = blocked_local_attention
-        try:
-            yield
-        finally:
-            model_module.attend = original
+    original = model_module.attend
+    model_module.attend = kernel
+    try:
+        yield
+    finally:
+        model_module.attend = original
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The exported module and its metadata
-# ---------------------------------------------------------------------------------------------------------------------
+_export_lock = threading.Lock()  # one export at a time: the attention seam is module-level
+
+
 class StepGraph(nn.Module):
-    """One CA step on a channels-last grid: the module that is exported."""
+    """One CA step on a channels-last grid: the module that is exported.
+
+    A ViTCA step runs on tiles of cells (:class:`TileGrid`): the grid is put in tile order once, every per-cell
+    layer runs in that order, and only the update is put back. The attention then reads each tile's queries in
+    place and gathers its keys and values in one pass, with no per-step rearranging of the 128-wide embeddings
+    (1.2× faster in ONNX Runtime than the same graph in raster order, bench/onnx_step.py). UNetCA steps export as
+    they are.
+    """
 
     def __init__(self, ca: nn.Module):
         super().__init__()
         self.ca = ca
 
     def forward(self, cells: torch.Tensor, update_mask: torch.Tensor, head_mask: torch.Tensor | None = None):
-        return self.ca.step_cells(cells, update_mask, head_mask)
+        rule = self.ca.rule
+        if not isinstance(rule, ViTCAUpdate):
+            return self.ca.step_cells(cells, update_mask, head_mask)
+        grid = TileGrid(cells.shape[1], cells.shape[2])
+        with _attention_kernel(functools.partial(tiled_local_attention, grid=grid)):
+            position = tiled_position_encoding(rule, grid)
+            delta = rule.update_cells(to_tiles(cells, grid), head_mask, position=position)
+        return self.ca.apply_update(cells, update_mask, from_tiles(delta, grid))
 
 
 def channel_layout(cfg: CAConfig) -> dict:
@@ -233,7 +282,7 @@ def export_step(
     graph = StepGraph(ca)
     try:
         # The exporters print progress to stdout and warn about their internals: keep stdout clean, logs quiet.
-        with export_kernels(), torch.no_grad(), _quiet_exporter():
+        with _export_lock, torch.no_grad(), _quiet_exporter():
             if exporter == "dynamo":
                 proto = _export_dynamo(graph, args, names, opset, dynamic)
             elif exporter == "torchscript":
