@@ -15,6 +15,8 @@ from vitca_cli.model import (
     CellularAutomaton,
     count_parameters,
     draw_update_mask,
+    local_attention,
+    local_attention_at,
     patchify,
     unpatchify,
     vit_position_encoding,
@@ -89,6 +91,33 @@ def test_fast_step_equals_unfold_reference(nb, pe):
     with torch.no_grad():
         fast, ref = ca.step(z, mask), unfold_step(ca, z, mask)
     assert (fast - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("arch,nb", [("vitca", 3), ("vitca", 5), ("unetca", 3)])
+def test_step_on_the_selected_cells_equals_the_dense_update(arch, nb):
+    """With σ < 1 the step computes updates for the masked-in cells only; the grid must be the dense update's."""
+    cfg = preset("fashion-mnist", arch=arch, neighbourhood=(nb, nb), image_size=(9, 11), unet_features=8)
+    ca = randomise(CellularAutomaton(cfg), scale=0.1)
+    z = ca.seed(torch.rand(2, 1, 9, 11)).requires_grad_()
+    binary = draw_update_mask(2, 9, 11, 0.5, torch.Generator().manual_seed(1))
+    for mask in (binary, binary * torch.rand(2, 1, 9, 11)):  # any mask values, not only 0/1
+        cells, m = z.permute(0, 2, 3, 1), mask.permute(0, 2, 3, 1)
+        dense = ca.apply_update(cells, m, ca.rule.update_cells(cells))
+        sparse = ca.step_cells(cells, m)
+        assert (sparse - dense).abs().max().item() < 1e-6
+        g_sparse, g_dense = (torch.autograd.grad(t.square().sum(), z)[0] for t in (sparse, dense))
+        assert torch.allclose(g_sparse, g_dense, atol=1e-5)
+
+
+def test_attention_of_selected_cells_equals_the_whole_grid_attention():
+    g = torch.Generator().manual_seed(0)
+    for (h, w), nbh in [((5, 7), (3, 3)), ((6, 4), (5, 7)), ((1, 1), (3, 3))]:
+        q, k, v = (torch.randn(2, h, w, 3, 4, generator=g) for _ in range(3))
+        only = torch.randperm(2 * h * w, generator=g)[: max(1, h * w)]
+        ref_out, ref_w = local_attention(q, k, v, nbh, 0.5)
+        out, weights = local_attention_at(q.flatten(0, 2)[only], k, v, only, nbh, 0.5)
+        assert torch.allclose(out, ref_out.flatten(0, 2)[only], atol=1e-6)
+        assert torch.allclose(weights, ref_w.flatten(0, 2)[only], atol=1e-6)
 
 
 def test_border_cells_attend_to_zero_padded_ghosts():
@@ -255,11 +284,16 @@ def test_compiled_kernels_match_eager_values_and_gradients():
         return out.detach(), [p.grad.clone() for p in ca.parameters()]
 
     eager, eager_grads = run()
+    with torch.no_grad():  # inference takes another path: queries and attention of the updated cells only
+        eager_inference = ca.step(ca.step(z, mask), mask)
     try:
         use_compiled_kernels(True)
         compiled, compiled_grads = run()
+        with torch.no_grad():
+            compiled_inference = ca.step(ca.step(z, mask), mask)
     finally:
         use_compiled_kernels(False)
     assert (compiled - eager).abs().max().item() < 1e-5
+    assert (compiled_inference - eager_inference).abs().max().item() < 1e-5
     for g_c, g_e in zip(compiled_grads, eager_grads):
         assert torch.allclose(g_c, g_e, atol=1e-6, rtol=1e-4)

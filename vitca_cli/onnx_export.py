@@ -200,8 +200,8 @@ class StepGraph(nn.Module):
 
     def forward(self, cells: torch.Tensor, update_mask: torch.Tensor, head_mask: torch.Tensor | None = None):
         rule = self.ca.rule
-        if not isinstance(rule, ViTCAUpdate):
-            return self.ca.step_cells(cells, update_mask, head_mask)
+        if not isinstance(rule, ViTCAUpdate):  # dense: the graph has no data-dependent shapes
+            return self.ca.apply_update(cells, update_mask, rule.update_cells(cells, head_mask))
         grid = TileGrid(cells.shape[1], cells.shape[2])
         with _attention_kernel(functools.partial(tiled_local_attention, grid=grid)):
             position = tiled_position_encoding(rule, grid)
