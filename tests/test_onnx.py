@@ -142,6 +142,10 @@ def test_step_reads_channels_last_grids_in_place_and_respects_the_mask(exported)
     assert torch.equal(out[:, :, :4], z[:, :, :4])  # cells that do not update keep their state exactly
     assert torch.equal(out[:, : cfg.static_channels], z[:, : cfg.static_channels])  # input never changes
     assert not torch.equal(out[:, :, 4:], z[:, :, 4:])
+    assert torch.equal(backend.step(z, torch.zeros_like(mask)), z)  # no cell updates: nothing to compute
+    fractional = torch.rand(mask.shape, generator=torch.Generator().manual_seed(3)) * mask  # any mask values
+    with torch.inference_mode():
+        assert (backend.step(z, fractional) - exported["ca"].step(z, fractional)).abs().max() < 1e-5
 
 
 def test_denoise_cli_onnx_backend_equals_torch_backend(exported, tmp_path):

@@ -494,14 +494,17 @@ class CellularAutomaton(nn.Module):
         only = flat_mask.nonzero().squeeze(1)
         if len(only) >= SPARSE_BELOW * flat_mask.numel():
             return self.apply_update(cells, update_mask, self.rule.update_cells(cells, head_mask, keep_attention))
-        delta = self.rule.update_cells(cells, head_mask, keep_attention, only=only) * flat_mask[only, None]
-        static = self.cfg.static_channels
-        flat = cells.reshape(-1, cells.shape[-1])
-        return flat.index_add(0, only, F.pad(delta, (static, 0))).view(cells.shape)
+        delta = self.rule.update_cells(cells, head_mask, keep_attention, only=only)
+        return self.apply_update_at(cells, only, delta * flat_mask[only, None])
 
     def apply_update(self, cells: torch.Tensor, update_mask: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """Cells ``(B, H, W, C)`` plus the rule's update ``delta`` ``(B, H, W, Co·P² + Ch)`` where the mask is set."""
         return cells + update_mask * F.pad(delta, (self.cfg.static_channels, 0))  # static channels: + 0
+
+    def apply_update_at(self, cells: torch.Tensor, only: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Cells ``(B, H, W, C)`` plus ``delta`` ``(S, Co·P² + Ch)`` at the flat cell indices ``only``."""
+        flat = cells.reshape(-1, cells.shape[-1])
+        return flat.index_add(0, only, F.pad(delta, (self.cfg.static_channels, 0))).view(cells.shape)
 
     def update_masks(
         self, z: torch.Tensor, steps: int, update_rate: float | None = None, generator: torch.Generator | None = None

@@ -91,6 +91,17 @@ class TileGrid:
     def gw(self) -> int:
         return (self.w + self.tile[1] - 1) // self.tile[1]
 
+    def raster_index(self, index: torch.Tensor) -> torch.Tensor:
+        """Flat tile-order cell indices (into B·GH·GW·th·tw) -> flat raster indices (into B·H·W)."""
+        th, tw = self.tile
+        per_row, per_image = self.gw * th * tw, self.gh * self.gw * th * tw  # cells in a row of tiles, an image
+        # a - (a // n)·n, not a % n: the exporter cannot take a remainder by a symbolic size
+        image = index // per_image
+        tile_row = (index - image * per_image) // per_row
+        rest = index - image * per_image - tile_row * per_row
+        tile_col, cell = rest // (th * tw), rest % (th * tw)
+        return (image * self.h + tile_row * th + cell // tw) * self.w + tile_col * tw + cell % tw
+
 
 def to_tiles(t: torch.Tensor, grid: TileGrid) -> torch.Tensor:
     """``(B, H, W, C)`` -> ``(B, GH, GW·th·tw, C)``, zero padded to whole tiles."""
@@ -190,8 +201,9 @@ class StepGraph(nn.Module):
     A ViTCA step runs on tiles of cells (:class:`TileGrid`): the grid is put in tile order once, every per-cell
     layer runs in that order, and only the update is put back. The attention then reads each tile's queries in
     place and gathers its keys and values in one pass, with no per-step rearranging of the 128-wide embeddings
-    (1.2× faster in ONNX Runtime than the same graph in raster order, bench/onnx_step.py). UNetCA steps export as
-    they are.
+    (1.2× faster in ONNX Runtime than the same graph in raster order, bench/onnx_step.py). As in the torch step,
+    the output projection, MLP and head run only for the cells whose mask is non-zero (``NonZero``, then
+    ``Gather``\ s and one ``ScatterND`` add into the grid). UNetCA steps export as they are.
     """
 
     def __init__(self, ca: nn.Module):
@@ -203,10 +215,12 @@ class StepGraph(nn.Module):
         if not isinstance(rule, ViTCAUpdate):  # dense: the graph has no data-dependent shapes
             return self.ca.apply_update(cells, update_mask, rule.update_cells(cells, head_mask))
         grid = TileGrid(cells.shape[1], cells.shape[2])
+        mask = to_tiles(update_mask, grid).reshape(-1)  # 0 on the padding
+        only = mask.nonzero().squeeze(1)  # the cells that update, in tile order
         with _attention_kernel(functools.partial(tiled_local_attention, grid=grid)):
             position = tiled_position_encoding(rule, grid)
-            delta = rule.update_cells(to_tiles(cells, grid), head_mask, position=position)
-        return self.ca.apply_update(cells, update_mask, from_tiles(delta, grid))
+            delta = rule.update_cells(to_tiles(cells, grid), head_mask, position=position, only=only)
+        return self.ca.apply_update_at(cells, grid.raster_index(only), delta * mask.index_select(0, only)[:, None])
 
 
 def channel_layout(cfg: CAConfig) -> dict:
