@@ -245,7 +245,7 @@ class LocalSelfAttention(nn.Module):
             q = F.linear(x.flatten(0, 2).index_select(0, only), wq).view(-1, self.heads, self.head_dim)
             out, weights = _kernel("attend_at", q, k, v, only, self.neighbourhood, scale)
             residual = residual.flatten(0, 2).index_select(0, only)
-        else:  # eager, the attention of the whole grid is cheaper than gathering each cell's neighbours
+        else:  # the whole grid's attention: eager, cheaper than gathering each cell's neighbours
             q = F.linear(x, wq).view(b, h, w, self.heads, self.head_dim)
             out, weights = attend(q, k, v, self.neighbourhood, scale)
             if only is not None:
@@ -486,15 +486,17 @@ class CellularAutomaton(nn.Module):
 
         The update is computed only for the cells the mask selects when it selects fewer than
         ``SPARSE_BELOW`` of them (σ = 0.5 in training and denoising: half the cells skip the output projection,
-        MLP and head); the result is the same as the dense :meth:`apply_update`.
+        MLP and head); the result is the same as the dense :meth:`apply_update`. Traced or compiled steps and
+        steps that keep the attention maps of every cell stay dense.
         """
         flat_mask = update_mask.reshape(-1)
-        if flat_mask.numel() == 0 or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        dense = keep_attention or torch.compiler.is_compiling() or torch.jit.is_tracing()
+        only = None if dense else flat_mask.nonzero().squeeze(1)
+        if only is None or len(only) >= SPARSE_BELOW * flat_mask.numel():
             return self.apply_update(cells, update_mask, self.rule.update_cells(cells, head_mask, keep_attention))
-        only = flat_mask.nonzero().squeeze(1)
-        if len(only) >= SPARSE_BELOW * flat_mask.numel():
-            return self.apply_update(cells, update_mask, self.rule.update_cells(cells, head_mask, keep_attention))
-        delta = self.rule.update_cells(cells, head_mask, keep_attention, only=only)
+        if len(only) == 0:
+            return cells.clone()
+        delta = self.rule.update_cells(cells, head_mask, only=only)
         return self.apply_update_at(cells, only, delta * flat_mask[only, None])
 
     def apply_update(self, cells: torch.Tensor, update_mask: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
