@@ -31,8 +31,8 @@ import torch
 
 from vitca_cli.config import preset
 from vitca_cli.model import CellularAutomaton, seed_cells
-from vitca_cli.onnx_backend import OnnxBackend, cpu_threads
-from vitca_cli.onnx_export import OUTPUT, export_step
+from vitca_cli.onnx_backend import OnnxBackend, cpu_threads, session_options
+from vitca_cli.onnx_export import DYNAMIC_AXES, OUTPUT, export_step
 from vitca_cli.runtime import tune_allocator
 
 
@@ -57,8 +57,7 @@ def profile(path: Path, z: torch.Tensor, mask: torch.Tensor, threads: int, runs:
     """Print the share of ONNX Runtime kernel time per operator type and the top nodes."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options = session_options(threads, dict(zip(DYNAMIC_AXES, (z.shape[0], *z.shape[2:]))))
     options.enable_profiling = True
     options.profile_file_prefix = str(path.with_suffix(""))
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -16,17 +16,25 @@ from vitca_cli.checkpoint import save_checkpoint
 from vitca_cli.cli import app
 from vitca_cli.config import CAConfig, preset
 from vitca_cli.errors import UsageError, WeightsError
-from vitca_cli.model import CellularAutomaton, local_attention, seed_cells
-from vitca_cli.onnx_backend import OnnxBackend, _cuda_driver_present, _nhwc_array, create_session, onnx_for_checkpoint
+from vitca_cli.model import CellularAutomaton, attend, seed_cells
+from vitca_cli.onnx_backend import (
+    SHAPED_SESSIONS,
+    OnnxBackend,
+    _cuda_driver_present,
+    _nhwc_array,
+    create_session,
+    onnx_for_checkpoint,
+)
 from vitca_cli.weights import sha256_file
 from vitca_cli.onnx_export import (
+    EXPORT_TILE,
     INPUTS,
     OUTPUT,
     TileGrid,
     export_checkpoint,
     export_step,
     from_tiles,
-    tiled_local_attention,
+    tiled_attention,
     to_tiles,
 )
 
@@ -89,21 +97,22 @@ def test_export_passes_checker_with_dynamic_axes_and_metadata(exported):
     assert json.loads(props["vitca.meta"]) == {"mask_type": "noise"}
 
 
-def test_tiled_attention_equals_the_model_attention():
+@pytest.mark.parametrize("tile", [(2, 2), EXPORT_TILE, (3, 5), (1, 1)])
+def test_tiled_attention_equals_the_model_attention(tile):
     g = torch.Generator().manual_seed(0)
     for (h, w), nbh in [((5, 7), (3, 3)), ((9, 4), (5, 7)), ((1, 1), (3, 3)), ((6, 8), (3, 3))]:
-        q, k, v = (torch.randn(2, h, w, 3, 4, generator=g) for _ in range(3))
-        ref, _ = local_attention(q, k, v, nbh, 0.5)
-        grid = TileGrid(h, w)
-        tiled = [to_tiles(t.flatten(-2), grid).unflatten(-1, (3, 4)) for t in (q, k, v)]
-        out, _ = tiled_local_attention(*tiled, nbh, 0.5, grid)
+        x = torch.randn(2, h, w, 12, generator=g)
+        weights = [torch.randn(12, 12, generator=g) for _ in range(3)]
+        ref, _ = attend(x, weights, 3, nbh, 0.5)
+        grid = TileGrid(h, w, tile)
+        out, _ = tiled_attention(to_tiles(x, grid), weights, 3, nbh, 0.5, grid)
         out = from_tiles(out.flatten(-2), grid).unflatten(-1, (3, 4))
-        assert torch.allclose(out, ref, atol=1e-6)
+        assert torch.allclose(out, ref, atol=1e-5)
 
 
 def test_tiles_round_trip():
     x = torch.randn(2, 5, 7, 3)
-    grid = TileGrid(5, 7)
+    grid = TileGrid(5, 7, (2, 2))
     tiles = to_tiles(x, grid)
     assert tiles.shape == (2, 3, 4 * 4, 3)
     assert torch.equal(tiles[0, 1, 4 * 2 + 2 * 1 + 0], x[0, 2 * 1 + 1, 2 * 2 + 0])  # tile (1, 2), cell (1, 0)
@@ -129,6 +138,26 @@ def test_ort_matches_torch_after_64_steps(exported, batch, height, width):
     assert ref.abs().max() < 20  # and the state stayed bounded
     assert (out - ref).abs().max() < 1e-4
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_steps_run_in_sessions_of_fixed_shape_that_match_the_exported_one(exported):
+    backend = OnnxBackend.from_file(exported["path"], "cpu", threads=1)
+    cfg = backend.cfg
+    shapes = [(1, 12, 16), (2, 9, 7), (1, 5, 30), (3, 6, 6), (1, 7, 7)]  # one more than SHAPED_SESSIONS
+    assert len(shapes) == SHAPED_SESSIONS + 1
+    for i, (b, h, w) in enumerate(shapes):
+        g = torch.Generator().manual_seed(i)
+        z = seed_cells(cfg, torch.rand(b, 1, h, w, generator=g))
+        mask = (torch.rand(b, 1, h, w, generator=g) < 0.5).float()
+        out = backend.step(z, mask)
+        shaped = backend.session_for((b, h, w))
+        assert shaped is not backend.session and shaped is backend.session_for((b, h, w))  # made once, kept
+        feeds = {INPUTS[0]: _nhwc_array(z), INPUTS[1]: _nhwc_array(mask)}
+        (dynamic,) = backend.session.run([OUTPUT], feeds)
+        assert np.allclose(_nhwc_array(out), dynamic, atol=1e-6)
+        with pytest.raises(Exception):  # it really is fixed to its shape
+            shaped.run([OUTPUT], {k: np.concatenate([v, v]) for k, v in feeds.items()})
+    assert list(backend._shaped) == [tuple(s) for s in shapes[1:]]  # the oldest was dropped
 
 
 def test_step_reads_channels_last_grids_in_place_and_respects_the_mask(exported):

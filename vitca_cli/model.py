@@ -158,8 +158,11 @@ def bias_gelu(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 
 def bias_add(y: torch.Tensor, bias: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """y + bias + other: a layer's bias and what is added to its output (residual, position encoding)."""
-    return y + bias + other
+    """y + bias + other: a layer's bias and what is added to its output (residual, position encoding).
+
+    Summed as y + (bias + other): where ``other`` is constant (a position encoding in an ONNX session of fixed
+    shape), ONNX Runtime folds bias + other, and the embedding is a product and one addition."""
+    return y + (bias + other)
 
 
 # The memory-bound parts of a step, by name. Eager by default; ``use_compiled_kernels`` fuses each into one
@@ -202,8 +205,11 @@ def _kernel(name: str, *args):
         return eager(*args)
 
 
-def attend(q, k, v, neighbourhood, scale):
-    """The localised attention kernel (the seam the ONNX export swaps for its own formulation)."""
+def attend(x, weights, heads, neighbourhood, scale):
+    """Every cell's q, k and v (``x`` ``(B, H, W, E)`` times the three ``weights``, split into ``heads``) and their
+    localised attention: ``(B, H, W, heads, d)`` and the weights. The seam the ONNX export swaps for its own
+    formulation (head-major products on tiles of cells)."""
+    q, k, v = (F.linear(x, w).unflatten(-1, (heads, -1)) for w in weights)
     return _kernel("attend", q, k, v, neighbourhood, scale)
 
 
@@ -237,17 +243,16 @@ class LocalSelfAttention(nn.Module):
         # Three products with slices of the one to_qkv weight: q, k and v come out contiguous (no split copies
         # in an exported graph, and the attention reads each of them densely).
         wq, wk, wv = self.to_qkv.weight.chunk(3)
-        k, v = (F.linear(x, wt).view(b, h, w, self.heads, self.head_dim) for wt in (wk, wv))
         scale = self.head_dim**-0.5
         if only is not None and _kernels["attend_at"] is not local_attention_at and not torch.is_grad_enabled():
             # Fused kernels, inference: queries and attention of the chosen cells only. (Not in training: the
             # backward pass of the indexed loads, a scatter-add per neighbour, costs more than it saves.)
+            k, v = (F.linear(x, wt).view(b, h, w, self.heads, self.head_dim) for wt in (wk, wv))
             q = F.linear(x.flatten(0, 2).index_select(0, only), wq).view(-1, self.heads, self.head_dim)
             out, weights = _kernel("attend_at", q, k, v, only, self.neighbourhood, scale)
             residual = residual.flatten(0, 2).index_select(0, only)
         else:  # the whole grid's attention: eager, cheaper than gathering each cell's neighbours
-            q = F.linear(x, wq).view(b, h, w, self.heads, self.head_dim)
-            out, weights = attend(q, k, v, self.neighbourhood, scale)
+            out, weights = attend(x, (wq, wk, wv), self.heads, self.neighbourhood, scale)
             if only is not None:
                 out = out.flatten(0, 2).index_select(0, only)
                 residual = residual.flatten(0, 2).index_select(0, only)

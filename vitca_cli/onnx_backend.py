@@ -23,6 +23,7 @@ cache folder (``<VITCA_HOME>/onnx/NAME-<sha256 prefix>.onnx``) and reuses that f
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -36,11 +37,12 @@ from vitca_cli.config import CAConfig
 from vitca_cli.errors import UsageError, VitcaError, WeightsError
 from vitca_cli.log import log
 from vitca_cli.log import verbosity as log_verbosity
-from vitca_cli.onnx_export import FORMAT, FORMAT_VERSION, HEAD_MASK, INPUTS, LAYOUT, OUTPUT
+from vitca_cli.onnx_export import DYNAMIC_AXES, FORMAT, FORMAT_VERSION, HEAD_MASK, INPUTS, LAYOUT, OUTPUT
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
+SHAPED_SESSIONS = 4  # grid shapes whose specialised sessions a backend keeps (a tiled run uses one or two)
 
 
 def cpu_threads() -> int:
@@ -108,13 +110,10 @@ def _parse_device(device: str) -> tuple[str, int]:
     raise UsageError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
 
 
-def create_session(source, device: str = "auto", threads: int | None = None):
-    """An ``InferenceSession`` for ``source`` (a path or serialized bytes) with explicit providers, and the
-    provider it actually runs on. ``--device cuda`` without a working CUDA provider is a ``UsageError``."""
+def session_options(threads: int | None = None, dims: dict[str, int] | None = None):
+    """The ``SessionOptions`` of every ONNX Runtime session vitca creates (``dims``: see :func:`create_session`)."""
     import onnxruntime as ort
 
-    kind, index = _parse_device(device)
-    _warn_if_both_runtimes()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or cpu_threads()
@@ -122,8 +121,26 @@ def create_session(source, device: str = "auto", threads: int | None = None):
     # The exported attention masks each query's halo with -inf logits; on CPU, exp() of such values takes a
     # slow path through denormal floats unless they are flushed to zero: the softmax then runs 5× faster and a
     # 256×256 step ~10% faster (bench/onnx_step.py). ONNX Runtime also sets this mode (flush-to-zero and
-    # denormals-are-zero) on the thread that calls run(); it only changes values below 1.2e-38.
+    # denormals-are-zero) on the thread that calls run(); it only changes values below 1.2e-38. Every session
+    # must set it: one session created without it (as the export's self-check once was) left the sessions
+    # created after it in the same process ~15% slower.
     options.add_session_config_entry("session.set_denormal_as_zero", "1")
+    for name, size in (dims or {}).items():
+        options.add_free_dimension_override_by_name(name, size)
+    return options
+
+
+def create_session(source, device: str = "auto", threads: int | None = None, dims: dict[str, int] | None = None):
+    """An ``InferenceSession`` for ``source`` (a path or serialized bytes) with explicit providers, and the
+    provider it actually runs on. ``--device cuda`` without a working CUDA provider is a ``UsageError``.
+
+    ``dims`` fixes named dynamic axes (``{"height": 256, ...}``): the session then runs only that shape, and
+    ONNX Runtime folds what depends on the shape alone (position encoding, halo indices) into constants."""
+    import onnxruntime as ort
+
+    kind, index = _parse_device(device)
+    _warn_if_both_runtimes()
+    options = session_options(threads, dims)
     available = ort.get_available_providers()
 
     if kind == "cuda" and CUDA not in available:
@@ -179,11 +196,19 @@ def read_metadata(session, path) -> tuple[CAConfig, dict, dict]:
 
 
 class OnnxBackend:
-    """One CA step in an ONNX Runtime session, on CPU torch tensors."""
+    """One CA step in an ONNX Runtime session, on CPU torch tensors.
+
+    ``session`` is the graph as exported (any batch and grid size). Steps run in a session specialised to the
+    grid's shape (:meth:`session_for`), created on first use of a shape; the most recent few are kept. Fixed
+    shapes let ONNX Runtime fold the position encoding and the halo indices into constants instead of
+    recomputing them every step: a 256×256 step is ~5% faster (bench/onnx_step.py). The results are the same.
+    """
 
     def __init__(self, session, provider: str, cfg: CAConfig, meta: dict, name: str, path: Path | None = None):
         self.session = session
         self.provider = provider
+        self._source = str(path) if path is not None else None
+        self._shaped: collections.OrderedDict[tuple[int, ...], object] = collections.OrderedDict()
         self.cfg = cfg
         self.meta = meta
         self.name = name
@@ -238,7 +263,8 @@ class OnnxBackend:
         cells = _nhwc_array(z)
         mask = _nhwc_array(update_mask)
         out = torch.empty(cells.shape, dtype=torch.float32)
-        binding = self.session.io_binding()
+        session = self.session_for(cells.shape[:3])
+        binding = session.io_binding()
         binding.bind_cpu_input(INPUTS[0], cells)
         binding.bind_cpu_input(INPUTS[1], mask)
         if self.has_head_mask:
@@ -247,8 +273,23 @@ class OnnxBackend:
         elif head_mask is not None:
             raise UsageError("this step graph was exported without --with-head-mask")
         binding.bind_output(OUTPUT, "cpu", 0, np.float32, list(out.shape), out.data_ptr())
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         return out.permute(0, 3, 1, 2)  # b c h w, channels-last in memory
+
+    def session_for(self, shape: tuple[int, ...]):
+        """The session specialised to a ``(B, H, W)`` grid (the exported session when there is no file)."""
+        shape = tuple(int(s) for s in shape)
+        session = self._shaped.pop(shape, None)
+        if session is None:
+            if self._source is None:
+                return self.session
+            threads = self.session.get_session_options().intra_op_num_threads
+            device = "cpu" if self.provider == CPU else self.provider.replace(CUDA, "cuda")
+            session, _ = create_session(self._source, device, threads, dims=dict(zip(DYNAMIC_AXES, shape)))
+        self._shaped[shape] = session  # most recently used last
+        while len(self._shaped) > SHAPED_SESSIONS:
+            self._shaped.popitem(last=False)
+        return session
 
 
 def _nhwc_array(t: torch.Tensor) -> np.ndarray:

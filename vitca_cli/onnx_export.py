@@ -25,10 +25,12 @@ suits old torch versions (before 2.6) and quick experiments.
 
 Speed: the model's eager attention loops over the NH·NW neighbours with strided views, which are free in torch
 but each become a copying ``Slice`` plus ``Mul``/``ReduceSum``/``Add`` nodes in ONNX. The exported ViTCA step
-instead runs on tiles of 2×2 cells (:class:`StepGraph`): every per-cell layer runs in tile order, and the
-attention is :func:`tiled_local_attention`, the same maths as dense attention of each tile's queries over its
-halo (two ``Gather``\ s and two batched ``MatMul``\ s, a constant -inf mask outside each query's window). The
-default opset is 20, whose ``Gelu`` ONNX Runtime fuses with the bias before it.
+instead runs on tiles of 2×6 cells (:class:`StepGraph`, ``EXPORT_TILE``): every per-cell layer runs in tile
+order, q, k and v come out of head-major products, and the attention is :func:`tiled_local_attention`, the same
+maths as dense attention of each tile's queries over its halo (two Gathers and two batched MatMuls, a constant
+-inf mask outside each query's window). The default opset is 20, whose ``Gelu`` ONNX Runtime fuses with the bias
+before it. :class:`vitca_cli.onnx_backend.OnnxBackend` runs the graph in sessions of fixed shape, in which ONNX
+Runtime folds the position encoding and the halo indices into constants.
 """
 
 from __future__ import annotations
@@ -62,11 +64,15 @@ MIN_OPSET = 18  # the dynamo exporter's own opset; LayerNormalization alone need
 INPUTS = ("cells", "update_mask")
 HEAD_MASK = "head_mask"
 OUTPUT = "next_cells"
+DYNAMIC_AXES = ("batch", "height", "width")  # names of the cell grid's dynamic axes (B, H, W) in the graph
 LAYOUT = "NHWC"
-# Cells per tile of the exported ViTCA step: each tile's 2×2 queries attend to a 4×4 halo for a 3×3 window.
-# ONNX has no strided views, so the overlapping halos are copies (4× the keys and values); at 256×256 (2 threads,
-# bench/onnx_step.py, raster-ordered graph) a step took 155 ms with 2×2, 165 with 2×4, 168 with 1×8, 175 with 4×4.
-EXPORT_TILE = (2, 2)
+# Cells per tile of the exported ViTCA step: each tile's 2×6 queries attend to a 4×8 halo for a 3×3 window.
+# ONNX has no strided views, so the overlapping halos are copies (2.7× the keys and values), and the logits
+# outside each query's window are wasted work (32 per query for 9). Larger tiles copy less and waste more; with
+# fixed-shape sessions and head-major products (bench/onnx_step.py, 2 threads) the ratio to torch eager at
+# 64×64×8 / 256×256×1 / 28×28×32 was 1.08/1.03/1.06 with 2×4, 1.07/1.03/1.13 with 4×4, 1.12/1.09/1.15 with 2×6
+# and 1.06/1.00/0.98 with 2×8.
+EXPORT_TILE = (2, 6)
 EXPORTERS = ("dynamo", "torchscript")
 DEFAULT_EXPORTER = "dynamo"
 
@@ -143,40 +149,47 @@ def _window_bias(tile: tuple[int, int], neighbourhood: tuple[int, int]) -> torch
 
 
 def tiled_local_attention(q, k, v, neighbourhood: tuple[int, int], scale: float, grid: TileGrid):
-    """:func:`vitca_cli.model.local_attention` (same maths) on tile-ordered q, k, v ``(B, GH, GW·th·tw, heads, d)``,
-    in a form that exports to few ONNX nodes.
+    """:func:`vitca_cli.model.local_attention` (same maths) of tile-ordered, head-major q, k, v
+    ``(B, heads, GH·GW·th·tw, d)``, in a form that exports to few ONNX nodes; ``(B, GH, GW·th·tw, heads, d)``.
 
     Each tile of queries attends densely to its halo, the (th+NH-1)×(tw+NW-1) cells around it, gathered (one
-    ``Gather`` for k and one for v) from the tile-ordered keys with a zero row appended: halo cells outside the
-    h×w grid read the zero row, so border cells still see zero "ghost" neighbours that take softmax mass. Halo
+    ``Gather`` for k and one for v) from the tile-ordered keys. Halo cells outside the h×w grid are zero "ghost"
+    neighbours, as in the model: their logit is 0 (they take softmax mass) and their value is zero. Halo
     cells outside a query's own window get -inf logits and thus exactly zero weight. Returns ``(out, None)``: the
     attention maps are not an output of the exported step.
     """
     (nh, nw), (th, tw) = neighbourhood, grid.tile
-    b, heads, d = q.shape[0], q.shape[-2], q.shape[-1]
+    b, heads, n, d = q.shape
     tiles, per_tile = grid.gh * grid.gw, th * tw
-    n = tiles * per_tile
     kh, kw = th + nh - 1, tw + nw - 1
 
-    # Halo of every tile as indices into the tile-ordered cells; n (the appended zero row) outside the grid.
+    # Halo of every tile as indices into the tile-ordered cells; ghosts (outside the grid) read cell 0 and are
+    # then made zero neighbours by ``real``: their logit is set to 0 and their weight is dropped after the
+    # softmax. (Appending a zero row to k and v instead costs two grid-sized copies per step.)
     r = (torch.arange(grid.gh) * th - nh // 2)[:, None, None, None] + torch.arange(kh)[None, None, :, None]
     c = (torch.arange(grid.gw) * tw - nw // 2)[None, :, None, None] + torch.arange(kw)[None, None, None, :]
     inside = (r >= 0) & (r < grid.h) & (c >= 0) & (c < grid.w)
     r, c = r.clamp(min=0), c.clamp(min=0)
-    index = ((r // th) * grid.gw + c // tw) * per_tile + (r % th) * tw + c % tw
-    index = torch.where(inside, index, n).reshape(-1)
+    index = torch.where(inside, ((r // th) * grid.gw + c // tw) * per_tile + (r % th) * tw + c % tw, 0).reshape(-1)
+    real = inside.reshape(tiles, 1, kh * kw).float()
 
-    def heads_first(t):  # b gh (gw th tw) heads d -> b heads n d
-        return t.reshape(b, n, heads, d).transpose(1, 2)
-
-    def halo(t):  # -> b heads tiles (kh kw) d
-        t = torch.cat([heads_first(t), t.new_zeros(b, heads, 1, d)], dim=2)
+    def halo(t):  # b heads n d -> b heads tiles (kh kw) d
         return t.index_select(2, index).reshape(b, heads, tiles, kh * kw, d)
 
-    queries = heads_first(q).reshape(b, heads, tiles, per_tile, d)
-    logits = (queries @ halo(k).transpose(-1, -2)) * scale + _window_bias(grid.tile, neighbourhood)
-    out = logits.softmax(dim=-1) @ halo(v)  # b heads tiles (th tw) d
-    return out.reshape(b, heads, n, d).transpose(1, 2).reshape(q.shape), None
+    queries = q.reshape(b, heads, tiles, per_tile, d)
+    logits = (queries @ halo(k).transpose(-1, -2)) * scale * real + _window_bias(grid.tile, neighbourhood)
+    out = (logits.softmax(dim=-1) * real) @ halo(v)  # b heads tiles (th tw) d
+    return out.reshape(b, heads, n, d).transpose(1, 2).reshape(b, grid.gh, n // grid.gh, heads, d), None
+
+
+def tiled_attention(x, weights, heads: int, neighbourhood: tuple[int, int], scale: float, grid: TileGrid):
+    """The export's :func:`vitca_cli.model.attend`: q, k and v of the tile-ordered cells ``x`` ``(B, GH, GW·th·tw,
+    E)`` as head-major products (``(B, 1, N, E) @ (heads, E, d)``: no transposes, 1.4× faster in ONNX Runtime
+    than a product and a transpose at 256×256), then :func:`tiled_local_attention`."""
+    b, e = x.shape[0], x.shape[-1]
+    cells = x.reshape(b, 1, -1, e)
+    q, k, v = (cells @ w.reshape(heads, -1, e).transpose(1, 2) for w in weights)  # b heads n d
+    return tiled_local_attention(q, k, v, neighbourhood, scale, grid)
 
 
 @contextlib.contextmanager
@@ -203,7 +216,7 @@ class StepGraph(nn.Module):
     place and gathers its keys and values in one pass, with no per-step rearranging of the 128-wide embeddings
     (1.2× faster in ONNX Runtime than the same graph in raster order, bench/onnx_step.py). As in the torch step,
     the output projection, MLP and head run only for the cells whose mask is non-zero (``NonZero``, then
-    ``Gather``\ s and one ``ScatterND`` add into the grid). UNetCA steps export as they are.
+    Gathers and one ``ScatterND`` add into the grid). UNetCA steps export as they are.
     """
 
     def __init__(self, ca: nn.Module):
@@ -217,7 +230,7 @@ class StepGraph(nn.Module):
         grid = TileGrid(cells.shape[1], cells.shape[2])
         mask = to_tiles(update_mask, grid).reshape(-1)  # 0 on the padding
         only = mask.nonzero().squeeze(1)  # the cells that update, in tile order
-        with _attention_kernel(functools.partial(tiled_local_attention, grid=grid)):
+        with _attention_kernel(functools.partial(tiled_attention, grid=grid)):
             position = tiled_position_encoding(rule, grid)
             delta = rule.update_cells(to_tiles(cells, grid), head_mask, position=position, only=only)
         return self.ca.apply_update_at(cells, grid.raster_index(only), delta * mask.index_select(0, only)[:, None])
@@ -291,7 +304,7 @@ def export_step(
     args = (cells, mask) + ((torch.zeros(cfg.heads),) if with_head_mask else ())
     names = list(INPUTS) + ([HEAD_MASK] if with_head_mask else [])
 
-    dynamic = ("batch",) if cfg.pos_encoding == "learned" else ("batch", "height", "width")
+    dynamic = DYNAMIC_AXES[:1] if cfg.pos_encoding == "learned" else DYNAMIC_AXES
 
     graph = StepGraph(ca)
     try:
@@ -425,7 +438,6 @@ def _strip_debug_info(proto) -> None:
 def _self_check(data: bytes, ca: nn.Module, with_head_mask: bool) -> float:
     """Max |ORT - torch| of one step on a small random grid of a size other than the traced one, relative to the
     largest state value when that exceeds 1."""
-    import onnxruntime as ort
 
     cfg: CAConfig = ca.cfg
     gh, gw = _example_grid(cfg)
@@ -438,9 +450,9 @@ def _self_check(data: bytes, ca: nn.Module, with_head_mask: bool) -> float:
     feeds = {"cells": z.permute(0, 2, 3, 1).numpy().copy(), "update_mask": m.permute(0, 2, 3, 1).numpy().copy()}
     if with_head_mask:
         feeds[HEAD_MASK] = (head if head is not None else torch.zeros(cfg.heads)).numpy()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    from vitca_cli.onnx_backend import create_session  # imports this module
+
+    session, _ = create_session(data, "cpu", threads=1)
     (out,) = session.run([OUTPUT], feeds)
     with torch.no_grad():
         ref = ca.step(z, m, head).permute(0, 2, 3, 1)
