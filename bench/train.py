@@ -3,6 +3,7 @@
     python bench/train.py                     # batch 32, 28×28, T = 32; fusion/mitosis at 64×64
     python bench/train.py --device cuda       # the same on a GPU
     python bench/train.py --compare-compile   # also: eager vs torch.compile'd step vs fused attention/bias kernels
+    python bench/train.py --compare-precision --batch 16 --steps 12 --skip-fm   # also: bf16 autocast vs fp32
 
 Targets (issue 3): gradient checkpointing cuts peak memory ≥ 4× for ≤ 2× the iteration time; one training
 iteration (forward + backward) costs ≤ 3.5× a no-grad forward rollout of the same T. On CPU each configuration runs
@@ -49,6 +50,8 @@ def main() -> None:
         help="kernel for every configuration [attention: what vitca train uses by default]",
     )
     p.add_argument("--compare-compile", action="store_true", help="also time plain eager/step/attention")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="training precision [fp32]")
+    p.add_argument("--compare-precision", action="store_true", help="also time the plain pass in the other precision")
     p.add_argument("--skip-fm", action="store_true")
     p.add_argument("--json", type=Path, help="also write all measurements here")
     a = p.parse_args()
@@ -57,9 +60,9 @@ def main() -> None:
     cfg = preset("fashion-mnist", channels=a.channels, image_size=(a.size, a.size))
     compile = None if a.compile == "none" else a.compile
     common = dict(batch=a.batch, height=a.size, width=a.size, steps=a.steps, device=a.device, repeats=a.repeats,
-                  compile=compile)  # fmt: skip
+                  compile=compile, precision=a.precision)  # fmt: skip
     print(f"batch {a.batch}, {a.channels}×{a.size}×{a.size}, T = {a.steps}, device {a.device}, "
-          f"compile {a.compile}", flush=True)  # fmt: skip
+          f"compile {a.compile}, precision {a.precision}", flush=True)  # fmt: skip
     for mode in ("plain", "checkpointing"):
         results[mode] = r = profile_training(cfg, mode=mode, **common)
         print(row(mode, r), flush=True)
@@ -83,6 +86,13 @@ def main() -> None:
             results[f"compile-{kind}"] = r
             print(row(f"plain, compile {kind}", r), flush=True)
             print(f"  iteration time vs compile {a.compile}: {r['iteration_ms'] / plain['iteration_ms']:6.2f}×")
+
+    if a.compare_precision:
+        other = "bf16" if a.precision == "fp32" else "fp32"
+        results[f"precision-{other}"] = r = profile_training(cfg, mode="plain", **dict(common, precision=other))
+        print(row(f"plain, {other}", r), flush=True)
+        fp32, bf16 = (plain, r) if other == "bf16" else (r, plain)
+        print(f"bf16 speed-up (fp32 / bf16 iteration time) {fp32['iteration_ms'] / bf16['iteration_ms']:6.2f}×")
 
     if not a.skip_fm:
         fm_batch = a.fm_batch or (a.batch if a.device.startswith("cuda") else 8)

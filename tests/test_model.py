@@ -100,7 +100,9 @@ def test_step_on_the_selected_cells_equals_the_dense_update(arch, nb):
     ca = randomise(CellularAutomaton(cfg), scale=0.1)
     z = ca.seed(torch.rand(2, 1, 9, 11)).requires_grad_()
     binary = draw_update_mask(2, 9, 11, 0.5, torch.Generator().manual_seed(1))
-    for mask in (binary, binary * torch.rand(2, 1, 9, 11)):  # any mask values, not only 0/1
+    dense_ish = draw_update_mask(2, 9, 11, 0.8, torch.Generator().manual_seed(2))  # rows padded up to all 198 cells
+    # any mask values, not only 0/1; the row count is padded up to a multiple of ROW_BUCKET with idle cells
+    for mask in (binary, binary * torch.rand(2, 1, 9, 11), dense_ish):
         cells, m = z.permute(0, 2, 3, 1), mask.permute(0, 2, 3, 1)
         dense = ca.apply_update(cells, m, ca.rule.update_cells(cells))
         sparse = ca.step_cells(cells, m)

@@ -215,6 +215,27 @@ def test_bad_training_config_is_a_usage_error():
         tcfg(checkpointing=True, fusion_mitosis=True)
 
 
+def test_bf16_rollout_keeps_an_fp32_grid_and_matches_fp32_gradients():
+    torch.manual_seed(0)
+    ca = CellularAutomaton(CFG)
+    torch.nn.init.normal_(ca.rule.head[1].weight, std=0.1)  # a rule that moves the grid
+    x = torch.rand(4, 1, SIZE, SIZE)
+    z0 = ca.seed(x)
+    grads, grids = {}, {}
+    for precision in ("fp32", "bf16"):
+        ca.zero_grad()
+        z = rollout(ca, z0, 6, tcfg(precision=precision), torch.Generator().manual_seed(3))
+        assert z.dtype == torch.float32  # the carried state (and what goes to the pool) is never bfloat16
+        ca_loss(ca, z, x, 100.0, 100.0)[0].backward()
+        grads[precision] = [p.grad.clone() for p in ca.parameters()]
+        grids[precision] = z.detach()
+    assert 0 < (grids["bf16"] - grids["fp32"]).abs().max().item() < 0.05  # bf16 products really ran
+    for g32, g16 in zip(grads["fp32"], grads["bf16"]):
+        assert (g16 - g32).norm() <= 0.1 * g32.norm() + 1e-6
+    with pytest.raises(UsageError, match="precision"):
+        tcfg(precision="fp16")
+
+
 def test_cli_train_and_resume_on_png_folder(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -233,11 +254,14 @@ def test_cli_train_and_resume_on_png_folder(tmp_path):
     assert res.exit_code == 2 and "cannot change --lr" in res.output
     res = runner.invoke(app, ["train", "--dataset", f"folder:{photos}", "--image-size", "8", "-o", str(run)])
     assert res.exit_code == 2 and "already holds a run" in res.output
-    res = runner.invoke(app, ["train", "--resume", str(run)])
+    res = runner.invoke(app, ["train", "--resume", str(run), "--precision", "bf16"])  # speed knobs may change
     assert res.exit_code == 0, res.output
+    assert json.loads((run / "config.json").read_text())["train"]["precision"] == "bf16"
     ckpt = read_checkpoint(run / "last.pt")
     assert ckpt["iteration"] == 4 and ckpt["config"]["channels"] == 3 and tuple(ckpt["config"]["image_size"]) == (8, 8)
     assert len((run / "command.txt").read_text().splitlines()) == 2
+    res = runner.invoke(app, ["train", "--dataset", f"folder:{photos}", "--precision", "fp16", "-o", str(tmp_path / "r3")])
+    assert res.exit_code == 2 and "precision must be one of" in res.output
     res = runner.invoke(app, ["train", "--dataset", f"folder:{tmp_path / 'none'}", "--image-size", "8"])
     assert res.exit_code == 1 and "image folder not found" in res.output
     res = runner.invoke(app, ["train", "--dataset", f"folder:{photos}", "--image-size", "10", "-o", str(tmp_path / "r2")])

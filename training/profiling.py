@@ -60,7 +60,7 @@ def _proc_status(key: str) -> int:
 
 
 def _measure(cfg_dict: dict, batch: int, height: int, width: int, steps: int, mode: str, device: str,
-             repeats: int, compile: str | None, seed: int) -> dict:  # fmt: skip
+             repeats: int, compile: str | None, seed: int, precision: str = "fp32") -> dict:  # fmt: skip
     """Run the measurement in this process (called in a fresh subprocess on CPU)."""
     import torch
 
@@ -80,19 +80,19 @@ def _measure(cfg_dict: dict, batch: int, height: int, width: int, steps: int, mo
     elif compile == "attention":
         use_compiled_kernels(True)
     try:
-        return _passes(ca, cfg, batch, height, width, steps, mode, dev, repeats, compile, seed)
+        return _passes(ca, cfg, batch, height, width, steps, mode, dev, repeats, compile, seed, precision)
     finally:
         if compile == "attention":
             use_compiled_kernels(False)
 
 
-def _passes(ca, cfg, batch, height, width, steps, mode, dev, repeats, compile, seed) -> dict:
+def _passes(ca, cfg, batch, height, width, steps, mode, dev, repeats, compile, seed, precision) -> dict:
     import torch
 
     from training.train import TrainConfig, ca_loss, rollout
 
     tcfg = TrainConfig(checkpointing=mode == "checkpointing", fusion_mitosis=mode == "fusion-mitosis",
-                       t_min=steps, t_max=steps)  # fmt: skip
+                       t_min=steps, t_max=steps, precision=precision)  # fmt: skip
     x = torch.rand(batch, cfg.channels, height, width, device=dev)
     z0 = ca.seed(x)
     gen = torch.Generator(dev).manual_seed(seed)
@@ -147,7 +147,7 @@ def _passes(ca, cfg, batch, height, width, steps, mode, dev, repeats, compile, s
             nograd.append((time.perf_counter() - t0) * 1e3)
     return {
         "mode": mode, "batch": batch, "height": height, "width": width, "steps": steps, "device": str(dev),
-        "compile": compile or "none",
+        "compile": compile or "none", "precision": precision,
         "forward_ms": statistics.median(fwd), "backward_ms": statistics.median(bwd),
         "iteration_ms": statistics.median(f + b for f, b in zip(fwd, bwd)),
         "nograd_rollout_ms": statistics.median(nograd),
@@ -167,17 +167,19 @@ def profile_training(
     compile: str | None = None,
     seed: int = 0,
     isolate: bool | None = None,
+    precision: str = "fp32",
 ) -> dict:
     """Forward ms, backward ms, iteration (forward + backward) ms, peak memory bytes of one training pass, and the
     no-grad forward rollout ms for the same T. ``cfg`` is a ``CAConfig``; ``compile`` is None, ``"step"``
-    (torch.compile of the CA step) or ``"attention"`` (the fused attention and bias kernels). On CPU each call runs in a
-    fresh subprocess (``isolate``, default on for CPU) so its memory peak is honest; see the module docstring."""
+    (torch.compile of the CA step) or ``"attention"`` (the fused attention and bias kernels); ``precision`` is the
+    training precision (``fp32`` | ``bf16``, see ``training.train.rollout``). On CPU each call runs in a fresh
+    subprocess (``isolate``, default on for CPU) so its memory peak is honest; see the module docstring."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "fusion-mitosis" and (height % 2 or width % 2 or steps < 4):
         raise ValueError("fusion-mitosis needs an even height and width and at least 4 steps")
     args = dict(cfg_dict=cfg.to_dict(), batch=batch, height=height, width=width, steps=steps, mode=mode,
-                device=str(device), repeats=repeats, compile=compile, seed=seed)  # fmt: skip
+                device=str(device), repeats=repeats, compile=compile, seed=seed, precision=precision)  # fmt: skip
     if isolate is None:
         isolate = str(device).startswith("cpu")
     if not isolate:

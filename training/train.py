@@ -45,6 +45,7 @@ from vitca_cli.model import CellularAutomaton, use_compiled_kernels
 
 log = logmod.log
 CONFIG_FILE, METRICS_FILE, LAST, BEST = "config.json", "metrics.jsonl", "last.pt", "best.pt"
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class TrainConfig:
     seed: int = 0
     init_weights: str | None = None  # fine-tuned from these weights (recorded; the run's own state lives in last.pt)
     compile: bool = True  # fused attention and bias kernels: ~2× faster iterations on CPU, gradients within 1e-4
+    precision: str = "fp32"  # bf16: the rollout's matrix products in bfloat16 (autocast); cells, loss, weights fp32
 
     def __post_init__(self) -> None:
         problems = []
@@ -99,6 +101,8 @@ class TrainConfig:
             problems.append(f"mask type must be one of {MASK_TYPES}")
         if not 0 < self.mask_max_prob <= 1 or self.mask_max_patch < 1 or self.mask_start > self.mask_end:
             problems.append("bad masking schedule (need 0 < max prob ≤ 1, max patch ≥ 1, start ≤ end)")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {PRECISIONS}")
         if self.lr <= 0 or self.val_steps < 1 or self.val_every < 0 or self.log_every < 1:
             problems.append("lr, val steps and log interval must be positive")
         if problems:
@@ -148,11 +152,19 @@ def normalize_gradients(params) -> None:
 
 
 def rollout(ca, z: torch.Tensor, steps: int, tcfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """The T training steps: plain, gradient-checkpointed (⌊T/2⌋ segments), or fusion/mitosis (appendix A.1)."""
-    if tcfg.fusion_mitosis:
-        return ca.fusion_mitosis_rollout(z, steps, None, generator)
-    segments = steps // 2 if tcfg.checkpointing and steps > 1 else 0
-    return ca(z, steps, generator=generator, checkpoint_segments=segments)
+    """The T training steps: plain, gradient-checkpointed (⌊T/2⌋ segments), or fusion/mitosis (appendix A.1).
+
+    With ``precision="bf16"`` the steps run under autocast: the linear layers multiply in bfloat16 (AMX/AVX512-BF16
+    on recent CPUs, tensor cores on GPUs) while the cell grid, LayerNorms, residual sums and the returned grid stay
+    fp32, so the state carried from step to step (and into the pool) is not rounded to bfloat16."""
+    autocast = tcfg.precision == "bf16"
+    with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=autocast):
+        if tcfg.fusion_mitosis:
+            z = ca.fusion_mitosis_rollout(z, steps, None, generator)
+        else:
+            segments = steps // 2 if tcfg.checkpointing and steps > 1 else 0
+            z = ca(z, steps, generator=generator, checkpoint_segments=segments)
+    return z.float() if autocast else z
 
 
 class Pool:

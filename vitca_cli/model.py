@@ -443,6 +443,7 @@ def output_image(cfg: CAConfig, z: torch.Tensor) -> torch.Tensor:
 
 
 SPARSE_BELOW = 0.9  # step_cells computes updates for the selected cells only when fewer than this share are
+ROW_BUCKET = 128  # ... and for a multiple of this many cells (padded with cells that do not update; see step_cells)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -501,6 +502,13 @@ class CellularAutomaton(nn.Module):
             return self.apply_update(cells, update_mask, self.rule.update_cells(cells, head_mask, keep_attention))
         if len(only) == 0:
             return cells.clone()
+        # Round the row count up to a multiple of ROW_BUCKET with cells the mask leaves alone (their update is
+        # multiplied by 0 below): a handful of shapes instead of a new one every step. bfloat16 products (training
+        # with --precision bf16) go through oneDNN, which builds a kernel for each new shape; with a fresh row count
+        # every step they ran slower than fp32 (bench/train.py --compare-precision).
+        rows = min(flat_mask.numel(), -(-len(only) // ROW_BUCKET) * ROW_BUCKET)
+        if rows > len(only):
+            only = torch.argsort(flat_mask, descending=True, stable=True)[:rows]  # the selected cells first
         delta = self.rule.update_cells(cells, head_mask, only=only)
         return self.apply_update_at(cells, only, delta * flat_mask[only, None])
 
