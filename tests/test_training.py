@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from training.train import (
     TrainConfig,
     Trainer,
     ca_loss,
+    lr_factor,
     normalize_gradients,
     read_run,
     rollout,
@@ -178,6 +180,23 @@ def test_run_folder_contents_and_checkpoint_meta(tmp_path):
     assert lines[-2]["lr"] < 1e-4  # ... and decays towards 0
 
 
+def test_warmup_ramps_the_lr_linearly_then_follows_the_cosine_and_resumes_exactly(tmp_path):
+    t = tcfg(iterations=12, warmup=4, val_every=0)
+    cosine = t.replace(warmup=0)
+    assert [lr_factor(i, t) / lr_factor(i, cosine) for i in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1, 1])
+    ds = tiny_dataset()
+    train(CFG, t, tmp_path / "a", train_ds=ds, progress=False)
+    logged = [json.loads(l)["lr"] for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]  # noqa: E741
+    assert logged[0] == pytest.approx(2.5e-4) and logged == pytest.approx([1e-3 * lr_factor(i, t) for i in range(12)])
+    assert max(logged) == logged[3] and logged[-1] < logged[4]  # peak right after the warm-up, then decay
+    train(CFG, t, tmp_path / "b", train_ds=ds, progress=False, stop_at=2)  # stop inside the warm-up ...
+    cfg2, t2, ckpt = read_run(tmp_path / "b")
+    assert t2.warmup == 4
+    train(cfg2, t2, tmp_path / "b", train_ds=ds, progress=False, resume_from=ckpt)  # ... and finish it
+    a, b = read_checkpoint(tmp_path / "a" / "last.pt"), read_checkpoint(tmp_path / "b" / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     train(CFG, tcfg(iterations=4), tmp_path, train_ds=tiny_dataset(), progress=False)
     before = (tmp_path / "last.pt").read_bytes()
@@ -213,6 +232,8 @@ def test_bad_training_config_is_a_usage_error():
         tcfg(t_min=5, t_max=3)
     with pytest.raises(UsageError, match="not both"):
         tcfg(checkpointing=True, fusion_mitosis=True)
+    with pytest.raises(UsageError, match="warm-up"):
+        tcfg(warmup=-1)
 
 
 def test_bf16_rollout_keeps_an_fp32_grid_and_matches_fp32_gradients():
@@ -236,7 +257,7 @@ def test_bf16_rollout_keeps_an_fp32_grid_and_matches_fp32_gradients():
         tcfg(precision="fp16")
 
 
-def test_cli_train_and_resume_on_png_folder(tmp_path):
+def test_cli_train_and_resume_on_png_folder(tmp_path, monkeypatch):
     photos = tmp_path / "photos"
     photos.mkdir()
     rng = np.random.RandomState(0)
@@ -254,8 +275,10 @@ def test_cli_train_and_resume_on_png_folder(tmp_path):
     assert res.exit_code == 2 and "cannot change --lr" in res.output
     res = runner.invoke(app, ["train", "--dataset", f"folder:{photos}", "--image-size", "8", "-o", str(run)])
     assert res.exit_code == 2 and "already holds a run" in res.output
+    monkeypatch.setattr("vitca_cli.runtime.cpu_has_native_bf16", lambda: False)  # an AVX2-only CPU
     res = runner.invoke(app, ["train", "--resume", str(run), "--precision", "bf16"])  # speed knobs may change
     assert res.exit_code == 0, res.output
+    assert "no bfloat16 instructions" in res.output and "prefer --precision fp32" in res.output
     assert json.loads((run / "config.json").read_text())["train"]["precision"] == "bf16"
     ckpt = read_checkpoint(run / "last.pt")
     assert ckpt["iteration"] == 4 and ckpt["config"]["channels"] == 3 and tuple(ckpt["config"]["image_size"]) == (8, 8)
@@ -283,10 +306,11 @@ def test_cli_init_weights_starts_a_new_run_from_trained_weights(tmp_path):
     assert res.exit_code == 0, res.output
     second = tmp_path / "second"
     res = runner.invoke(app, ["train", *common, "--init-weights", str(first / "best.pt"), "--iterations", "1",
-                              "--lr", "1e-12", "-o", str(second)])  # fmt: skip
+                              "--lr", "1e-12", "--warmup", "5", "-o", str(second)])  # fmt: skip
     assert res.exit_code == 0, res.output
     a, b = read_checkpoint(first / "best.pt"), read_checkpoint(second / "last.pt")
     assert b["config"] == a["config"] and b["iteration"] == 1  # model and image size come from the weights
+    assert b["train"]["warmup"] == 5
     assert max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]) < 1e-6
     assert b["train"]["init_weights"].startswith("best (best.pt, sha256 ")
     fresh = CellularAutomaton(CAConfig.from_dict(a["config"])).state_dict()
@@ -314,3 +338,11 @@ def test_profile_training_reports_times_and_checkpointing_saves_memory():
     assert fm["mode"] == "fusion-mitosis" and fm["backward_ms"] > 0
     with pytest.raises(ValueError, match="mode"):
         profile_training(cfg, mode="nope")
+
+
+def test_cpu_bf16_detection_reads_the_cpu_flags():
+    from vitca_cli.runtime import cpu_has_native_bf16
+
+    flags = open("/proc/cpuinfo").read() if sys.platform.startswith("linux") else ""
+    expected = ("avx512_bf16" in flags or "amx_bf16" in flags) if " flags" in flags or "flags\t" in flags else None
+    assert cpu_has_native_bf16() is expected

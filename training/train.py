@@ -64,6 +64,8 @@ class TrainConfig:
     beta: float = 100.0  # overflow weight
     lr: float = 1e-3
     lr_min: float = 0.0  # floor of the cosine schedule
+    warmup: int = 0  # linear learning-rate warm-up over this many iterations (fine-tuning: spares trained weights the
+    # first, sign-like steps of fresh AdamW moments)
     weight_decay: float = 0.01  # AdamW default
     grad_norm: bool = True  # per-parameter-tensor gradient normalisation
     checkpointing: bool = False  # gradient checkpointing in ⌊T/2⌋ segments
@@ -103,6 +105,8 @@ class TrainConfig:
             problems.append("bad masking schedule (need 0 < max prob ≤ 1, max patch ≥ 1, start ≤ end)")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {PRECISIONS}")
+        if self.warmup < 0:
+            problems.append("warm-up must be ≥ 0 iterations")
         if self.lr <= 0 or self.val_steps < 1 or self.val_every < 0 or self.log_every < 1:
             problems.append("lr, val steps and log interval must be positive")
         if problems:
@@ -208,6 +212,13 @@ def cosine_factor(iteration: int, total: int, floor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def lr_factor(iteration: int, tcfg: TrainConfig) -> float:
+    """The learning rate of (0-based) ``iteration`` over ``tcfg.lr``: a linear warm-up over ``tcfg.warmup`` iterations
+    (the first one at ``1 / warmup``) times the cosine decay."""
+    warm = min(1.0, (iteration + 1) / tcfg.warmup) if tcfg.warmup else 1.0
+    return warm * cosine_factor(iteration, tcfg.iterations, tcfg.lr_min / tcfg.lr)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------------------------------------------------
@@ -222,10 +233,7 @@ class Trainer:
         self.ca = CellularAutomaton(cfg).to(self.device)
         self.params = [p for p in self.ca.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-        floor = tcfg.lr_min / tcfg.lr
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda it: cosine_factor(it, self.tcfg.iterations, floor)
-        )
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda it: lr_factor(it, self.tcfg))
         self.pool = Pool(tcfg.pool_size)
         self.gen = torch.Generator(self.device).manual_seed(tcfg.seed)
         self.gen_data = torch.Generator().manual_seed(tcfg.seed + 1)

@@ -1,4 +1,4 @@
-"""Process-level runtime choices shared by the CLI, training and benchmarks: device and allocator."""
+"""Process-level runtime choices shared by the CLI, training and benchmarks: device, allocator, CPU features."""
 
 from __future__ import annotations
 
@@ -27,6 +27,19 @@ def resolve_device(spec: str = "auto"):
             raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
         return device
     raise UsageError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX-BF16); None where we cannot tell.
+
+    Without them oneDNN emulates bfloat16 products, and ``--precision bf16`` runs far slower than fp32.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
 _tuned = False

@@ -67,6 +67,9 @@ def train(
     beta: Optional[float] = _opt(None, "--beta", help="Overflow weight β [100].", panel=TRAIN_HELP),
     lr: Optional[float] = _opt(None, "--lr", help="AdamW learning rate [1e-3].", panel=TRAIN_HELP),
     lr_min: Optional[float] = _opt(None, "--lr-min", help="Cosine schedule floor [0].", panel=TRAIN_HELP),
+    warmup: Optional[int] = _opt(
+        None, "--warmup", help="Linear lr warm-up over N iterations (for fine-tuning) [0].", panel=TRAIN_HELP
+    ),
     weight_decay: Optional[float] = _opt(None, "--weight-decay", help="AdamW weight decay [0.01].", panel=TRAIN_HELP),
     grad_norm: Optional[bool] = _opt(
         None, "--grad-norm/--no-grad-norm", help="Per-tensor gradient normalisation [on].", panel=TRAIN_HELP
@@ -152,7 +155,7 @@ def train(
     from training.train import train as run_training
     from vitca_cli import log as logmod
     from vitca_cli.config import PRESETS, CAConfig
-    from vitca_cli.runtime import resolve_device, tune_allocator
+    from vitca_cli.runtime import cpu_has_native_bf16, resolve_device, tune_allocator
 
     def enum_value(v):
         return v.value if isinstance(v, Enum) else v
@@ -160,7 +163,7 @@ def train(
     train_opts = {
         "iterations": iterations, "batch_size": batch_size, "pool_size": pool_size, "pool_overwrite": pool_overwrite,
         "t_min": t_min, "t_max": t_max, "alpha": alpha, "beta": beta, "lr": lr, "lr_min": lr_min,
-        "weight_decay": weight_decay, "grad_norm": grad_norm, "checkpointing": checkpointing,
+        "warmup": warmup, "weight_decay": weight_decay, "grad_norm": grad_norm, "checkpointing": checkpointing,
         "fusion_mitosis": fusion_mitosis, "mask_type": enum_value(mask_type), "mask_start": mask_start,
         "mask_end": mask_end, "mask_max_prob": mask_max_prob, "mask_prob_stages": mask_prob_stages,
         "mask_max_patch": mask_max_patch, "mask_patch_stages": mask_patch_stages, "val_every": val_every,
@@ -247,6 +250,11 @@ def train(
     for p in {s for _, s in tcfg.schedule.combos}:
         if h % p or w % p:
             raise UsageError(f"mask patch {p} does not divide the image size {h}×{w}; change --mask-max-patch")
+    if tcfg.precision == "bf16" and dev.type == "cpu" and cpu_has_native_bf16() is False:
+        logmod.log.warning(
+            "--precision bf16: this CPU has no bfloat16 instructions (avx512_bf16 or amx_bf16), so the products are "
+            "emulated and run much slower than fp32; prefer --precision fp32"
+        )
     logmod.log.info(
         f"training {cfg.arch} on {train_ds.name} ({len(train_ds)} images, {h}×{w}) for {tcfg.iterations} iterations "
         f"on {dev}, seed {tcfg.seed}; run folder {out_dir}"
