@@ -207,6 +207,7 @@ def test_denoise_cli_onnx_backend_equals_torch_backend(exported, tmp_path):
         dict(pos_encoding="nerf"),
         dict(pos_encoding="learned", image_size=(8, 12)),
         dict(arch="unetca", unet_features=8, channels=3),
+        dict(channels=3, mask_channel=True, cell_init="input", pos_encoding="none", patch_size=2),
     ],
     ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()),
 )
@@ -217,9 +218,11 @@ def test_every_configuration_exports_and_matches(tmp_path, kw):
     info = export_step(ca, path, exporter="torchscript")
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     backend = OnnxBackend.from_file(path, "cpu")
+    assert backend.cfg == cfg  # the whole config (mask channel, cell init) travels in the graph's metadata
     grids = [cfg.image_size] if cfg.pos_encoding == "learned" else [(16, 16), (48, 32)]
     for (h, w), batch in zip(grids, (1, 2)):
-        z = seed_cells(cfg, torch.rand(batch, cfg.channels, h, w))
+        known = (torch.rand(batch, 1, h, w, generator=torch.Generator().manual_seed(h)) < 0.7).float()
+        z = seed_cells(cfg, torch.rand(batch, cfg.channels, h, w), known=known)
         mask = (torch.rand(batch, 1, *z.shape[-2:]) < 0.5).float()
         with torch.inference_mode():
             ref = ca.step(z, mask)

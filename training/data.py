@@ -239,8 +239,9 @@ class ImageDataset:
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.batch([int(i)])[0]
 
-    def batch(self, indices, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images ``(B, C, H, W)`` for ``indices``; random augmentation draws from ``generator`` (CPU)."""
+    def batch(self, indices, generator: torch.Generator | None = None, size: tuple[int, int] | None = None):
+        """Images ``(B, C, H, W)`` for ``indices``; random augmentation draws from ``generator`` (CPU). ``size``
+        overrides ``image_size`` for image files (training on crops of several sizes)."""
         if self.array is not None:
             x = self.array[torch.as_tensor(indices, dtype=torch.long)].float() / 255.0
             if self.image_size != self.native_size:
@@ -250,11 +251,11 @@ class ImageDataset:
                 flip = torch.rand(len(x), generator=generator) < 0.5
                 x[flip] = x[flip].flip(-1)
             return x
-        return torch.stack([self._file_item(int(i), generator) for i in indices])
+        return torch.stack([self._file_item(int(i), generator, size or self.image_size) for i in indices])
 
-    def _file_item(self, i: int, generator) -> torch.Tensor:
+    def _file_item(self, i: int, generator, size: tuple[int, int]) -> torch.Tensor:
         img = _load_image(str(self.files[i]), self.channels)  # C H W uint8
-        th, tw = self.image_size
+        th, tw = size
         h, w = img.shape[-2:]
         if self.mode == "resize" or h < th or w < tw:
             scale = max(th / h, tw / w)

@@ -134,11 +134,13 @@ def rollout(
 
 
 def restore(model, corrupted: torch.Tensor, steps: int, generator: torch.Generator, update_rate=None,
-            device=None) -> torch.Tensor:
-    """Seed the CA with ``corrupted``, run it, and return the output image (on the CPU, not clipped)."""
+            device=None, known: torch.Tensor | None = None) -> torch.Tensor:
+    """Seed the CA with ``corrupted``, run it, and return the output image (on the CPU, not clipped). With
+    ``known`` ``(B, 1, H, W)`` (1 = pixel given), a mask-aware model sees it, and known pixels come back as given."""
     device = device or next(model.parameters()).device
-    z = model.seed(corrupted, generator).to(device)  # seeded on the CPU: random cell init replays too
-    return model.output(rollout(model, z, steps, generator, update_rate)).float().cpu()
+    z = model.seed(corrupted, generator, known).to(device)  # seeded on the CPU: random cell init replays too
+    out = model.output(rollout(model, z, steps, generator, update_rate)).float().cpu()
+    return out if known is None else torch.where(known.bool(), corrupted, out)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -235,13 +237,17 @@ def evaluate(
     baselines: Iterable[str] = (),
     lpips: LPIPS | None = None,
     progress: Callable[[int], None] | None = None,
+    corruptions: str | None = None,
 ) -> dict:
     """Score ``model`` on batches of clean images (CPU tensors in [0, 1]) under the test masking of ``schedule``
-    (default: the reference's, max patch 4).
+    (default: the reference's, max patch 4), or, with ``corruptions`` (a ``vitca_cli.corruptions`` mixture), one
+    draw per image from that mixture (patch entries cycle the test combos per batch).
 
     Returns a JSON-ready dict: settings, one row per method (``vitca``, ``input`` = the corrupted image itself,
-    then each baseline) with mean and 95% half-width of each metric, and PSNR per mask combo for the CA.
+    then each baseline) with mean and 95% half-width of each metric, and PSNR per mask combo (or per corruption
+    kind) for the CA. Inpainting corruptions are scored as users get them: known pixels kept as given.
     """
+    from vitca_cli.corruptions import corrupt_batch, mixture_str, parse_mixture
     from training.baselines import run_baseline
 
     baselines = list(baselines)
@@ -251,7 +257,10 @@ def evaluate(
     ca_gen = torch.Generator().manual_seed(seed + 1)
     device = next(model.parameters()).device
     rows = {name: _Scores() for name in ["vitca", "input", *baselines]}
+    mixture = parse_mixture(corruptions) if corruptions else None
     per_combo: dict[str, list] = {f"p={p:g},patch={s}": [] for p, s in combos}
+    if mixture:
+        per_combo = {c.kind: [] for c in mixture}
     n_images = 0
     with torch.inference_mode():
         for k, clean in enumerate(data):
@@ -259,16 +268,26 @@ def evaluate(
             if k == 0:
                 check_patch_sizes(tuple(clean.shape[-2:]), schedule)
             prob, patch = combos[k % len(combos)]
-            corrupted, keep = corrupt(clean, prob, patch, mask_type, mask_gen)
+            known = kinds = None
+            if mixture:
+                corrupted, known, kinds = corrupt_batch(clean, mixture, mask_gen, mask_type, (prob, patch))
+                keep = known
+            else:
+                corrupted, keep = corrupt(clean, prob, patch, mask_type, mask_gen)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            output = restore(model, corrupted, iters, ca_gen, update_rate, device)
+            output = restore(model, corrupted, iters, ca_gen, update_rate, device, known)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             rows["vitca"].seconds += time.perf_counter() - start
             rows["vitca"].add(output, clean, lpips)
-            per_combo[f"p={prob:g},patch={patch}"] += psnr_per_image(output, clean).tolist()
+            scores = psnr_per_image(output, clean).tolist()
+            if kinds:
+                for kind, value in zip(kinds, scores):
+                    per_combo[kind].append(value)
+            else:
+                per_combo[f"p={prob:g},patch={patch}"] += scores
             rows["input"].add(corrupted, clean, lpips)
             for name in baselines:
                 start = time.perf_counter()
@@ -286,8 +305,10 @@ def evaluate(
         "mask_type": mask_type,
         "seed": seed,
         "update_rate": model.cfg.update_rate if update_rate is None else update_rate,
-        "combos": f"{len(combos)} test combos (p in {sorted({p for p, _ in combos})} x patch sizes "
+        "combos": f"mixture {mixture_str(mixture)}, one draw per image" if mixture else
+        f"{len(combos)} test combos (p in {sorted({p for p, _ in combos})} x patch sizes "
         f"{sorted({s for _, s in combos})}), cycled one per batch",
+        "corruptions": mixture_str(mixture) if mixture else "patch",
         "methods": {name: scores.summary() for name, scores in rows.items()},
         "psnr_per_combo": {
             key: {"psnr": round(mean_interval(v)[0], 4), "images": len(v)} for key, v in per_combo.items() if v

@@ -93,6 +93,7 @@ def ship(
     trained: str | None = None,
     mask_type: str | None = None,
     notes: str | None = None,
+    default_iters: int | None = None,
 ) -> dict:
     """Write ``weights_dir/NAME.pt`` from ``checkpoint`` and its manifest entry; returns the entry."""
     checkpoint = Path(checkpoint)
@@ -122,8 +123,14 @@ def ship(
         "val_psnr": pick(val_psnr, "val_psnr", "best_val_psnr", "psnr"),
         "val_ssim": pick(val_ssim, "val_ssim", "best_val_ssim", "ssim"),
         "mask_type": mask_type or _find(obj, "mask_type") or "noise",
+        "mask_channel": cfg.mask_channel,
+        "cell_init": cfg.cell_init,
+        "corruptions": _find(obj, "corruptions") or "patch",
+        "crop_sizes": _find(obj, "crop_sizes") or list(cfg.image_size[:1]),
         "trained": trained or training_command(run_dir, obj) or "unknown",
     }
+    if default_iters:
+        entry["default_iters"] = default_iters
     if notes:
         entry["notes"] = notes
     entry = {k: _plain(v) for k, v in entry.items()}
@@ -152,10 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trained", help="how it was trained (default: the run's command line)")
     ap.add_argument("--mask-type", choices=["dropout", "noise"])
     ap.add_argument("--notes")
+    ap.add_argument("--default-iters", type=int, help="CA steps `vitca denoise` runs by default with these weights")
     args = ap.parse_args(argv)
     try:
         entry = ship(args.checkpoint, args.name, args.dataset, args.weights_dir, args.val_psnr, args.val_ssim,
-                     args.iterations, args.trained, args.mask_type, args.notes)
+                     args.iterations, args.trained, args.mask_type, args.notes, args.default_iters)
     except VitcaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

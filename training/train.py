@@ -39,6 +39,7 @@ import torch
 from vitca_cli import log as logmod
 from vitca_cli.checkpoint import atomic_write_bytes, read_checkpoint, save_checkpoint
 from vitca_cli.config import CAConfig
+from vitca_cli.corruptions import PAPER_MIXTURE, Corruption, corrupt_batch, mixture_str, parse_mixture
 from vitca_cli.errors import UsageError, VitcaError
 from vitca_cli.masking import MASK_TYPES, MaskingSchedule, random_mask
 from vitca_cli.model import CellularAutomaton, use_compiled_kernels
@@ -86,6 +87,8 @@ class TrainConfig:
     init_weights: str | None = None  # fine-tuned from these weights (recorded; the run's own state lives in last.pt)
     compile: bool = True  # fused attention and bias kernels: ~2× faster iterations on CPU, gradients within 1e-4
     precision: str = "fp32"  # bf16: the rollout's matrix products in bfloat16 (autocast); cells, loss, weights fp32
+    corruptions: str = "patch"  # a mixture (vitca_cli.corruptions); "patch" alone is the paper's curriculum masking
+    crop_sizes: tuple[int, ...] = ()  # square training sizes drawn per iteration (files only); () = the model's size
 
     def __post_init__(self) -> None:
         problems = []
@@ -109,8 +112,24 @@ class TrainConfig:
             problems.append("warm-up must be ≥ 0 iterations")
         if self.lr <= 0 or self.val_steps < 1 or self.val_every < 0 or self.log_every < 1:
             problems.append("lr, val steps and log interval must be positive")
+        object.__setattr__(self, "crop_sizes", tuple(int(v) for v in self.crop_sizes))
+        if any(v < 4 for v in self.crop_sizes):
+            problems.append("crop sizes must be ≥ 4 pixels")
+        try:
+            object.__setattr__(self, "corruptions", mixture_str(parse_mixture(self.corruptions)))
+        except ValueError as exc:
+            problems.append(str(exc))
         if problems:
             raise UsageError("; ".join(problems))
+
+    @property
+    def mixture(self) -> tuple[Corruption, ...]:
+        return parse_mixture(self.corruptions)
+
+    @property
+    def paper_masking(self) -> bool:
+        """Only the paper's patch masking: fresh batches are drawn exactly as the reference does."""
+        return self.corruptions == mixture_str(parse_mixture(PAPER_MIXTURE))
 
     @property
     def schedule(self) -> MaskingSchedule:
@@ -234,7 +253,9 @@ class Trainer:
         self.params = [p for p in self.ca.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda it: lr_factor(it, self.tcfg))
-        self.pool = Pool(tcfg.pool_size)
+        # One pool per crop size (grids of one size stack into one tensor), the capacity shared between them.
+        sizes = tcfg.crop_sizes or (None,)
+        self.pools = {s: Pool(tcfg.pool_size // len(sizes)) for s in sizes}
         self.gen = torch.Generator(self.device).manual_seed(tcfg.seed)
         self.gen_data = torch.Generator().manual_seed(tcfg.seed + 1)
         self.rng = random.Random(tcfg.seed)
@@ -247,22 +268,54 @@ class Trainer:
             # iterations on CPU); the matrix products, rollout loop, checkpointing and fusion/mitosis stay eager.
             use_compiled_kernels(True)
 
+    @property
+    def selection(self) -> str:
+        """The validation figure that picks ``best.pt``: the per-image mean PSNR for the paper's masks; for a
+        mixture, the per-batch PSNR (undamaged images make per-image PSNRs unbounded, and would dominate a mean)."""
+        return "val_psnr" if self.tcfg.paper_masking else "val_psnr_batch"
+
+    @property
+    def pool(self) -> Pool:
+        """The pool of a run with one training size (``pools`` holds one per crop size)."""
+        if len(self.pools) != 1:
+            raise AttributeError("this run keeps one pool per crop size; see Trainer.pools")
+        return next(iter(self.pools.values()))
+
     # -- one iteration ------------------------------------------------------------------------------------------
-    def fresh_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A new batch: images, the curriculum corruption for iteration ``i``, seeded cells."""
-        idx = torch.randint(len(self.train_ds), (self.tcfg.batch_size,), generator=self.gen_data)
-        x = self.train_ds.batch(idx.tolist(), self.gen_data).to(self.device)
+    def batch_size_at(self, size: int | None) -> int:
+        """Images per batch at crop ``size``: ``batch_size`` at the first crop size, scaled to keep the cell count."""
+        if size is None:
+            return self.tcfg.batch_size
+        base = self.tcfg.crop_sizes[0]
+        return max(1, round(self.tcfg.batch_size * base * base / (size * size)))
+
+    def fresh_batch(self, i: int, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A new batch: images (random ``size``×``size`` crops for file datasets), the corruption for iteration
+        ``i`` (the paper's curriculum masks, or one draw per image from the mixture), seeded cells."""
+        b = self.batch_size_at(size)
+        idx = torch.randint(len(self.train_ds), (b,), generator=self.gen_data)
+        crop = {} if size is None else {"size": (size, size)}
+        x = self.train_ds.batch(idx.tolist(), self.gen_data, **crop).to(self.device)
         prob, patch = self.schedule(i, self.rng)
         with torch.no_grad():
-            z = self.ca.seed(random_mask(x, prob, patch, self.tcfg.mask_type, self.gen), self.gen)
+            if self.tcfg.paper_masking:
+                z = self.ca.seed(random_mask(x, prob, patch, self.tcfg.mask_type, self.gen), self.gen)
+            else:
+                damaged, known, _ = corrupt_batch(x, self.tcfg.mixture, self.gen_data, self.tcfg.mask_type,
+                                                  (prob, patch))
+                z = self.ca.seed(damaged, self.gen, known)
         return z, x
 
     def step(self) -> dict:
         """Run iteration ``self.iteration + 1`` of Algorithm 1; returns its loss terms (floats)."""
         i = self.iteration + 1
         t = self.tcfg
-        from_pool = len(self.pool) > t.batch_size and i % 2 == 0
-        z, x = self.pool.take(t.batch_size) if from_pool else self.fresh_batch(i)
+        size = None
+        if t.crop_sizes:
+            size = t.crop_sizes[self.rng.randrange(len(t.crop_sizes))] if len(t.crop_sizes) > 1 else t.crop_sizes[0]
+        pool, b = self.pools[size], self.batch_size_at(size)
+        from_pool = len(pool) > b and i % 2 == 0
+        z, x = pool.take(b) if from_pool else self.fresh_batch(i, size)
         steps = self.rng.randint(t.t_min, t.t_max)
         self.ca.train()
         z = rollout(self.ca, z, steps, t, self.gen)
@@ -277,9 +330,10 @@ class Trainer:
         lr = self.opt.param_groups[0]["lr"]
         self.opt.step()
         self.sched.step()
-        self.pool.update(z, x, from_pool, t.pool_overwrite, self.gen_data)
+        pool.update(z, x, from_pool, t.pool_overwrite, self.gen_data)
         self.iteration = i
-        return {"loss": value, "l1": rec.item(), "overflow": overflow.item(), "T": steps, "pool": from_pool, "lr": lr}
+        return {"loss": value, "l1": rec.item(), "overflow": overflow.item(), "T": steps, "pool": from_pool, "lr": lr,
+                "size": x.shape[-1]}
 
     # -- validation ---------------------------------------------------------------------------------------------
     def _prepare_validation(self):
@@ -291,7 +345,12 @@ class Trainer:
         for start in range(0, n, self.tcfg.batch_size):
             x = self.val_ds.batch(list(range(start, min(n, start + self.tcfg.batch_size)))).to(self.device)
             prob, patch = self.schedule(-1, rng)
-            batches.append((random_mask(x, prob, patch, self.tcfg.mask_type, gen), x))
+            if self.tcfg.paper_masking:
+                batches.append((random_mask(x, prob, patch, self.tcfg.mask_type, gen), None, x))
+            else:
+                cpu_gen = torch.Generator().manual_seed(30_000 + self.tcfg.seed + start)
+                damaged, known, _ = corrupt_batch(x, self.tcfg.mixture, cpu_gen, self.tcfg.mask_type, (prob, patch))
+                batches.append((damaged, known, x))
         return batches
 
     @torch.no_grad()
@@ -305,8 +364,8 @@ class Trainer:
         gen = torch.Generator(self.device).manual_seed(20_000 + self.tcfg.seed)
         self.ca.eval()
         psnr, ssim, batch_psnr, l1 = [], [], [], []
-        for masked, x in self._val_batches:
-            z = self.ca(self.ca.seed(masked, gen), self.tcfg.val_steps, generator=gen)
+        for masked, known, x in self._val_batches:
+            z = self.ca(self.ca.seed(masked, gen, known), self.tcfg.val_steps, generator=gen)
             out = self.ca.output(z)
             psnr.append(psnr_per_image(out, x))
             if min(x.shape[-2:]) >= 11:
@@ -329,12 +388,15 @@ class Trainer:
             "dataset": t.dataset,
             "iterations": self.iteration if iteration is None else iteration,
             "best_val_psnr": self.best["val_psnr"] if math.isfinite(self.best["val_psnr"]) else None,
+            "best_metric": self.selection,
             "best_val_ssim": self.best["val_ssim"],
             "best_iteration": self.best["iteration"],
             "val_steps": t.val_steps,
             "image_size": list(self.cfg.image_size),
             "mask_type": t.mask_type,
             "masking": dataclasses.asdict(self.schedule),
+            "corruptions": t.corruptions,
+            "crop_sizes": list(t.crop_sizes),
             "batch_size": t.batch_size,
             "pool_size": t.pool_size,
             "t_range": [t.t_min, t.t_max],
@@ -357,7 +419,7 @@ class Trainer:
             iteration=self.iteration,
             optimizer=self.opt.state_dict(),
             scheduler=self.sched.state_dict(),
-            pool=self.pool.state(),
+            pool=self._pool_state(),
             rng={
                 "device": self.gen.get_state(),
                 "data": self.gen_data.get_state(),
@@ -365,6 +427,11 @@ class Trainer:
             },
             best=dict(self.best),
         )
+
+    def _pool_state(self) -> dict:
+        if None in self.pools:
+            return self.pools[None].state()
+        return {"sizes": {str(size): pool.state() for size, pool in self.pools.items()}}
 
     def save_best(self, path: Path) -> None:
         """Weights and meta only (no optimizer or pool): what gets shipped."""
@@ -375,7 +442,9 @@ class Trainer:
         self.ca.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
-        self.pool.load(ckpt.get("pool", {}), self.device)
+        state = ckpt.get("pool", {})
+        for size, pool in self.pools.items():
+            pool.load(state.get("sizes", {}).get(str(size), {}) if size is not None else state, self.device)
         rng = ckpt["rng"]
         self.gen.set_state(rng["device"])
         self.gen_data.set_state(rng["data"])
@@ -383,6 +452,8 @@ class Trainer:
         self.rng.setstate((version, tuple(internal), gauss))
         self.iteration = int(ckpt["iteration"])
         self.best = dict(ckpt.get("best", self.best))
+        if self.best.get("metric", "val_psnr") != self.selection:  # chosen by another figure: start the choice anew
+            self.best = {"val_psnr": -math.inf, "val_ssim": None, "iteration": 0}
 
 
 class NonFiniteLoss(VitcaError):
@@ -517,8 +588,9 @@ def train(
             if val_ds is not None and tcfg.val_every and (i % tcfg.val_every == 0 or i == tcfg.iterations):
                 last_val = trainer.validate()
                 validated = True
-                if last_val["val_psnr"] > trainer.best["val_psnr"]:
-                    trainer.best = {"val_psnr": last_val["val_psnr"], "val_ssim": last_val["val_ssim"], "iteration": i}
+                if last_val[trainer.selection] > trainer.best["val_psnr"]:
+                    trainer.best = {"val_psnr": last_val[trainer.selection], "val_ssim": last_val["val_ssim"],
+                                    "iteration": i, "metric": trainer.selection}
                     trainer.save_best(run_dir / BEST)
                 metrics.write(json.dumps({"iteration": i, **last_val}) + "\n")
                 metrics.flush()

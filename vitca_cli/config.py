@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 ARCHES = ("vitca", "unetca")
 POS_ENCODINGS = ("none", "vit", "nerf", "learned")
-CELL_INITS = ("constant", "random")
+CELL_INITS = ("constant", "random", "input")
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,12 @@ class CAConfig:
     """Everything that defines a cellular automaton's cells and update rule.
 
     Cell state layout (channels of the grid ``z``, in this order):
-    ``[nerf position channels (optional) | input Ci·P² | output Co·P² | hidden Ch]``.
+    ``[nerf position channels (optional) | input Ci·P² | known P² (optional) | output Co·P² | hidden Ch]``.
+
+    ``mask_channel`` adds the "known" channels: 1 where the pixel is given, 0 where it is missing (inpainting),
+    so the rule need not guess which pixels to replace. ``cell_init="input"`` starts the output channels at the
+    input image (0.5 where a pixel is missing): with the zero-initialised head, an untrained rule returns its input
+    unchanged, and training learns a correction rather than the whole image. The paper's presets use neither.
     """
 
     arch: str = "vitca"
@@ -27,6 +32,7 @@ class CAConfig:
     patch_size: int = 1  # P: a cell holds a P×P patch of pixels (non-overlapping)
     image_size: tuple[int, int] = (28, 28)  # training size; what size-dependent encodings were built for
     cell_init: str = "constant"
+    mask_channel: bool = False
     update_rate: float = 0.5  # σ: per-cell Bernoulli update probability
     # ViTCA update rule
     embed: int = 128  # E
@@ -78,26 +84,35 @@ class CAConfig:
         return self.channels * self.patch_size**2
 
     @property
+    def known_channels(self) -> int:
+        """The mask channels (one per pixel of a cell's patch), 0 without ``mask_channel``."""
+        return self.patch_size**2 if self.mask_channel else 0
+
+    @property
     def cell_channels(self) -> int:
-        return self.pe_channels + 2 * self.pixel_channels + self.hidden
+        return self.static_channels + self.pixel_channels + self.hidden
 
     @property
     def input_slice(self) -> slice:
         return slice(self.pe_channels, self.pe_channels + self.pixel_channels)
 
     @property
-    def output_slice(self) -> slice:
+    def known_slice(self) -> slice:
         start = self.pe_channels + self.pixel_channels
-        return slice(start, start + self.pixel_channels)
+        return slice(start, start + self.known_channels)
+
+    @property
+    def output_slice(self) -> slice:
+        return slice(self.static_channels, self.static_channels + self.pixel_channels)
 
     @property
     def hidden_slice(self) -> slice:
-        return slice(self.pe_channels + 2 * self.pixel_channels, self.cell_channels)
+        return slice(self.static_channels + self.pixel_channels, self.cell_channels)
 
     @property
     def static_channels(self) -> int:
-        """Channels the update rule never changes: position encoding and input."""
-        return self.pe_channels + self.pixel_channels
+        """Channels the update rule never changes: position encoding, input and (optional) known mask."""
+        return self.pe_channels + self.pixel_channels + self.known_channels
 
     @property
     def size_dependent(self) -> bool:

@@ -413,22 +413,36 @@ class UNetUpdate(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 # The cell grid: seeding and reading out (functions of the config alone, shared by every backend)
 # ---------------------------------------------------------------------------------------------------------------------
-def seed_cells(cfg: CAConfig, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def seed_cells(
+    cfg: CAConfig, image: torch.Tensor, generator: torch.Generator | None = None, known: torch.Tensor | None = None
+) -> torch.Tensor:
     """Cells for a (masked) image ``(B, Ci, H, W)``, H and W divisible by the patch size.
 
-    Input channels hold the image; output is 0.5 and hidden 0 (``constant``), or U[0,1) and U[-1,1) (``random``);
-    NeRF position channels, if any, come first.
+    Input channels hold the image; output is 0.5 and hidden 0 (``constant``), U[0,1) and U[-1,1) (``random``),
+    or the input image and 0 (``input``: 0.5 where a pixel is missing). ``known`` ``(B|1, 1, H, W)`` (1 = the pixel
+    is given, 0 = missing; default all given) fills the known channels of a ``mask_channel`` model and tells
+    ``input`` where to start from 0.5. NeRF position channels, if any, come first.
     """
     x = patchify(image, cfg.patch_size)
     b, _, h, w = x.shape
     shape_out, shape_hidden = (b, cfg.pixel_channels, h, w), (b, cfg.hidden, h, w)
-    if cfg.cell_init == "constant":
-        out = torch.full(shape_out, 0.5, dtype=x.dtype, device=x.device)
-        hidden = torch.zeros(shape_hidden, dtype=x.dtype, device=x.device)
-    else:
+    kp = None
+    if known is not None:
+        kp = patchify(known.to(x.dtype).expand(b, 1, -1, -1), cfg.patch_size)  # b p² h w
+    if cfg.cell_init == "random":
         out = torch.rand(shape_out, generator=generator, device=x.device).to(x.dtype)
         hidden = (torch.rand(shape_hidden, generator=generator, device=x.device) * 2 - 1).to(x.dtype)
+    else:
+        hidden = torch.zeros(shape_hidden, dtype=x.dtype, device=x.device)
+        if cfg.cell_init == "input":
+            kx = None if kp is None else kp.repeat_interleave(cfg.channels, dim=1)  # b (p1 p2 c) h w
+            out = x.clone() if kx is None else x * kx + 0.5 * (1 - kx)
+        else:
+            out = torch.full(shape_out, 0.5, dtype=x.dtype, device=x.device)
     parts = [x, out, hidden]
+    if cfg.mask_channel:
+        parts.insert(1, kp if kp is not None else torch.ones(b, cfg.known_channels, h, w, dtype=x.dtype,
+                                                             device=x.device))
     if cfg.pos_encoding == "nerf":
         pe = nerf_position_channels(h, w, cfg.nerf_freqs, device=x.device).to(x.dtype)
         parts.insert(0, pe.expand(b, -1, -1, -1))
@@ -458,8 +472,10 @@ class CellularAutomaton(nn.Module):
         self.rule = ViTCAUpdate(cfg) if cfg.arch == "vitca" else UNetUpdate(cfg)
 
     # -- cells ------------------------------------------------------------------------------------------------------
-    def seed(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return seed_cells(self.cfg, image, generator)
+    def seed(
+        self, image: torch.Tensor, generator: torch.Generator | None = None, known: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return seed_cells(self.cfg, image, generator, known)
 
     def output(self, z: torch.Tensor) -> torch.Tensor:
         return output_image(self.cfg, z)

@@ -162,6 +162,15 @@ def corrupt(image: np.ndarray, prob: float, patch: int, mask_type: str = "noise"
     return _tensor_to_hwc(apply_mask(_hwc_to_tensor(image), keep, mask_type, patch, gen))
 
 
+def damage(image: np.ndarray, mixture, seed: int = 0, mask_type: str = "dropout") -> np.ndarray:
+    """Real-world damage (a ``vitca_cli.corruptions`` mixture; one kind drawn) on a clean ``(H, W, C)`` image."""
+    from vitca_cli.corruptions import corrupt_batch
+
+    gen = torch.Generator().manual_seed(seed)
+    damaged, _, _ = corrupt_batch(_hwc_to_tensor(image), tuple(mixture), gen, mask_type)
+    return _tensor_to_hwc(damaged)
+
+
 def mask_missing(image: np.ndarray, missing: np.ndarray, mask_type: str = "noise", seed: int = 0) -> np.ndarray:
     """Mask the pixels where ``missing`` ``(H, W)`` is True, the way a model was trained (zeros or N(0,1) noise)."""
     gen = torch.Generator().manual_seed(seed)
@@ -284,6 +293,7 @@ def restore(
     frames: int = 0,
     max_cells: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    known: np.ndarray | None = None,
 ) -> Restored:
     """Run the CA on ``image`` ``(H, W, C)`` (C = the model's channels, values as the model expects: masked
     image in [0, 1] plus any noise) for ``iters`` steps and return the output channels.
@@ -292,6 +302,9 @@ def restore(
     to at least its training size; the result is cropped back. ``tile`` is in pixels (None = automatic, 0 = off).
     ``frames`` > 0 records that many outputs along the way (for animations). ``progress(done, total)`` is called
     after every step of every batch of tiles.
+
+    ``known`` ``(H, W)`` (True = the pixel is given; inpainting) is shown to a mask-aware model, and every known
+    pixel of the result (and of each frame) is the input's own value: only missing pixels come from the cells.
     """
     cfg: CAConfig = backend.cfg
     if iters < 1:
@@ -321,8 +334,12 @@ def restore(
     if cfg.size_dependent:
         ph, pw = max(ph, cfg.image_size[0]), max(pw, cfg.image_size[1])
     x = _hwc_to_tensor(image)
+    k = None if known is None else torch.from_numpy(np.asarray(known, dtype=np.float32))[None, None]
+    if k is not None and k.shape[-2:] != (h, w):
+        raise ValueError(f"known mask is {tuple(k.shape[-2:])}, the image {h}×{w}")
     if (ph, pw) != (h, w):
         x = F.pad(x, (0, pw - w, 0, ph - h), mode="replicate")
+        k = None if k is None else F.pad(k, (0, pw - w, 0, ph - h), mode="replicate")
     plan = plan_tiles(cfg, (ph // p, pw // p), iters, tile, max_cells)
     if plan.count > 1:
         note = "" if plan.exact else ", blended" if cfg.size_dependent else ", approximate beyond the margin cap"
@@ -343,9 +360,11 @@ def restore(
     batches = [origins[i : i + per_batch] for i in range(0, len(origins), per_batch)]
     done, total = 0, len(batches) * iters
     for batch in batches:
-        tiles = torch.cat([x[..., y * p : (y + th) * p, xx * p : (xx + tw) * p] for y, xx in batch])
+        windows = [(..., slice(y * p, (y + th) * p), slice(xx * p, (xx + tw) * p)) for y, xx in batch]
+        tiles = torch.cat([x[win] for win in windows])
+        tile_known = None if k is None else torch.cat([k[win] for win in windows])
         tile_masks = torch.stack([masks.window(y, xx, th, tw) for y, xx in batch], dim=1)  # T b 1 th tw
-        z = seed_cells(cfg, tiles).to(device)
+        z = seed_cells(cfg, tiles, known=tile_known).to(device)
         outputs = []
         for t in range(iters):
             z = backend.step(z, tile_masks[t].to(device=device, dtype=z.dtype))
@@ -364,6 +383,8 @@ def restore(
     if not bool((weight_sum > 0).all()):  # a bug in the plan, never a user error
         raise AssertionError("tile plan leaves cells uncovered")
     blended = acc / weight_sum[0]
+    if k is not None:  # known pixels exactly as given
+        blended = torch.where(k[0].bool(), x[0], blended)
     result = [b[:, :h, :w].permute(1, 2, 0).contiguous().numpy() for b in blended]
     return Restored(result[-1], result[:-1], record, plan)
 
@@ -380,7 +401,8 @@ def tiles_memory_cells(plan: TilePlan, max_cells: int) -> int:
 
 
 __all__ = [
-    "TorchBackend", "make_backend", "backend_mask_type", "UpdateMasks", "corrupt", "mask_missing", "step_radius",
+    "TorchBackend", "make_backend", "backend_mask_type", "UpdateMasks", "corrupt", "damage", "mask_missing",
+    "step_radius",
     "TilePlan", "plan_tiles", "Restored", "frame_schedule", "restore", "cell_steps", "tiles_memory_cells",
     "MASK_BLOCK",
 ]

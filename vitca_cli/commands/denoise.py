@@ -44,8 +44,8 @@ class Job:
 
 @dataclass
 class Settings:
-    iters: int
-    update_rate: float
+    iters: Optional[int]  # None: the weights' default_iters (64 when they name none)
+    update_rate: Optional[float]
     seed: int
     weights: Optional[str]
     device: str
@@ -208,7 +208,9 @@ def run_batch(inputs: list[str], output: str, recursive: bool, settings: Setting
     many = len(jobs) > 1
     if (settings.animate == STDIO or settings.compare == STDIO) and output == STDIO:
         raise UsageError("only one of -o, --animate and --compare can be - (stdout)")
-    log.info(f"seed {settings.seed}, {settings.iters} iterations, update rate {settings.update_rate}")
+    rate = "as trained" if settings.update_rate is None else settings.update_rate
+    steps = "the model's default" if settings.iters is None else settings.iters
+    log.info(f"seed {settings.seed}, {steps} iterations, update rate {rate}")
 
     failed = 0
     seen: dict[str, str] = {}
@@ -243,7 +245,7 @@ def run_batch(inputs: list[str], output: str, recursive: bool, settings: Setting
 def process(job: Job, settings: Settings, backends: Backends, inpaint: bool, many: bool) -> None:
     """Restore one image and write its outputs (all through temporary files)."""
     from vitca_cli import images
-    from vitca_cli.restore import backend_mask_type, corrupt, mask_missing, restore
+    from vitca_cli.restore import backend_mask_type, corrupt, damage, mask_missing, restore
 
     sources = [job.source] + ([settings.mask] if settings.mask else [])
     if not check_output(job.output, sources, settings):
@@ -270,19 +272,24 @@ def process(job: Job, settings: Settings, backends: Backends, inpaint: bool, man
         log.info(f"{pic.source}: {pic.channels}-channel image converted to the model's {cfg.channels} channel(s)")
         pixels = images.to_channels(pixels, cfg.channels)
     clean = pixels
+    known = None
     if inpaint:
         missing = _read_mask(settings.mask, job, pic.size)
         kind = settings.mask_type or backend_mask_type(backend)
         pixels = mask_missing(pixels, missing, kind, settings.seed)
+        known = ~missing
         log.debug(f"{pic.source}: {int(missing.sum())} missing pixels, masked as {kind}")
-    if settings.corrupt:
+    if settings.corrupt and isinstance(settings.corrupt[0], float):
         prob, patch, kind = settings.corrupt
         pixels = corrupt(pixels, prob, patch, kind, settings.seed)
+    elif settings.corrupt:
+        pixels = damage(pixels, settings.corrupt, settings.seed, backend_mask_type(backend))
 
+    iters = settings.iters or int((getattr(backend, "meta", None) or {}).get("default_iters") or DEFAULT_ITERS)
     progress, finish = _progress_bar(job.source)
     try:
-        result = restore(backend, pixels, settings.iters, settings.update_rate, settings.seed, settings.tile,
-                         frames=settings.frames if settings.animate else 0, progress=progress)
+        result = restore(backend, pixels, iters, settings.update_rate, settings.seed, settings.tile,
+                         frames=settings.frames if settings.animate else 0, progress=progress, known=known)
     finally:
         finish()
     fmt = images.output_format(job.output, pic.format, settings.ext)
@@ -298,7 +305,7 @@ def process(job: Job, settings: Settings, backends: Backends, inpaint: bool, man
     h, w = pic.size
     tiles = f", {result.plan.count} tiles" if result.plan.count > 1 else ""
     dest = "stdout" if job.output == STDIO else job.output
-    log.info(f"{pic.source} -> {dest} ({w}×{h}, {backend.name}, {settings.iters} steps{tiles}, "
+    log.info(f"{pic.source} -> {dest} ({w}×{h}, {backend.name}, {iters} steps{tiles}, "
              f"{time.perf_counter() - start:.2f}s)")
 
 
@@ -345,9 +352,9 @@ def _settings(iters, update_rate, seed, weights, device, backend, tile, corrupt_
     """Validate the options shared by both commands (bad ones are usage errors, exit 2)."""
     from vitca_cli.images import FORMATS
 
-    if iters < 1:
+    if iters is not None and iters < 1:
         raise UsageError(f"--iters must be at least 1, got {iters}")
-    if not 0.0 < update_rate <= 1.0:
+    if update_rate is not None and not 0.0 < update_rate <= 1.0:
         raise UsageError(f"--update-rate must be in (0, 1], got {update_rate}")
     if tile is not None and tile < 0:
         raise UsageError(f"--tile must be 0 (off) or a positive size in pixels, got {tile}")
@@ -361,16 +368,21 @@ def _settings(iters, update_rate, seed, weights, device, backend, tile, corrupt_
         raise UsageError("--save-input writes beside the output file; it cannot be used with -o -")
     corrupt = None
     if corrupt_spec:
+        from vitca_cli.corruptions import KINDS, parse_mixture
         from vitca_cli.masking import parse_corruption
 
         try:
-            corrupt = parse_corruption(corrupt_spec)
+            if corrupt_spec.strip().split("=")[0].split(":")[0].strip() in KINDS:
+                corrupt = parse_mixture(corrupt_spec)
+            else:
+                corrupt = parse_corruption(corrupt_spec)
         except ValueError as exc:
             raise UsageError(f"--corrupt: {exc}") from None
     return Settings(iters, update_rate, seed, weights, device, backend.value, tile, corrupt, save_input, animate,
                     frames, compare, overwrite, skip_existing, fail_fast, ext)
 
 
+DEFAULT_ITERS = 64
 INPUTS_HELP = "Image files, folders, quoted globs, or - for stdin."
 OUTPUT_HELP = "Output file (one input), folder (several; sub-folders mirrored), or - for stdout."
 
@@ -379,8 +391,12 @@ OUTPUT_HELP = "Output file (one input), folder (several; sub-folders mirrored), 
 def denoise(
     inputs: List[str] = typer.Argument(..., help=INPUTS_HELP, show_default=False),
     output: str = typer.Option(..., "--output", "-o", help=OUTPUT_HELP, show_default=False),
-    iters: int = typer.Option(64, "--iters", help="CA iterations."),
-    update_rate: float = typer.Option(0.5, "--update-rate", help="Per-cell update probability σ."),
+    iters: Optional[int] = typer.Option(
+        None, "--iters", help=f"CA iterations (default: the weights' own, else {DEFAULT_ITERS}).", show_default=False
+    ),
+    update_rate: Optional[float] = typer.Option(
+        None, "--update-rate", help="Per-cell update probability σ (default: as the model was trained)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for update masks and corruption (same seed, same output)."),
     weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Weights NAME or PATH (default: the shipped "
                                           "model for the image's channels: fashion-mnist or photo)."),
@@ -392,8 +408,9 @@ def denoise(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip inputs whose output exists."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first failed input."),
-    corrupt: Optional[str] = typer.Option(None, "--corrupt", help='Corrupt clean inputs first with the paper\'s '
-                                          'masking, e.g. "p=0.5,patch=4,type=noise".'),
+    corrupt: Optional[str] = typer.Option(None, "--corrupt", help='Damage clean inputs first (to try the model): '
+                                          'real-world damage, e.g. "gaussian=0.1", "saltpepper=0.1", "jpeg=10", '
+                                          '"strokes=6", or the paper\'s masking, e.g. "p=0.5,patch=4,type=noise".'),
     save_input: bool = typer.Option(False, "--save-input", help="Also write the corrupted input (NAME.input.EXT)."),
     animate: Optional[str] = typer.Option(None, "--animate", help="Write the iterations as a GIF (a folder for "
                                           "several inputs)."),
@@ -417,8 +434,12 @@ def inpaint(
     output: str = typer.Option(..., "--output", "-o", help=OUTPUT_HELP, show_default=False),
     mask_type: Optional[MaskType] = typer.Option(None, "--mask-type", help="How missing pixels are shown to the "
                                                  "model (default: as it was trained)."),
-    iters: int = typer.Option(64, "--iters", help="CA iterations."),
-    update_rate: float = typer.Option(0.5, "--update-rate", help="Per-cell update probability σ."),
+    iters: Optional[int] = typer.Option(
+        None, "--iters", help=f"CA iterations (default: the weights' own, else {DEFAULT_ITERS}).", show_default=False
+    ),
+    update_rate: Optional[float] = typer.Option(
+        None, "--update-rate", help="Per-cell update probability σ (default: as the model was trained)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for update masks and noise (same seed, same output)."),
     weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Weights NAME or PATH."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),

@@ -99,6 +99,10 @@ def eval_command(
         False, "--baselines", help="Also run classic restorers (needs the 'baselines' extra)."
     ),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per batch (one mask combo per batch)."),
+    corruptions: Optional[str] = typer.Option(
+        None, "--corruptions", help='Real-world damage instead of the paper\'s masks: a mixture as for `vitca train '
+        '--corruptions`, e.g. "gaussian=0.1" or "gaussian:1, jpeg=10-30:1, strokes:1" (one draw per image).',
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for the masks and the CA updates."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
@@ -112,6 +116,13 @@ def eval_command(
         raise UsageError(f"--update-rate must be in (0, 1], got {update_rate}")
     if baselines:
         check_available()
+    if corruptions is not None:
+        from vitca_cli.corruptions import parse_mixture
+
+        try:
+            parse_mixture(corruptions)
+        except ValueError as exc:
+            raise UsageError(f"--corruptions: {exc}") from None
     model, meta, path = _load(weights, device, threads)
     ds = ev.open_eval_dataset(dataset, split, model.cfg, data_dir)
     schedule = ev.schedule_for(meta, max_patch)
@@ -124,7 +135,7 @@ def eval_command(
     report = ev.evaluate(
         model, ev.batches(ds, batch_size, n), iters=iters, mask_type=mtype, seed=seed, schedule=schedule,
         update_rate=update_rate, baselines=list(BASELINES) if baselines else [], lpips=lpips,
-        progress=_Progress(n, "images"),
+        progress=_Progress(n, "images"), corruptions=corruptions,
     )
     import torch
 

@@ -80,7 +80,18 @@ def train(
     fusion_mitosis: Optional[bool] = _opt(
         None, "--fusion-mitosis/--no-fusion-mitosis", help="Appendix A.1 fusion/mitosis schedule.", panel=TRAIN_HELP
     ),
-    mask_type: Optional[MaskType] = _opt(None, "--mask-type", help="Corruption type [noise].", panel=TRAIN_HELP),
+    corruptions: Optional[str] = _opt(
+        None, "--corruptions", help='Damage mixture, e.g. "gaussian=0.01-0.25:3, saltpepper:1, jpeg=10-60:1, '
+        'strokes:2, rects:1, clean:1" (NAME[=LO-HI][:WEIGHT]; kinds: patch gaussian saltpepper jpeg strokes rects '
+        'clean) [patch: the paper\'s masks].', panel=TRAIN_HELP,
+    ),
+    crop_sizes: Optional[str] = _opt(
+        None, "--crop-sizes", help="Square crop sizes drawn per iteration for folder data, e.g. 32,64 (the batch "
+        "shrinks with the area) [--image-size].", panel=DATA_HELP,
+    ),
+    mask_type: Optional[MaskType] = _opt(
+        None, "--mask-type", help="How missing pixels look: noise | dropout [noise].", panel=TRAIN_HELP
+    ),
     mask_start: Optional[int] = _opt(None, "--mask-start", help="Curriculum first threshold [500].", panel=TRAIN_HELP),
     mask_end: Optional[int] = _opt(
         None, "--mask-end", help="Curriculum: all combos after this [10000].", panel=TRAIN_HELP
@@ -131,7 +142,14 @@ def train(
     hidden: Optional[int] = _opt(None, "--hidden", help="Hidden channels per cell [32].", panel=MODEL_HELP),
     patch_size: Optional[int] = _opt(None, "--patch-size", help="Cell patch size [1].", panel=MODEL_HELP),
     neighbourhood: Optional[int] = _opt(None, "--neighbourhood", help="Attention window N×N [3].", panel=MODEL_HELP),
-    cell_init: Optional[CellInit] = _opt(None, "--cell-init", help="Cell initialisation [constant].", panel=MODEL_HELP),
+    cell_init: Optional[CellInit] = _opt(
+        None, "--cell-init", help="Cell initialisation; input: outputs start at the damaged image [constant].",
+        panel=MODEL_HELP,
+    ),
+    mask_channel: Optional[bool] = _opt(
+        None, "--mask-channel/--no-mask-channel", help="Mask-aware cells: one input channel, 1 = pixel known "
+        "[off].", panel=MODEL_HELP,
+    ),
     update_rate: Optional[float] = _opt(
         None, "--update-rate", help="σ: 0.5 asynchronous, 1.0 synchronous [0.5].", panel=MODEL_HELP
     ),
@@ -168,13 +186,14 @@ def train(
         "mask_end": mask_end, "mask_max_prob": mask_max_prob, "mask_prob_stages": mask_prob_stages,
         "mask_max_patch": mask_max_patch, "mask_patch_stages": mask_patch_stages, "val_every": val_every,
         "val_size": val_size, "val_steps": val_steps, "save_every": save_every, "log_every": log_every,
-        "seed": seed, "compile": compile, "precision": precision,
+        "seed": seed, "compile": compile, "precision": precision, "corruptions": corruptions,
+        "crop_sizes": _parse_sizes(crop_sizes),
     }  # fmt: skip
     model_opts = {
         "arch": enum_value(arch), "hidden": hidden, "patch_size": patch_size,
         "neighbourhood": (neighbourhood, neighbourhood) if neighbourhood else None,
         "cell_init": enum_value(cell_init), "update_rate": update_rate, "embed": embed, "heads": heads,
-        "depth": depth, "mlp": mlp, "pos_encoding": enum_value(pos_encoding),
+        "depth": depth, "mlp": mlp, "pos_encoding": enum_value(pos_encoding), "mask_channel": mask_channel,
     }  # fmt: skip
     train_opts = {k: v for k, v in train_opts.items() if v is not None}
     model_opts = {k: v for k, v in model_opts.items() if v is not None}
@@ -223,6 +242,8 @@ def train(
         except TypeError as exc:
             raise UsageError(str(exc)) from None
         image_hw = (image_size, image_size) if image_size else (init_cfg.image_size if init_cfg else None)
+        if tcfg.crop_sizes and not image_size:
+            image_hw = (tcfg.crop_sizes[0], tcfg.crop_sizes[0])
         out_dir = run_dir or Path("runs") / f"{_slug(spec)}-{time.strftime('%Y%m%d-%H%M%S')}"
         if (out_dir / "last.pt").exists():
             raise UsageError(f"{out_dir} already holds a run; use --resume {out_dir} or another --run-dir")
@@ -247,9 +268,13 @@ def train(
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     h, w = cfg.image_size
-    for p in {s for _, s in tcfg.schedule.combos}:
-        if h % p or w % p:
-            raise UsageError(f"mask patch {p} does not divide the image size {h}×{w}; change --mask-max-patch")
+    if any(c.kind == "patch" for c in tcfg.mixture):
+        for p in {s for _, s in tcfg.schedule.combos}:
+            for side in (h, w, *tcfg.crop_sizes):
+                if side % p:
+                    raise UsageError(f"mask patch {p} does not divide the image size {side}; change --mask-max-patch")
+    if tcfg.crop_sizes and cfg.size_dependent:
+        raise UsageError("--crop-sizes needs a size-agnostic model (--pos-encoding none)")
     if tcfg.precision == "bf16" and dev.type == "cpu" and cpu_has_native_bf16() is False:
         logmod.log.warning(
             "--precision bf16: this CPU has no bfloat16 instructions (avx512_bf16 or amx_bf16), so the products are "
@@ -290,6 +315,15 @@ def _read_init(spec: str):
     except (KeyError, ValueError) as exc:
         raise WeightsError(f"{ref.path}: not a model checkpoint ({exc})") from None
     return cfg, state, f"{ref.name} ({ref.path.name}, sha256 {weights.sha256_file(ref.path)[:12]})"
+
+
+def _parse_sizes(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"--crop-sizes {text!r}: expected comma-separated integers, e.g. 32,64") from None
 
 
 def _slug(spec: str) -> str:

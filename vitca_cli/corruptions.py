@@ -1,0 +1,209 @@
+"""Real-world damage for training and evaluation, beside the paper's patch masks.
+
+A *mixture* says which corruptions a batch draws from and how often, one per image:
+
+    "gaussian=0.01-0.25:3, saltpepper=0.02-0.2:1, jpeg=10-60:1, strokes:2, rects:1, clean:1"
+
+Each comma-separated entry is ``NAME[=LO-HI][:WEIGHT]``: the kind, the range its strength is drawn from uniformly
+(defaults in ``RANGES``) and its relative weight (default 1). The kinds:
+
+- ``gaussian``: additive N(0, σ²) noise, σ ~ U[LO, HI], clipped to [0, 1] (as a saved noisy photo is);
+- ``saltpepper``: a share p ~ U[LO, HI] of pixels set to 0 or 1 (all channels), half each;
+- ``jpeg``: re-encoded through Pillow at quality q ~ U{LO..HI};
+- ``strokes``: LO..HI free-form brush strokes (random walks, 2–9 px wide) drawn as missing pixels;
+- ``rects``: LO..HI rectangles (each side 6–30% of the image's) drawn as missing pixels;
+- ``patch``: the paper's masking, p × patch combos from the curriculum (``vitca_cli.masking``);
+- ``clean``: no damage, so a model learns to leave a good image alone.
+
+Noise kinds leave every pixel "known" (the damage is not located); the inpainting kinds (strokes, rects, patch)
+return the mask of missing pixels, shown to the model as zeros (``dropout``) or N(0,1) values (``noise``), and, for
+a mask-aware model, in its known channel.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vitca_cli.masking import apply_mask, patch_keep_mask
+
+RANGES: dict[str, tuple[float, float]] = {
+    "gaussian": (0.01, 0.25),
+    "saltpepper": (0.02, 0.2),
+    "jpeg": (10, 60),
+    "strokes": (1, 6),
+    "rects": (1, 4),
+    "patch": (0, 0),
+    "clean": (0, 0),
+}
+KINDS = tuple(RANGES)
+INPAINTING = ("strokes", "rects", "patch")
+PAPER_MIXTURE = "patch"
+
+
+@dataclass(frozen=True)
+class Corruption:
+    """One entry of a mixture: a kind, its strength range and its weight."""
+
+    kind: str
+    lo: float
+    hi: float
+    weight: float = 1.0
+
+    def __str__(self) -> str:
+        ranged = "" if self.kind in ("patch", "clean") else f"={_num(self.lo)}-{_num(self.hi)}"
+        return f"{self.kind}{ranged}:{_num(self.weight)}"
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
+def parse_mixture(spec: str) -> tuple[Corruption, ...]:
+    """Parse ``"NAME[=LO-HI][:WEIGHT], ..."`` (see the module docstring); raises ``ValueError`` with the reason."""
+    out = []
+    for part in filter(None, (s.strip() for s in spec.split(","))):
+        head, _, weight = part.partition(":")
+        kind, eq, rng = head.partition("=")
+        kind = kind.strip()
+        if kind not in RANGES:
+            raise ValueError(f"unknown corruption {kind!r} in {spec!r}; choose from {', '.join(KINDS)}")
+        lo, hi = RANGES[kind]
+        try:
+            if eq:
+                a, dash, b = rng.strip().partition("-")
+                lo = float(a)
+                hi = float(b) if dash else lo
+            w = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            raise ValueError(f"bad corruption entry {part!r}: expected NAME[=LO-HI][:WEIGHT]") from None
+        if eq and kind in ("patch", "clean"):
+            raise ValueError(f"bad corruption entry {part!r}: {kind} takes no range")
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi) or not (math.isfinite(w) and w > 0):
+            raise ValueError(f"bad corruption entry {part!r}: need 0 ≤ LO ≤ HI and WEIGHT > 0")
+        if kind in ("gaussian", "saltpepper") and hi > 1 or kind == "jpeg" and not 1 <= lo <= hi <= 95:
+            raise ValueError(f"bad corruption entry {part!r}: out of range for {kind}")
+        out.append(Corruption(kind, lo, hi, w))
+    if not out:
+        raise ValueError("empty corruption mixture")
+    return tuple(out)
+
+
+def mixture_str(mixture: tuple[Corruption, ...]) -> str:
+    """The canonical spelling of a mixture (what ``config.json`` and the manifest record)."""
+    return ", ".join(str(c) for c in mixture)
+
+
+def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=gen))
+
+
+def _randint(gen: torch.Generator, lo: int, hi: int) -> int:
+    return int(torch.randint(int(lo), int(hi) + 1, (), generator=gen))
+
+
+def stroke_mask(h: int, w: int, count: int, gen: torch.Generator) -> np.ndarray:
+    """``count`` free-form strokes (random walks with a round brush) as a bool ``(H, W)`` missing-pixel map."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(img)
+    scale = max(h, w)
+    for _ in range(count):
+        x, y = _uniform(gen, 0, w), _uniform(gen, 0, h)
+        width = _randint(gen, 2, 9)
+        angle = _uniform(gen, 0, 2 * math.pi)
+        points = [(x, y)]
+        for _ in range(_randint(gen, 2, 6)):
+            angle += _uniform(gen, -1.2, 1.2)
+            length = _uniform(gen, 0.05, 0.25) * scale
+            x = min(max(x + length * math.cos(angle), 0), w - 1)
+            y = min(max(y + length * math.sin(angle), 0), h - 1)
+            points.append((x, y))
+        draw.line(points, fill=255, width=width, joint="curve")
+        for px, py in points:  # round caps and joints
+            r = width / 2
+            draw.ellipse((px - r, py - r, px + r, py + r), fill=255)
+    return np.asarray(img) > 0
+
+
+def rect_mask(h: int, w: int, count: int, gen: torch.Generator) -> np.ndarray:
+    """``count`` axis-aligned rectangles (sides 6–30% of the image's) as a bool ``(H, W)`` missing-pixel map."""
+    missing = np.zeros((h, w), dtype=bool)
+    for _ in range(count):
+        rh, rw = max(1, round(_uniform(gen, 0.06, 0.3) * h)), max(1, round(_uniform(gen, 0.06, 0.3) * w))
+        top, left = _randint(gen, 0, h - rh), _randint(gen, 0, w - rw)
+        missing[top : top + rh, left : left + rw] = True
+    return missing
+
+
+def jpeg(image: torch.Tensor, quality: int) -> torch.Tensor:
+    """``image`` ``(C, H, W)`` in [0, 1] through a Pillow JPEG encode/decode at ``quality`` (4:2:0, as cameras)."""
+    from PIL import Image
+
+    arr = np.round(image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    pic = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
+    buf = io.BytesIO()
+    pic.save(buf, "JPEG", quality=int(quality))
+    out = np.asarray(Image.open(io.BytesIO(buf.getvalue())), dtype=np.float32) / 255.0
+    return torch.from_numpy(out.reshape(arr.shape).copy()).permute(2, 0, 1)
+
+
+def corrupt_one(
+    x: torch.Tensor,
+    c: Corruption,
+    gen: torch.Generator,
+    mask_type: str = "dropout",
+    combo: tuple[float, int] = (0.5, 1),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Corrupt one clean image ``x`` ``(C, H, W)`` (CPU) with ``c``; returns (damaged image, known ``(1, H, W)``).
+
+    ``combo`` is the (probability, patch size) of a ``patch`` corruption (drawn by the caller's curriculum)."""
+    ch, h, w = x.shape
+    known = torch.ones(1, h, w, dtype=x.dtype)
+    kind = c.kind
+    if kind == "clean":
+        return x.clone(), known
+    if kind == "gaussian":
+        sigma = _uniform(gen, c.lo, c.hi)
+        return (x + sigma * torch.randn(x.shape, generator=gen)).clamp_(0, 1), known
+    if kind == "saltpepper":
+        p = _uniform(gen, c.lo, c.hi)
+        u = torch.rand(1, h, w, generator=gen)
+        out = x.clone()
+        out = torch.where(u < p / 2, torch.zeros_like(out), out)
+        return torch.where((u >= p / 2) & (u < p), torch.ones_like(out), out), known
+    if kind == "jpeg":
+        return jpeg(x, _randint(gen, c.lo, c.hi)), known
+    if kind == "patch":
+        prob, patch = combo
+        ph, pw = -(-h // patch) * patch, -(-w // patch) * patch
+        keep = patch_keep_mask(1, ph, pw, prob, patch, gen)[0, :, :h, :w]
+    else:
+        count = _randint(gen, c.lo, c.hi)
+        missing = (stroke_mask if kind == "strokes" else rect_mask)(h, w, count, gen)
+        keep = torch.from_numpy(~missing).to(x.dtype)[None]
+    damaged = apply_mask(x[None], keep[None], mask_type, combo[1] if kind == "patch" else 1, gen)[0]
+    return damaged, keep.to(x.dtype)
+
+
+def corrupt_batch(
+    x: torch.Tensor,
+    mixture: tuple[Corruption, ...],
+    gen: torch.Generator,
+    mask_type: str = "dropout",
+    combo: tuple[float, int] = (0.5, 1),
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Corrupt each image of ``x`` ``(B, C, H, W)`` with a kind drawn from ``mixture`` by weight; returns the
+    damaged batch, the known masks ``(B, 1, H, W)`` and the kinds drawn. All randomness comes from ``gen`` (CPU)."""
+    weights = torch.tensor([c.weight for c in mixture], dtype=torch.float64)
+    picks = torch.multinomial(weights, len(x), replacement=True, generator=gen).tolist()
+    device = x.device
+    pairs = [corrupt_one(img, mixture[k], gen, mask_type, combo) for img, k in zip(x.cpu(), picks)]
+    damaged = torch.stack([p[0] for p in pairs]).to(device)
+    known = torch.stack([p[1] for p in pairs]).to(device)
+    return damaged, known, [mixture[k].kind for k in picks]
