@@ -191,6 +191,12 @@ def test_denoise_cli_onnx_backend_equals_torch_backend(exported, tmp_path):
         assert result.exit_code == 0, result.output
     a, b = (np.asarray(Image.open(outs[k])).astype(int) for k in ("torch", "onnx"))
     assert np.abs(a - b).max() <= 1
+    # An .onnx file needs no --backend onnx: the file says what it is (issue 24).
+    auto = tmp_path / "auto.png"
+    result = CliRunner().invoke(app, ["denoise", str(image), "-o", str(auto), "--weights", str(exported["path"]),
+                                      "--iters", "8", "--device", "cpu"])
+    assert result.exit_code == 0 and "ONNX Runtime backend" in result.stderr, result.output
+    assert np.array_equal(np.asarray(Image.open(auto)), np.asarray(Image.open(outs["onnx"])))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

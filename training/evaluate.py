@@ -218,7 +218,9 @@ class _Scores:
             values = getattr(self, key)
             if values:
                 mean, half = mean_interval(values)
-                out[key] = {"mean": round(mean, 4), "ci95": round(half, 4)}
+                # Fewer than 3 values (e.g. one or two batches for batch PSNR): a t interval says nothing.
+                ci = round(half, 4) if len(values) >= MIN_FOR_INTERVAL else None
+                out[key] = {"mean": round(mean, 4), "ci95": ci, "n": len(values)}
             else:
                 out[key] = None
         if self.seconds:
@@ -319,12 +321,17 @@ def evaluate(
 # ---------------------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------------------
+MIN_FOR_INTERVAL = 3
+
+
 def _fmt(metric: dict | None, digits: int) -> str:
     if metric is None:
         return "—"
     mean = metric["mean"]
     if not math.isfinite(mean):
         return str(mean)
+    if metric.get("ci95") is None:
+        return f"{mean:.{digits}f} (n={metric.get('n', '?')})"
     return f"{mean:.{digits}f} ± {metric['ci95']:.{digits}f}"
 
 
@@ -350,8 +357,8 @@ def format_report(report: dict) -> str:
         row(header),
         row(["-" * w for w in widths]),
         *[row(r) for r in lines],
-        "means ± 95% interval; PSNR/SSIM/LPIPS on clipped images; batch PSNR = one MSE per batch "
-        f"(batch size {report.get('batch_size', '?')}), as in the reference",
+        f"means ± 95% interval (none where fewer than {MIN_FOR_INTERVAL} values: (n=…)); PSNR/SSIM/LPIPS on clipped "
+        f"images; batch PSNR = one MSE per batch (batch size {report.get('batch_size', '?')}), as in the reference",
         f"LPIPS: {report.get('lpips', 'skipped')}",
         f"images/s on {report.get('device', '?')} ({report.get('threads', '?')} threads), CA steps or baseline only",
         "CA PSNR per combo: "

@@ -26,6 +26,7 @@ app = typer.Typer(
     epilog=EPILOG,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -39,8 +40,11 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More logging; -vv shows tracebacks."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+    verbose: int = typer.Option(
+        0, "--verbose", "-v", count=True, show_default=False, help="More logging; -vv shows tracebacks (also after "
+        "the command)."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors (also after the command)."),
     version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Show version."),
 ) -> None:
     log.setup(verbose, quiet)
@@ -65,10 +69,56 @@ def _register_commands() -> None:
 _register_commands()
 
 
-def main() -> None:
-    """Console entry point: one-line errors with their exit codes; tracebacks only with -vv."""
+GLOBAL_FLAGS = {"-q", "--quiet", "-v", "--verbose"}
+
+
+def hoist_global_flags(argv: list[str]) -> list[str]:
+    """Move ``-q``/``-v``/``-vv``/``--quiet``/``--verbose`` given after the command to the front, where the group
+    parses them (``vitca denoise a.png -o b.png -q`` works like ``vitca -q denoise ...``). Tokens after ``--`` and
+    values of other options are left alone."""
+    front, rest = [], []
+    for k, token in enumerate(argv):
+        if token == "--":
+            rest.extend(argv[k:])
+            break
+        counted = len(token) > 2 and token.startswith("-v") and set(token[1:]) == {"v"}
+        (front if token in GLOBAL_FLAGS or counted else rest).append(token)
+    return front + rest
+
+
+def _click_exceptions():
+    """Click's exception classes: vendored inside newer Typer releases, the click package with older ones."""
     try:
-        app()
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
+def _traceback_hint() -> str:
+    return "" if log.verbosity() >= 2 else " (run with -vv for the traceback)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: every error is one ``error:`` line on stderr with its exit code (usage errors 2);
+    tracebacks only with -vv."""
+    click = _click_exceptions()
+    args = hoist_global_flags(list(sys.argv[1:] if argv is None else argv))
+    try:
+        code = app(args=args, prog_name="vitca", standalone_mode=False)
+    except click.NoArgsIsHelpError as exc:  # plain `vitca`: the help, as no_args_is_help promises
+        print(exc.ctx.get_help() if exc.ctx is not None else exc.format_message())
+        sys.exit(2)
+    except click.UsageError as exc:  # bad or missing options and arguments, unknown commands
+        where = exc.ctx.command_path if exc.ctx is not None else "vitca"
+        log.error_line(f"{exc.format_message()} (see '{where} --help')")
+        sys.exit(2)
+    except typer.Abort:
+        log.error_line("interrupted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        log.error_line(exc.format_message())
+        sys.exit(exc.exit_code)
     except VitcaError as exc:
         if log.verbosity() >= 2:
             traceback.print_exc()
@@ -80,8 +130,9 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - the last line of defence against a traceback
         if log.verbosity() >= 2:
             traceback.print_exc()
-        log.error_line(f"{type(exc).__name__}: {exc} (run with -vv for the traceback)")
+        log.error_line(f"{type(exc).__name__}: {exc}{_traceback_hint()}")
         sys.exit(EXIT_FAILED)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ No torch here: the model code converts arrays to tensors itself.
 from __future__ import annotations
 
 import io
+import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -64,17 +65,27 @@ class Picture:
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------------------------------
+def check_readable(source: str | Path) -> None:
+    """Raise the ``ImageError`` that reading ``source`` would, without reading it (stdin always passes)."""
+    if str(source) == STDIO:
+        return
+    path = Path(source)
+    if not path.exists():
+        raise ImageError(f"{path}: no such file")
+    if path.is_dir():
+        raise ImageError(f"{path}: is a folder (add --recursive, or give files)")
+    if not os.access(path, os.R_OK):
+        raise ImageError(f"{path}: cannot read (permission denied)")
+
+
 def _read_bytes(source: str | Path) -> bytes:
     if str(source) == STDIO:
         data = sys.stdin.buffer.read()
         if not data:
             raise ImageError("stdin: no data (pipe an image in, or give a file)")
         return data
+    check_readable(source)
     path = Path(source)
-    if not path.exists():
-        raise ImageError(f"{path}: no such file")
-    if path.is_dir():
-        raise ImageError(f"{path}: is a folder (add --recursive, or give files)")
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -115,6 +126,9 @@ def read_image(source: str | Path) -> Picture:
         raise ImageError(f"{name}: zero-size image ({img.width}×{img.height})")
     fmt = img.format or "PNG"
     notes = []
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1:
+        notes.append(f"{frames} frames (animated {fmt}): only the first frame is restored and written")
     # A camera's rotation flag: the pixels a user sees are the rotated ones.
     orientation = img.getexif().get(0x0112, 1)
     if orientation not in (1, None):
@@ -185,7 +199,11 @@ def read_mask(source: str | Path, size: tuple[int, int]) -> np.ndarray:
     pic = read_image(source)
     grey = to_channels(pic.pixels, 1)[..., 0]
     if pic.size != tuple(size):
-        log.info(f"mask {pic.source}: {pic.size[1]}×{pic.size[0]} resized to {size[1]}×{size[0]} (nearest)")
+        (mh, mw), (h, w) = pic.size, size
+        kept = abs(mw / mh - w / h) < 0.01
+        say = log.info if kept else log.warning
+        say(f"mask {pic.source}: {mw}×{mh} stretched to the image's {w}×{h} with nearest-neighbour sampling "
+            f"({'same aspect ratio' if kept else 'aspect ratio NOT kept: check that it is the right mask'})")
         img = Image.fromarray(grey.astype(np.float32), mode="F")
         grey = np.asarray(img.resize((size[1], size[0]), Image.Resampling.NEAREST))
     return grey > 0.5

@@ -46,11 +46,10 @@ SHAPED_SESSIONS = 4  # grid shapes whose specialised sessions a backend keeps (a
 
 
 def cpu_threads() -> int:
-    """Cores this process may run on (the affinity mask where the platform has one)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
+    """Threads for a session: what ``--threads`` chose (``runtime.choose_threads``), else every usable core."""
+    from vitca_cli.runtime import chosen_threads, usable_cores
+
+    return chosen_threads() or usable_cores()
 
 
 def _cuda_driver_present() -> bool:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from vitca_cli.config import CAConfig
-from vitca_cli.errors import UsageError, WeightsError
+from vitca_cli.errors import UsageError
 from vitca_cli.log import log
 from vitca_cli.masking import apply_mask, patch_keep_mask
 from vitca_cli.model import draw_update_mask, output_image, seed_cells
@@ -82,17 +82,17 @@ def make_backend(weights_spec: str | None, backend: str = "torch", device: str =
 
     if backend not in ("torch", "onnx"):
         raise UsageError(f"--backend {backend!r}: expected torch or onnx")
+    ref = weights.resolve(weights_spec, channels, suffix=".onnx") if backend == "onnx" else None
+    if ref is None:
+        ref = weights.resolve(weights_spec, channels)
+        if ref.path.suffix == ".onnx":  # an ONNX step file runs in ONNX Runtime, whatever --backend said
+            log.info(f"{ref.path}: an ONNX step graph, so the ONNX Runtime backend runs it")
+            backend = "onnx"
     if backend == "onnx":
-        try:
-            from vitca_cli import onnx_backend
-        except ImportError:
-            raise UsageError("--backend onnx is not available yet in this build; use --backend torch") from None
-        ref = weights.resolve(weights_spec, channels, suffix=".onnx")
+        from vitca_cli import onnx_backend
+
         result = onnx_backend.OnnxBackend.from_file(ref.path, device)
     else:
-        ref = weights.resolve(weights_spec, channels)
-        if ref.path.suffix == ".onnx":
-            raise WeightsError(f"{ref.path}: an ONNX file needs --backend onnx")
         dev = resolve_device(device)
         result = TorchBackend.from_file(ref.path, dev, ref.name)
     result.name = ref.name

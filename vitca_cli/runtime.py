@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 from vitca_cli import log
@@ -27,6 +28,46 @@ def resolve_device(spec: str = "auto"):
             raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
         return device
     raise UsageError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+
+
+_chosen_threads: dict = {}
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (the affinity mask where the platform has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def choose_threads(requested: int | None = None) -> int:
+    """Set the CPU threads of torch (and of ONNX Runtime sessions made later): ``requested``, else the usable cores
+    less the load already on them (the 1-minute load average, rounded), at least 1. On a busy machine one thread
+    avoids OpenMP threads waiting for a core at every barrier."""
+    import torch
+
+    cores = usable_cores()
+    if requested is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            load = 0.0
+        n = max(1, min(cores, round(cores - load)))
+        if n < cores:
+            log.log.info(f"{n} CPU thread(s): the machine is busy (load {load:.1f} on {cores} cores); set --threads")
+    else:
+        if requested < 1:
+            raise UsageError(f"--threads must be ≥ 1, got {requested}")
+        n = requested
+    torch.set_num_threads(n)
+    _chosen_threads["n"] = n
+    return n
+
+
+def chosen_threads() -> int | None:
+    """What :func:`choose_threads` set, or None."""
+    return _chosen_threads.get("n")
 
 
 def cpu_has_native_bf16() -> bool | None:

@@ -62,13 +62,15 @@ class Settings:
     ext: Optional[str]
     mask: Optional[str] = None
     mask_type: Optional[str] = None
+    threads: Optional[int] = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Inputs and outputs
 # ---------------------------------------------------------------------------------------------------------------------
-def collect_inputs(specs: list[str], recursive: bool) -> list[Job]:
-    """Expand files, folders (their images; sub-folders with ``recursive``), quoted globs and ``-``."""
+def collect_inputs(specs: list[str], recursive: bool, skip_restored: bool = False) -> list[Job]:
+    """Expand files, folders (their images; sub-folders with ``recursive``), quoted globs and ``-``. With
+    ``skip_restored``, folders leave out earlier outputs written beside their inputs (``NAME.restored.EXT``)."""
     from vitca_cli.images import IMAGE_SUFFIXES
 
     jobs: list[Job] = []
@@ -79,7 +81,8 @@ def collect_inputs(specs: list[str], recursive: bool) -> list[Job]:
         path = Path(spec)
         if path.is_dir():
             walk = path.rglob("*") if recursive else path.glob("*")
-            found = sorted(p for p in walk if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in walk if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                           and not (skip_restored and p.stem.endswith(f".{RESTORED_TAG}")))
             if not found:
                 jobs.append(Job(spec, Path(path.name), error=f"{spec}: no images in folder"
                                 + ("" if recursive else " (add --recursive for sub-folders)")))
@@ -94,12 +97,21 @@ def collect_inputs(specs: list[str], recursive: bool) -> list[Job]:
     return jobs
 
 
-def assign_outputs(jobs: list[Job], output: str, ext: Optional[str]) -> None:
+RESTORED_TAG = "restored"
+
+
+def assign_outputs(jobs: list[Job], output: Optional[str], ext: Optional[str]) -> None:
     """``-o FILE`` for one input file, ``-o DIR`` (mirroring sub-folders) for several or for a folder or glob,
-    ``-o -`` for stdout."""
+    ``-o -`` for stdout; without ``-o``, beside each input as ``NAME.restored.EXT`` (stdin to stdout)."""
     suffix = None
     if ext:
         suffix = ext if ext.startswith(".") else f".{ext}"
+    if output is None:
+        for job in jobs:
+            src = Path(job.source)
+            job.output = STDIO if job.source == STDIO else str(
+                src.with_name(f"{src.stem}.{RESTORED_TAG}{suffix or src.suffix}"))
+        return
     if output == STDIO:
         if len(jobs) != 1:
             raise UsageError(f"-o - writes one image to stdout, but {len(jobs)} inputs were given")
@@ -108,6 +120,8 @@ def assign_outputs(jobs: list[Job], output: str, ext: Optional[str]) -> None:
     as_dir = len(jobs) > 1 or jobs[0].expanded or output.endswith(("/", os.sep)) or Path(output).is_dir()
     if not as_dir:
         out = Path(output)
+        if suffix and out.suffix and out.suffix.lower() != suffix.lower():
+            raise UsageError(f"-o {output} and --ext {ext} name different formats; drop --ext or change -o")
         jobs[0].output = str(out.with_suffix(suffix) if suffix else out)
         return
     for job in jobs:
@@ -127,12 +141,16 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def _writable(path: str) -> bool:
-    """Whether ``path`` can be created: its nearest existing ancestor is a writable folder."""
+def _unwritable(path: str) -> str | None:
+    """Why ``path`` cannot be created (None when it can): its nearest existing ancestor must be a writable folder."""
     parent = Path(path).resolve().parent
     while not parent.exists():
         parent = parent.parent
-    return parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)
+    if not parent.is_dir():
+        return f"{parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot write in {parent} (permission denied)"
+    return None
 
 
 def check_output(path: str, sources: list[str], settings: Settings) -> bool:
@@ -154,8 +172,9 @@ def check_output(path: str, sources: list[str], settings: Settings) -> bool:
             return False
         if not settings.overwrite:
             raise ImageError(f"{path}: output exists (add --overwrite, or --skip-existing to keep it)")
-    if not _writable(path):
-        raise ImageError(f"{path}: cannot write here (permission denied)")
+    reason = _unwritable(path)
+    if reason:
+        raise ImageError(f"{path}: {reason}")
     return True
 
 
@@ -189,18 +208,19 @@ class Backends:
         return self._by_key[key]
 
 
-def run_batch(inputs: list[str], output: str, recursive: bool, settings: Settings, inpaint: bool) -> None:
+def run_batch(inputs: list[str], output: Optional[str], recursive: bool, settings: Settings, inpaint: bool) -> None:
     """Process every input; raise ``typer.Exit(1)`` at the end if any failed."""
     from vitca_cli.images import ImageError
 
-    if settings.backend == "torch":  # an impossible device is a usage error before any file is read
-        from vitca_cli.runtime import resolve_device
+    from vitca_cli.runtime import choose_threads, resolve_device
 
+    if settings.backend == "torch":  # an impossible device is a usage error before any file is read
         resolve_device(settings.device)
+    choose_threads(settings.threads)
     backends = Backends(settings)
     if settings.weights is not None:
         backends.get(0)  # missing or unknown weights: exit 3 now, not once per file
-    jobs = collect_inputs(inputs, recursive)
+    jobs = collect_inputs(inputs, recursive, skip_restored=output is None)
     listed = [j for j in jobs if not j.error]
     if not listed and not any(j.error for j in jobs):
         raise UsageError("no inputs given")
@@ -248,6 +268,7 @@ def process(job: Job, settings: Settings, backends: Backends, inpaint: bool, man
     from vitca_cli.restore import backend_mask_type, corrupt, damage, mask_missing, restore
 
     sources = [job.source] + ([settings.mask] if settings.mask else [])
+    images.check_readable(job.source)  # an unreadable input is reported as such, not as an output problem
     if not check_output(job.output, sources, settings):
         log.info(f"{job.output}: exists, skipped (--skip-existing)")
         return
@@ -326,20 +347,39 @@ def _read_mask(mask: str, job: Job, size: tuple[int, int]):
         raise images.ImageError(f"mask {exc}") from None
 
 
+PROGRESS_EVERY_S = 5.0  # a log line this often when stderr is not a terminal
+
+
 def _progress_bar(name: str):
-    """A transient rich progress bar on stderr when it is a terminal; otherwise no-op callbacks."""
-    if not sys.stderr.isatty() or logmod.log.level > 20:
+    """Progress on stderr: a transient rich bar on a terminal (shown from the first step, when the total is known);
+    otherwise a log line every ``PROGRESS_EVERY_S`` seconds, so batch logs show a long image is alive."""
+    if logmod.log.level > 20:
         return None, lambda: None
+    label = Path(name).name
+    start = time.perf_counter()
+    if not sys.stderr.isatty():
+        last = [start]
+
+        def log_line(done: int, total: int) -> None:
+            now = time.perf_counter()
+            if now - last[0] >= PROGRESS_EVERY_S and done < total:
+                eta = (now - start) / done * (total - done)
+                logmod.log.info(f"{label}: {done}/{total} tile-steps ({100 * done / total:.0f}%), ETA {eta:.0f}s")
+                last[0] = now
+
+        return log_line, lambda: None
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TimeRemainingColumn
 
     bar = Progress("[progress.description]{task.description}", BarColumn(), "{task.completed}/{task.total} steps",
                    TimeRemainingColumn(), console=Console(stderr=True), transient=True)
-    bar.start()
-    task = bar.add_task(Path(name).name, total=None)
+    task: list = []
 
     def update(done: int, total: int) -> None:
-        bar.update(task, completed=done, total=total)
+        if not task:
+            bar.start()
+            task.append(bar.add_task(label, total=total))
+        bar.update(task[0], completed=done, total=total)
 
     return update, bar.stop
 
@@ -352,6 +392,8 @@ def _settings(iters, update_rate, seed, weights, device, backend, tile, corrupt_
     """Validate the options shared by both commands (bad ones are usage errors, exit 2)."""
     from vitca_cli.images import FORMATS
 
+    if iters is not None and iters > MAX_ITERS:
+        raise UsageError(f"--iters {iters}: at most {MAX_ITERS:,} steps")
     if iters is not None and iters < 1:
         raise UsageError(f"--iters must be at least 1, got {iters}")
     if update_rate is not None and not 0.0 < update_rate <= 1.0:
@@ -383,14 +425,17 @@ def _settings(iters, update_rate, seed, weights, device, backend, tile, corrupt_
 
 
 DEFAULT_ITERS = 64
+MAX_ITERS = 10_000
 INPUTS_HELP = "Image files, folders, quoted globs, or - for stdin."
-OUTPUT_HELP = "Output file (one input), folder (several; sub-folders mirrored), or - for stdout."
+OUTPUT_HELP = ("Output file (one input), folder (several; sub-folders mirrored), or - for stdout (default: beside "
+               "each input as NAME.restored.EXT; stdin goes to stdout).")
+THREADS_HELP = "CPU threads (default: the cores not already busy; 1 is fastest on a loaded machine)."
 
 
 @handle_errors
 def denoise(
     inputs: List[str] = typer.Argument(..., help=INPUTS_HELP, show_default=False),
-    output: str = typer.Option(..., "--output", "-o", help=OUTPUT_HELP, show_default=False),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help=OUTPUT_HELP, show_default=False),
     iters: Optional[int] = typer.Option(
         None, "--iters", help=f"CA iterations (default: the weights' own, else {DEFAULT_ITERS}).", show_default=False
     ),
@@ -416,6 +461,7 @@ def denoise(
                                           "several inputs)."),
     frames: int = typer.Option(32, "--frames", help="Frames in the --animate GIF."),
     compare: Optional[str] = typer.Option(None, "--compare", help="Write input | output side by side as PNG."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
 ) -> None:
     """Denoise images: the image is the cells' input; the output channels after the iterations are the result.
 
@@ -423,6 +469,7 @@ def denoise(
     """
     settings = _settings(iters, update_rate, seed, weights, device, backend, tile, corrupt, save_input, animate,
                          frames, compare, overwrite, skip_existing, fail_fast, ext, output)
+    settings.threads = threads
     run_batch(inputs, output, recursive, settings, inpaint=False)
 
 
@@ -431,7 +478,7 @@ def inpaint(
     inputs: List[str] = typer.Argument(..., help=INPUTS_HELP, show_default=False),
     mask: str = typer.Option(..., "--mask", "-m", help="Mask image (white = missing) for all inputs, or a folder of "
                              "masks matched by file name.", show_default=False),
-    output: str = typer.Option(..., "--output", "-o", help=OUTPUT_HELP, show_default=False),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help=OUTPUT_HELP, show_default=False),
     mask_type: Optional[MaskType] = typer.Option(None, "--mask-type", help="How missing pixels are shown to the "
                                                  "model (default: as it was trained)."),
     iters: Optional[int] = typer.Option(
@@ -454,6 +501,7 @@ def inpaint(
     animate: Optional[str] = typer.Option(None, "--animate", help="Write the iterations as a GIF."),
     frames: int = typer.Option(32, "--frames", help="Frames in the --animate GIF."),
     compare: Optional[str] = typer.Option(None, "--compare", help="Write input | masked | output side by side."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
 ) -> None:
     """Fill in the pixels a mask marks white, masked the way the model was trained (dropout or noise).
 
@@ -461,6 +509,7 @@ def inpaint(
     """
     settings = _settings(iters, update_rate, seed, weights, device, backend, tile, None, save_input, animate, frames,
                          compare, overwrite, skip_existing, fail_fast, ext, output)
+    settings.threads = threads
     if not Path(mask).exists():
         raise UsageError(f"--mask {mask}: no such file or folder")
     settings.mask = mask

@@ -130,8 +130,7 @@ def eval_command(
     n = len(ds) if limit is None else min(limit, len(ds))
     mtype = _mask_type(mask_type, meta)
     lpips, lpips_status = ev.load_lpips(next(model.parameters()).device)
-    log.info(f"evaluating {n} {split} images of {dataset}: {iters} steps, {mtype} masking, seed {seed}; "
-             f"LPIPS {lpips_status}")
+    log.info(f"evaluating {n} {split} images of {dataset}: {iters} steps, {mtype} masking, seed {seed}")
     report = ev.evaluate(
         model, ev.batches(ds, batch_size, n), iters=iters, mask_type=mtype, seed=seed, schedule=schedule,
         update_rate=update_rate, baselines=list(BASELINES) if baselines else [], lpips=lpips,
