@@ -110,7 +110,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save", type=Path, default=None, help="write inputs and outputs here as PNG")
     ap.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     backend = make_backend(args.weights, args.backend, "cpu", channels=3)
     iters = args.iters or int((getattr(backend, "meta", None) or {}).get("default_iters", 64))

@@ -4,6 +4,7 @@
     python bench/train.py --device cuda       # the same on a GPU
     python bench/train.py --compare-compile   # also: eager vs torch.compile'd step vs fused attention/bias kernels
     python bench/train.py --compare-precision --batch 16 --steps 12 --skip-fm   # also: bf16 autocast vs fp32
+    python bench/train.py --ddp [--ddp-iterations 60]   # 1 process × 2 threads against 2 ranks × 1 thread
 
 Targets (issue 3): gradient checkpointing cuts peak memory ≥ 4× for ≤ 2× the iteration time; one training
 iteration (forward + backward) costs ≤ 3.5× a no-grad forward rollout of the same T. On CPU each configuration runs
@@ -54,7 +55,13 @@ def main() -> None:
     p.add_argument("--compare-precision", action="store_true", help="also time the plain pass in the other precision")
     p.add_argument("--skip-fm", action="store_true")
     p.add_argument("--json", type=Path, help="also write all measurements here")
+    p.add_argument("--ddp", action="store_true", help="only: `vitca train` in 1 process × 2 threads against "
+                   "--nproc 2 × 1 thread, same global batch (FashionMNIST)")
+    p.add_argument("--ddp-iterations", type=int, default=60)
     a = p.parse_args()
+    if a.ddp:
+        compare_ddp(a)
+        return
 
     results = {}
     cfg = preset("fashion-mnist", channels=a.channels, image_size=(a.size, a.size))
@@ -108,6 +115,34 @@ def main() -> None:
         print(f"fusion/mitosis iteration time   {fm['iteration_ms'] / p64['iteration_ms']:6.2f}×")
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
+
+
+def _rate(run: Path) -> tuple[float, int]:
+    """Iterations per second between the first and the last logged iteration (compilation and start-up left out)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"time"' in line]
+    first, last = rows[0], rows[-1]
+    return (last["iteration"] - first["iteration"]) / (last["time"] - first["time"]), last["iteration"]
+
+
+def compare_ddp(a) -> None:
+    """The same training run as one process with two threads and as two ranks with one thread each."""
+    import subprocess
+    import tempfile
+
+    common = ["train", "--dataset", "fashion-mnist", "--iterations", str(a.ddp_iterations), "--batch-size",
+              str(a.batch), "--t-min", str(max(1, a.steps // 2)), "--t-max", str(a.steps), "--val-every", "0",
+              "--log-every", "5", "--device", a.device]
+    runs = {"1 process × 2 threads": ["--threads", "2"], "2 ranks × 1 thread": ["--nproc", "2", "--threads", "1"]}
+    print(f"global batch {a.batch}, 28×28, T ~ U{{{max(1, a.steps // 2)}..{a.steps}}}, {a.ddp_iterations} iterations")
+    rates = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in runs.items():
+            out = Path(tmp) / name.split()[0]
+            subprocess.run([sys.executable, "-m", "vitca_cli", *common, *extra, "-o", str(out), "-q"], check=True)
+            rates[name], _ = _rate(out)
+            print(f"{name:<24} {rates[name]:6.2f} it/s  {rates[name] * a.batch:7.1f} samples/s", flush=True)
+    one, two = rates.values()
+    print(f"2 ranks / 1 process: {two / one:.2f}× the iterations per second")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from training.distributed import SINGLE, World, any_rank, barrier, rank_seed, split_batch, wrap
 from vitca_cli import log as logmod
 from vitca_cli.checkpoint import atomic_write_bytes, read_checkpoint, save_checkpoint
 from vitca_cli.config import CAConfig
@@ -174,7 +175,8 @@ def normalize_gradients(params) -> None:
         torch._foreach_div_(grads, torch._foreach_add(norms, 1e-8))
 
 
-def rollout(ca, z: torch.Tensor, steps: int, tcfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+def rollout(ca, z: torch.Tensor, steps: int, tcfg: TrainConfig, generator: torch.Generator,
+            masks: torch.Tensor | None = None) -> torch.Tensor:
     """The T training steps: plain, gradient-checkpointed (⌊T/2⌋ segments), or fusion/mitosis (appendix A.1).
 
     With ``precision="bf16"`` the steps run under autocast: the linear layers multiply in bfloat16 (AMX/AVX512-BF16
@@ -183,10 +185,10 @@ def rollout(ca, z: torch.Tensor, steps: int, tcfg: TrainConfig, generator: torch
     autocast = tcfg.precision == "bf16"
     with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=autocast):
         if tcfg.fusion_mitosis:
-            z = ca.fusion_mitosis_rollout(z, steps, None, generator)
+            z = ca(z, steps, generator=generator, fusion_mitosis=True)
         else:
             segments = steps // 2 if tcfg.checkpointing and steps > 1 else 0
-            z = ca(z, steps, generator=generator, checkpoint_segments=segments)
+            z = ca(z, steps, generator=generator, masks=masks, checkpoint_segments=segments)
     return z.float() if autocast else z
 
 
@@ -244,21 +246,24 @@ def lr_factor(iteration: int, tcfg: TrainConfig) -> float:
 class Trainer:
     """Holds the model, optimizer, scheduler, pool and RNGs of one run; ``step()`` is one iteration of Algorithm 1."""
 
-    def __init__(self, cfg: CAConfig, tcfg: TrainConfig, train_ds, val_ds=None, device="cpu"):
-        self.cfg, self.tcfg = cfg, tcfg
+    def __init__(self, cfg: CAConfig, tcfg: TrainConfig, train_ds, val_ds=None, device="cpu", world: World = SINGLE):
+        self.cfg, self.tcfg, self.world = cfg, tcfg, world
         self.device = torch.device(device)
         self.train_ds, self.val_ds = train_ds, val_ds
-        torch.manual_seed(tcfg.seed)  # parameter initialisation
+        self.local_batch = split_batch(tcfg.batch_size, world)
+        torch.manual_seed(tcfg.seed)  # parameter initialisation (the same on every rank)
         self.ca = CellularAutomaton(cfg).to(self.device)
+        self.model = wrap(self.ca, world, self.device)  # what the rollout calls: DDP averages the gradients
         self.params = [p for p in self.ca.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda it: lr_factor(it, self.tcfg))
         # One pool per crop size (grids of one size stack into one tensor), the capacity shared between them.
         sizes = tcfg.crop_sizes or (None,)
-        self.pools = {s: Pool(tcfg.pool_size // len(sizes)) for s in sizes}
-        self.gen = torch.Generator(self.device).manual_seed(tcfg.seed)
-        self.gen_data = torch.Generator().manual_seed(tcfg.seed + 1)
-        self.rng = random.Random(tcfg.seed)
+        self.pools = {s: Pool(tcfg.pool_size // world.size // len(sizes)) for s in sizes}
+        seed = rank_seed(tcfg.seed, world)  # each rank its own streams; rank 0 those of a one-process run
+        self.gen = torch.Generator(self.device).manual_seed(seed)
+        self.gen_data = torch.Generator().manual_seed(seed + 1)
+        self.rng = random.Random(seed)
         self.iteration = 0
         self.best = {"val_psnr": -math.inf, "val_ssim": None, "iteration": 0}
         self.schedule = tcfg.schedule
@@ -285,9 +290,9 @@ class Trainer:
     def batch_size_at(self, size: int | None) -> int:
         """Images per batch at crop ``size``: ``batch_size`` at the first crop size, scaled to keep the cell count."""
         if size is None:
-            return self.tcfg.batch_size
+            return self.local_batch
         base = self.tcfg.crop_sizes[0]
-        return max(1, round(self.tcfg.batch_size * base * base / (size * size)))
+        return max(1, round(self.local_batch * base * base / (size * size)))
 
     def fresh_batch(self, i: int, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A new batch: images (random ``size``×``size`` crops for file datasets), the corruption for iteration
@@ -317,12 +322,23 @@ class Trainer:
         from_pool = len(pool) > b and i % 2 == 0
         z, x = pool.take(b) if from_pool else self.fresh_batch(i, size)
         steps = self.rng.randint(t.t_min, t.t_max)
+        z, rec = self.learn(z, x, steps)
+        pool.update(z, x, from_pool, t.pool_overwrite, self.gen_data)
+        self.iteration = i
+        return {**rec, "T": steps, "pool": from_pool, "size": x.shape[-1]}
+
+    def learn(self, z: torch.Tensor, x: torch.Tensor, steps: int, masks: torch.Tensor | None = None):
+        """Steps 2–4 of iteration ``self.iteration + 1`` on grids ``z`` and targets ``x``: the rollout (with the
+        given update ``masks``, else drawn from ``gen``), the loss, back-propagation, gradient normalisation (of the
+        ranks' averaged gradients in a distributed run) and the optimizer and schedule steps. Returns the final
+        grids (detached by the pool) and the loss terms."""
+        t = self.tcfg
         self.ca.train()
-        z = rollout(self.ca, z, steps, t, self.gen)
+        z = rollout(self.model, z, steps, t, self.gen, masks)
         loss, rec, overflow = ca_loss(self.ca, z, x, t.alpha, t.beta)
         value = loss.item()
-        if not math.isfinite(value):
-            raise NonFiniteLoss(i, value)
+        if any_rank(self.world, not math.isfinite(value), self.device):  # every rank stops at the same iteration
+            raise NonFiniteLoss(self.iteration + 1, value)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if t.grad_norm:
@@ -330,10 +346,7 @@ class Trainer:
         lr = self.opt.param_groups[0]["lr"]
         self.opt.step()
         self.sched.step()
-        pool.update(z, x, from_pool, t.pool_overwrite, self.gen_data)
-        self.iteration = i
-        return {"loss": value, "l1": rec.item(), "overflow": overflow.item(), "T": steps, "pool": from_pool, "lr": lr,
-                "size": x.shape[-1]}
+        return z, {"loss": value, "l1": rec.item(), "overflow": overflow.item(), "lr": lr}
 
     # -- validation ---------------------------------------------------------------------------------------------
     def _prepare_validation(self):
@@ -408,25 +421,42 @@ class Trainer:
     def state_dict_model(self) -> dict:
         return {k: v.detach().cpu() for k, v in self.ca.state_dict().items()}
 
+    def _rank_state(self) -> dict:
+        """What differs between ranks: the pool and the random generators."""
+        return {
+            "pool": self._pool_state(),
+            "rng": {"device": self.gen.get_state(), "data": self.gen_data.get_state(), "python": self.rng.getstate()},
+        }
+
     def save(self, path: Path) -> None:
-        """Everything needed to resume exactly, written atomically."""
-        save_checkpoint(
-            path,
-            self.cfg,
-            self.state_dict_model(),
-            self.meta(),
-            train=self.tcfg.to_dict(),
-            iteration=self.iteration,
-            optimizer=self.opt.state_dict(),
-            scheduler=self.sched.state_dict(),
-            pool=self._pool_state(),
-            rng={
-                "device": self.gen.get_state(),
-                "data": self.gen_data.get_state(),
-                "python": self.rng.getstate(),
-            },
-            best=dict(self.best),
-        )
+        """Everything needed to resume exactly, written atomically. In a distributed run every rank r ≥ 1 first
+        writes its pool and generators to ``last.rankR.itI.pt`` beside ``path``; then rank 0 writes ``path`` (the
+        weights, optimizer and schedule are the same on every rank, plus rank 0's own pool and generators); then
+        older shards go. A crash at any point leaves a ``last.pt`` whose shards are all on disk."""
+        path = Path(path)
+        if self.world.rank > 0:
+            save_checkpoint(shard_path(path, self.world.rank, self.iteration), self.cfg, {}, {},
+                            iteration=self.iteration, world_size=self.world.size, **self._rank_state())
+        barrier(self.world)
+        if self.world.main:
+            save_checkpoint(
+                path,
+                self.cfg,
+                self.state_dict_model(),
+                self.meta(),
+                train=self.tcfg.to_dict(),
+                iteration=self.iteration,
+                optimizer=self.opt.state_dict(),
+                scheduler=self.sched.state_dict(),
+                best=dict(self.best),
+                world_size=self.world.size,
+                **self._rank_state(),
+            )
+        barrier(self.world)
+        if self.world.rank > 0:
+            for old in path.parent.glob(f"{path.stem}.rank{self.world.rank}.it*.pt"):
+                if old != shard_path(path, self.world.rank, self.iteration):
+                    old.unlink(missing_ok=True)
 
     def _pool_state(self) -> dict:
         if None in self.pools:
@@ -437,11 +467,22 @@ class Trainer:
         """Weights and meta only (no optimizer or pool): what gets shipped."""
         save_checkpoint(path, self.cfg, self.state_dict_model(), self.meta(), train=self.tcfg.to_dict())
 
-    def load(self, ckpt: dict) -> None:
-        """Restore a ``last.pt`` written by :meth:`save`."""
+    def load(self, ckpt: dict, path: Path | None = None) -> None:
+        """Restore a ``last.pt`` written by :meth:`save` (``path``: where it is, to find this rank's shard)."""
+        saved_world = int(ckpt.get("world_size", 1))
+        if saved_world != self.world.size:
+            raise UsageError(f"this run was saved by {saved_world} rank(s) and is resumed with {self.world.size}; "
+                             f"resume with --nproc-per-node/--nproc giving {saved_world} ranks in all (each rank's "
+                             f"pool and random streams are saved per rank)")
         self.ca.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
+        if self.world.rank > 0:
+            shard = shard_path(Path(path), self.world.rank, int(ckpt["iteration"]))
+            if not shard.is_file():
+                raise UsageError(f"{shard}: rank {self.world.rank}'s state for iteration {ckpt['iteration']} is "
+                                 f"missing; the run folder is incomplete")
+            ckpt = {**ckpt, **{k: v for k, v in read_checkpoint(shard).items() if k in ("pool", "rng")}}
         state = ckpt.get("pool", {})
         for size, pool in self.pools.items():
             pool.load(state.get("sizes", {}).get(str(size), {}) if size is not None else state, self.device)
@@ -454,6 +495,11 @@ class Trainer:
         self.best = dict(ckpt.get("best", self.best))
         if self.best.get("metric", "val_psnr") != self.selection:  # chosen by another figure: start the choice anew
             self.best = {"val_psnr": -math.inf, "val_ssim": None, "iteration": 0}
+
+
+def shard_path(last: Path, rank: int, iteration: int) -> Path:
+    """Where rank ``rank`` keeps its pool and generators for ``last`` at ``iteration``."""
+    return last.with_name(f"{last.stem}.rank{rank}.it{iteration}.pt")
 
 
 class NonFiniteLoss(VitcaError):
@@ -496,28 +542,33 @@ def read_run(run_dir: Path) -> tuple[CAConfig, TrainConfig, dict]:
 
 
 class _StopFlag:
-    """First Ctrl-C: finish the current iteration, save, stop. Second Ctrl-C: stop at once (the last save stays)."""
+    """First Ctrl-C or SIGTERM: finish the current iteration, save, stop. Second Ctrl-C: stop at once (the last save
+    stays)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.stop = False
-        self._previous = None
+        self._previous: dict = {}
 
     def __enter__(self):
         def handler(signum, frame):
-            if self.stop:
+            if self.stop and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self.stop = True
-            log.warning("interrupted: finishing this iteration and saving (Ctrl-C again to quit without saving)")
+            log.warning(f"{signal.Signals(signum).name}: finishing this iteration and saving (Ctrl-C again to quit "
+                        "without saving)")
 
         try:
-            self._previous = signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not the main thread: leave Ctrl-C alone
-            self._previous = None
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: leave the signals alone
+            self._previous = {}
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def train(
@@ -533,28 +584,35 @@ def train(
     stop_at: int | None = None,
     argv: list[str] | None = None,
     progress: bool = True,
+    world: World = SINGLE,
 ) -> dict:
     """Train (or resume) a run in ``run_dir``; returns a summary dict. ``init_state`` (a model state dict for ``cfg``)
     starts a new run from trained weights instead of a fresh initialisation. ``stop_at`` ends this session after that
-    iteration (saving), leaving the rest of the schedule for ``--resume``."""
+    iteration (saving), leaving the rest of the schedule for ``--resume``. ``world``: this rank of a distributed run
+    (``training.distributed``); rank 0 alone validates and writes the metrics, ``config.json`` and ``best.pt``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, tcfg, train_ds, val_ds, device)
+    trainer = Trainer(cfg, tcfg, train_ds, val_ds, device, world)
     metrics_path = run_dir / METRICS_FILE
     if resume_from is not None:
-        trainer.load(resume_from)
-        _trim_metrics(metrics_path, trainer.iteration)
+        trainer.load(resume_from, run_dir / LAST)
+        if world.main:
+            _trim_metrics(metrics_path, trainer.iteration)
         log.info(f"resuming {run_dir} at iteration {trainer.iteration} of {tcfg.iterations}")
     elif init_state is not None:
         trainer.ca.load_state_dict(init_state)
-    config = {"model": cfg.to_dict(), "train": tcfg.to_dict(), "seed": tcfg.seed, "device": str(device)}
-    if argv is not None:
+    config = {"model": cfg.to_dict(), "train": tcfg.to_dict(), "seed": tcfg.seed, "device": str(device),
+              "distributed": {**world.describe(), "rank": None, "local_rank": None,
+                              "batch_per_rank": trainer.local_batch}}
+    if argv is not None and world.main:
         config["argv"] = list(argv)
         import shlex
 
         with open(run_dir / "command.txt", "a") as f:  # every session's command, in order
             f.write(shlex.join(argv) + "\n")
-    _write_json(run_dir / CONFIG_FILE, config)
+    if world.main:
+        _write_json(run_dir / CONFIG_FILE, config)
+    barrier(world)  # metrics trimmed before any rank goes on
 
     end = tcfg.iterations if stop_at is None else min(stop_at, tcfg.iterations)
     save_every = tcfg.save_every or tcfg.val_every or 500
@@ -562,8 +620,9 @@ def train(
     last_val = None
     window: list[dict] = []
     start_time, start_iter = time.perf_counter(), trainer.iteration
-    display = _Progress(progress, trainer.iteration, end)
-    with _StopFlag() as flag, display, open(metrics_path, "a") as metrics:
+    display = _Progress(progress and world.main, trainer.iteration, end)
+    metrics_file = open(metrics_path, "a") if world.main else open(os.devnull, "w")
+    with _StopFlag() as flag, display, metrics_file as metrics:
         while trainer.iteration < end:
             try:
                 rec = trainer.step()
@@ -586,14 +645,17 @@ def train(
                 window.clear()
             validated = False
             if val_ds is not None and tcfg.val_every and (i % tcfg.val_every == 0 or i == tcfg.iterations):
-                last_val = trainer.validate()
                 validated = True
-                if last_val[trainer.selection] > trainer.best["val_psnr"]:
-                    trainer.best = {"val_psnr": last_val[trainer.selection], "val_ssim": last_val["val_ssim"],
-                                    "iteration": i, "metric": trainer.selection}
-                    trainer.save_best(run_dir / BEST)
-                metrics.write(json.dumps({"iteration": i, **last_val}) + "\n")
-                metrics.flush()
+                if world.main:
+                    last_val = trainer.validate()
+                    if last_val[trainer.selection] > trainer.best["val_psnr"]:
+                        trainer.best = {"val_psnr": last_val[trainer.selection], "val_ssim": last_val["val_ssim"],
+                                        "iteration": i, "metric": trainer.selection}
+                        trainer.save_best(run_dir / BEST)
+                    metrics.write(json.dumps({"iteration": i, **last_val}) + "\n")
+                    metrics.flush()
+                barrier(world)
+            flag.stop = any_rank(world, flag.stop, trainer.device)  # a signal to any rank stops them all here
             if i % save_every == 0 or i == end or flag.stop:
                 trainer.save(run_dir / LAST)
             rate = (i - start_iter) / max(time.perf_counter() - start_time, 1e-9)
@@ -601,7 +663,7 @@ def train(
             if flag.stop:
                 status = "interrupted"
                 break
-    if val_ds is None and not (run_dir / BEST).is_file():
+    if val_ds is None and world.main and not (run_dir / BEST).is_file():
         trainer.save_best(run_dir / BEST)  # no validation: the final weights stand in for the best
     return {
         "status": status,

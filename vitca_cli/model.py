@@ -555,11 +555,15 @@ class CellularAutomaton(nn.Module):
         checkpoint_segments: int = 0,
         head_mask: torch.Tensor | None = None,
         keep_attention: bool = False,
+        fusion_mitosis: bool = False,
     ) -> torch.Tensor:
         """Apply ``steps`` CA steps. Masks are drawn up front (or given), so a checkpointed backward pass replays
         exactly the same updates. ``checkpoint_segments`` > 1 splits the rollout into that many segments whose
-        activations are recomputed during the backward pass.
+        activations are recomputed during the backward pass. ``fusion_mitosis`` runs :meth:`fusion_mitosis_rollout`
+        instead (through ``forward``, so a ``DistributedDataParallel`` wrapper sees it).
         """
+        if fusion_mitosis:
+            return self.fusion_mitosis_rollout(z, steps, update_rate, generator)
         if masks is None:
             masks = self.update_masks(z, steps, update_rate, generator)
         if checkpoint_segments > 1 and torch.is_grad_enabled():

@@ -108,7 +108,10 @@ def eval_command(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Score a model on a test split with the paper's test masking (PSNR, SSIM, LPIPS, 95% intervals)."""
+    """Score a model on a test split with the paper's test masking (PSNR, SSIM, LPIPS, 95% intervals).
+
+    Runs in one process (not distributed, unlike `vitca train`).
+    """
     from training import evaluate as ev
     from training.baselines import BASELINES, check_available
 

@@ -132,6 +132,10 @@ def train(
         "CPUs with AMX [fp32].",
         panel=RUN_HELP,
     ),
+    nproc: Optional[int] = _opt(
+        None, "--nproc", min=1, help="Run N local ranks data-parallel (torch's launcher, as `torchrun --standalone "
+        "--nproc-per-node N -m vitca_cli train ...`); --batch-size is the global batch.", panel=RUN_HELP,
+    ),
     threads: Optional[int] = _opt(
         None,
         "--threads",
@@ -200,7 +204,14 @@ def train(
     if stop_at is not None and stop_at < 1:
         raise UsageError("--stop-at must be ≥ 1")
 
+    from training import distributed
+
+    if nproc is not None and nproc > 1 and not distributed.launched():
+        raise typer.Exit(distributed.launch_local(nproc, _without_nproc(sys.argv[1:])))
     dev = resolve_device(device)
+    world, dev = distributed.init(dev)
+    if not world.main:
+        logmod.setup(logmod.verbosity(), quiet=True)  # one rank speaks for the run
     tune_allocator()
     if threads is not None:
         if threads < 1:
@@ -245,6 +256,7 @@ def train(
         if tcfg.crop_sizes and not image_size:
             image_hw = (tcfg.crop_sizes[0], tcfg.crop_sizes[0])
         out_dir = run_dir or Path("runs") / f"{_slug(spec)}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out_dir = distributed.same_on_all_ranks(world, out_dir)  # ranks may start a second apart
         if (out_dir / "last.pt").exists():
             raise UsageError(f"{out_dir} already holds a run; use --resume {out_dir} or another --run-dir")
 
@@ -284,10 +296,15 @@ def train(
         f"training {cfg.arch} on {train_ds.name} ({len(train_ds)} images, {h}×{w}) for {tcfg.iterations} iterations "
         f"on {dev}, seed {tcfg.seed}; run folder {out_dir}"
     )
+    if world.distributed:
+        logmod.log.info(f"distributed: {world.size} ranks, backend {world.backend}, global batch {tcfg.batch_size} "
+                        f"({tcfg.batch_size // world.size} per rank), one pool of {tcfg.pool_size // world.size} "
+                        f"per rank")
     summary = run_training(
         cfg, tcfg, out_dir, train_ds=train_ds, val_ds=val_ds, device=dev, resume_from=resume_from,
-        init_state=init_state, stop_at=stop_at, argv=["vitca", *sys.argv[1:]],
+        init_state=init_state, stop_at=stop_at, argv=["vitca", *sys.argv[1:]], world=world,
     )  # fmt: skip
+    distributed.shutdown()
     best = summary["best_val_psnr"]
     logmod.log.info(
         f"{summary['status']} at iteration {summary['iteration']}"
@@ -315,6 +332,18 @@ def _read_init(spec: str):
     except (KeyError, ValueError) as exc:
         raise WeightsError(f"{ref.path}: not a model checkpoint ({exc})") from None
     return cfg, state, f"{ref.name} ({ref.path.name}, sha256 {weights.sha256_file(ref.path)[:12]})"
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--nproc":
+            skip = True
+        elif not token.startswith("--nproc="):
+            out.append(token)
+    return out
 
 
 def _parse_sizes(text: Optional[str]) -> Optional[tuple[int, ...]]:
