@@ -212,3 +212,20 @@ def test_eval_with_corruptions_reports_per_kind_and_keeps_known_pixels(randomise
 def test_cli_eval_rejects_a_bad_mixture_in_one_line(tmp_path):
     res = CliRunner().invoke(app, ["eval", "-w", "x.pt", "-d", "mnist", "--corruptions", "fog"])
     assert res.exit_code == 2 and "fog" in res.output
+
+
+def test_photo_collection_splits_by_source_and_adds_half_size_copies(tmp_path):
+    from training.photos import OPENCV_TEST, OPENCV_TRAIN, OPENCV_VAL, SKIMAGE_TRAIN, collect
+
+    names = [n.rsplit(".", 1)[0] for n in OPENCV_TRAIN + OPENCV_VAL + OPENCV_TEST] + SKIMAGE_TRAIN
+    assert len(names) == len(set(names))  # no source photo in two splits
+    counts = collect(tmp_path)
+    stems = {p.stem for p in (tmp_path / "train").glob("*.png")}
+    assert counts["train"] == len(stems) > 0
+    halves = {s for s in stems if s.endswith("-half")}
+    assert halves and all(s.removesuffix("-half") in stems for s in halves)
+    for half in halves:
+        full, small = (Image.open(tmp_path / "train" / f"{s}.png").size for s in (half.removesuffix("-half"), half))
+        assert small == (full[0] // 2, full[1] // 2)
+    held_out = {p.stem for d in ("test", "val-photos") for p in (tmp_path / d).glob("*.png")}
+    assert not held_out & {s.removesuffix("-half") for s in stems}

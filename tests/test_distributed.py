@@ -157,3 +157,30 @@ def test_the_global_batch_must_split_evenly():
     with pytest.raises(UsageError, match="multiple of 3"):
         Trainer(CFG, TrainConfig(dataset="tiny", batch_size=32, compile=False), tiny_dataset(), None, "cpu",
                 World(0, 3))
+
+
+def test_sigterm_to_one_rank_saves_once_and_stops_every_rank_at_the_same_iteration(tmp_path, photos):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(torchrun("-m", "vitca_cli", "train", "--dataset", f"folder:{photos}", "--iterations",
+                                     "100000", "--save-every", "100000", *TINY_RUN, "-o", str(run)),
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while last_iteration(run) < 3 and time.time() < deadline:
+            time.sleep(0.05)
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        os.kill(int(workers[1]), signal.SIGTERM)
+        _, err = proc.communicate(timeout=KILLED_RANK_TIMEOUT_S)
+    finally:
+        for pid in process_tree(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    saved = read_checkpoint(run / "last.pt")["iteration"]
+    assert saved >= 3 and (run / f"last.rank1.it{saved}.pt").is_file()
+    assert len(list(run.glob("last.rank1.*.pt"))) == 1
+    resumed = run_cli("train", "--resume", str(run), "--nproc", "2", "--iterations", str(saved + 2))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert read_checkpoint(run / "last.pt")["iteration"] == saved + 2

@@ -221,3 +221,22 @@ def test_random_cell_init_replays_with_the_seed(randomise_model):
     ds = TensorDataset(_images(4))
     runs = [evaluate(model, batches(ds, 2), iters=2, seed=1)["methods"]["vitca"]["psnr"] for _ in range(2)]
     assert runs[0] == runs[1]
+
+
+def test_paper_protocol_full_batches_one_random_combo_each_and_batch_psnr_headline(randomise_model):
+    from training.evaluate import batches, evaluate, format_report
+    from vitca_cli.config import CAConfig
+    from vitca_cli.model import CellularAutomaton
+
+    model = randomise_model(CellularAutomaton(CAConfig(channels=1, image_size=(12, 12), embed=16, heads=2, mlp=16,
+                                                       hidden=4))).eval()
+    data = torch.rand(70, 1, 12, 12)
+    picked = list(batches(data, 32, drop_last=True))
+    assert [len(b) for b in picked] == [32, 32]  # the 6 left over are dropped, as the reference's loader does
+    runs = [evaluate(model, batches(data, 32, drop_last=True), iters=2, protocol="paper", seed=s) for s in (0, 0, 1)]
+    assert runs[0]["images"] == 64 and runs[0]["protocol"] == "paper" and "batch PSNR" in runs[0]["headline"]
+    assert runs[0]["psnr_per_combo"] == runs[1]["psnr_per_combo"]  # the same seed draws the same combos
+    assert sum(v["images"] for v in runs[0]["psnr_per_combo"].values()) == 64
+    assert "protocol paper" in format_report(runs[0])
+    cycled = evaluate(model, batches(data, 32), iters=2)
+    assert cycled["protocol"] == "cycled" and cycled["images"] == 70

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,9 +38,13 @@ from vitca_cli.weights import home_dir
 # ---------------------------------------------------------------------------------------------------------------------
 # Data plumbing
 # ---------------------------------------------------------------------------------------------------------------------
-def batches(dataset, batch_size: int, limit: int | None = None, with_labels: bool = False) -> Iterator:
-    """Consecutive batches ``(B, C, H, W)`` of the first ``limit`` images of ``dataset`` (``ds[i]`` → image)."""
+def batches(dataset, batch_size: int, limit: int | None = None, with_labels: bool = False,
+            drop_last: bool = False) -> Iterator:
+    """Consecutive batches ``(B, C, H, W)`` of the first ``limit`` images of ``dataset`` (``ds[i]`` → image);
+    ``drop_last`` leaves out a last, smaller batch (as the reference's test loader does)."""
     n = len(dataset) if limit is None else min(limit, len(dataset))
+    if drop_last:
+        n -= n % batch_size
     labels = getattr(dataset, "labels", None)
     for start in range(0, n, batch_size):
         idx = range(start, min(start + batch_size, n))
@@ -240,6 +245,7 @@ def evaluate(
     lpips: LPIPS | None = None,
     progress: Callable[[int], None] | None = None,
     corruptions: str | None = None,
+    protocol: str = "cycled",
 ) -> dict:
     """Score ``model`` on batches of clean images (CPU tensors in [0, 1]) under the test masking of ``schedule``
     (default: the reference's, max patch 4), or, with ``corruptions`` (a ``vitca_cli.corruptions`` mixture), one
@@ -248,7 +254,13 @@ def evaluate(
     Returns a JSON-ready dict: settings, one row per method (``vitca``, ``input`` = the corrupted image itself,
     then each baseline) with mean and 95% half-width of each metric, and PSNR per mask combo (or per corruption
     kind) for the CA. Inpainting corruptions are scored as users get them: known pixels kept as given.
+
+    ``protocol``: ``cycled`` (batch k uses combo k mod 9: equal shares, low variance) or ``paper`` (the reference's:
+    one combo drawn at random per batch from a generator seeded with ``seed``; feed it batches of 32 with
+    ``drop_last``; its headline is the batch PSNR averaged over batches).
     """
+    if protocol not in PROTOCOLS:
+        raise UsageError(f"--protocol {protocol!r}: choose from {', '.join(PROTOCOLS)}")
     from vitca_cli.corruptions import corrupt_batch, mixture_str, parse_mixture
     from training.baselines import run_baseline
 
@@ -260,6 +272,7 @@ def evaluate(
     device = next(model.parameters()).device
     rows = {name: _Scores() for name in ["vitca", "input", *baselines]}
     mixture = parse_mixture(corruptions) if corruptions else None
+    draw = random.Random(seed)  # the paper protocol's combo per batch
     per_combo: dict[str, list] = {f"p={p:g},patch={s}": [] for p, s in combos}
     if mixture:
         per_combo = {c.kind: [] for c in mixture}
@@ -269,7 +282,7 @@ def evaluate(
             clean = clean.float()
             if k == 0:
                 check_patch_sizes(tuple(clean.shape[-2:]), schedule)
-            prob, patch = combos[k % len(combos)]
+            prob, patch = draw.choice(combos) if protocol == "paper" else combos[k % len(combos)]
             known = kinds = None
             if mixture:
                 corrupted, known, kinds = corrupt_batch(clean, mixture, mask_gen, mask_type, (prob, patch))
@@ -303,13 +316,16 @@ def evaluate(
         raise UsageError("no images to evaluate")
     return {
         "images": n_images,
+        "protocol": protocol,
+        "headline": "batch PSNR (mean over batches)" if protocol == "paper" else "per-image PSNR",
         "iters": iters,
         "mask_type": mask_type,
         "seed": seed,
         "update_rate": model.cfg.update_rate if update_rate is None else update_rate,
         "combos": f"mixture {mixture_str(mixture)}, one draw per image" if mixture else
         f"{len(combos)} test combos (p in {sorted({p for p, _ in combos})} x patch sizes "
-        f"{sorted({s for _, s in combos})}), cycled one per batch",
+        f"{sorted({s for _, s in combos})}), " + ("one drawn at random per batch (seed {seed})".format(seed=seed)
+                                                   if protocol == "paper" else "cycled one per batch"),
         "corruptions": mixture_str(mixture) if mixture else "patch",
         "methods": {name: scores.summary() for name, scores in rows.items()},
         "psnr_per_combo": {
@@ -322,6 +338,8 @@ def evaluate(
 # Report
 # ---------------------------------------------------------------------------------------------------------------------
 MIN_FOR_INTERVAL = 3
+PROTOCOLS = ("cycled", "paper")
+PAPER_BATCH = 32  # the reference's test batch size
 
 
 def _fmt(metric: dict | None, digits: int) -> str:
@@ -353,7 +371,8 @@ def format_report(report: dict) -> str:
     out = [
         f"{report.get('dataset', '?')} {report.get('split', '')}: {report['images']} images, {report['iters']} CA "
         f"steps at σ={report['update_rate']:g}, {report['mask_type']} masking, seed {report['seed']}",
-        f"corruption: {report['combos']}",
+        f"corruption: {report['combos']}; protocol {report.get('protocol', 'cycled')}, headline: "
+        f"{report.get('headline', 'per-image PSNR')}",
         row(header),
         row(["-" * w for w in widths]),
         *[row(r) for r in lines],

@@ -99,6 +99,10 @@ def eval_command(
         False, "--baselines", help="Also run classic restorers (needs the 'baselines' extra)."
     ),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per batch (one mask combo per batch)."),
+    protocol: str = typer.Option(
+        "cycled", "--protocol", help="cycled: combo k mod 9 for batch k (equal shares, low variance); paper: the "
+        "reference's (batches of 32 with drop_last, one random combo per batch, headline = batch PSNR)."
+    ),
     corruptions: Optional[str] = typer.Option(
         None, "--corruptions", help='Real-world damage instead of the paper\'s masks: a mixture as for `vitca train '
         '--corruptions`, e.g. "gaussian=0.1" or "gaussian:1, jpeg=10-30:1, strokes:1" (one draw per image).',
@@ -131,13 +135,18 @@ def eval_command(
     schedule = ev.schedule_for(meta, max_patch)
     ev.check_patch_sizes(ds.image_size, schedule)
     n = len(ds) if limit is None else min(limit, len(ds))
+    if protocol == "paper":
+        batch_size = ev.PAPER_BATCH
+        if n < batch_size:
+            raise UsageError(f"--protocol paper needs at least {batch_size} images (one full batch), got {n}")
     mtype = _mask_type(mask_type, meta)
     lpips, lpips_status = ev.load_lpips(next(model.parameters()).device)
     log.info(f"evaluating {n} {split} images of {dataset}: {iters} steps, {mtype} masking, seed {seed}")
     report = ev.evaluate(
-        model, ev.batches(ds, batch_size, n), iters=iters, mask_type=mtype, seed=seed, schedule=schedule,
+        model, ev.batches(ds, batch_size, n, drop_last=protocol == "paper"), iters=iters, mask_type=mtype,
+        seed=seed, schedule=schedule,
         update_rate=update_rate, baselines=list(BASELINES) if baselines else [], lpips=lpips,
-        progress=_Progress(n, "images"), corruptions=corruptions,
+        progress=_Progress(n, "images"), corruptions=corruptions, protocol=protocol,
     )
     import torch
 
