@@ -171,7 +171,7 @@ def test_sigterm_to_one_rank_saves_once_and_stops_every_rank_at_the_same_iterati
             time.sleep(0.05)
         workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
         os.kill(int(workers[1]), signal.SIGTERM)
-        _, err = proc.communicate(timeout=KILLED_RANK_TIMEOUT_S)
+        _, err = proc.communicate(timeout=2 * KILLED_RANK_TIMEOUT_S)
     finally:
         for pid in process_tree(proc.pid):
             try:
