@@ -323,6 +323,29 @@ def test_cli_init_weights_starts_a_new_run_from_trained_weights(tmp_path):
     assert res.exit_code == 3 and "not found" in res.output
 
 
+def test_cli_init_weights_moves_a_fixed_position_encoding_to_another_size_but_not_a_learned_one(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.RandomState(2)
+    for k in range(6):
+        Image.fromarray(rng.randint(0, 256, (12, 12, 3), dtype=np.uint8)).save(photos / f"p{k}.png")
+    common = ["--dataset", f"folder:{photos}", "--t-min", "2", "--t-max", "2", "-b", "2", "--mask-max-patch", "2",
+              "--val-every", "0", "--no-compile", "--iterations", "1"]  # fmt: skip
+    small = ["--image-size", "8", "--embed", "16", "--heads", "2", "--mlp", "16", "--hidden", "4"]
+    runner = CliRunner()
+    for kind, moved in (("vit", True), ("learned", False)):
+        first = tmp_path / f"{kind}8"
+        res = runner.invoke(app, ["train", *common, *small, "--pos-encoding", kind, "-o", str(first)])
+        assert res.exit_code == 0, res.output
+        res = runner.invoke(app, ["train", *common, "--init-weights", str(first / "best.pt"), "--image-size", "12",
+                                  "-o", str(tmp_path / f"{kind}12")])  # fmt: skip
+        if moved:
+            assert res.exit_code == 0, res.output
+            assert list(read_checkpoint(tmp_path / f"{kind}12" / "last.pt")["config"]["image_size"]) == [12, 12]
+        else:
+            assert res.exit_code == 2 and "learned position encoding" in res.output
+
+
 def test_profile_training_reports_times_and_checkpointing_saves_memory():
     from training.profiling import profile_training
 

@@ -655,12 +655,12 @@ def train(
                     metrics.write(json.dumps({"iteration": i, **last_val}) + "\n")
                     metrics.flush()
                 barrier(world)
-            flag.stop = any_rank(world, flag.stop, trainer.device)  # a signal to any rank stops them all here
-            if i % save_every == 0 or i == end or flag.stop:
+            stop = any_rank(world, flag.stop, trainer.device)  # a signal to any rank stops them all here
+            if i % save_every == 0 or i == end or stop:
                 trainer.save(run_dir / LAST)
             rate = (i - start_iter) / max(time.perf_counter() - start_time, 1e-9)
             display.update(i, rec["loss"], last_val, rate, validated)
-            if flag.stop:
+            if stop:
                 status = "interrupted"
                 break
     if val_ds is None and world.main and not (run_dir / BEST).is_file():

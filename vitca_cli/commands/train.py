@@ -265,7 +265,7 @@ def train(
     if init_cfg is not None:
         cfg = init_cfg
         if dataset_channels(tcfg.dataset) != cfg.channels or tuple(train_ds.image_size) != tuple(cfg.image_size):
-            if dataset_channels(tcfg.dataset) != cfg.channels or cfg.pos_encoding != "none":
+            if dataset_channels(tcfg.dataset) != cfg.channels or cfg.pos_encoding == "learned":
                 raise UsageError(
                     f"--init-weights {init_weights}: a {cfg.channels}-channel {cfg.image_size[0]}×{cfg.image_size[1]} "
                     f"model ({cfg.pos_encoding} position encoding) cannot train on {train_ds.name} "
