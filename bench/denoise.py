@@ -2,7 +2,7 @@
 
 For a 28×28 grayscale image and a 512×512 RGB photo at 64 iterations it reports:
 - the CLI's wall time (process start, imports, weights, reading, tiling, the loop, writing);
-- the same restore in-process (``vitca_cli.restore.restore``: no start-up or file I/O);
+- the same restore in-process (``vitca_cli.restore.loop.restore``: no start-up or file I/O);
 - the model's step throughput on the batch shapes the CLI runs (the same figure ``bench/step.py`` measures);
 and the ratios. Cell-steps count the cells the loop actually computes (tiles with their overlaps) × iterations;
 "image cell-steps/s" counts only the image's own cells. The machine is shared: compare ratios from one run (with
@@ -30,11 +30,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step import best_time  # noqa: E402  (the same timing helper as bench/step.py)
 
-from vitca_cli import weights  # noqa: E402
-from vitca_cli.checkpoint import save_checkpoint  # noqa: E402
-from vitca_cli.config import preset  # noqa: E402
-from vitca_cli.model import CellularAutomaton, seed_cells  # noqa: E402
-from vitca_cli.restore import MAX_CELLS, TorchBackend, plan_tiles, restore  # noqa: E402
+from vitca_cli.io import weights# noqa: E402
+from vitca_cli.io.checkpoint import save_checkpoint  # noqa: E402
+from vitca_cli.nca.config import preset  # noqa: E402
+from vitca_cli.nca.model import CellularAutomaton, seed_cells  # noqa: E402
+from vitca_cli.restore.loop import MAX_CELLS, TorchBackend, plan_tiles, restore  # noqa: E402
 from vitca_cli.runtime import resolve_device, tune_allocator  # noqa: E402
 
 

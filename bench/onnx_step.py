@@ -1,6 +1,6 @@
 """Cell-steps per second of the exported step in ONNX Runtime (CPU) against the torch eager step, in one run.
 
-The baseline ViTCA (fashion-mnist preset, 3×3 window) is exported with ``vitca_cli.onnx_export`` and run through
+The baseline ViTCA (fashion-mnist preset, 3×3 window) is exported with ``vitca_cli.onnx.export`` and run through
 ``OnnxBackend.step`` (the path ``vitca denoise --backend onnx`` takes, IO binding included), with one intra-op
 thread per core; torch runs ``CellularAutomaton.step`` under ``inference_mode`` with the same thread count. Each
 size runs ``--repeats`` rounds; in a round each backend runs a burst of consecutive steps, as in a denoising
@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from vitca_cli.config import preset
-from vitca_cli.model import CellularAutomaton, seed_cells
-from vitca_cli.onnx_backend import OnnxBackend, cpu_threads, session_options
-from vitca_cli.onnx_export import DYNAMIC_AXES, OUTPUT, export_step
+from vitca_cli.nca.config import preset
+from vitca_cli.nca.model import CellularAutomaton, seed_cells
+from vitca_cli.onnx.backend import OnnxBackend, cpu_threads, session_options
+from vitca_cli.onnx.export import DYNAMIC_AXES, OUTPUT, export_step
 from vitca_cli.runtime import tune_allocator
 
 

@@ -2,7 +2,7 @@
 
 Each held-out photo (``python -m training.photos``'s test split: never trained on, nor validated on) is scaled so
 its short side is ``--size`` px (Lanczos, then quantised to 8 bits, as a saved file), damaged in each of these ways
-and restored by vitca through ``vitca_cli.restore.restore`` (the code ``vitca denoise`` / ``vitca inpaint`` run)
+and restored by vitca through ``vitca_cli.restore.loop.restore`` (the code ``vitca denoise`` / ``vitca inpaint`` run)
 and by each classic baseline that applies:
 
     clean               no damage (vitca must leave the photo alone)
@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.baselines import run_baseline  # noqa: E402
 from training.metrics import psnr_per_image, ssim_per_image  # noqa: E402
-from vitca_cli.corruptions import Corruption, corrupt_one, stroke_mask  # noqa: E402
-from vitca_cli.restore import backend_mask_type, make_backend, mask_missing, restore  # noqa: E402
+from vitca_cli.nca.corruptions import Corruption, corrupt_one, stroke_mask  # noqa: E402
+from vitca_cli.restore.loop import backend_mask_type, make_backend, mask_missing, restore  # noqa: E402
 
 DENOISERS = ("median", "tv-chambolle", "nl-means")
 INPAINTERS = ("biharmonic", "telea")

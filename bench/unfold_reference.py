@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vitca_cli.model import CellularAutomaton
+from vitca_cli.nca.model import CellularAutomaton
 
 
 def unfold_delta(ca: CellularAutomaton, z: torch.Tensor) -> torch.Tensor:

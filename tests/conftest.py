@@ -30,7 +30,7 @@ def randomise_model():
 @pytest.fixture
 def weights_dirs(tmp_path, monkeypatch):
     """An empty shipped-weights folder and VITCA_HOME, so tests never depend on the weights the project ships."""
-    import vitca_cli.weights as weights_mod
+    import vitca_cli.io.weights as weights_mod
 
     shipped, home = tmp_path / "shipped", tmp_path / "home"
     shipped.mkdir()

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from training.analyses import format_table, iterations_to_converge, run_analysis, unseen_conditions
-from vitca_cli.config import CAConfig
-from vitca_cli.model import CellularAutomaton
+from vitca_cli.nca.config import CAConfig
+from vitca_cli.nca.model import CellularAutomaton
 
 CFG = CAConfig(channels=1, image_size=(16, 16), embed=16, heads=2, mlp=16, hidden=8)
 
@@ -109,7 +109,7 @@ def test_stability_flags_divergence(model, clean, tmp_path):
 def test_profile_command_on_a_tiny_model(tmp_path):
     from typer.testing import CliRunner
 
-    from vitca_cli.checkpoint import save_checkpoint
+    from vitca_cli.io.checkpoint import save_checkpoint
     from vitca_cli.cli import app
 
     ckpt = tmp_path / "tiny.pt"

@@ -18,11 +18,11 @@ from PIL import Image
 from training.evaluate import evaluate, format_report
 from training.probe import train_linear
 from vitca_cli import log
-from vitca_cli.checkpoint import save_checkpoint
+from vitca_cli.io.checkpoint import save_checkpoint
 from vitca_cli.cli import hoist_global_flags, main
-from vitca_cli.commands._util import handle_errors
-from vitca_cli.config import CAConfig
-from vitca_cli.model import CellularAutomaton
+from vitca_cli.cli.options import handle_errors
+from vitca_cli.nca.config import CAConfig
+from vitca_cli.nca.model import CellularAutomaton
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(embed=16, heads=2, mlp=16, hidden=4, pos_encoding="none")
@@ -107,7 +107,7 @@ def test_global_flags_work_after_the_command(capsys, tmp_path, model_file):
 @pytest.mark.parametrize("command", [[], ["denoise"], ["inpaint"], ["train"], ["eval"]])
 def test_help_is_readable_at_80_columns(command):
     env = {**os.environ, "COLUMNS": "80"}
-    out = subprocess.run([sys.executable, "-m", "vitca_cli.cli", *command, "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "vitca_cli", *command, "--help"], capture_output=True, text=True,
                          env=env, check=True).stdout
     assert max(len(line) for line in out.splitlines()) <= 80
     assert "<bool>" not in out and "…" not in out
@@ -179,7 +179,7 @@ def test_threads_option_and_a_busy_machine_default(capsys, tmp_path, model_file,
 
 # 9. progress in logs ------------------------------------------------------------------------------------------------
 def test_progress_lines_when_stderr_is_not_a_terminal(capsys, tmp_path, model_file, monkeypatch):
-    from vitca_cli.commands import denoise
+    from vitca_cli.cli import denoise
 
     monkeypatch.setattr(denoise, "PROGRESS_EVERY_S", 0.0)
     code, _, err = cli(capsys, "denoise", photo(tmp_path / "in.png"), "-o", tmp_path / "o.png", "-w", model_file,
@@ -211,7 +211,7 @@ def test_probe_validation_is_large_enough_to_mean_something():
 def test_weights_list_wraps_long_descriptions(capsys, weights_dirs):
     import json
 
-    from vitca_cli.weights import sha256_file
+    from vitca_cli.io.weights import sha256_file
 
     shipped, _ = weights_dirs
     torch.manual_seed(0)

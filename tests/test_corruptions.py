@@ -1,4 +1,4 @@
-"""Real-world damage (vitca_cli.corruptions), mask-aware cells, input-initialised outputs, known pixels kept exact
+"""Real-world damage (vitca_cli.nca.corruptions), mask-aware cells, input-initialised outputs, known pixels kept exact
 in inpainting, and training/eval with a corruption mixture and several crop sizes."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from typer.testing import CliRunner
 from training.data import ImageDataset
 from training.evaluate import evaluate
 from training.train import TrainConfig, Trainer, train
-from vitca_cli.checkpoint import read_checkpoint, save_checkpoint
+from vitca_cli.io.checkpoint import read_checkpoint, save_checkpoint
 from vitca_cli.cli import app
-from vitca_cli.config import PRESETS, CAConfig, preset
-from vitca_cli.corruptions import Corruption, corrupt_batch, corrupt_one, mixture_str, parse_mixture
+from vitca_cli.nca.config import PRESETS, CAConfig, preset
+from vitca_cli.nca.corruptions import Corruption, corrupt_batch, corrupt_one, mixture_str, parse_mixture
 from vitca_cli.errors import UsageError
-from vitca_cli.model import CellularAutomaton, count_parameters
-from vitca_cli.restore import TorchBackend, restore
+from vitca_cli.nca.model import CellularAutomaton, count_parameters
+from vitca_cli.restore.loop import TorchBackend, restore
 
 MIX = "gaussian=0.05-0.2:3, saltpepper:1, jpeg=10-30:1, strokes:2, rects:1, clean:1"
 TINY = dict(embed=16, heads=2, mlp=16, hidden=4, pos_encoding="none")

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from vitca_cli.checkpoint import save_checkpoint
+from vitca_cli.io.checkpoint import save_checkpoint
 from vitca_cli.cli import app
-from vitca_cli.config import CAConfig
-from vitca_cli.model import CellularAutomaton
+from vitca_cli.nca.config import CAConfig
+from vitca_cli.nca.model import CellularAutomaton
 
 TINY = dict(embed=16, heads=2, mlp=16, hidden=4, pos_encoding="none")
 ITERS = ["--iters", "3"]

@@ -21,8 +21,8 @@ from PIL import Image
 
 from test_training import CFG, tiny_dataset
 from training.train import Trainer, TrainConfig
-from vitca_cli.checkpoint import read_checkpoint
-from vitca_cli.model import CellularAutomaton
+from vitca_cli.io.checkpoint import read_checkpoint
+from vitca_cli.nca.model import CellularAutomaton
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLED_RANK_TIMEOUT_S = 60

@@ -9,9 +9,9 @@ from PIL import Image
 
 from training.evaluate import batches, evaluate, format_report, eval_combos
 from training.probe import linear_probe, train_linear
-from vitca_cli.checkpoint import save_checkpoint
-from vitca_cli.config import CAConfig
-from vitca_cli.model import CellularAutomaton
+from vitca_cli.io.checkpoint import save_checkpoint
+from vitca_cli.nca.config import CAConfig
+from vitca_cli.nca.model import CellularAutomaton
 
 CFG = CAConfig(channels=1, image_size=(16, 16), embed=16, heads=2, mlp=16, hidden=8)
 
@@ -207,7 +207,7 @@ def test_analyze_command_writes_figure_and_table(files, tmp_path):
 
 def test_schedule_follows_the_checkpoint():
     from training.evaluate import schedule_for
-    from vitca_cli.masking import MaskingSchedule
+    from vitca_cli.nca.masking import MaskingSchedule
 
     meta = {"masking": {"start": 500, "end": 10000, "prob_stages": 3, "max_prob": 0.75, "patch_stages": 3,
                         "max_patch": 8}}
@@ -225,8 +225,8 @@ def test_random_cell_init_replays_with_the_seed(randomise_model):
 
 def test_paper_protocol_full_batches_one_random_combo_each_and_batch_psnr_headline(randomise_model):
     from training.evaluate import batches, evaluate, format_report
-    from vitca_cli.config import CAConfig
-    from vitca_cli.model import CellularAutomaton
+    from vitca_cli.nca.config import CAConfig
+    from vitca_cli.nca.model import CellularAutomaton
 
     model = randomise_model(CellularAutomaton(CAConfig(channels=1, image_size=(12, 12), embed=16, heads=2, mlp=16,
                                                        hidden=4))).eval()

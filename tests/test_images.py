@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitca_cli import images
-from vitca_cli.images import ImageError, read_image, read_mask, to_channels, write_image
+from vitca_cli.io import images
+from vitca_cli.io.images import ImageError, read_image, read_mask, to_channels, write_image
 
 
 def rgb_array(h=12, w=10, seed=0):
@@ -173,7 +173,7 @@ def test_atomic_write_leaves_no_temporary_and_keeps_the_old_file_on_failure(tmp_
     def failing(_):
         raise RuntimeError("disk full")
 
-    from vitca_cli.checkpoint import atomic_write_bytes
+    from vitca_cli.io.checkpoint import atomic_write_bytes
 
     with pytest.raises(RuntimeError):
         atomic_write_bytes(target, failing)

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from vitca_cli.masking import MaskingSchedule, apply_mask, parse_corruption, patch_keep_mask, random_mask
+from vitca_cli.nca.masking import MaskingSchedule, apply_mask, parse_corruption, patch_keep_mask, random_mask
 
 
 def test_schedule_thresholds_and_combos():

@@ -11,13 +11,13 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import vitca_cli.weights as weights_mod
-from vitca_cli.checkpoint import save_checkpoint
+import vitca_cli.io.weights as weights_mod
+from vitca_cli.io.checkpoint import save_checkpoint
 from vitca_cli.cli import app
-from vitca_cli.config import CAConfig, preset
+from vitca_cli.nca.config import CAConfig, preset
 from vitca_cli.errors import UsageError, WeightsError
-from vitca_cli.model import CellularAutomaton, attend, seed_cells
-from vitca_cli.onnx_backend import (
+from vitca_cli.nca.model import CellularAutomaton, attend, seed_cells
+from vitca_cli.onnx.backend import (
     SHAPED_SESSIONS,
     OnnxBackend,
     _cuda_driver_present,
@@ -25,8 +25,8 @@ from vitca_cli.onnx_backend import (
     create_session,
     onnx_for_checkpoint,
 )
-from vitca_cli.weights import sha256_file
-from vitca_cli.onnx_export import (
+from vitca_cli.io.weights import sha256_file
+from vitca_cli.onnx.export import (
     EXPORT_TILE,
     INPUTS,
     OUTPUT,

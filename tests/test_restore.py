@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from vitca_cli.config import CAConfig
+from vitca_cli.nca.config import CAConfig
 from vitca_cli.errors import UsageError
-from vitca_cli.model import CellularAutomaton
-from vitca_cli.restore import (
+from vitca_cli.nca.model import CellularAutomaton
+from vitca_cli.restore.loop import (
     MASK_BLOCK,
     TorchBackend,
     UpdateMasks,
@@ -100,7 +100,7 @@ def test_tiled_equals_untiled_for_a_size_agnostic_model(patch):
 
 def test_too_small_a_margin_would_show_the_tile_edges(monkeypatch):
     """The exactness above is not vacuous: tiles without the margin differ from the untiled run."""
-    import vitca_cli.restore as r
+    import vitca_cli.restore.loop as r
 
     backend = small_backend(pos_encoding="none")
     img = rand_image(40, 40)

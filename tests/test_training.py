@@ -26,11 +26,11 @@ from training.train import (
     rollout,
     train,
 )
-from vitca_cli.checkpoint import load_model, read_checkpoint
+from vitca_cli.io.checkpoint import load_model, read_checkpoint
 from vitca_cli.cli import app
-from vitca_cli.config import CAConfig, preset
+from vitca_cli.nca.config import CAConfig, preset
 from vitca_cli.errors import UsageError, VitcaError
-from vitca_cli.model import CellularAutomaton
+from vitca_cli.nca.model import CellularAutomaton
 
 SIZE = 8
 CFG = preset("mnist", image_size=(SIZE, SIZE), embed=16, heads=2, mlp=16, hidden=4)

@@ -28,9 +28,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from training.evaluate import rollout
 from training.metrics import psnr_per_image, ssim_per_image
-from vitca_cli.checkpoint import atomic_write_bytes
+from vitca_cli.io.checkpoint import atomic_write_bytes
 from vitca_cli.errors import UsageError
-from vitca_cli.masking import apply_mask, parse_corruption
+from vitca_cli.nca.masking import apply_mask, parse_corruption
 
 KINDS = ("update-rate", "unseen-noise", "head-masking", "stability")
 DEFAULT_ITERS = {"update-rate": 64, "unseen-noise": 64, "head-masking": 64, "stability": 1000}

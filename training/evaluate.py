@@ -30,9 +30,9 @@ import torch
 
 from training.metrics import LPIPS, mean_interval, psnr_batch, psnr_per_image, ssim_per_image
 from vitca_cli.errors import UsageError
-from vitca_cli.masking import MaskingSchedule, apply_mask, patch_keep_mask
-from vitca_cli.model import draw_update_mask
-from vitca_cli.weights import home_dir
+from vitca_cli.nca.masking import MaskingSchedule, apply_mask, patch_keep_mask
+from vitca_cli.nca.model import draw_update_mask
+from vitca_cli.io.weights import home_dir
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def evaluate(
     protocol: str = "cycled",
 ) -> dict:
     """Score ``model`` on batches of clean images (CPU tensors in [0, 1]) under the test masking of ``schedule``
-    (default: the reference's, max patch 4), or, with ``corruptions`` (a ``vitca_cli.corruptions`` mixture), one
+    (default: the reference's, max patch 4), or, with ``corruptions`` (a ``vitca_cli.nca.corruptions`` mixture), one
     draw per image from that mixture (patch entries cycle the test combos per batch).
 
     Returns a JSON-ready dict: settings, one row per method (``vitca``, ``input`` = the corrupted image itself,
@@ -261,7 +261,7 @@ def evaluate(
     """
     if protocol not in PROTOCOLS:
         raise UsageError(f"--protocol {protocol!r}: choose from {', '.join(PROTOCOLS)}")
-    from vitca_cli.corruptions import corrupt_batch, mixture_str, parse_mixture
+    from vitca_cli.nca.corruptions import corrupt_batch, mixture_str, parse_mixture
     from training.baselines import run_baseline
 
     baselines = list(baselines)

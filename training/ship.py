@@ -18,10 +18,10 @@ import math
 import sys
 from pathlib import Path
 
-from vitca_cli.checkpoint import read_checkpoint, save_checkpoint
-from vitca_cli.config import CAConfig
+from vitca_cli.io.checkpoint import read_checkpoint, save_checkpoint
+from vitca_cli.nca.config import CAConfig
 from vitca_cli.errors import VitcaError
-from vitca_cli.weights import sha256_file, shipped_dir, write_manifest_entry
+from vitca_cli.io.weights import sha256_file, shipped_dir, write_manifest_entry
 
 SHIPPED_MAX_BYTES = 1 << 20  # issue 7: each shipped model under 1 MB
 

@@ -38,12 +38,12 @@ import torch
 
 from training.distributed import SINGLE, World, any_rank, barrier, rank_seed, split_batch, wrap
 from vitca_cli import log as logmod
-from vitca_cli.checkpoint import atomic_write_bytes, read_checkpoint, save_checkpoint
-from vitca_cli.config import CAConfig
-from vitca_cli.corruptions import PAPER_MIXTURE, Corruption, corrupt_batch, mixture_str, parse_mixture
+from vitca_cli.io.checkpoint import atomic_write_bytes, read_checkpoint, save_checkpoint
+from vitca_cli.nca.config import CAConfig
+from vitca_cli.nca.corruptions import PAPER_MIXTURE, Corruption, corrupt_batch, mixture_str, parse_mixture
 from vitca_cli.errors import UsageError, VitcaError
-from vitca_cli.masking import MASK_TYPES, MaskingSchedule, random_mask
-from vitca_cli.model import CellularAutomaton, use_compiled_kernels
+from vitca_cli.nca.masking import MASK_TYPES, MaskingSchedule, random_mask
+from vitca_cli.nca.model import CellularAutomaton, use_compiled_kernels
 
 log = logmod.log
 CONFIG_FILE, METRICS_FILE, LAST, BEST = "config.json", "metrics.jsonl", "last.pt", "best.pt"
@@ -88,7 +88,7 @@ class TrainConfig:
     init_weights: str | None = None  # fine-tuned from these weights (recorded; the run's own state lives in last.pt)
     compile: bool = True  # fused attention and bias kernels: ~2× faster iterations on CPU, gradients within 1e-4
     precision: str = "fp32"  # bf16: the rollout's matrix products in bfloat16 (autocast); cells, loss, weights fp32
-    corruptions: str = "patch"  # a mixture (vitca_cli.corruptions); "patch" alone is the paper's curriculum masking
+    corruptions: str = "patch"  # a mixture (vitca_cli.nca.corruptions); "patch" alone is the paper's curriculum masking
     crop_sizes: tuple[int, ...] = ()  # square training sizes drawn per iteration (files only); () = the model's size
 
     def __post_init__(self) -> None:

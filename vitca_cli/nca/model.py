@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vitca_cli.config import CAConfig
+from vitca_cli.nca.config import CAConfig
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -350,7 +350,7 @@ class ViTCAUpdate(nn.Module):
         ``(len(only), Co·P² + Ch)``: the last block's output projection, MLP and the head then run on those
         rows only (the attention still reads every cell). ``position`` replaces this rule's position encoding
         of an H×W grid, for a caller that lays the cells out otherwise (the ONNX export runs the step on tiles
-        of cells; see ``vitca_cli.onnx_export``).
+        of cells; see ``vitca_cli.onnx.export``).
         """
         b, h, w, _ = cells.shape
         x = F.linear(cells, self.embed.weight)  # b h w e

@@ -1,7 +1,7 @@
 """The ``vitca`` command line: parsing and dispatch only; the work lives in library modules.
 
 Exit codes: 0 all done; 1 some inputs failed (the rest were processed); 2 usage error; 3 weights missing.
-Each command lives in ``vitca_cli/commands/<name>.py`` and exposes ``register(app)``; none imports torch or
+Each command lives in ``vitca_cli/cli/<name>.py`` and exposes ``register(app)``; none imports torch or
 onnxruntime at module level, so ``vitca --help`` and ``--version`` stay fast.
 """
 
@@ -55,7 +55,7 @@ COMMAND_ORDER = ["denoise", "inpaint", "train", "eval", "analyze", "profile", "p
 
 
 def _register_commands() -> None:
-    import vitca_cli.commands as pkg
+    import vitca_cli.cli as pkg
 
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{pkg.__name__}.{info.name}")

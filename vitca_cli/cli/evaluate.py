@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from vitca_cli.commands._util import MaskType, handle_errors
+from vitca_cli.cli.options import MaskType, handle_errors
 from vitca_cli.errors import UsageError
 from vitca_cli.log import log
 
@@ -39,9 +39,9 @@ def _load(weights: str, device: str, threads: Optional[int] = None):
     """Resolve ``--weights``, load the CA on ``device``; returns (model, meta, path)."""
     import torch
 
-    from vitca_cli.checkpoint import load_model
+    from vitca_cli.io.checkpoint import load_model
     from vitca_cli.runtime import resolve_device, tune_allocator
-    from vitca_cli.weights import resolve
+    from vitca_cli.io.weights import resolve
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -60,7 +60,7 @@ def _mask_type(option: Optional[MaskType], meta: dict) -> str:
     """The option, else the mask type the checkpoint was trained with, else the reference's ``noise``."""
     from types import SimpleNamespace
 
-    from vitca_cli.restore import backend_mask_type
+    from vitca_cli.restore.loop import backend_mask_type
 
     return option.value if option is not None else backend_mask_type(SimpleNamespace(meta=meta))
 
@@ -124,7 +124,7 @@ def eval_command(
     if baselines:
         check_available()
     if corruptions is not None:
-        from vitca_cli.corruptions import parse_mixture
+        from vitca_cli.nca.corruptions import parse_mixture
 
         try:
             parse_mixture(corruptions)
@@ -279,16 +279,16 @@ def profile_command(
 ) -> None:
     """Appendix Table 8: forward/backward ms and peak memory of a training pass, with and without checkpointing."""
     from training.profiling import profile_training
-    from vitca_cli.config import preset as make_preset
+    from vitca_cli.nca.config import preset as make_preset
     from vitca_cli.runtime import resolve_device
 
     bad = [m for m in modes if m not in PROFILE_MODES]
     if bad:
         raise UsageError(f"--mode {bad[0]!r}: choose from {', '.join(PROFILE_MODES)}")
     if weights:
-        from vitca_cli.checkpoint import read_checkpoint
-        from vitca_cli.config import CAConfig
-        from vitca_cli.weights import resolve
+        from vitca_cli.io.checkpoint import read_checkpoint
+        from vitca_cli.nca.config import CAConfig
+        from vitca_cli.io.weights import resolve
 
         cfg = CAConfig.from_dict(read_checkpoint(resolve(weights).path)["config"])
     else:

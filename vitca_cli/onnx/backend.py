@@ -1,4 +1,4 @@
-"""Run an exported CA step (``vitca export-onnx``) in ONNX Runtime: a backend for :func:`vitca_cli.restore.restore`.
+"""Run an exported CA step (``vitca export-onnx``) in ONNX Runtime: a backend for :func:`vitca_cli.restore.loop.restore`.
 
 A backend has ``.cfg`` (rebuilt from the graph's ``vitca.*`` metadata, so no other file is needed), ``.name``,
 ``.device`` (a description for the log), ``.tensor_device`` (CPU: tensors cross into ONNX Runtime there),
@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitca_cli.config import CAConfig
+from vitca_cli.nca.config import CAConfig
 from vitca_cli.errors import UsageError, VitcaError, WeightsError
 from vitca_cli.log import log
 from vitca_cli.log import verbosity as log_verbosity
-from vitca_cli.onnx_export import DYNAMIC_AXES, FORMAT, FORMAT_VERSION, HEAD_MASK, INPUTS, LAYOUT, OUTPUT
+from vitca_cli.onnx.export import DYNAMIC_AXES, FORMAT, FORMAT_VERSION, HEAD_MASK, INPUTS, LAYOUT, OUTPUT
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -321,9 +321,9 @@ def _source_sha(path: Path) -> str | None:
 def onnx_for_checkpoint(checkpoint: Path, exporter: str | None = None) -> Path:
     """The step graph of a vitca checkpoint: ``<stem>.onnx`` beside it if exported from this very file, else a
     cached export (made now, once, if missing) in ``<VITCA_HOME>/onnx/``."""
-    from vitca_cli.onnx_export import DEFAULT_EXPORTER, export_checkpoint
-    from vitca_cli.weights import sha256_file
-    from vitca_cli.weights import home_dir
+    from vitca_cli.onnx.export import DEFAULT_EXPORTER, export_checkpoint
+    from vitca_cli.io.weights import sha256_file
+    from vitca_cli.io.weights import home_dir
 
     sha = sha256_file(checkpoint)
     sibling = checkpoint.with_suffix(".onnx")

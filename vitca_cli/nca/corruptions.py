@@ -12,7 +12,7 @@ Each comma-separated entry is ``NAME[=LO-HI][:WEIGHT]``: the kind, the range its
 - ``jpeg``: re-encoded through Pillow at quality q ~ U{LO..HI};
 - ``strokes``: LO..HI free-form brush strokes (random walks, 2–9 px wide) drawn as missing pixels;
 - ``rects``: LO..HI rectangles (each side 6–30% of the image's) drawn as missing pixels;
-- ``patch``: the paper's masking, p × patch combos from the curriculum (``vitca_cli.masking``);
+- ``patch``: the paper's masking, p × patch combos from the curriculum (``vitca_cli.nca.masking``);
 - ``clean``: no damage, so a model learns to leave a good image alone.
 
 Noise kinds leave every pixel "known" (the damage is not located); the inpainting kinds (strokes, rects, patch)
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vitca_cli.masking import apply_mask, patch_keep_mask
+from vitca_cli.nca.masking import apply_mask, patch_keep_mask
 
 RANGES: dict[str, tuple[float, float]] = {
     "gaussian": (0.01, 0.25),

@@ -70,8 +70,8 @@ def read_checkpoint(path: Path, map_location="cpu") -> dict:
 
 def load_model(path: Path, device="cpu"):
     """The ``CellularAutomaton`` stored in a checkpoint, in eval mode, and the checkpoint's ``meta`` dict."""
-    from vitca_cli.config import CAConfig
-    from vitca_cli.model import CellularAutomaton
+    from vitca_cli.nca.config import CAConfig
+    from vitca_cli.nca.model import CellularAutomaton
 
     obj = read_checkpoint(path)
     try:

@@ -13,7 +13,7 @@ encoding). The grid is channels-last because vitca's torch grids are channels-la
 per-cell linear layers need no transposes inside the graph.
 
 The model's config, the channel layout and the source checkpoint's meta go into the model's ``metadata_props``
-(keys ``vitca.*``), so a runtime needs no other file: :class:`vitca_cli.onnx_backend.OnnxBackend` rebuilds the
+(keys ``vitca.*``), so a runtime needs no other file: :class:`vitca_cli.onnx.backend.OnnxBackend` rebuilds the
 ``CAConfig`` from them.
 
 Exporters: the default is PyTorch's current (dynamo, torch.export-based) exporter, which needs ``onnxscript``;
@@ -29,7 +29,7 @@ instead runs on tiles of 2×6 cells (:class:`StepGraph`, ``EXPORT_TILE``): every
 order, q, k and v come out of head-major products, and the attention is :func:`tiled_local_attention`, the same
 maths as dense attention of each tile's queries over its halo (two Gathers and two batched MatMuls, a constant
 -inf mask outside each query's window). The default opset is 20, whose ``Gelu`` ONNX Runtime fuses with the bias
-before it. :class:`vitca_cli.onnx_backend.OnnxBackend` runs the graph in sessions of fixed shape, in which ONNX
+before it. :class:`vitca_cli.onnx.backend.OnnxBackend` runs the graph in sessions of fixed shape, in which ONNX
 Runtime folds the position encoding and the halo indices into constants.
 """
 
@@ -49,11 +49,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitca_cli import __version__
-from vitca_cli import model as model_module
-from vitca_cli.model import ViTCAUpdate, vit_position_encoding_at
-from vitca_cli.weights import sha256_file
-from vitca_cli.checkpoint import atomic_write_bytes
-from vitca_cli.config import CAConfig
+from vitca_cli.nca import model as model_module
+from vitca_cli.nca.model import ViTCAUpdate, vit_position_encoding_at
+from vitca_cli.io.weights import sha256_file
+from vitca_cli.io.checkpoint import atomic_write_bytes
+from vitca_cli.nca.config import CAConfig
 from vitca_cli.errors import UsageError, VitcaError
 from vitca_cli.log import log
 
@@ -149,7 +149,7 @@ def _window_bias(tile: tuple[int, int], neighbourhood: tuple[int, int]) -> torch
 
 
 def tiled_local_attention(q, k, v, neighbourhood: tuple[int, int], scale: float, grid: TileGrid):
-    """:func:`vitca_cli.model.local_attention` (same maths) of tile-ordered, head-major q, k, v
+    """:func:`vitca_cli.nca.model.local_attention` (same maths) of tile-ordered, head-major q, k, v
     ``(B, heads, GH·GW·th·tw, d)``, in a form that exports to few ONNX nodes; ``(B, GH, GW·th·tw, heads, d)``.
 
     Each tile of queries attends densely to its halo, the (th+NH-1)×(tw+NW-1) cells around it, gathered (one
@@ -183,7 +183,7 @@ def tiled_local_attention(q, k, v, neighbourhood: tuple[int, int], scale: float,
 
 
 def tiled_attention(x, weights, heads: int, neighbourhood: tuple[int, int], scale: float, grid: TileGrid):
-    """The export's :func:`vitca_cli.model.attend`: q, k and v of the tile-ordered cells ``x`` ``(B, GH, GW·th·tw,
+    """The export's :func:`vitca_cli.nca.model.attend`: q, k and v of the tile-ordered cells ``x`` ``(B, GH, GW·th·tw,
     E)`` as head-major products (``(B, 1, N, E) @ (heads, E, d)``: no transposes, 1.4× faster in ONNX Runtime
     than a product and a transpose at 256×256), then :func:`tiled_local_attention`."""
     b, e = x.shape[0], x.shape[-1]
@@ -194,9 +194,9 @@ def tiled_attention(x, weights, heads: int, neighbourhood: tuple[int, int], scal
 
 @contextlib.contextmanager
 def _attention_kernel(kernel):
-    """Run the model's attention through ``kernel`` (the ``vitca_cli.model.attend`` seam) inside the block."""
+    """Run the model's attention through ``kernel`` (the ``vitca_cli.nca.model.attend`` seam) inside the block."""
     if not callable(getattr(model_module, "attend", None)):
-        raise VitcaError("vitca_cli.model has no attend() kernel seam; the ONNX export needs updating")
+        raise VitcaError("vitca_cli.nca.model has no attend() kernel seam; the ONNX export needs updating")
     original = model_module.attend
     model_module.attend = kernel
     try:
@@ -450,7 +450,7 @@ def _self_check(data: bytes, ca: nn.Module, with_head_mask: bool) -> float:
     feeds = {"cells": z.permute(0, 2, 3, 1).numpy().copy(), "update_mask": m.permute(0, 2, 3, 1).numpy().copy()}
     if with_head_mask:
         feeds[HEAD_MASK] = (head if head is not None else torch.zeros(cfg.heads)).numpy()
-    from vitca_cli.onnx_backend import create_session  # imports this module
+    from vitca_cli.onnx.backend import create_session  # imports this module
 
     session, _ = create_session(data, "cpu", threads=1)
     (out,) = session.run([OUTPUT], feeds)
@@ -473,7 +473,7 @@ def export_checkpoint(
 ) -> dict:
     """Export the step of a vitca checkpoint (``.pt``) to ``path``; the metadata records the checkpoint's sha256,
     so a cached export can be matched to the exact weights it came from."""
-    from vitca_cli.checkpoint import load_model
+    from vitca_cli.io.checkpoint import load_model
 
     checkpoint = Path(checkpoint)
     ca, meta = load_model(checkpoint, "cpu")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vitca_cli.checkpoint import atomic_write_bytes
+from vitca_cli.io.checkpoint import atomic_write_bytes
 from vitca_cli.errors import VitcaError
 from vitca_cli.log import log
 

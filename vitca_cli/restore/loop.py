@@ -30,11 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vitca_cli.config import CAConfig
+from vitca_cli.nca.config import CAConfig
 from vitca_cli.errors import UsageError
 from vitca_cli.log import log
-from vitca_cli.masking import apply_mask, patch_keep_mask
-from vitca_cli.model import draw_update_mask, output_image, seed_cells
+from vitca_cli.nca.masking import apply_mask, patch_keep_mask
+from vitca_cli.nca.model import draw_update_mask, output_image, seed_cells
 
 MASK_BLOCK = 64  # cells per side of one update-mask block
 MAX_MARGIN = 128  # cells; beyond this the exact tiling margin costs more than it is worth
@@ -65,7 +65,7 @@ class TorchBackend:
     def from_file(cls, path, device="cpu", name: str | None = None) -> "TorchBackend":
         from pathlib import Path
 
-        from vitca_cli.checkpoint import load_model
+        from vitca_cli.io.checkpoint import load_model
 
         model, meta = load_model(Path(path), device)
         return cls(model, name or Path(path).stem, meta)
@@ -77,7 +77,7 @@ class TorchBackend:
 
 def make_backend(weights_spec: str | None, backend: str = "torch", device: str = "auto", channels: int | None = None):
     """Resolve ``--weights`` (or the default for ``channels``) and build a backend on ``device``."""
-    from vitca_cli import weights
+    from vitca_cli.io import weights
     from vitca_cli.runtime import resolve_device
 
     if backend not in ("torch", "onnx"):
@@ -89,7 +89,7 @@ def make_backend(weights_spec: str | None, backend: str = "torch", device: str =
             log.info(f"{ref.path}: an ONNX step graph, so the ONNX Runtime backend runs it")
             backend = "onnx"
     if backend == "onnx":
-        from vitca_cli import onnx_backend
+        from vitca_cli.onnx import backend as onnx_backend
 
         result = onnx_backend.OnnxBackend.from_file(ref.path, device)
     else:
@@ -163,8 +163,8 @@ def corrupt(image: np.ndarray, prob: float, patch: int, mask_type: str = "noise"
 
 
 def damage(image: np.ndarray, mixture, seed: int = 0, mask_type: str = "dropout") -> np.ndarray:
-    """Real-world damage (a ``vitca_cli.corruptions`` mixture; one kind drawn) on a clean ``(H, W, C)`` image."""
-    from vitca_cli.corruptions import corrupt_batch
+    """Real-world damage (a ``vitca_cli.nca.corruptions`` mixture; one kind drawn) on a clean ``(H, W, C)`` image."""
+    from vitca_cli.nca.corruptions import corrupt_batch
 
     gen = torch.Generator().manual_seed(seed)
     damaged, _, _ = corrupt_batch(_hwc_to_tensor(image), tuple(mixture), gen, mask_type)

@@ -8,10 +8,10 @@ from typing import Optional
 
 import typer
 
-from vitca_cli.commands._util import handle_errors
+from vitca_cli.cli.options import handle_errors
 from vitca_cli.errors import UsageError
 
-# Mirrors vitca_cli.onnx_export.EXPORTERS / DEFAULT_OPSET / MIN_OPSET without importing torch at start-up.
+# Mirrors vitca_cli.onnx.export.EXPORTERS / DEFAULT_OPSET / MIN_OPSET without importing torch at start-up.
 Exporter = Enum("Exporter", {"dynamo": "dynamo", "torchscript": "torchscript"}, type=str)
 DEFAULT_OPSET = 20
 MIN_OPSET = 18
@@ -39,9 +39,9 @@ def export_onnx(
     `vitca denoise --backend onnx --weights OUTPUT` needs nothing else. The graph is checked with onnx.checker
     and against the torch step before it is written.
     """
-    from vitca_cli import weights as registry
+    from vitca_cli.io import weights as registry
     from vitca_cli.log import log
-    from vitca_cli.onnx_export import export_checkpoint
+    from vitca_cli.onnx.export import export_checkpoint
 
     if output.suffix.lower() != ".onnx":
         raise UsageError(f"-o {output}: the output should end in .onnx")

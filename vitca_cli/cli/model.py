@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from vitca_cli.commands._util import handle_errors
-from vitca_cli.config import ARCHES, PRESETS
+from vitca_cli.cli.options import handle_errors
+from vitca_cli.nca.config import ARCHES, PRESETS
 from vitca_cli.errors import UsageError
 
 Preset = Enum("Preset", {name: name for name in PRESETS}, type=str)
@@ -28,8 +28,8 @@ def model(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Print a model configuration and its exact parameter count (appendix Table 4)."""
-    from vitca_cli.config import preset as make_preset
-    from vitca_cli.model import CellularAutomaton, count_parameters
+    from vitca_cli.nca.config import preset as make_preset
+    from vitca_cli.nca.model import CellularAutomaton, count_parameters
 
     try:
         cfg = make_preset(

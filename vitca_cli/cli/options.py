@@ -13,7 +13,7 @@ from vitca_cli.errors import EXIT_FAILED, VitcaError
 
 
 class MaskType(str, Enum):
-    """The paper's corruption types (``vitca_cli.masking.MASK_TYPES``; not imported here to keep torch out)."""
+    """The paper's corruption types (``vitca_cli.nca.masking.MASK_TYPES``; not imported here to keep torch out)."""
 
     noise = "noise"
     dropout = "dropout"

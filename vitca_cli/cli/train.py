@@ -14,8 +14,8 @@ from typing import Optional
 
 import typer
 
-from vitca_cli.commands._util import MaskType, handle_errors
-from vitca_cli.config import ARCHES, CELL_INITS, POS_ENCODINGS
+from vitca_cli.cli.options import MaskType, handle_errors
+from vitca_cli.nca.config import ARCHES, CELL_INITS, POS_ENCODINGS
 from vitca_cli.errors import UsageError
 
 Arch = Enum("Arch", {n: n for n in ARCHES}, type=str)
@@ -176,7 +176,7 @@ def train(
     from training.train import TrainConfig, read_run
     from training.train import train as run_training
     from vitca_cli import log as logmod
-    from vitca_cli.config import PRESETS, CAConfig
+    from vitca_cli.nca.config import PRESETS, CAConfig
     from vitca_cli.runtime import cpu_has_native_bf16, resolve_device, tune_allocator
 
     def enum_value(v):
@@ -317,9 +317,9 @@ def train(
 
 def _read_init(spec: str):
     """``--init-weights NAME|PATH``: the model configuration, its state dict, and a record of where it came from."""
-    from vitca_cli import weights
-    from vitca_cli.checkpoint import read_checkpoint
-    from vitca_cli.config import CAConfig
+    from vitca_cli.io import weights
+    from vitca_cli.io.checkpoint import read_checkpoint
+    from vitca_cli.nca.config import CAConfig
     from vitca_cli.errors import WeightsError
 
     ref = weights.resolve(spec)

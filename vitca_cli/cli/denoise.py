@@ -1,6 +1,6 @@
 """``vitca denoise`` and ``vitca inpaint``: restore users' images from the shell or a batch script.
 
-This module parses, resolves paths and device, and calls :mod:`vitca_cli.restore`; no maths here. A batch goes on
+This module parses, resolves paths and device, and calls :mod:`vitca_cli.restore.loop`; no maths here. A batch goes on
 past a bad file (one line on stderr each) and exits 1 at the end (``--fail-fast`` stops at once); usage errors exit
 2 and missing weights exit 3 before any file is touched.
 """
@@ -19,7 +19,7 @@ from typing import List, Optional
 import typer
 
 from vitca_cli import log as logmod
-from vitca_cli.commands._util import MaskType, handle_errors
+from vitca_cli.cli.options import MaskType, handle_errors
 from vitca_cli.errors import EXIT_FAILED, UsageError, VitcaError, WeightsError
 from vitca_cli.log import log
 
@@ -71,7 +71,7 @@ class Settings:
 def collect_inputs(specs: list[str], recursive: bool, skip_restored: bool = False) -> list[Job]:
     """Expand files, folders (their images; sub-folders with ``recursive``), quoted globs and ``-``. With
     ``skip_restored``, folders leave out earlier outputs written beside their inputs (``NAME.restored.EXT``)."""
-    from vitca_cli.images import IMAGE_SUFFIXES
+    from vitca_cli.io.images import IMAGE_SUFFIXES
 
     jobs: list[Job] = []
     for spec in specs:
@@ -157,7 +157,7 @@ def check_output(path: str, sources: list[str], settings: Settings) -> bool:
     """Refuse outputs that would overwrite an input, exist (without ``--overwrite``) or cannot be written.
 
     Returns False when the file should be skipped (``--skip-existing``)."""
-    from vitca_cli.images import ImageError
+    from vitca_cli.io.images import ImageError
 
     if path == STDIO:
         return True
@@ -199,7 +199,7 @@ class Backends:
         self._by_key: dict = {}
 
     def get(self, channels: int):
-        from vitca_cli.restore import make_backend
+        from vitca_cli.restore.loop import make_backend
 
         key = self.settings.weights or channels
         if key not in self._by_key:
@@ -210,7 +210,7 @@ class Backends:
 
 def run_batch(inputs: list[str], output: Optional[str], recursive: bool, settings: Settings, inpaint: bool) -> None:
     """Process every input; raise ``typer.Exit(1)`` at the end if any failed."""
-    from vitca_cli.images import ImageError
+    from vitca_cli.io.images import ImageError
 
     from vitca_cli.runtime import choose_threads, resolve_device
 
@@ -264,8 +264,8 @@ def run_batch(inputs: list[str], output: Optional[str], recursive: bool, setting
 
 def process(job: Job, settings: Settings, backends: Backends, inpaint: bool, many: bool) -> None:
     """Restore one image and write its outputs (all through temporary files)."""
-    from vitca_cli import images
-    from vitca_cli.restore import backend_mask_type, corrupt, damage, mask_missing, restore
+    from vitca_cli.io import images
+    from vitca_cli.restore.loop import backend_mask_type, corrupt, damage, mask_missing, restore
 
     sources = [job.source] + ([settings.mask] if settings.mask else [])
     images.check_readable(job.source)  # an unreadable input is reported as such, not as an output problem
@@ -332,7 +332,7 @@ def process(job: Job, settings: Settings, backends: Backends, inpaint: bool, man
 
 def _read_mask(mask: str, job: Job, size: tuple[int, int]):
     """One mask for all inputs, or, when ``--mask`` is a folder, the mask whose file stem matches the input's."""
-    from vitca_cli import images
+    from vitca_cli.io import images
 
     path = Path(mask)
     if path.is_dir():
@@ -390,7 +390,7 @@ def _progress_bar(name: str):
 def _settings(iters, update_rate, seed, weights, device, backend, tile, corrupt_spec, save_input, animate, frames,
               compare, overwrite, skip_existing, fail_fast, ext, output) -> Settings:
     """Validate the options shared by both commands (bad ones are usage errors, exit 2)."""
-    from vitca_cli.images import FORMATS
+    from vitca_cli.io.images import FORMATS
 
     if iters is not None and iters > MAX_ITERS:
         raise UsageError(f"--iters {iters}: at most {MAX_ITERS:,} steps")
@@ -410,8 +410,8 @@ def _settings(iters, update_rate, seed, weights, device, backend, tile, corrupt_
         raise UsageError("--save-input writes beside the output file; it cannot be used with -o -")
     corrupt = None
     if corrupt_spec:
-        from vitca_cli.corruptions import KINDS, parse_mixture
-        from vitca_cli.masking import parse_corruption
+        from vitca_cli.nca.corruptions import KINDS, parse_mixture
+        from vitca_cli.nca.masking import parse_corruption
 
         try:
             if corrupt_spec.strip().split("=")[0].split(":")[0].strip() in KINDS:

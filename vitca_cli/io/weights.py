@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from vitca_cli.checkpoint import atomic_write_bytes
+from vitca_cli.io.checkpoint import atomic_write_bytes
 from vitca_cli.errors import WeightsError
 from vitca_cli.log import log
 
@@ -29,7 +29,7 @@ SUFFIXES = (".pt", ".onnx")
 # The shipped model used when --weights is not given, by the image's channel count.
 DEFAULT_FOR_CHANNELS = {1: "fashion-mnist", 3: "photo"}
 # In a source checkout the folder is ./weights; an installed wheel has it as the vitca_cli.shipped_weights package.
-SHIPPED_DIRS = (Path(__file__).resolve().parent / "shipped_weights", Path(__file__).resolve().parents[1] / "weights")
+SHIPPED_DIRS = (Path(__file__).resolve().parents[1] / "shipped_weights", Path(__file__).resolve().parents[2] / "weights")
 
 
 def shipped_dir() -> Path:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from vitca_cli.commands._util import handle_errors
+from vitca_cli.cli.options import handle_errors
 
 weights_app = typer.Typer(
     help="List, inspect and locate model weights (shipped, cached in $VITCA_HOME, or files).",
@@ -25,7 +25,7 @@ def _fmt(value, spec: str = "") -> str:
 @handle_errors
 def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List shipped and cached weights with their dataset, size and validation quality."""
-    from vitca_cli.weights import cache_dir, list_weights
+    from vitca_cli.io.weights import cache_dir, list_weights
 
     rows = list_weights()
     if as_json:
@@ -55,16 +55,16 @@ def show_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Show one model: its manifest entry, config, parameter count, training meta and sha256."""
-    from vitca_cli.weights import resolve, sha256_file
+    from vitca_cli.io.weights import resolve, sha256_file
 
     ref = resolve(spec)
     info = {"name": ref.name, "source": ref.source, "path": str(ref.path), "sha256": sha256_file(ref.path)}
     if ref.entry:
         info["manifest"] = ref.entry
     if ref.path.suffix == ".pt":
-        from vitca_cli.checkpoint import read_checkpoint
-        from vitca_cli.config import CAConfig
-        from vitca_cli.model import CellularAutomaton, count_parameters
+        from vitca_cli.io.checkpoint import read_checkpoint
+        from vitca_cli.nca.config import CAConfig
+        from vitca_cli.nca.model import CellularAutomaton, count_parameters
 
         obj = read_checkpoint(ref.path)
         cfg = CAConfig.from_dict(obj["config"])
@@ -87,7 +87,7 @@ def show_cmd(
 @handle_errors
 def path_cmd(spec: Optional[str] = typer.Argument(None, help="Weights NAME or PATH; none: the cache folder.")) -> None:
     """Print the checked file a NAME resolves to (or the cache folder where user weights go)."""
-    from vitca_cli.weights import cache_dir, resolve
+    from vitca_cli.io.weights import cache_dir, resolve
 
     print(resolve(spec).path if spec else cache_dir())
 
