@@ -1,25 +1,26 @@
-"""Wall time of ``vitca denoise`` (a real subprocess) against the model's own step throughput, in one run.
+"""How fast ``restore`` is on real photo sizes, and what each speed lever costs in quality, in one run.
 
-For a 28×28 grayscale image and a 512×512 RGB photo at 64 iterations it reports:
-- the CLI's wall time (process start, imports, weights, reading, tiling, the loop, writing);
-- the same restore in-process (``vitca_cli.restore.loop.restore``: no start-up or file I/O);
-- the model's step throughput on the batch shapes the CLI runs (the same figure ``bench/step.py`` measures);
-and the ratios. Cell-steps count the cells the loop actually computes (tiles with their overlaps) × iterations;
-"image cell-steps/s" counts only the image's own cells. The machine is shared: compare ratios from one run (with
-two threads on a busy 2-core machine OpenMP contention makes every op erratic; one thread gives stable ratios).
+For a 1 MP and a 4 MP photo (a real photograph, upscaled) with light Gaussian noise, and the 28×28 FashionMNIST
+sample, it runs each mode and prints: wall time, cell-steps computed against the dense run's, speed-up over the
+dense run, PSNR against the clean image and its difference from the dense run. Modes:
+- ``former tiles``: the automatic plan this tool used before windowed steps (264-cell tiles, 64-cell margins);
+- ``dense``: fp32, every cell every step (windowed steps, no tile margins up to 4 M cells);
+- ``settle``: settled cells skipped (``--settle``, the CLI's default unless given);
+- ``bf16``: bfloat16 matrix products (only where the CPU multiplies bf16 in hardware, unless --force-bf16);
+- ``onnx`` / ``onnx int8``: ONNX Runtime with the fp32 and the int8-quantised step graph;
+- ``all``: settle with the fastest arithmetic available here.
+It also times the model's own step on one batch of windows and prints ``dense cs/s ÷ step cs/s``: the share of the
+step's throughput that the whole restore keeps (tiling, windows, masks, blending included).
 
-    OMP_NUM_THREADS=1 python bench/denoise.py [--iters 64] [--photo-size 512] [--device cpu] [--weights-grey W] [--weights-rgb W]
+    python bench/denoise.py [--iters 64] [--sizes 1,4] [--modes dense,settle,...] [--threads 2] [--settle S]
 
-Without shipped weights (or --weights-*) it uses untrained models of the shipped presets (fashion-mnist; the
-cifar10 preset standing in for photo): the speed is the same, only the pixels differ.
+The machine may be shared: compare the ratios within one run.
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,109 +28,121 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step import best_time  # noqa: E402  (the same timing helper as bench/step.py)
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from vitca_cli.io import weights# noqa: E402
-from vitca_cli.io.checkpoint import save_checkpoint  # noqa: E402
-from vitca_cli.nca.config import preset  # noqa: E402
-from vitca_cli.nca.model import CellularAutomaton, seed_cells  # noqa: E402
-from vitca_cli.restore.loop import MAX_CELLS, TorchBackend, plan_tiles, restore  # noqa: E402
-from vitca_cli.runtime import resolve_device, tune_allocator  # noqa: E402
+from vitca_cli.cli.denoise import DEFAULT_SETTLE  # noqa: E402
+from vitca_cli.io import weights  # noqa: E402
+from vitca_cli.nca.model import seed_cells  # noqa: E402
+from vitca_cli.restore.loop import MAX_CELLS, TorchBackend, restore  # noqa: E402
+from vitca_cli.restore.windows import WINDOW, window_plan  # noqa: E402
+from vitca_cli.runtime import cpu_has_native_bf16  # noqa: E402
+
+MODES = ("former tiles", "dense", "settle", "bf16", "onnx", "onnx int8", "all")
+FORMER_TILE = 264  # cells: the former automatic tile side at 64 iterations (256, grown to fit 2 × 64-cell margins)
 
 
-def timed(fn, repeats: int) -> float:
-    """Best of ``repeats`` runs (the first includes any warm-up)."""
-    times = []
-    for _ in range(max(1, repeats)):
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(1.0 / max(np.mean((np.clip(a, 0, 1) - b) ** 2), 1e-12)))
+
+
+def photo(megapixels: float) -> np.ndarray:
+    """A real photograph (the held-out fruits sample), upscaled to about ``megapixels``, as (H, W, 3) in [0, 1]."""
+    img = Image.open(ROOT / "samples" / "fruits.png").convert("RGB")
+    scale = (megapixels * 1e6 / (img.width * img.height)) ** 0.5
+    img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.float32) / 255
+
+
+def backends(name: str, modes: list[str], force_bf16: bool) -> dict:
+    """The backend each mode runs (None where this machine cannot run it)."""
+    from vitca_cli.onnx.backend import OnnxBackend
+
+    ref = weights.resolve(name)
+    onnx = ref.path.with_suffix(".onnx")
+    bf16 = cpu_has_native_bf16() or force_bf16
+    out = {"former tiles": TorchBackend.from_file(ref.path), "dense": TorchBackend.from_file(ref.path),
+           "settle": TorchBackend.from_file(ref.path)}
+    out["bf16"] = TorchBackend.from_file(ref.path, precision="bf16") if bf16 else None
+    if any(m.startswith("onnx") or m == "all" for m in modes):
+        out["onnx"] = OnnxBackend.from_file(onnx if onnx.is_file() else ref.path, "cpu", torch.get_num_threads())
+        out["onnx int8"] = OnnxBackend.from_file(onnx if onnx.is_file() else ref.path, "cpu",
+                                                 torch.get_num_threads(), quantize=True)
+    return out
+
+
+def step_rate(backend, image: np.ndarray) -> float:
+    """The model's own step on one full batch of windows of this image: cell-steps per second (best of 3)."""
+    cfg = backend.cfg
+    wys, wxs = window_plan(cfg, image.shape[:2], WINDOW)
+    count = max(1, min(len(wys) * len(wxs), MAX_CELLS["cpu"] // (wys[0].size * wxs[0].size)))
+    x = torch.from_numpy(image[: wys[0].size, : wxs[0].size]).permute(2, 0, 1)[None].repeat(count, 1, 1, 1)
+    z = seed_cells(cfg, x)
+    mask = (torch.rand(count, 1, *z.shape[-2:]) < cfg.update_rate).float()
+    best = float("inf")
+    for _ in range(3):
         t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+        backend.step(z, mask)
+        best = min(best, time.perf_counter() - t)
+    return z.shape[0] * z.shape[2] * z.shape[3] / best
 
 
-def weights_file(given: str | None, channels: int, tmp: Path) -> tuple[str, str]:
-    """The weights to time: given, shipped, or an untrained model of the matching preset."""
-    if given:
-        return given, given
-    try:
-        ref = weights.resolve(None, channels=channels)
-        return str(ref.path), ref.name
-    except Exception:  # noqa: BLE001 - not shipped yet: time an untrained model of the same shape
-        cfg = preset("fashion-mnist" if channels == 1 else "cifar10")
-        ca = CellularAutomaton(cfg)
-        with torch.no_grad():
-            for p in ca.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
-        path = tmp / f"untrained-{channels}.pt"
-        save_checkpoint(path, cfg, ca.state_dict())
-        return str(path), f"untrained {'fashion-mnist' if channels == 1 else 'cifar10'} preset"
-
-
-def test_image(path: Path, size: int, channels: int) -> None:
-    """A natural photo where scikit-image ships one, else smooth synthetic content."""
-    try:
-        from skimage import data
-
-        img = Image.fromarray(data.astronaut() if channels == 3 else data.camera())
-        img = img.resize((size, size), Image.Resampling.BICUBIC)
-    except ImportError:
-        yy, xx = np.mgrid[0:size, 0:size] / size
-        arr = np.stack([np.sin(6 * xx), np.cos(5 * yy), np.sin(4 * (xx + yy))], -1)[..., :channels]
-        img = Image.fromarray(((arr * 0.5 + 0.5) * 255).astype(np.uint8).squeeze())
-    img.convert("L" if channels == 1 else "RGB").save(path)
+def run_case(label: str, clean: np.ndarray, noisy: np.ndarray, name: str, args) -> None:
+    bks = backends(name, args.modes, args.force_bf16)
+    fastest = "bf16" if bks.get("bf16") is not None else "onnx int8" if "onnx int8" in bks else "dense"
+    rows, dense = [], None
+    for mode in args.modes:
+        backend = bks.get(fastest if mode == "all" else mode)
+        if backend is None:
+            rows.append(f"{label:>14} {mode:>13}  (not run: no bfloat16 instructions on this CPU; --force-bf16)")
+            continue
+        settle = args.settle if mode in ("settle", "all") else 0.0
+        tile = FORMER_TILE if mode == "former tiles" else None
+        t = time.perf_counter()
+        out = restore(backend, noisy, args.iters, tile=tile, settle=settle)
+        wall = time.perf_counter() - t
+        quality = psnr(out.image, clean)
+        if mode == "dense":
+            dense = (wall, out.computed, quality, out.image)
+        ref = dense or (wall, out.computed, quality, out.image)
+        rows.append(f"{label:>14} {mode + (' (' + fastest + ')' if mode == 'all' else ''):>13} {wall:8.2f} "
+                    f"{out.computed / ref[1]:8.3f} {ref[0] / wall:8.2f} {quality:8.2f} {quality - ref[2]:+8.3f}")
+        print(rows[-1], flush=True)
+    if dense is not None:
+        rate = step_rate(bks["dense"], noisy)
+        cells = noisy.shape[0] * noisy.shape[1] * args.iters / bks["dense"].cfg.patch_size ** 2
+        print(f"{label:>14}  dense restore {cells / dense[0]:.3g} image cs/s, {dense[1] / dense[0]:.3g} computed "
+              f"cs/s; the step alone {rate:.3g} cs/s: dense ÷ step = {dense[1] / dense[0] / rate:.2f}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=64)
-    ap.add_argument("--photo-size", type=int, default=512)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--weights-grey")
-    ap.add_argument("--weights-rgb")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sizes", default="1,4", help="photo sizes in megapixels (comma-separated; 0 = none)")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from: {', '.join(MODES)}")
+    ap.add_argument("--settle", type=float, default=DEFAULT_SETTLE or 1e-3)
+    ap.add_argument("--sigma", type=float, default=0.05, help="Gaussian noise on the photos")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--force-bf16", action="store_true", help="run bf16 even where the CPU emulates it")
     args = ap.parse_args()
-    tune_allocator()
-    device = resolve_device(args.device)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, {args.iters} iterations")
-    header = (f"{'image':>16} {'weights':>28} {'tiles':>5} {'CLI s':>7} {'lib s':>7} {'img cs/s':>9} {'CLI cs/s':>9} "
-              f"{'lib cs/s':>9} {'step cs/s':>9}  CLI/step  lib/step")
-    print(header)
-    with tempfile.TemporaryDirectory() as tmpdir:
-        tmp = Path(tmpdir)
-        for label, size, channels, given in (("28x28 grey", 28, 1, args.weights_grey),
-                                             (f"{args.photo_size}x{args.photo_size} RGB", args.photo_size, 3,
-                                              args.weights_rgb)):
-            path, name = weights_file(given, channels, tmp)
-            src = tmp / f"in{channels}.png"
-            test_image(src, size, channels)
-            cmd = [sys.executable, "-m", "vitca_cli", "-q", "denoise", str(src), "-o", str(tmp / f"out{channels}.png"),
-                   "--weights", path, "--iters", str(args.iters), "--device", args.device, "--overwrite"]
-            t = time.perf_counter()
-            subprocess.run(cmd, check=True)
-            cli = time.perf_counter() - t
-
-            backend = TorchBackend.from_file(path, device)
-            cfg = backend.cfg
-            pixels = np.asarray(Image.open(src), dtype=np.float32).reshape(size, size, channels) / 255
-            # The large photo runs once (its first run is already warm: the CLI run above loaded the same code).
-            lib = timed(lambda: restore(backend, pixels, args.iters), args.repeats if size <= 64 else 1)
-            grid = (max(size, cfg.image_size[0]) // cfg.patch_size,) * 2 if cfg.size_dependent else (size,) * 2
-            plan = plan_tiles(cfg, grid, args.iters, None, MAX_CELLS.get(device.type, MAX_CELLS["cpu"]))
-            per_batch = max(1, MAX_CELLS.get(device.type, MAX_CELLS["cpu"]) // (plan.tile[0] * plan.tile[1]))
-            batch = min(plan.count, per_batch)
-            computed = plan.count * plan.tile[0] * plan.tile[1] * args.iters
-            # The model's own step on the largest batch shape the loop runs (what bench/step.py times).
-            z = seed_cells(cfg, torch.rand(batch, channels, plan.tile[0] * cfg.patch_size,
-                                           plan.tile[1] * cfg.patch_size)).to(device)
-            mask = torch.ones(batch, 1, *plan.tile, device=device)
-            step = best_time(lambda: (backend.step(z, mask), torch.cuda.synchronize() if device.type == "cuda"
-                                      else None), args.repeats)
-            step_cps = batch * plan.tile[0] * plan.tile[1] / step
-            print(f"{label:>16} {name[:28]:>28} {plan.count:>5} {cli:7.2f} {lib:7.2f} "
-                  f"{size * size * args.iters / cli:9.3g} {computed / cli:9.3g} {computed / lib:9.3g} {step_cps:9.3g}"
-                  f"  {computed / cli / step_cps:8.2f}  {computed / lib / step_cps:8.2f}")
-    print("(cs/s = cell-steps per second; CLI includes process start-up and imports; lib = restore() in-process)")
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = set(args.modes) - set(MODES)
+    if unknown:
+        ap.error(f"unknown modes: {', '.join(sorted(unknown))}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.iters} iterations, settle "
+          f"{args.settle}, native bf16: {cpu_has_native_bf16()}")
+    print(f"{'image':>14} {'mode':>13} {'wall s':>8} {'cells÷d':>8} {'speed-up':>8} {'PSNR':>8} {'Δ dense':>8}")
+    rng = np.random.default_rng(0)
+    for mp in (float(s) for s in args.sizes.split(",") if float(s) > 0):
+        clean = photo(mp)
+        noisy = np.clip(clean + rng.normal(0, args.sigma, clean.shape), 0, 1).astype(np.float32)
+        run_case(f"{clean.shape[1]}×{clean.shape[0]}", clean, noisy, "photo", args)
+    sample = np.asarray(Image.open(ROOT / "samples" / "pullover.png").convert("L"), np.float32)[..., None] / 255
+    noisy = np.asarray(Image.open(ROOT / "samples" / "pullover-noisy.png").convert("L"), np.float32)[..., None] / 255
+    run_case("28×28 fmnist", sample, noisy, "fashion-mnist", args)
+    print("(cells÷d = cell-steps computed ÷ the dense run's; speed-up and Δ dense: against the dense run)")
 
 
 if __name__ == "__main__":

@@ -16,10 +16,9 @@ from vitca_cli.restore.loop import (
     corrupt,
     frame_schedule,
     mask_missing,
-    plan_tiles,
     restore,
-    tiles_memory_cells,
 )
+from vitca_cli.restore.tiles import TILE_CELLS, plan_tiles
 
 SMALL = dict(embed=16, heads=2, mlp=16, hidden=4)
 
@@ -100,7 +99,7 @@ def test_tiled_equals_untiled_for_a_size_agnostic_model(patch):
 
 def test_too_small_a_margin_would_show_the_tile_edges(monkeypatch):
     """The exactness above is not vacuous: tiles without the margin differ from the untiled run."""
-    import vitca_cli.restore.loop as r
+    import vitca_cli.restore.tiles as r
 
     backend = small_backend(pos_encoding="none")
     img = rand_image(40, 40)
@@ -139,18 +138,36 @@ def test_size_dependent_run_over_several_tiles():
 
 
 def test_memory_stays_bounded_for_a_4000_by_3000_photo():
-    """A 12-megapixel photo is cut into tiles; at most ``max_cells`` cells are live at once."""
+    """A 12-megapixel photo is cut into as few tiles as fit the tile budget, each with its exact margin."""
     agnostic = CAConfig(channels=3, pos_encoding="none")
-    for cfg in (agnostic, CAConfig(channels=3, pos_encoding="vit", image_size=(32, 32))):
-        plan = plan_tiles(cfg, (3000, 4000), iters=64)
-        live = tiles_memory_cells(plan, 1 << 16)
-        assert plan.count > 1
-        assert live <= max(1 << 16, plan.tile[0] * plan.tile[1]) <= 400 * 400
-        # every cell is covered by some tile
-        assert plan.ys[0] == 0 and plan.ys[-1] + plan.tile[0] == 3000
-        assert plan.xs[0] == 0 and plan.xs[-1] + plan.tile[1] == 4000
     plan = plan_tiles(agnostic, (3000, 4000), iters=64)
+    assert 1 < plan.count <= 4 and plan.tile[0] * plan.tile[1] <= TILE_CELLS
     assert plan.exact and plan.margin == 64
+    assert plan.count * plan.tile[0] * plan.tile[1] < 1.1 * 3000 * 4000  # overlaps cost under 10%
+    small = plan_tiles(CAConfig(channels=3, pos_encoding="vit", image_size=(32, 32)), (3000, 4000), iters=64)
+    assert small.tile == (32, 32)
+    for p in (plan, small):  # every cell is covered by some tile
+        assert p.ys[0] == 0 and p.ys[-1] + p.tile[0] == 3000
+        assert p.xs[0] == 0 and p.xs[-1] + p.tile[1] == 4000
+
+
+def test_a_step_never_holds_more_than_max_cells_whatever_the_image():
+    """Each backend call sees at most ``max_cells`` cells: a step's memory does not grow with the image."""
+    backend = small_backend(pos_encoding="none")
+    shapes = []
+    step = backend.step
+    backend.step = lambda z, m: (shapes.append(tuple(z.shape)), step(z, m))[1]
+    img = rand_image(150, 170)
+    out = restore(backend, img, iters=2, max_cells=3 * 64 * 64).image
+    assert max(s[0] * s[2] * s[3] for s in shapes) <= 3 * 64 * 64
+    assert len({s[2:] for s in shapes}) == 1  # one window shape: backends see few shapes
+    backend.step = step
+    # ... and windowed steps equal whole-grid steps with the same masks.
+    masks = UpdateMasks(0, 2, 0.5).window(0, 0, 150, 170).float()
+    z = backend.model.seed(torch.from_numpy(img).permute(2, 0, 1)[None])
+    with torch.no_grad():
+        z = backend.model(z, 2, masks=masks[:, None])
+    np.testing.assert_allclose(out, backend.model.output(z)[0].permute(1, 2, 0).numpy(), atol=1e-5)
 
 
 def test_tile_options_checked_against_the_model():
@@ -195,3 +212,50 @@ def test_mask_missing_touches_only_missing_pixels():
     noisy = mask_missing(img, missing, "noise")
     assert np.array_equal(noisy[~missing], img[~missing])
     assert not np.allclose(noisy[missing], img[missing])
+
+
+# settling ------------------------------------------------------------------------------------------------------------
+def test_settle_zero_computes_every_cell_step_and_a_still_rule_ends_the_run_early():
+    backend = small_backend(pos_encoding="none")
+    img = rand_image(20, 24)
+    dense = restore(backend, img, iters=6)
+    assert dense.skipped == 0 and dense.computed >= dense.dense
+    still = small_backend(pos_encoding="none")
+    with torch.no_grad():
+        still.model.rule.head[1].weight.zero_()
+        still.model.rule.head[1].bias.zero_()  # a rule that never changes a cell: everything settles at once
+    run = restore(still, img, iters=40, settle=1e-3)
+    assert run.skipped > 0.5 * (run.computed + run.skipped)
+    np.testing.assert_array_equal(run.image, restore(still, img, iters=40).image)
+
+
+def test_settled_tiles_still_equal_the_untiled_run(monkeypatch, photo_backend):
+    import vitca_cli.restore.windows as windows
+
+    monkeypatch.setattr(windows, "WINDOW", 8)  # small windows, so that some settle while others still run
+    img = smooth_noisy(80, 80)
+    untiled = restore(photo_backend, img, iters=16, tile=0, settle=0.03)
+    tiled = restore(photo_backend, img, iters=16, tile=56, settle=0.03)
+    assert tiled.plan.count >= 4 and tiled.plan.exact and untiled.skipped > 0 and tiled.skipped > 0
+    np.testing.assert_allclose(tiled.image, untiled.image, atol=1e-5)
+
+
+def test_settling_the_shipped_photo_model_skips_work_and_stays_close_to_the_dense_run(photo_backend):
+    noisy = smooth_noisy(48, 48)
+    dense = restore(photo_backend, noisy, iters=48).image
+    settled = restore(photo_backend, noisy, iters=48, settle=2e-3)
+    assert settled.skipped > 0.05 * (settled.computed + settled.skipped)
+    assert np.abs(settled.image - dense).mean() < 4e-3 and np.abs(settled.image - dense).max() < 0.05
+
+
+@pytest.fixture(scope="module")
+def photo_backend():
+    from vitca_cli.io import weights
+
+    return TorchBackend.from_file(weights.resolve("photo").path)
+
+
+def smooth_noisy(h, w):
+    """Smooth content (8×8 blocks of grey levels) with light Gaussian noise, ``(h, w, 3)``."""
+    clean = rand_image(-(-h // 8), -(-w // 8), 3).repeat(8, 0).repeat(8, 1)[:h, :w] * 0.5 + 0.25
+    return np.clip(clean + np.random.default_rng(1).normal(0, 0.05, clean.shape), 0, 1).astype(np.float32)

@@ -26,6 +26,12 @@ from vitca_cli.log import log
 STDIO = "-"
 
 
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    auto = "auto"
+
+
 class Backend(str, Enum):
     torch = "torch"
     onnx = "onnx"
@@ -63,6 +69,9 @@ class Settings:
     mask: Optional[str] = None
     mask_type: Optional[str] = None
     threads: Optional[int] = None
+    settle: float = 0.0
+    precision: str = "fp32"
+    quantize: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -204,7 +213,7 @@ class Backends:
         key = self.settings.weights or channels
         if key not in self._by_key:
             s = self.settings
-            self._by_key[key] = make_backend(s.weights, s.backend, s.device, channels)
+            self._by_key[key] = make_backend(s.weights, s.backend, s.device, channels, s.precision, s.quantize)
         return self._by_key[key]
 
 
@@ -310,7 +319,8 @@ def process(job: Job, settings: Settings, backends: Backends, inpaint: bool, man
     progress, finish = _progress_bar(job.source)
     try:
         result = restore(backend, pixels, iters, settings.update_rate, settings.seed, settings.tile,
-                         frames=settings.frames if settings.animate else 0, progress=progress, known=known)
+                         frames=settings.frames if settings.animate else 0, progress=progress, known=known,
+                         settle=settings.settle)
     finally:
         finish()
     fmt = images.output_format(job.output, pic.format, settings.ext)
@@ -325,6 +335,9 @@ def process(job: Job, settings: Settings, backends: Backends, inpaint: bool, man
         images.write_bytes(extras["compare"], images.encode_image(images.side_by_side(panels), "PNG"))
     h, w = pic.size
     tiles = f", {result.plan.count} tiles" if result.plan.count > 1 else ""
+    if settings.settle > 0:
+        share = result.skipped / max(1, result.computed + result.skipped)
+        tiles += f", {share:.0%} of {result.computed + result.skipped:,} cell-steps skipped as settled"
     dest = "stdout" if job.output == STDIO else job.output
     log.info(f"{pic.source} -> {dest} ({w}×{h}, {backend.name}, {iters} steps{tiles}, "
              f"{time.perf_counter() - start:.2f}s)")
@@ -429,6 +442,12 @@ MAX_ITERS = 10_000
 INPUTS_HELP = "Image files, folders, quoted globs, or - for stdin."
 OUTPUT_HELP = ("Output file (one input), folder (several; sub-folders mirrored), or - for stdout (default: beside "
                "each input as NAME.restored.EXT; stdin goes to stdout).")
+DEFAULT_SETTLE = 0.0
+SETTLE_HELP = ("Stop updating a cell once its output changed by less than this (pixel values 0-1) on 2 updates in a "
+               "row; a run ends when every cell has settled. 0 = every step on every cell (exact).")
+PRECISION_HELP = ("fp32, or bf16 matrix products (torch backend; fast on CPUs with AVX512-BF16/AMX and on GPUs), or "
+                  "auto: bf16 where the hardware has it.")
+QUANTIZE_HELP = "ONNX backend: int8 matrix products (the step graph quantised once, then cached)."
 THREADS_HELP = "CPU threads (default: the cores not already busy; 1 is fastest on a loaded machine)."
 
 
@@ -462,6 +481,9 @@ def denoise(
     frames: int = typer.Option(32, "--frames", help="Frames in the --animate GIF."),
     compare: Optional[str] = typer.Option(None, "--compare", help="Write input | output side by side as PNG."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    settle: float = typer.Option(DEFAULT_SETTLE, "--settle", min=0.0, help=SETTLE_HELP),
+    precision: Precision = typer.Option(Precision.fp32, "--precision", help=PRECISION_HELP),
+    quantize: bool = typer.Option(False, "--quantize", help=QUANTIZE_HELP),
 ) -> None:
     """Denoise images: the image is the cells' input; the output channels after the iterations are the result.
 
@@ -469,7 +491,7 @@ def denoise(
     """
     settings = _settings(iters, update_rate, seed, weights, device, backend, tile, corrupt, save_input, animate,
                          frames, compare, overwrite, skip_existing, fail_fast, ext, output)
-    settings.threads = threads
+    settings.threads, settings.settle, settings.precision, settings.quantize = threads, settle, precision.value, quantize
     run_batch(inputs, output, recursive, settings, inpaint=False)
 
 
@@ -502,6 +524,9 @@ def inpaint(
     frames: int = typer.Option(32, "--frames", help="Frames in the --animate GIF."),
     compare: Optional[str] = typer.Option(None, "--compare", help="Write input | masked | output side by side."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    settle: float = typer.Option(DEFAULT_SETTLE, "--settle", min=0.0, help=SETTLE_HELP),
+    precision: Precision = typer.Option(Precision.fp32, "--precision", help=PRECISION_HELP),
+    quantize: bool = typer.Option(False, "--quantize", help=QUANTIZE_HELP),
 ) -> None:
     """Fill in the pixels a mask marks white, masked the way the model was trained (dropout or noise).
 
@@ -509,7 +534,7 @@ def inpaint(
     """
     settings = _settings(iters, update_rate, seed, weights, device, backend, tile, None, save_input, animate, frames,
                          compare, overwrite, skip_existing, fail_fast, ext, output)
-    settings.threads = threads
+    settings.threads, settings.settle, settings.precision, settings.quantize = threads, settle, precision.value, quantize
     if not Path(mask).exists():
         raise UsageError(f"--mask {mask}: no such file or folder")
     settings.mask = mask

@@ -42,6 +42,7 @@ from vitca_cli.onnx.export import DYNAMIC_AXES, FORMAT, FORMAT_VERSION, HEAD_MAS
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
+QUANTIZED_FROM = "vitca.quantized_from"  # metadata: the sha256 of the graph an int8 graph was made from
 SHAPED_SESSIONS = 4  # grid shapes whose specialised sessions a backend keeps (a tiled run uses one or two)
 
 
@@ -203,6 +204,8 @@ class OnnxBackend:
     recomputing them every step: a 256×256 step is ~5% faster (bench/onnx_step.py). The results are the same.
     """
 
+    fixed_shapes = True  # sessions are specialised to each (B, H, W): callers keep to a few shapes
+
     def __init__(self, session, provider: str, cfg: CAConfig, meta: dict, name: str, path: Path | None = None):
         self.session = session
         self.provider = provider
@@ -218,7 +221,7 @@ class OnnxBackend:
         self.device = f"onnxruntime {provider}" + (f" ({threads} threads)" if provider == CPU else "")
 
     @classmethod
-    def from_file(cls, path, device: str = "auto", threads: int | None = None) -> "OnnxBackend":
+    def from_file(cls, path, device: str = "auto", threads: int | None = None, quantize: bool = False) -> "OnnxBackend":
         """Load a step graph (or a vitca checkpoint, exported on first use, see :func:`onnx_for_checkpoint`).
 
         A missing, corrupt or foreign file raises ``WeightsError``; an unusable ``--device`` a ``UsageError``.
@@ -228,6 +231,8 @@ class OnnxBackend:
             raise WeightsError(f"{path}: weights file not found")
         if _is_checkpoint(path):
             path = onnx_for_checkpoint(path)
+        if quantize:
+            path = quantized(path)
         try:
             session, provider = create_session(str(path), device, threads)
         except VitcaError:
@@ -335,3 +340,49 @@ def onnx_for_checkpoint(checkpoint: Path, exporter: str | None = None) -> Path:
     log.info(f"exporting {checkpoint.name} to ONNX once (cached as {cached})")
     export_checkpoint(checkpoint, cached, exporter=exporter or DEFAULT_EXPORTER)
     return cached
+
+
+def quantized(path: Path) -> Path:
+    """The int8 version of a step graph (dynamic quantisation of its weight matrix products: int8 weights, int8
+    activations scaled per call): ``<stem>.int8.onnx`` beside it when that was made from this very file, else a
+    cached one (made now, once) in ``<VITCA_HOME>/onnx/``. Its metadata is the source graph's."""
+    from vitca_cli.io.weights import home_dir, sha256_file
+
+    if path.name.endswith(".int8.onnx"):
+        return path
+    sha = sha256_file(path)
+    target = home_dir() / "onnx" / f"{path.stem}-{sha[:16]}.int8.onnx"
+    for candidate in (path.with_name(path.stem + ".int8.onnx"), target):
+        if candidate.is_file() and _quantized_from(candidate) == sha:
+            return candidate
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info(f"quantising {path.name} to int8 once (cached as {target})")
+    model = onnx.load(str(path))
+    del model.graph.value_info[:]  # the exporter's shape annotations trip the quantiser's own shape inference
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        plain, out = Path(tmp) / "plain.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(model, str(plain))
+        quantize_dynamic(str(plain), str(out), weight_type=QuantType.QInt8)
+        q = onnx.load(str(out))
+        del q.metadata_props[:]
+        for prop in model.metadata_props:
+            q.metadata_props.add(key=prop.key, value=prop.value)
+        q.metadata_props.add(key=QUANTIZED_FROM, value=sha)
+        onnx.save(q, str(out))
+        os.replace(out, target)
+    return target
+
+
+def _quantized_from(path: Path) -> str | None:
+    try:
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        return props.get(QUANTIZED_FROM)
+    except Exception:  # noqa: BLE001 - an unreadable candidate is simply not a match
+        return None

@@ -1,4 +1,4 @@
-"""Restoring images with a trained CA: backends, padding, tiling with seamless blending, the rollout loop.
+"""Restoring images with a trained CA: backends, masks, padding, and the restore loop over tiles.
 
 The loop is backend-agnostic: a *backend* has ``.cfg`` (CAConfig), ``.name``, ``.device`` (a description for the
 log), ``.tensor_device`` (where its tensors live; CPU for ONNX Runtime) and ``.step(z, update_mask) -> z``.
@@ -7,16 +7,8 @@ the same run for the same seed.
 
 Update masks are drawn per fixed 64×64 block of *global* cell coordinates, each block from its own generator
 seeded by (seed, block row, block column). A tile therefore sees the same masks as the whole image would, which is
-what makes tiled output equal untiled output for a size-agnostic model.
-
-Tiling (all sizes in cells; a cell holds P×P pixels):
-- Size-dependent models (a position encoding tied to ``cfg.image_size``) run on tiles of exactly the training size;
-  neighbouring tiles overlap by a quarter tile and are blended with linear ramps, so there are no seams.
-- Size-agnostic models run untiled when the grid fits ``max_cells``; larger grids use tiles with a *margin* of
-  ``iters · (NH//2)`` cells on every side that borders another tile. A cell's state after T steps depends only on
-  cells within T·(NH//2) of it, so the zero-padded "ghost" neighbours at a tile's artificial edge never reach the
-  blended part: tiled output equals untiled output up to float rounding (tested at 1e-5). The margin is capped at
-  ``MAX_MARGIN`` cells (beyond ~128 iterations), where tiling becomes a close approximation; the log says so.
+what makes tiled output equal untiled output for a size-agnostic model (``vitca_cli.restore.tiles``). Each tile's
+rollout runs window by window and may skip settled cells (``vitca_cli.restore.windows``).
 """
 
 from __future__ import annotations
@@ -35,12 +27,12 @@ from vitca_cli.errors import UsageError
 from vitca_cli.log import log
 from vitca_cli.nca.masking import apply_mask, patch_keep_mask
 from vitca_cli.nca.model import draw_update_mask, output_image, seed_cells
+from vitca_cli.restore.tiles import TilePlan, plan_tiles
+from vitca_cli.restore.windows import rollout_windows
 
 MASK_BLOCK = 64  # cells per side of one update-mask block
-MAX_MARGIN = 128  # cells; beyond this the exact tiling margin costs more than it is worth
-BLEND_BAND = 8  # cells over which size-agnostic tiles cross-fade (beyond the margin)
-AUTO_TILE = 256  # cells: tile side for size-agnostic models on large images (grown to fit the margin)
-MAX_CELLS = {"cpu": 1 << 16, "cuda": 1 << 20}  # cells per batch of tiles: bounds memory (~8 KB per cell)
+PRECISIONS = ("fp32", "bf16", "auto")
+MAX_CELLS = {"cpu": 1 << 16, "cuda": 1 << 20}  # cells per backend call: bounds a step's activations
 MAX_FRAME_BYTES = 512 << 20  # animation frames held in memory
 
 
@@ -48,35 +40,58 @@ MAX_FRAME_BYTES = 512 << 20  # animation frames held in memory
 # Backends
 # ---------------------------------------------------------------------------------------------------------------------
 class TorchBackend:
-    """A ``CellularAutomaton`` run eagerly under ``torch.inference_mode``."""
+    """A ``CellularAutomaton`` run eagerly under ``torch.inference_mode``. With ``precision="bf16"`` the matrix
+    products run in bfloat16 (autocast); the cells carried from step to step stay float32."""
 
-    def __init__(self, model, name: str = "model", meta: dict | None = None):
+    def __init__(self, model, name: str = "model", meta: dict | None = None, precision: str = "fp32"):
         from vitca_cli.runtime import tune_allocator
 
+        if precision not in PRECISIONS:
+            raise UsageError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
         tune_allocator()  # the rollout reallocates the same large activations every step
         self.model = model.eval()
         self.cfg: CAConfig = model.cfg
         self.name = name
         self.meta = meta or {}
         self.tensor_device = next(model.parameters()).device
-        self.device = f"torch {self.tensor_device}"
+        self.precision = precision
+        self.device = f"torch {self.tensor_device}" + (", bf16 products" if precision == "bf16" else "")
 
     @classmethod
-    def from_file(cls, path, device="cpu", name: str | None = None) -> "TorchBackend":
+    def from_file(cls, path, device="cpu", name: str | None = None, precision: str = "fp32") -> "TorchBackend":
         from pathlib import Path
 
         from vitca_cli.io.checkpoint import load_model
 
         model, meta = load_model(Path(path), device)
-        return cls(model, name or Path(path).stem, meta)
+        return cls(model, name or Path(path).stem, meta, precision)
 
     def step(self, z: torch.Tensor, update_mask: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.model.step(z, update_mask)
+        bf16 = self.precision == "bf16"
+        with torch.inference_mode(), torch.autocast(self.tensor_device.type, torch.bfloat16, enabled=bf16):
+            out = self.model.step(z, update_mask)
+        return out.float() if bf16 else out
 
 
-def make_backend(weights_spec: str | None, backend: str = "torch", device: str = "auto", channels: int | None = None):
-    """Resolve ``--weights`` (or the default for ``channels``) and build a backend on ``device``."""
+def resolve_precision(precision: str, device) -> str:
+    """``auto`` → ``bf16`` on a CPU that multiplies bfloat16 in hardware (AVX512-BF16/AMX) or a CUDA GPU with
+    bfloat16, else ``fp32``; ``fp32``/``bf16`` as given (bf16 on a CPU without it is emulated: slow, logged)."""
+    from vitca_cli.runtime import cpu_has_native_bf16
+
+    device = torch.device(device)
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+    if precision == "bf16" and device.type == "cpu" and cpu_has_native_bf16() is False:
+        log.warning("--precision bf16: this CPU has no bfloat16 instructions, so the products are emulated (slow)")
+    return precision
+
+
+def make_backend(weights_spec: str | None, backend: str = "torch", device: str = "auto", channels: int | None = None,
+                 precision: str = "fp32", quantize: bool = False):
+    """Resolve ``--weights`` (or the default for ``channels``) and build a backend on ``device``: ``precision`` for
+    the torch backend (see :func:`resolve_precision`), ``quantize`` (int8 products) for the ONNX one."""
     from vitca_cli.io import weights
     from vitca_cli.runtime import resolve_device
 
@@ -88,13 +103,17 @@ def make_backend(weights_spec: str | None, backend: str = "torch", device: str =
         if ref.path.suffix == ".onnx":  # an ONNX step file runs in ONNX Runtime, whatever --backend said
             log.info(f"{ref.path}: an ONNX step graph, so the ONNX Runtime backend runs it")
             backend = "onnx"
+    if quantize and backend != "onnx":
+        raise UsageError("--quantize is for the ONNX backend: add --backend onnx")
     if backend == "onnx":
         from vitca_cli.onnx import backend as onnx_backend
 
-        result = onnx_backend.OnnxBackend.from_file(ref.path, device)
+        if precision == "bf16":
+            raise UsageError("--precision bf16 is for the torch backend; the ONNX one has --quantize")
+        result = onnx_backend.OnnxBackend.from_file(ref.path, device, quantize=quantize)
     else:
         dev = resolve_device(device)
-        result = TorchBackend.from_file(ref.path, dev, ref.name)
+        result = TorchBackend.from_file(ref.path, dev, ref.name, resolve_precision(precision, dev))
     result.name = ref.name
     log.info(f"weights: {ref.name} ({ref.source}: {ref.path}); backend {result.device}")
     return result
@@ -179,100 +198,21 @@ def mask_missing(image: np.ndarray, missing: np.ndarray, mask_type: str = "noise
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Tiling
-# ---------------------------------------------------------------------------------------------------------------------
-def step_radius(cfg: CAConfig) -> int:
-    """How many cells one step's information can travel: NH//2 for ViTCA; for UNetCA its pooling reach
-    (an approximation: max-pooling windows also depend on the tile's alignment)."""
-    if cfg.arch == "vitca":
-        return max(cfg.neighbourhood) // 2
-    return 2 ** (cfg.unet_octaves + 1)
-
-
-@dataclass(frozen=True)
-class TilePlan:
-    """Where the tiles go on a cell grid of ``grid`` = (gh, gw) cells: tile size ``tile``, origins ``ys`` × ``xs``,
-    and per axis the ``margin`` (weight 0) and ``band`` (linear ramp) at edges that border another tile."""
-
-    grid: tuple[int, int]
-    tile: tuple[int, int]
-    ys: tuple[int, ...]
-    xs: tuple[int, ...]
-    margin: int = 0
-    band: int = 0
-    exact: bool = True
-
-    @property
-    def count(self) -> int:
-        return len(self.ys) * len(self.xs)
-
-    @property
-    def origins(self) -> list[tuple[int, int]]:
-        return [(y, x) for y in self.ys for x in self.xs]
-
-    def weights(self, y0: int, x0: int) -> torch.Tensor:
-        """Blending weights ``(th, tw)`` of the tile at (y0, x0)."""
-        wy = _axis_weights(self.tile[0], self.margin, self.band, y0 > 0, y0 + self.tile[0] < self.grid[0])
-        wx = _axis_weights(self.tile[1], self.margin, self.band, x0 > 0, x0 + self.tile[1] < self.grid[1])
-        return wy[:, None] * wx[None, :]
-
-
-def _axis_weights(size: int, margin: int, band: int, ramp_start: bool, ramp_end: bool) -> torch.Tensor:
-    i = torch.arange(size, dtype=torch.float32)
-    ramp = ((i - margin + 1) / (band + 1)).clamp(0, 1)  # 0 inside the margin, then rising to 1 over the band
-    w = torch.ones(size)
-    if ramp_start:
-        w = torch.minimum(w, ramp)
-    if ramp_end:
-        w = torch.minimum(w, ramp.flip(0))
-    return w
-
-
-def _axis_origins(length: int, tile: int, stride: int) -> tuple[int, ...]:
-    if length <= tile:
-        return (0,)
-    origins = list(range(0, length - tile, stride))
-    return tuple(origins + [length - tile])  # the last tile sits flush with the far edge
-
-
-def plan_tiles(
-    cfg: CAConfig, grid: tuple[int, int], iters: int, tile: int | None = None, max_cells: int = MAX_CELLS["cpu"]
-) -> TilePlan:
-    """Choose tiles for a grid of ``grid`` cells (already padded to at least the training size for a
-    size-dependent model). ``tile``: None = automatic, 0 = never tile, N = tile side in cells."""
-    gh, gw = grid
-    if cfg.size_dependent:
-        th, tw = (s // cfg.patch_size for s in cfg.image_size)
-        band_y, band_x = max(1, th // 4), max(1, tw // 4)
-        band = min(band_y, band_x)
-        ys = _axis_origins(gh, th, th - band)
-        xs = _axis_origins(gw, tw, tw - band)
-        return TilePlan(grid, (th, tw), ys, xs, 0, band, exact=False)
-    if tile == 0 or (tile is None and gh * gw <= max_cells):
-        return TilePlan(grid, (gh, gw), (0,), (0,))
-    want = iters * step_radius(cfg)
-    margin = min(want, MAX_MARGIN)
-    side = tile if tile is not None else max(AUTO_TILE, 2 * margin + BLEND_BAND + AUTO_TILE // 2)
-    side = max(side, 2 * margin + BLEND_BAND + 1)  # room for at least one blended cell per tile
-    th, tw = min(side, gh), min(side, gw)
-    stride = side - 2 * margin - BLEND_BAND
-    exact = margin >= want and cfg.arch == "vitca"
-    return TilePlan(grid, (th, tw), _axis_origins(gh, th, stride), _axis_origins(gw, tw, stride), margin,
-                    BLEND_BAND, exact)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # The rollout
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class Restored:
     """The restored image ``(H, W, C)`` (not clipped), animation frames (output after each recorded step),
-    the steps they were taken at, and the tile plan used."""
+    the steps they were taken at, the tile plan used, and the work: ``computed`` cell-steps (windows, halos and
+    tile margins included), ``skipped`` (left out as settled) and ``dense`` (the image's cells × iterations)."""
 
     image: np.ndarray
     frames: list[np.ndarray] = field(default_factory=list)
     frame_steps: list[int] = field(default_factory=list)
     plan: TilePlan | None = None
+    computed: int = 0
+    skipped: int = 0
+    dense: int = 0
 
 
 def frame_schedule(iters: int, frames: int) -> list[int]:
@@ -281,6 +221,22 @@ def frame_schedule(iters: int, frames: int) -> list[int]:
         return []
     frames = min(frames, iters)
     return sorted({max(1, round(iters * (k + 1) / frames)) for k in range(frames)})
+
+
+def _check_tile(cfg: CAConfig, tile: int | None) -> int | None:
+    """``--tile`` in pixels → cells (None = automatic, 0 = off), refused where the model's encoding forbids it."""
+    if tile is not None and tile > 0:
+        if cfg.size_dependent and tile != cfg.image_size[0]:
+            raise UsageError(
+                f"--tile {tile}: this model's position encoding ties it to {cfg.image_size[0]}×{cfg.image_size[1]} "
+                f"tiles; leave --tile out"
+            )
+        return max(1, tile // cfg.patch_size)
+    if tile == 0 and cfg.size_dependent:
+        raise UsageError(
+            f"--tile 0: this model's position encoding ties it to {cfg.image_size[0]}×{cfg.image_size[1]} tiles"
+        )
+    return tile
 
 
 def restore(
@@ -294,14 +250,16 @@ def restore(
     max_cells: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     known: np.ndarray | None = None,
+    settle: float = 0.0,
 ) -> Restored:
     """Run the CA on ``image`` ``(H, W, C)`` (C = the model's channels, values as the model expects: masked
     image in [0, 1] plus any noise) for ``iters`` steps and return the output channels.
 
     Padding: H and W are padded (edge replicate) to a multiple of the patch size, and for a size-dependent model
     to at least its training size; the result is cropped back. ``tile`` is in pixels (None = automatic, 0 = off).
-    ``frames`` > 0 records that many outputs along the way (for animations). ``progress(done, total)`` is called
-    after every step of every batch of tiles.
+    ``frames`` > 0 records that many outputs along the way (for animations). ``progress(done, total)`` counts
+    tile-steps. ``max_cells`` bounds the cells of one backend call. ``settle`` > 0 stops updating cells whose
+    output has settled (see ``vitca_cli.restore.windows``); 0 runs every step on every cell.
 
     ``known`` ``(H, W)`` (True = the pixel is given; inpainting) is shown to a mask-aware model, and every known
     pixel of the result (and of each frame) is the input's own value: only missing pixels come from the cells.
@@ -309,25 +267,16 @@ def restore(
     cfg: CAConfig = backend.cfg
     if iters < 1:
         raise UsageError(f"--iters must be at least 1, got {iters}")
+    if settle < 0:
+        raise UsageError(f"--settle must be at least 0, got {settle}")
     h, w, c = image.shape
     if c != cfg.channels:
         raise ValueError(f"image has {c} channels, the model expects {cfg.channels}")
     device = getattr(backend, "tensor_device", torch.device("cpu"))
-    device_type = torch.device(device).type
-    max_cells = max_cells or MAX_CELLS.get(device_type, MAX_CELLS["cpu"])
+    max_cells = max_cells or MAX_CELLS.get(torch.device(device).type, MAX_CELLS["cpu"])
     rate = cfg.update_rate if update_rate is None else update_rate
     p = cfg.patch_size
-    if tile is not None and tile > 0:
-        if cfg.size_dependent and tile != cfg.image_size[0]:
-            raise UsageError(
-                f"--tile {tile}: this model's position encoding ties it to {cfg.image_size[0]}×{cfg.image_size[1]} "
-                f"tiles; leave --tile out"
-            )
-        tile = max(1, tile // p)
-    elif tile == 0 and cfg.size_dependent:
-        raise UsageError(
-            f"--tile 0: this model's position encoding ties it to {cfg.image_size[0]}×{cfg.image_size[1]} tiles"
-        )
+    tile = _check_tile(cfg, tile)
 
     # Pad: to the patch grid, and up to the training size for size-dependent models.
     ph, pw = -(-h // p) * p, -(-w // p) * p
@@ -340,7 +289,7 @@ def restore(
     if (ph, pw) != (h, w):
         x = F.pad(x, (0, pw - w, 0, ph - h), mode="replicate")
         k = None if k is None else F.pad(k, (0, pw - w, 0, ph - h), mode="replicate")
-    plan = plan_tiles(cfg, (ph // p, pw // p), iters, tile, max_cells)
+    plan = plan_tiles(cfg, (ph // p, pw // p), iters, tile)
     if plan.count > 1:
         note = "" if plan.exact else ", blended" if cfg.size_dependent else ", approximate beyond the margin cap"
         log.debug(f"tiling {ph}×{pw} px into {plan.count} tiles of {plan.tile[0] * p}×{plan.tile[1] * p} px{note}")
@@ -355,25 +304,30 @@ def restore(
     weight_sum = torch.zeros(1, 1, ph, pw)
 
     th, tw = plan.tile
+    # Tiles run together when several fit one call (small size-dependent tiles); large ones one at a time.
     per_batch = max(1, max_cells // (th * tw))
     origins = plan.origins
     batches = [origins[i : i + per_batch] for i in range(0, len(origins), per_batch)]
-    done, total = 0, len(batches) * iters
+    done, total, computed, skipped = 0, len(batches) * iters, 0, 0
     for batch in batches:
         windows = [(..., slice(y * p, (y + th) * p), slice(xx * p, (xx + tw) * p)) for y, xx in batch]
         tiles = torch.cat([x[win] for win in windows])
         tile_known = None if k is None else torch.cat([k[win] for win in windows])
-        tile_masks = torch.stack([masks.window(y, xx, th, tw) for y, xx in batch], dim=1)  # T b 1 th tw
-        z = seed_cells(cfg, tiles, known=tile_known).to(device)
-        outputs = []
-        for t in range(iters):
-            z = backend.step(z, tile_masks[t].to(device=device, dtype=z.dtype))
-            if t + 1 in record:
-                outputs.append(output_image(cfg, z).float().cpu())
-            done += 1
+        tile_masks = torch.stack([masks.window(y, xx, th, tw)[:, 0] for y, xx in batch], dim=1)  # T b th tw
+        start = done
+
+        def on_step(t: int, start: int = start) -> None:
             if progress is not None:
-                progress(done, total)
-        outputs.append(output_image(cfg, z).float().cpu() if not record or record[-1] != iters else outputs[-1])
+                progress(start + t, total)
+
+        run = rollout_windows(backend, seed_cells(cfg, tiles, known=tile_known), tile_masks, settle,
+                              tuple(record), max_cells, on_step)
+        computed, skipped = computed + run.computed, skipped + run.skipped
+        done = start + iters
+        if progress is not None and run.steps_run < iters:
+            progress(done, total)
+        final = output_image(cfg, run.cells).float().cpu()
+        outputs = run.frames + [final] * (len(record) - len(run.frames)) + [final]  # settled early: final frames
         for i, (y, xx) in enumerate(batch):
             wgt = plan.weights(y, xx).repeat_interleave(p, 0).repeat_interleave(p, 1)
             region = (..., slice(y * p, (y + th) * p), slice(xx * p, (xx + tw) * p))
@@ -386,23 +340,11 @@ def restore(
     if k is not None:  # known pixels exactly as given
         blended = torch.where(k[0].bool(), x[0], blended)
     result = [b[:, :h, :w].permute(1, 2, 0).contiguous().numpy() for b in blended]
-    return Restored(result[-1], result[:-1], record, plan)
-
-
-def cell_steps(plan: TilePlan, iters: int) -> int:
-    """Cell updates computed for a plan (tiles × tile cells × iterations): the work, overlaps included."""
-    return plan.count * plan.tile[0] * plan.tile[1] * iters
-
-
-def tiles_memory_cells(plan: TilePlan, max_cells: int) -> int:
-    """Cells held at once while running ``plan`` (one batch of tiles): what bounds memory."""
-    per_tile = plan.tile[0] * plan.tile[1]
-    return per_tile * min(plan.count, max(1, max_cells // per_tile))
+    dense = (ph // p) * (pw // p) * iters
+    return Restored(result[-1], result[:-1], record, plan, computed, skipped, dense)
 
 
 __all__ = [
     "TorchBackend", "make_backend", "backend_mask_type", "UpdateMasks", "corrupt", "damage", "mask_missing",
-    "step_radius",
-    "TilePlan", "plan_tiles", "Restored", "frame_schedule", "restore", "cell_steps", "tiles_memory_cells",
-    "MASK_BLOCK",
+    "Restored", "frame_schedule", "restore", "MASK_BLOCK", "MAX_CELLS", "PRECISIONS", "resolve_precision",
 ]

@@ -1,0 +1,154 @@
+"""One tile's rollout, step by step, window by window, skipping cells that have settled.
+
+A step of a large grid is computed on *windows*: squares of ``WINDOW`` cells whose *core* is written back and
+whose ``halo`` (how far one step reads: depth · NH//2 cells for ViTCA) is only read. A window's core cells see
+exactly the neighbours they see in the whole grid, so a windowed step equals the whole-grid step (up to float
+rounding), while the memory a step needs is bounded by ``max_cells`` whatever the grid's size. All windows have
+the same shape (the first and last of a row take the extra halo as core), so a backend sees a few fixed shapes.
+
+Settling (``settle`` > 0): a cell whose output changed by less than ``settle`` (largest change over its output
+channels) on ``PATIENCE`` consecutive updates is *settled*: it is no longer updated, but it still serves as a
+neighbour. A window whose core holds only settled cells is not computed; the rollout ends when every cell has
+settled. Settling is decided per cell from that cell's own history, so tiles still equal the untiled run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from vitca_cli.nca.config import CAConfig
+from vitca_cli.nca.model import output_image
+from vitca_cli.restore.tiles import axis_origins
+
+WINDOW = 64  # cells per side of a step window at most, halo included
+PATIENCE = 2  # consecutive quiet updates before a cell settles
+
+
+@dataclass(frozen=True)
+class AxisWindow:
+    """A window [origin, origin + size) along one axis and the core [lo, hi) it writes."""
+
+    origin: int
+    size: int
+    lo: int
+    hi: int
+
+
+def axis_windows(length: int, window: int, halo: int) -> list[AxisWindow]:
+    """Equal windows of at most ``window`` cells covering ``length``: cores partition the axis, each core has
+    ``halo`` cells of window on every inner side. ``window`` ≥ length gives one window, the whole axis."""
+    if length <= window:
+        return [AxisWindow(0, length, 0, length)]
+    count = -(-(length - 2 * halo) // (window - 2 * halo))
+    window = -(-(length - 2 * halo) // count) + 2 * halo  # the smallest equal windows: the least overlap
+    origins = axis_origins(length, window, window - 2 * halo)
+    out, lo = [], 0
+    for i, origin in enumerate(origins):
+        hi = length if i == len(origins) - 1 else origin + window - halo
+        out.append(AxisWindow(origin, window, lo, hi))
+        lo = hi
+    return out
+
+
+@dataclass
+class Rollout:
+    """A tile's final cells, the output images recorded along the way, and the work: ``computed`` cell-steps (window
+    cells, halos included), ``skipped`` (windows of settled cells left out), ``dense`` (the grid's cells × steps),
+    and the steps run before every cell settled."""
+
+    cells: torch.Tensor
+    frames: list[torch.Tensor] = field(default_factory=list)
+    computed: int = 0
+    skipped: int = 0
+    dense: int = 0
+    steps_run: int = 0
+
+
+def window_plan(cfg: CAConfig, grid: tuple[int, int], window: int) -> tuple[list, list]:
+    """The windows of a grid: whole-grid windows for models that must see the whole grid (a position encoding
+    tied to the grid, or UNetCA's pooling), else ``window`` cells with ViTCA's one-step reach as halo."""
+    if cfg.size_dependent or cfg.arch != "vitca":
+        return axis_windows(grid[0], grid[0], 0), axis_windows(grid[1], grid[1], 0)
+    halo = cfg.depth * (max(cfg.neighbourhood) // 2)
+    window = max(window, 2 * halo + 1)
+    return axis_windows(grid[0], window, halo), axis_windows(grid[1], window, halo)
+
+
+def _chunks(items: list, per_call: int) -> list[list]:
+    """``items`` in near-equal chunks of at most ``per_call``."""
+    count = -(-len(items) // per_call)
+    size = -(-len(items) // count) if items else 0
+    return [items[i : i + size] for i in range(0, len(items), size)] if items else []
+
+
+def rollout_windows(
+    backend,
+    cells: torch.Tensor,
+    masks: torch.Tensor,
+    settle: float = 0.0,
+    record: tuple[int, ...] = (),
+    max_cells: int = 1 << 16,
+    on_step: Callable[[int], None] | None = None,
+    window: int | None = None,
+) -> Rollout:
+    """Run ``masks.shape[0]`` steps of ``backend`` on ``cells`` ``(N, C, H, W)`` (N independent grids) with update
+    masks ``masks`` ``(T, N, H, W)`` (bool), window by window, settling cells when ``settle`` > 0. Outputs after the
+    steps in ``record`` (1-based) are returned as frames. ``on_step(t)`` is called after each step."""
+    cfg: CAConfig = backend.cfg
+    device = getattr(backend, "tensor_device", torch.device("cpu"))
+    steps = masks.shape[0]
+    n, _, h, w = cells.shape
+    state = cells.permute(0, 2, 3, 1).contiguous()  # n h w c: windows are slices of it
+    wys, wxs = window_plan(cfg, (h, w), window or WINDOW)
+    wins = [(b, wy, wx) for b in range(n) for wy in wys for wx in wxs]
+    area = wys[0].size * wxs[0].size
+    per_call = max(1, max_cells // area)
+    fixed = getattr(backend, "fixed_shapes", False)  # e.g. ONNX Runtime sessions specialised to each shape
+    out_ch = cfg.output_slice
+    settled = torch.zeros(n, h, w, dtype=torch.bool) if settle > 0 else None
+    quiet = torch.zeros(n, h, w, dtype=torch.uint8) if settle > 0 else None
+    result = Rollout(cells, dense=n * h * w * steps)
+    todo = list(range(len(wins)))
+    for t in range(steps):
+        if not todo:
+            break
+        mask = masks[t] if settled is None else masks[t] & ~settled
+        nxt = torch.empty_like(state) if len(todo) == len(wins) else state.clone()
+        for chunk in _chunks(todo, per_call):
+            batch = chunk + chunk[:1] * ((1 << (len(chunk) - 1).bit_length()) - len(chunk)) if fixed else chunk
+            z = torch.stack([state[b, wy.origin : wy.origin + wy.size, wx.origin : wx.origin + wx.size]
+                             for b, wy, wx in (wins[i] for i in batch)])
+            m = torch.stack([mask[b, wy.origin : wy.origin + wy.size, wx.origin : wx.origin + wx.size]
+                             for b, wy, wx in (wins[i] for i in batch)])
+            if len(batch) > len(chunk):
+                m[len(chunk):] = False  # padding windows: computed, never written back
+            z = z.to(device).permute(0, 3, 1, 2)
+            out = backend.step(z, m[:, None].to(device=device, dtype=z.dtype)).permute(0, 2, 3, 1).cpu()
+            for j, i in enumerate(chunk):
+                b, wy, wx = wins[i]
+                nxt[b, wy.lo : wy.hi, wx.lo : wx.hi] = out[j, wy.lo - wy.origin : wy.hi - wy.origin,
+                                                           wx.lo - wx.origin : wx.hi - wx.origin]
+            result.computed += len(batch) * area
+        result.skipped += (len(wins) - len(todo)) * area
+        if settled is not None:
+            change = (nxt[..., out_ch] - state[..., out_ch]).abs().amax(-1)
+            quiet = torch.where(mask, torch.where(change < settle, quiet + 1, 0).to(torch.uint8), quiet)
+            settled |= quiet >= PATIENCE
+            todo = [i for i in todo if not _core_settled(settled, wins[i])]
+        state = nxt
+        result.steps_run = t + 1
+        if t + 1 in record:
+            result.frames.append(output_image(cfg, state.permute(0, 3, 1, 2)).float().cpu())
+        if on_step is not None:
+            on_step(t + 1)
+    result.skipped += len(wins) * area * (steps - result.steps_run)
+    result.cells = state.permute(0, 3, 1, 2)
+    return result
+
+
+def _core_settled(settled: torch.Tensor, win) -> bool:
+    b, wy, wx = win
+    return bool(settled[b, wy.lo : wy.hi, wx.lo : wx.hi].all())
