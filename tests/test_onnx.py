@@ -16,7 +16,8 @@ from vitca_cli.io.checkpoint import save_checkpoint
 from vitca_cli.cli import app
 from vitca_cli.nca.config import CAConfig, preset
 from vitca_cli.errors import UsageError, WeightsError
-from vitca_cli.nca.model import CellularAutomaton, attend, seed_cells
+from vitca_cli.nca.attention import attend
+from vitca_cli.nca.model import CellularAutomaton, seed_cells
 from vitca_cli.onnx.backend import (
     SHAPED_SESSIONS,
     OnnxBackend,

@@ -30,7 +30,7 @@ from training.evaluate import rollout
 from training.metrics import psnr_per_image, ssim_per_image
 from vitca_cli.io.checkpoint import atomic_write_bytes
 from vitca_cli.errors import UsageError
-from vitca_cli.nca.masking import apply_mask, parse_corruption
+from vitca_cli.nca.masking import apply_mask, bernoulli, parse_corruption
 
 KINDS = ("update-rate", "unseen-noise", "head-masking", "stability")
 DEFAULT_ITERS = {"update-rate": 64, "unseen-noise": 64, "head-masking": 64, "stability": 1000}
@@ -183,8 +183,7 @@ def format_table(rows: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 def _keep_mask(b: int, h: int, w: int, prob: float, patch: int, gen: torch.Generator) -> torch.Tensor:
     """Like ``patch_keep_mask`` but for patches that need not divide the image (edge patches are cropped)."""
-    u = torch.rand(b, 1, -(-h // patch), -(-w // patch), generator=gen)
-    keep = torch.floor(u + (1.0 - prob)).clamp_(max=1.0)
+    keep = bernoulli((b, 1, -(-h // patch), -(-w // patch)), 1.0 - prob, gen)
     return keep.repeat_interleave(patch, 2).repeat_interleave(patch, 3)[..., :h, :w]
 
 

@@ -31,7 +31,7 @@ import torch
 from training.metrics import LPIPS, mean_interval, psnr_batch, psnr_per_image, ssim_per_image
 from vitca_cli.errors import UsageError
 from vitca_cli.nca.masking import MaskingSchedule, apply_mask, patch_keep_mask
-from vitca_cli.nca.model import draw_update_mask
+from vitca_cli.nca.rollout import draw_update_mask
 from vitca_cli.io.weights import home_dir
 
 

@@ -40,7 +40,6 @@ import dataclasses
 import functools
 import json
 import sys
-import threading
 import warnings
 from pathlib import Path
 
@@ -49,7 +48,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitca_cli import __version__
-from vitca_cli.nca import model as model_module
 from vitca_cli.nca.model import ViTCAUpdate, vit_position_encoding_at
 from vitca_cli.io.weights import sha256_file
 from vitca_cli.io.checkpoint import atomic_write_bytes
@@ -149,7 +147,7 @@ def _window_bias(tile: tuple[int, int], neighbourhood: tuple[int, int]) -> torch
 
 
 def tiled_local_attention(q, k, v, neighbourhood: tuple[int, int], scale: float, grid: TileGrid):
-    """:func:`vitca_cli.nca.model.local_attention` (same maths) of tile-ordered, head-major q, k, v
+    """:func:`vitca_cli.nca.attention.local_attention` (same maths) of tile-ordered, head-major q, k, v
     ``(B, heads, GH·GW·th·tw, d)``, in a form that exports to few ONNX nodes; ``(B, GH, GW·th·tw, heads, d)``.
 
     Each tile of queries attends densely to its halo, the (th+NH-1)×(tw+NW-1) cells around it, gathered (one
@@ -183,29 +181,13 @@ def tiled_local_attention(q, k, v, neighbourhood: tuple[int, int], scale: float,
 
 
 def tiled_attention(x, weights, heads: int, neighbourhood: tuple[int, int], scale: float, grid: TileGrid):
-    """The export's :func:`vitca_cli.nca.model.attend`: q, k and v of the tile-ordered cells ``x`` ``(B, GH, GW·th·tw,
+    """The export's :func:`vitca_cli.nca.attention.attend`, passed to the rule as its ``attention``: q, k and v of the tile-ordered cells ``x`` ``(B, GH, GW·th·tw,
     E)`` as head-major products (``(B, 1, N, E) @ (heads, E, d)``: no transposes, 1.4× faster in ONNX Runtime
     than a product and a transpose at 256×256), then :func:`tiled_local_attention`."""
     b, e = x.shape[0], x.shape[-1]
     cells = x.reshape(b, 1, -1, e)
     q, k, v = (cells @ w.reshape(heads, -1, e).transpose(1, 2) for w in weights)  # b heads n d
     return tiled_local_attention(q, k, v, neighbourhood, scale, grid)
-
-
-@contextlib.contextmanager
-def _attention_kernel(kernel):
-    """Run the model's attention through ``kernel`` (the ``vitca_cli.nca.model.attend`` seam) inside the block."""
-    if not callable(getattr(model_module, "attend", None)):
-        raise VitcaError("vitca_cli.nca.model has no attend() kernel seam; the ONNX export needs updating")
-    original = model_module.attend
-    model_module.attend = kernel
-    try:
-        yield
-    finally:
-        model_module.attend = original
-
-
-_export_lock = threading.Lock()  # one export at a time: the attention seam is module-level
 
 
 class StepGraph(nn.Module):
@@ -230,9 +212,9 @@ class StepGraph(nn.Module):
         grid = TileGrid(cells.shape[1], cells.shape[2])
         mask = to_tiles(update_mask, grid).reshape(-1)  # 0 on the padding
         only = mask.nonzero().squeeze(1)  # the cells that update, in tile order
-        with _attention_kernel(functools.partial(tiled_attention, grid=grid)):
-            position = tiled_position_encoding(rule, grid)
-            delta = rule.update_cells(to_tiles(cells, grid), head_mask, position=position, only=only)
+        attention = functools.partial(tiled_attention, grid=grid)
+        position = tiled_position_encoding(rule, grid)
+        delta = rule.update_cells(to_tiles(cells, grid), head_mask, position=position, only=only, attention=attention)
         return self.ca.apply_update_at(cells, grid.raster_index(only), delta * mask.index_select(0, only)[:, None])
 
 
@@ -309,7 +291,7 @@ def export_step(
     graph = StepGraph(ca)
     try:
         # The exporters print progress to stdout and warn about their internals: keep stdout clean, logs quiet.
-        with _export_lock, torch.no_grad(), _quiet_exporter():
+        with torch.no_grad(), _quiet_exporter():
             if exporter == "dynamo":
                 proto = _export_dynamo(graph, args, names, opset, dynamic)
             elif exporter == "torchscript":
