@@ -31,8 +31,10 @@ import torch
 
 from vitca_cli.nca.config import preset
 from vitca_cli.nca.model import CellularAutomaton, seed_cells
-from vitca_cli.onnx.backend import OnnxBackend, cpu_threads, session_options
-from vitca_cli.onnx.export import DYNAMIC_AXES, OUTPUT, export_step
+from vitca_cli.onnx.backend import OnnxBackend
+from vitca_cli.onnx.export import export_step
+from vitca_cli.onnx.format import DYNAMIC_AXES, OUTPUT
+from vitca_cli.onnx.session import cpu_threads, session_options
 from vitca_cli.runtime import tune_allocator
 
 
