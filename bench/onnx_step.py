@@ -6,8 +6,8 @@ thread per core; torch runs ``CellularAutomaton.step`` under ``inference_mode`` 
 size runs ``--repeats`` rounds; in a round each backend runs a burst of consecutive steps, as in a denoising
 loop, after a pause that lets the other backend's threads go idle, and the best step time of each is kept (the
 machine is shared and noisy: compare the ratios of one run, not absolute figures across runs). Alternating
-single steps instead would be unfair: ONNX Runtime's worker threads keep spinning for a while after a run, and
-that cost the torch step 20-30% when the two alternated step by step. Target: ratio ≥ 1 at both sizes.
+single steps instead would be unfair: ONNX Runtime's worker threads keep spinning for a while after a run and
+slow down a torch step that follows at once. Target: ratio ≥ 1 at both sizes.
 
 Thread counts: one per core (the target) and one (a per-core comparison that is less sensitive to other jobs
 on a shared machine; torch's OpenMP threads slow down more than ONNX Runtime's when cores are oversubscribed).

@@ -179,7 +179,7 @@ def _name_dynamic_axes(proto, dynamic: tuple[str, ...]) -> None:
 
 
 def _export_torchscript(graph: nn.Module, args: tuple, names: list[str], opset: int, dynamic: tuple[str, ...]):
-    """The legacy TorchScript exporter (deprecated by PyTorch, but 20× faster to export); returns the ModelProto."""
+    """The legacy TorchScript exporter (deprecated by PyTorch, but much quicker to export); returns the ModelProto."""
     import io
 
     import onnx
