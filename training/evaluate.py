@@ -268,20 +268,13 @@ def evaluate(
                 keep = known
             else:
                 corrupted, keep = corrupt(clean, prob, patch, mask_type, mask_gen)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            output = restore(model, corrupted, iters, update_masks, ca_gen, device, known)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            rows["vitca"].seconds += time.perf_counter() - start
+            output, seconds = _timed(device, lambda: restore(model, corrupted, iters, update_masks, ca_gen, device,
+                                                             known))
+            rows["vitca"].seconds += seconds
             rows["vitca"].add(output, clean, lpips)
             scores = psnr_per_image(output, clean).tolist()
-            if kinds:
-                for kind, value in zip(kinds, scores):
-                    per_combo[kind].append(value)
-            else:
-                per_combo[f"p={prob:g},patch={patch}"] += scores
+            for key, value in zip(kinds or [f"p={prob:g},patch={patch}"] * len(scores), scores):
+                per_combo[key].append(value)
             rows["input"].add(corrupted, clean, lpips)
             for name in baselines:
                 start = time.perf_counter()
@@ -301,16 +294,33 @@ def evaluate(
         "mask_type": mask_type,
         "seed": seed,
         "update_rate": model.cfg.update_rate if update_rate is None else update_rate,
-        "combos": f"mixture {mixture_str(mixture)}, one draw per image" if mixture else
-        f"{len(combos)} test combos (p in {sorted({p for p, _ in combos})} x patch sizes "
-        f"{sorted({s for _, s in combos})}), " + ("one drawn at random per batch (seed {seed})".format(seed=seed)
-                                                   if protocol == "paper" else "cycled one per batch"),
+        "combos": _describe_combos(combos, mixture_str(mixture) if mixture else None, protocol, seed),
         "corruptions": mixture_str(mixture) if mixture else "patch",
         "methods": {name: scores.summary() for name, scores in rows.items()},
         "psnr_per_combo": {
             key: {"psnr": round(mean_interval(v)[0], 4), "images": len(v)} for key, v in per_combo.items() if v
         },
     }
+
+
+def _timed(device: torch.device, fn: Callable):
+    """``fn()`` and the seconds it took, with the device's queued work finished before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def _describe_combos(combos: list[tuple[float, int]], mixture: str | None, protocol: str, seed: int) -> str:
+    """The report's line on how images were corrupted."""
+    if mixture:
+        return f"mixture {mixture}, one draw per image"
+    per_batch = f"one drawn at random per batch (seed {seed})" if protocol == "paper" else "cycled one per batch"
+    return (f"{len(combos)} test combos (p in {sorted({p for p, _ in combos})} x patch sizes "
+            f"{sorted({s for _, s in combos})}), " + per_batch)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
