@@ -81,6 +81,9 @@ def nerf_position_channels(height: int, width: int, freqs: int, device=None) -> 
     return torch.cat([torch.sin(xs), torch.sin(ys), torch.cos(xs), torch.cos(ys)], dim=0)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# The transformer block (its localised self-attention: vitca_cli.nca.attention)
+# ---------------------------------------------------------------------------------------------------------------------
 class FeedForward(nn.Sequential):
     """Linear → GELU → Linear, called as ``ff(x, residual)`` = residual + FF(x), biases in fused epilogues."""
 
@@ -110,7 +113,7 @@ class TransformerBlock(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Update networks: grid (B, C, H, W) -> residual update of output and hidden channels (B, Co·P² + Ch, H, W)
+# The ViTCA update rule: grid (B, C, H, W) -> residual update of output and hidden channels (B, Co·P² + Ch, H, W)
 # ---------------------------------------------------------------------------------------------------------------------
 class ViTCAUpdate(nn.Module):
     """The ViTCA update rule F_θ: embed each cell, a localised transformer, a zero-initialised head."""
