@@ -7,7 +7,6 @@ import pytest
 import torch
 from conftest import randomise
 from typer.testing import CliRunner
-from unfold_reference import unfold_step
 
 from vitca_cli.cli import app
 from vitca_cli.nca.config import CAConfig, preset
@@ -19,6 +18,7 @@ from vitca_cli.nca.model import (
     unpatchify,
     vit_position_encoding,
 )
+from vitca_cli.nca.reference import unfold_step
 from vitca_cli.nca.rollout import draw_update_mask
 
 
