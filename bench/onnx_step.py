@@ -6,8 +6,8 @@ thread per core; torch runs ``CellularAutomaton.step`` under ``inference_mode`` 
 size runs ``--repeats`` rounds; in a round each backend runs a burst of consecutive steps, as in a denoising
 loop, after a pause that lets the other backend's threads go idle, and the best step time of each is kept (the
 machine is shared and noisy: compare the ratios of one run, not absolute figures across runs). Alternating
-single steps instead would be unfair: ONNX Runtime's worker threads keep spinning for a while after a run, and
-that cost the torch step 20-30% when the two alternated step by step. Target: ratio ≥ 1 at both sizes.
+single steps instead would be unfair: ONNX Runtime's worker threads keep spinning for a while after a run and
+slow down a torch step that follows at once. Target: ratio ≥ 1 at both sizes.
 
 Thread counts: one per core (the target) and one (a per-core comparison that is less sensitive to other jobs
 on a shared machine; torch's OpenMP threads slow down more than ONNX Runtime's when cores are oversubscribed).
@@ -31,8 +31,10 @@ import torch
 
 from vitca_cli.nca.config import preset
 from vitca_cli.nca.model import CellularAutomaton, seed_cells
-from vitca_cli.onnx.backend import OnnxBackend, cpu_threads, session_options
-from vitca_cli.onnx.export import DYNAMIC_AXES, OUTPUT, export_step
+from vitca_cli.onnx.backend import OnnxBackend
+from vitca_cli.onnx.export import export_step
+from vitca_cli.onnx.format import DYNAMIC_AXES, OUTPUT
+from vitca_cli.onnx.session import cpu_threads, session_options
 from vitca_cli.runtime import tune_allocator
 
 

@@ -1,7 +1,7 @@
 """Cell-steps per second of one baseline ViTCA step, against a matmul ceiling and an unfold reference.
 
 For each size it times, in one run: (a) a plain fp32 matrix product with the FLOPs of one step (preallocated
-output: the ceiling), (b) a straightforward unfold-based step (bench/unfold_reference.py), (c) our eager step and
+output: the ceiling), (b) a straightforward unfold-based step (``vitca_cli.nca.reference``), (c) our eager step and
 (d) our step with the fused (torch.compile) attention and bias kernels, ``use_compiled_kernels()``. It prints
 throughput and the ratios the core issue targets
 (64×64: ≥ 60% of the ceiling and ≥ 3× unfold; 256×256: ≥ 40% of the ceiling). The machine is shared and noisy:
@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from unfold_reference import unfold_step  # noqa: E402
 
 from vitca_cli.nca.config import preset  # noqa: E402
-from vitca_cli.nca.model import CellularAutomaton, use_compiled_kernels  # noqa: E402
+from vitca_cli.nca.attention import use_compiled_kernels  # noqa: E402
+from vitca_cli.nca.model import CellularAutomaton  # noqa: E402
+from vitca_cli.nca.reference import unfold_step  # noqa: E402
 from vitca_cli.runtime import tune_allocator  # noqa: E402
 
 

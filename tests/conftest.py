@@ -5,7 +5,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))  # the unfold reference step lives beside the benchmark that uses it
+sys.path.insert(0, str(ROOT / "bench"))  # benchmark helpers, for tests that use them
 
 
 def randomise(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:

@@ -58,6 +58,28 @@ def test_evaluate_is_deterministic_and_cycles_combos(model):
     assert a["images"] == 18 and len(a["methods"]["vitca"]) >= 4
 
 
+def test_eval_runs_the_ca_with_the_update_masks_of_denoise(model):
+    """Same seed, same result: each image's CA output in ``vitca eval --seed S`` is what ``vitca denoise --seed S``
+    (``restore.loop.restore``) gives for that corrupted image."""
+    from training.evaluate import corrupt
+    from training.metrics import psnr_per_image
+    from vitca_cli.restore.loop import TorchBackend, restore
+
+    clean, seed, iters = _images(3, seed=4), 11, 5
+    report = evaluate(model, batches(TensorDataset(clean), 3), iters=iters, seed=seed)
+    prob, patch = eval_combos()[0]  # the first batch's combo, drawn from the generator seeded with the seed
+    corrupted, _ = corrupt(clean, prob, patch, "noise", torch.Generator().manual_seed(seed))
+    backend = TorchBackend(model)
+    denoised = torch.stack([
+        torch.from_numpy(restore(backend, img.permute(1, 2, 0).numpy(), iters=iters, seed=seed).image).permute(2, 0, 1)
+        for img in corrupted
+    ])
+    expected = psnr_per_image(denoised, clean).mean().item()
+    assert report["methods"]["vitca"]["psnr"]["mean"] == pytest.approx(expected, abs=1e-3)
+    other = restore(backend, corrupted[0].permute(1, 2, 0).numpy(), iters=iters, seed=seed + 1).image
+    assert not np.allclose(other, denoised[0].permute(1, 2, 0).numpy())  # the seed matters
+
+
 def test_corrupted_input_row_matches_the_masking(model):
     # dropout with p=0.25..0.75 zeroes pixels of an all-ones image: input PSNR is -10·log10(fraction dropped)
     ones = TensorDataset(torch.ones(9, 1, 16, 16))

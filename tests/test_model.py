@@ -7,20 +7,19 @@ import pytest
 import torch
 from conftest import randomise
 from typer.testing import CliRunner
-from unfold_reference import unfold_step
 
 from vitca_cli.cli import app
 from vitca_cli.nca.config import CAConfig, preset
+from vitca_cli.nca.attention import local_attention, local_attention_at
 from vitca_cli.nca.model import (
     CellularAutomaton,
     count_parameters,
-    draw_update_mask,
-    local_attention,
-    local_attention_at,
     patchify,
     unpatchify,
     vit_position_encoding,
 )
+from vitca_cli.nca.reference import unfold_step
+from vitca_cli.nca.rollout import draw_update_mask
 
 
 @pytest.mark.parametrize(
@@ -273,7 +272,7 @@ def test_fast_step_gradients_equal_unfold_reference():
 
 
 def test_compiled_kernels_match_eager_values_and_gradients():
-    from vitca_cli.nca.model import use_compiled_kernels
+    from vitca_cli.nca.attention import use_compiled_kernels
 
     ca = randomise(CellularAutomaton(preset("fashion-mnist", image_size=(8, 8))), scale=0.1)
     z = ca.seed(torch.rand(2, 1, 8, 8))

@@ -16,27 +16,19 @@ from vitca_cli.io.checkpoint import save_checkpoint
 from vitca_cli.cli import app
 from vitca_cli.nca.config import CAConfig, preset
 from vitca_cli.errors import UsageError, WeightsError
-from vitca_cli.nca.model import CellularAutomaton, attend, seed_cells
+from vitca_cli.nca.attention import attend
+from vitca_cli.nca.model import CellularAutomaton, seed_cells
 from vitca_cli.onnx.backend import (
     SHAPED_SESSIONS,
     OnnxBackend,
-    _cuda_driver_present,
     _nhwc_array,
-    create_session,
     onnx_for_checkpoint,
 )
 from vitca_cli.io.weights import sha256_file
-from vitca_cli.onnx.export import (
-    EXPORT_TILE,
-    INPUTS,
-    OUTPUT,
-    TileGrid,
-    export_checkpoint,
-    export_step,
-    from_tiles,
-    tiled_attention,
-    to_tiles,
-)
+from vitca_cli.onnx.export import export_checkpoint, export_step
+from vitca_cli.onnx.format import INPUTS, OUTPUT
+from vitca_cli.onnx.graph import EXPORT_TILE, TileGrid, from_tiles, tiled_attention, to_tiles
+from vitca_cli.onnx.session import _cuda_driver_present, create_session
 
 SMALL = dict(embed=16, heads=2, mlp=16, hidden=4)
 

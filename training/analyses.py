@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from training.evaluate import rollout
 from training.metrics import psnr_per_image, ssim_per_image
 from vitca_cli.io.checkpoint import atomic_write_bytes
 from vitca_cli.errors import UsageError
-from vitca_cli.nca.masking import apply_mask, parse_corruption
+from vitca_cli.nca.masking import apply_mask, bernoulli, parse_corruption
+from vitca_cli.nca.rollout import BlockMasks, rollout
 
 KINDS = ("update-rate", "unseen-noise", "head-masking", "stability")
 DEFAULT_ITERS = {"update-rate": 64, "unseen-noise": 64, "head-masking": 64, "stability": 1000}
@@ -183,8 +183,7 @@ def format_table(rows: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 def _keep_mask(b: int, h: int, w: int, prob: float, patch: int, gen: torch.Generator) -> torch.Tensor:
     """Like ``patch_keep_mask`` but for patches that need not divide the image (edge patches are cropped)."""
-    u = torch.rand(b, 1, -(-h // patch), -(-w // patch), generator=gen)
-    keep = torch.floor(u + (1.0 - prob)).clamp_(max=1.0)
+    keep = bernoulli((b, 1, -(-h // patch), -(-w // patch)), 1.0 - prob, gen)
     return keep.repeat_interleave(patch, 2).repeat_interleave(patch, 3)[..., :h, :w]
 
 
@@ -275,10 +274,11 @@ def _run(model, corrupted: torch.Tensor, clean: torch.Tensor, steps: int, seed: 
     device = next(model.parameters()).device
     trace = Trace(model, clean, keep_at)
     gen = torch.Generator().manual_seed(seed)
+    masks = BlockMasks(seed, model.cfg.update_rate if rate is None else rate)  # as `vitca denoise --seed` draws
     with torch.inference_mode():
         z = model.seed(corrupted, gen).to(device)
-        z = rollout(model, z, steps, gen, rate, head_mask.to(device) if head_mask is not None else None,
-                    keep_attention, trace)
+        z = rollout(model.step, z, steps, masks, head_mask.to(device) if head_mask is not None else None,
+                    keep_attention, callback=trace)
     return trace, model.output(z).float().cpu()
 
 

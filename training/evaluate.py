@@ -7,9 +7,11 @@ model's update rate (updates stay stochastic at test time), and scored on the cl
 Choice made here: the reference draws one combo per batch at random; we **cycle through the nine combos, one per
 batch** (batch k uses combo k mod 9), so the combos get equal shares of the test set (exactly equal when the
 number of batches is a multiple of 9, e.g. 2000 images in batches of 32) and batches stay homogeneous as in the
-reference; the report breaks PSNR down per combo, with image counts. Mask noise and CA update masks come from two CPU
-generators seeded from ``seed``, so a run is deterministic for a seed and the corruption does not depend on the
-device or on whether baselines run.
+reference; the report breaks PSNR down per combo, with image counts. Mask noise comes from a CPU generator seeded
+from ``seed``, so the corruption does not depend on the device or on whether baselines run. The CA's update masks
+are those ``vitca denoise --seed SEED`` draws (``vitca_cli.nca.rollout.BlockMasks``: per 64×64 block of cells,
+the same for every image), so the CA's output for an image is what ``vitca denoise`` gives for that corrupted
+image with the same seed, and a run is deterministic for a seed.
 
 Reported (each as mean and 95% interval): per-image PSNR, the reference's per-batch PSNR (one MSE per batch),
 SSIM (Gaussian 11×11, σ 1.5), LPIPS (VGG) when its weights are on disk, and the same for the corrupted input
@@ -31,7 +33,7 @@ import torch
 from training.metrics import LPIPS, mean_interval, psnr_batch, psnr_per_image, ssim_per_image
 from vitca_cli.errors import UsageError
 from vitca_cli.nca.masking import MaskingSchedule, apply_mask, patch_keep_mask
-from vitca_cli.nca.model import draw_update_mask
+from vitca_cli.nca.rollout import BlockMasks, MaskSource, rollout
 from vitca_cli.io.weights import home_dir
 
 
@@ -113,38 +115,14 @@ def corrupt(
     return apply_mask(images, keep, mask_type, patch, generator), keep
 
 
-def rollout(
-    model,
-    z: torch.Tensor,
-    steps: int,
-    generator: torch.Generator,
-    update_rate: float | None = None,
-    head_mask: torch.Tensor | None = None,
-    keep_attention: bool = False,
-    callback: Callable[[int, torch.Tensor], None] | None = None,
-) -> torch.Tensor:
-    """Run ``steps`` CA steps with update masks drawn from the CPU ``generator`` one step at a time.
-
-    Drawing on the CPU makes the updates independent of the device; drawing per step keeps memory flat for long
-    runs. ``callback(t, z)`` is called after step t (1-based). Attention is kept for the last step if asked.
-    """
-    rate = model.cfg.update_rate if update_rate is None else update_rate
-    b, _, h, w = z.shape
-    for t in range(1, steps + 1):
-        mask = draw_update_mask(b, h, w, rate, generator).to(z.device, z.dtype)
-        z = model.step(z, mask, head_mask, keep_attention and t == steps)
-        if callback is not None:
-            callback(t, z)
-    return z
-
-
-def restore(model, corrupted: torch.Tensor, steps: int, generator: torch.Generator, update_rate=None,
+def restore(model, corrupted: torch.Tensor, steps: int, masks: MaskSource, generator: torch.Generator | None = None,
             device=None, known: torch.Tensor | None = None) -> torch.Tensor:
-    """Seed the CA with ``corrupted``, run it, and return the output image (on the CPU, not clipped). With
-    ``known`` ``(B, 1, H, W)`` (1 = pixel given), a mask-aware model sees it, and known pixels come back as given."""
+    """Seed the CA with ``corrupted`` (random cell init from the CPU ``generator``), run ``steps`` steps with update
+    masks from ``masks``, and return the output image (on the CPU, not clipped). With ``known`` ``(B, 1, H, W)``
+    (1 = pixel given), a mask-aware model sees it, and known pixels come back as given."""
     device = device or next(model.parameters()).device
     z = model.seed(corrupted, generator, known).to(device)  # seeded on the CPU: random cell init replays too
-    out = model.output(rollout(model, z, steps, generator, update_rate)).float().cpu()
+    out = model.output(rollout(model.step, z, steps, masks)).float().cpu()
     return out if known is None else torch.where(known.bool(), corrupted, out)
 
 
@@ -268,7 +246,8 @@ def evaluate(
     schedule = schedule or MaskingSchedule()
     combos = eval_combos(schedule)
     mask_gen = torch.Generator().manual_seed(seed)
-    ca_gen = torch.Generator().manual_seed(seed + 1)
+    ca_gen = torch.Generator().manual_seed(seed + 1)  # random cell init, if the model has it
+    update_masks = BlockMasks(seed, model.cfg.update_rate if update_rate is None else update_rate)
     device = next(model.parameters()).device
     rows = {name: _Scores() for name in ["vitca", "input", *baselines]}
     mixture = parse_mixture(corruptions) if corruptions else None
@@ -289,20 +268,13 @@ def evaluate(
                 keep = known
             else:
                 corrupted, keep = corrupt(clean, prob, patch, mask_type, mask_gen)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            output = restore(model, corrupted, iters, ca_gen, update_rate, device, known)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            rows["vitca"].seconds += time.perf_counter() - start
+            output, seconds = _timed(device, lambda: restore(model, corrupted, iters, update_masks, ca_gen, device,
+                                                             known))
+            rows["vitca"].seconds += seconds
             rows["vitca"].add(output, clean, lpips)
             scores = psnr_per_image(output, clean).tolist()
-            if kinds:
-                for kind, value in zip(kinds, scores):
-                    per_combo[kind].append(value)
-            else:
-                per_combo[f"p={prob:g},patch={patch}"] += scores
+            for key, value in zip(kinds or [f"p={prob:g},patch={patch}"] * len(scores), scores):
+                per_combo[key].append(value)
             rows["input"].add(corrupted, clean, lpips)
             for name in baselines:
                 start = time.perf_counter()
@@ -322,16 +294,33 @@ def evaluate(
         "mask_type": mask_type,
         "seed": seed,
         "update_rate": model.cfg.update_rate if update_rate is None else update_rate,
-        "combos": f"mixture {mixture_str(mixture)}, one draw per image" if mixture else
-        f"{len(combos)} test combos (p in {sorted({p for p, _ in combos})} x patch sizes "
-        f"{sorted({s for _, s in combos})}), " + ("one drawn at random per batch (seed {seed})".format(seed=seed)
-                                                   if protocol == "paper" else "cycled one per batch"),
+        "combos": _describe_combos(combos, mixture_str(mixture) if mixture else None, protocol, seed),
         "corruptions": mixture_str(mixture) if mixture else "patch",
         "methods": {name: scores.summary() for name, scores in rows.items()},
         "psnr_per_combo": {
             key: {"psnr": round(mean_interval(v)[0], 4), "images": len(v)} for key, v in per_combo.items() if v
         },
     }
+
+
+def _timed(device: torch.device, fn: Callable):
+    """``fn()`` and the seconds it took, with the device's queued work finished before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def _describe_combos(combos: list[tuple[float, int]], mixture: str | None, protocol: str, seed: int) -> str:
+    """The report's line on how images were corrupted."""
+    if mixture:
+        return f"mixture {mixture}, one draw per image"
+    per_batch = f"one drawn at random per batch (seed {seed})" if protocol == "paper" else "cycled one per batch"
+    return (f"{len(combos)} test combos (p in {sorted({p for p, _ in combos})} x patch sizes "
+            f"{sorted({s for _, s in combos})}), " + per_batch)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

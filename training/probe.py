@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from training.evaluate import batches, rollout
+from training.evaluate import batches
+from vitca_cli.nca.rollout import BlockMasks, rollout
 
 VALIDATION_FRACTION = 0.1
 MIN_VALIDATION = 100
@@ -26,10 +27,11 @@ def ca_features(model, dataset, limit: int | None, iters: int, batch_size: int, 
     """``(hidden features (N, Ch), raw pixels (N, C·H·W), labels (N,))`` for the first ``limit`` images."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
+    masks = BlockMasks(seed, model.cfg.update_rate)  # the update masks `vitca denoise --seed` draws
     feats, pixels, labels = [], [], []
     with torch.inference_mode():
         for images, y in batches(dataset, batch_size, limit, with_labels=True):
-            z = rollout(model, model.seed(images.float(), gen).to(device), iters, gen)
+            z = rollout(model.step, model.seed(images.float(), gen).to(device), iters, masks)
             feats.append(model.hidden(z).float().mean((2, 3)).cpu())
             pixels.append(images.float().flatten(1))
             labels.append(y)

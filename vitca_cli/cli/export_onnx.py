@@ -10,11 +10,9 @@ import typer
 
 from vitca_cli.cli.options import handle_errors
 from vitca_cli.errors import UsageError
+from vitca_cli.onnx.format import DEFAULT_OPSET, MIN_OPSET  # torch-free
 
-# Mirrors vitca_cli.onnx.export.EXPORTERS / DEFAULT_OPSET / MIN_OPSET without importing torch at start-up.
 Exporter = Enum("Exporter", {"dynamo": "dynamo", "torchscript": "torchscript"}, type=str)
-DEFAULT_OPSET = 20
-MIN_OPSET = 18
 
 
 @handle_errors

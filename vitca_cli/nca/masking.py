@@ -3,6 +3,7 @@
 ``masking_schedule(i)`` picks a (drop probability, patch size) combination for iteration ``i``; ``random_mask``
 applies it as ``dropout`` (masked patches set to 0) or ``noise`` (one N(0,1) scalar per masked patch, shared by
 its pixels and channels, not clipped). ``apply_mask`` applies a given mask, e.g. one read from a mask image.
+``bernoulli`` is the one 0/1 mask draw (``floor(U + p)``) behind these patch masks and the CA's update masks.
 """
 
 from __future__ import annotations
@@ -53,14 +54,20 @@ class MaskingSchedule:
         return (rng or random).choice(self.allowed(iteration))
 
 
+def bernoulli(shape, p: float, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """A float 0/1 tensor of ``shape``, each entry 1 with probability ``p``: ``floor(U + p)`` with U ~ U[0, 1) drawn
+    from ``generator`` (the reference's formula; p = 1 gives all ones)."""
+    u = torch.rand(shape, generator=generator, device=device)
+    return torch.floor(u + p).clamp_(max=1.0)
+
+
 def patch_keep_mask(
     batch: int, height: int, width: int, prob: float, patch: int, generator: torch.Generator | None = None, device=None
 ) -> torch.Tensor:
     """Per-image, per-patch keep mask ``(B, 1, H, W)``: 1 = kept, 0 = masked with probability ``prob``."""
     if height % patch or width % patch:
         raise ValueError(f"mask patch size {patch} must divide the image size {height}×{width}")
-    u = torch.rand(batch, 1, height // patch, width // patch, generator=generator, device=device)
-    keep = torch.floor(u + (1.0 - prob)).clamp_(max=1.0)
+    keep = bernoulli((batch, 1, height // patch, width // patch), 1.0 - prob, generator, device)
     return keep.repeat_interleave(patch, dim=2).repeat_interleave(patch, dim=3)
 
 

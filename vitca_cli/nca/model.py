@@ -1,7 +1,9 @@
 """ViTCA and UNetCA: neural cellular automata for image restoration.
 
-Read top to bottom: helpers (update masks, patches, position encodings), the localised self-attention, the
-ViTCA update rule, the UNetCA update network, and the cellular automaton that owns the cell grid.
+Read top to bottom: helpers (patches, position encodings), the transformer block around the localised
+self-attention (``vitca_cli.nca.attention``), the ViTCA update rule, seeding and reading out a cell grid, and the
+cellular automaton that owns the grid and its update rule (ViTCA, or UNetCA from ``vitca_cli.nca.unet``). The
+rollout of many steps and its update masks are ``vitca_cli.nca.rollout``.
 
 A cell grid ``z`` has shape ``(B, C, H, W)`` with channels laid out as ``CAConfig`` describes:
 ``[nerf position (optional) | input | output | hidden]``. One CA step is a pure function of the grid and an
@@ -15,22 +17,16 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from vitca_cli.nca.attention import LocalSelfAttention, run_kernel
 from vitca_cli.nca.config import CAConfig
+from vitca_cli.nca.rollout import GeneratorMasks, GivenMasks, fusion_mitosis_rollout, rollout
+from vitca_cli.nca.unet import UNetUpdate
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------------------------
-def draw_update_mask(
-    batch: int, height: int, width: int, rate: float, generator: torch.Generator | None = None, device=None
-) -> torch.Tensor:
-    """A per-cell Bernoulli(rate) update mask ``(B, 1, H, W)`` shared by all channels (``floor(U + σ)``)."""
-    u = torch.rand(batch, 1, height, width, generator=generator, device=device)
-    return torch.floor(u + rate).clamp_(max=1.0)
-
-
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     """``b c (h p1) (w p2) -> b (p1 p2 c) h w``: a cell holds a p×p patch of pixels."""
     if p == 1:
@@ -86,184 +82,8 @@ def nerf_position_channels(height: int, width: int, freqs: int, device=None) -> 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Localised self-attention
+# The transformer block (its localised self-attention: vitca_cli.nca.attention)
 # ---------------------------------------------------------------------------------------------------------------------
-def neighbour_views(t: torch.Tensor, nh: int, nw: int):
-    """Yield the NH·NW shifted views of ``t`` (b h w ...), zero padded at the borders, row-major.
-
-    The views are strided windows of one padded copy: no stack of NH·NW copies is materialised.
-    """
-    b, h, w = t.shape[:3]
-    rh, rw = nh // 2, nw // 2
-    pad = [0, 0] * (t.dim() - 3) + [rw, rw, rh, rh]
-    padded = F.pad(t, pad)
-    for i in range(nh):
-        for j in range(nw):
-            yield padded[:, i : i + h, j : j + w]
-
-
-def local_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, neighbourhood: tuple[int, int], scale: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of every cell over its NH×NW neighbourhood (itself included).
-
-    q, k, v: ``(B, H, W, heads, d)``; logits are multiplied by ``scale``. Border cells see zero "ghost" neighbours (k = 0, v = 0)
-    that still take softmax mass, exactly like the reference's ``padding='same'`` convolution.
-    Returns the attended values ``(B, H, W, heads, d)`` and the weights ``(B, H, W, heads, NH·NW)``.
-    """
-    nh, nw = neighbourhood
-    # Neighbour axis first: the softmax and the weighted sum then run over large contiguous slices.
-    logits = torch.stack([(q * kn).sum(-1) for kn in neighbour_views(k, nh, nw)], dim=0)  # K b h w heads
-    weights = (logits * scale).softmax(dim=0)  # scaling the 9 logits is cheaper than scaling q's d channels
-    out = None
-    for n, vn in enumerate(neighbour_views(v, nh, nw)):
-        w = weights[n, ..., None]
-        # In-place accumulation is autograd-safe: addcmul's backward needs only its factors.
-        out = w * vn if out is None else out.addcmul_(w, vn)
-    return out, weights.permute(1, 2, 3, 4, 0)
-
-
-def local_attention_at(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, only: torch.Tensor, neighbourhood: tuple[int, int], scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`local_attention` for the cells ``only`` (flat indices into the B·H·W grid) alone.
-
-    q: ``(S, heads, d)`` for those cells; k, v: ``(B, H, W, heads, d)`` for the whole grid. Each neighbour is
-    read by index, and neighbours beyond the border count as zero. Returns ``(S, heads, d)`` and the weights
-    ``(S, heads, NH·NW)``. Written for ``torch.compile``, which turns it into one pass of indexed loads (at
-    64×64×8 with σ = 0.5: 3.2 ms against 5.3 for the fused attention of every cell); eager, the per-neighbour
-    gathers make it slower than :func:`local_attention` of the whole grid.
-    """
-    nh, nw = neighbourhood
-    b, h, w = k.shape[:3]
-    keys, values = k.flatten(0, 2), v.flatten(0, 2)
-    row, col = only % (h * w) // w, only % w
-    neighbours = []  # (index, inside the grid) of each neighbour, row-major
-    for dy in range(-(nh // 2), nh // 2 + 1):
-        for dx in range(-(nw // 2), nw // 2 + 1):
-            inside = (row + dy >= 0) & (row + dy < h) & (col + dx >= 0) & (col + dx < w)
-            neighbours.append(((only + dy * w + dx).clamp(0, b * h * w - 1), inside[:, None, None]))
-    logits = torch.stack([torch.where(inside, q * keys[n], 0.0).sum(-1) for n, inside in neighbours])
-    weights = (logits * scale).softmax(dim=0)  # K s heads
-    out = None
-    for t, (n, inside) in enumerate(neighbours):
-        term = weights[t, ..., None] * torch.where(inside, values[n], 0.0)
-        out = term if out is None else out + term
-    return out, weights.permute(1, 2, 0)
-
-
-def bias_gelu(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """GELU(y + bias): the MLP's first layer, after its bias-free matrix product."""
-    return F.gelu(y + bias)
-
-
-def bias_add(y: torch.Tensor, bias: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """y + bias + other: a layer's bias and what is added to its output (residual, position encoding).
-
-    Summed as y + (bias + other): where ``other`` is constant (a position encoding in an ONNX session of fixed
-    shape), ONNX Runtime folds bias + other, and the embedding is a product and one addition."""
-    return y + (bias + other)
-
-
-# The memory-bound parts of a step, by name. Eager by default; ``use_compiled_kernels`` fuses each into one
-# ``torch.compile`` kernel. The linear layers whose bias goes through ``bias_gelu``/``bias_add`` run their matrix
-# product without bias, so a fused epilogue adds the bias in the same pass as the GELU or the residual.
-_EAGER_KERNELS = {
-    "attend": local_attention,
-    "attend_at": local_attention_at,
-    "bias_gelu": bias_gelu,
-    "bias_add": bias_add,
-}
-_kernels = dict(_EAGER_KERNELS)
-
-
-def use_compiled_kernels(enabled: bool = True) -> None:
-    """Run the localised attention and the bias epilogues as fused kernels from ``torch.compile`` (needs a C++
-    compiler on CPU).
-
-    They are memory-bound: eager, each neighbour of the attention and each bias, GELU and residual costs a pass
-    over a grid-sized tensor. Fused, a step is ~1.4× faster and a training iteration ~2× faster on CPU
-    (bench/step.py, bench/train.py). The first call of each shape compiles (seconds); if compilation fails, the
-    eager kernels are used from then on.
-    """
-    for name, fn in _EAGER_KERNELS.items():
-        _kernels[name] = torch.compile(fn) if enabled else fn
-
-
-def _kernel(name: str, *args):
-    eager = _EAGER_KERNELS[name]
-    fn = _kernels[name]
-    if fn is eager or torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return eager(*args)
-    try:
-        return fn(*args)
-    except Exception as exc:  # noqa: BLE001 - e.g. no C++ compiler: fall back, once, to the same maths in eager
-        import warnings
-
-        warnings.warn(f"compiled kernels unavailable ({type(exc).__name__}); using eager ones", stacklevel=3)
-        _kernels.update(_EAGER_KERNELS)
-        return eager(*args)
-
-
-def attend(x, weights, heads, neighbourhood, scale):
-    """Every cell's q, k and v (``x`` ``(B, H, W, E)`` times the three ``weights``, split into ``heads``) and their
-    localised attention: ``(B, H, W, heads, d)`` and the weights. The seam the ONNX export swaps for its own
-    formulation (head-major products on tiles of cells)."""
-    q, k, v = (F.linear(x, w).unflatten(-1, (heads, -1)) for w in weights)
-    return _kernel("attend", q, k, v, neighbourhood, scale)
-
-
-class LocalSelfAttention(nn.Module):
-    """Multi-head self-attention restricted to each cell's neighbourhood."""
-
-    def __init__(self, cfg: CAConfig):
-        super().__init__()
-        self.heads = cfg.heads
-        self.head_dim = cfg.embed // cfg.heads
-        self.neighbourhood = cfg.neighbourhood
-        inner = self.heads * self.head_dim
-        self.to_qkv = nn.Linear(cfg.embed, 3 * inner, bias=False)
-        # The reference drops the output projection only when a single head spans the whole embedding.
-        single = cfg.heads == 1 and self.head_dim == cfg.embed
-        self.to_out = nn.Identity() if single else nn.Linear(inner, cfg.embed)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        residual: torch.Tensor,
-        head_mask: torch.Tensor | None = None,
-        only: torch.Tensor | None = None,
-    ):
-        """``residual`` + attention of ``x`` (both ``(B, H, W, E)``), and the attention weights.
-
-        With ``only`` (flat indices into the B·H·W cells) the result is for those cells alone, ``(len(only), E)``:
-        every cell's keys and values still take part, but the output projection runs on the chosen rows.
-        """
-        b, h, w, _ = x.shape  # b h w e
-        # Three products with slices of the one to_qkv weight: q, k and v come out contiguous (no split copies
-        # in an exported graph, and the attention reads each of them densely).
-        wq, wk, wv = self.to_qkv.weight.chunk(3)
-        scale = self.head_dim**-0.5
-        if only is not None and _kernels["attend_at"] is not local_attention_at and not torch.is_grad_enabled():
-            # Fused kernels, inference: queries and attention of the chosen cells only. (Not in training: the
-            # backward pass of the indexed loads, a scatter-add per neighbour, costs more than it saves.)
-            k, v = (F.linear(x, wt).view(b, h, w, self.heads, self.head_dim) for wt in (wk, wv))
-            q = F.linear(x.flatten(0, 2).index_select(0, only), wq).view(-1, self.heads, self.head_dim)
-            out, weights = _kernel("attend_at", q, k, v, only, self.neighbourhood, scale)
-            residual = residual.flatten(0, 2).index_select(0, only)
-        else:  # the whole grid's attention: eager, cheaper than gathering each cell's neighbours
-            out, weights = attend(x, (wq, wk, wv), self.heads, self.neighbourhood, scale)
-            if only is not None:
-                out = out.flatten(0, 2).index_select(0, only)
-                residual = residual.flatten(0, 2).index_select(0, only)
-        if head_mask is not None:  # 1 = head silenced (appendix Fig. 7)
-            out = out * (1.0 - head_mask.to(out.dtype))[:, None]
-        out = out.flatten(-2)
-        if isinstance(self.to_out, nn.Identity):
-            return residual + out, weights
-        return _kernel("bias_add", F.linear(out, self.to_out.weight), self.to_out.bias, residual), weights
-
-
 class FeedForward(nn.Sequential):
     """Linear → GELU → Linear, called as ``ff(x, residual)`` = residual + FF(x), biases in fused epilogues."""
 
@@ -272,8 +92,8 @@ class FeedForward(nn.Sequential):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         first, _, second = self
-        h = _kernel("bias_gelu", F.linear(x, first.weight), first.bias)
-        return _kernel("bias_add", F.linear(h, second.weight), second.bias, residual)
+        h = run_kernel("bias_gelu", F.linear(x, first.weight), first.bias)
+        return run_kernel("bias_add", F.linear(h, second.weight), second.bias, residual)
 
 
 class TransformerBlock(nn.Module):
@@ -286,13 +106,14 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.embed)
         self.ff = FeedForward(cfg.embed, cfg.mlp)
 
-    def forward(self, x: torch.Tensor, head_mask: torch.Tensor | None = None, only: torch.Tensor | None = None):
-        x, weights = self.attn(self.norm1(x), x, head_mask, only)
+    def forward(self, x: torch.Tensor, head_mask: torch.Tensor | None = None, only: torch.Tensor | None = None,
+                attention=None):
+        x, weights = self.attn(self.norm1(x), x, head_mask, only, attention)
         return self.ff(self.norm2(x), x), weights
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Update networks: grid (B, C, H, W) -> residual update of output and hidden channels (B, Co·P² + Ch, H, W)
+# The ViTCA update rule: grid (B, C, H, W) -> residual update of output and hidden channels (B, Co·P² + Ch, H, W)
 # ---------------------------------------------------------------------------------------------------------------------
 class ViTCAUpdate(nn.Module):
     """The ViTCA update rule F_θ: embed each cell, a localised transformer, a zero-initialised head."""
@@ -343,71 +164,28 @@ class ViTCAUpdate(nn.Module):
         keep_attention: bool = False,
         position: torch.Tensor | None = None,
         only: torch.Tensor | None = None,
+        attention=None,
     ) -> torch.Tensor:
         """The same on a channels-last grid: cells ``(B, H, W, C)`` -> update ``(B, H, W, Co·P² + Ch)``.
 
         ``only`` (flat indices into the B·H·W cells) asks for the update of those cells alone,
         ``(len(only), Co·P² + Ch)``: the last block's output projection, MLP and the head then run on those
-        rows only (the attention still reads every cell). ``position`` replaces this rule's position encoding
-        of an H×W grid, for a caller that lays the cells out otherwise (the ONNX export runs the step on tiles
-        of cells; see ``vitca_cli.onnx.export``).
+        rows only (the attention still reads every cell). ``position`` and ``attention`` are for a caller that
+        lays the cells out otherwise (the ONNX export runs the step on tiles of cells; see
+        ``vitca_cli.onnx.export``): ``position`` replaces this rule's position encoding of an H×W grid, and
+        ``attention`` the blocks' attention (:func:`vitca_cli.nca.attention.attend`, same signature).
         """
         b, h, w, _ = cells.shape
         x = F.linear(cells, self.embed.weight)  # b h w e
         pe = self.position_encoding(h, w, x) if position is None else position
-        x = x + self.embed.bias if pe is None else _kernel("bias_add", x, self.embed.bias, pe)
+        x = x + self.embed.bias if pe is None else run_kernel("bias_add", x, self.embed.bias, pe)
         maps = []
         for i, block in enumerate(self.blocks):
-            x, weights = block(x, head_mask, only if i == len(self.blocks) - 1 else None)
+            x, weights = block(x, head_mask, only if i == len(self.blocks) - 1 else None, attention)
             maps.append(weights)
         if keep_attention:
             self.last_attention = [m.detach() for m in maps]
         return self.head(x)
-
-
-class UNetUpdate(nn.Module):
-    """The UNetCA update network (reference §6, "nca_mode"): only the first convolution is 3×3, the rest 1×1, and
-    max-pooling widens the receptive field. Encoder widths F, 2F, …, F·2^octaves; each decoder stage joins the
-    skip of its level; the last stage joins the first features and the raw cells, then 1×1 convolutions to 64,
-    32 and the update (no activation, not zero-initialised, as in the reference).
-    """
-
-    def __init__(self, cfg: CAConfig):
-        super().__init__()
-        f, octaves = cfg.unet_features, cfg.unet_octaves
-        widths = [f * 2**o for o in range(octaves + 1)]
-
-        def conv(cin, cout, k=1):
-            return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2), nn.LeakyReLU(0.1))
-
-        self.enc = nn.ModuleList([conv(cfg.cell_channels, widths[0], 3)])
-        self.enc.extend(conv(widths[o], widths[o + 1]) for o in range(octaves))
-        self.bottleneck = conv(widths[-1], widths[-1])
-        self.dec = nn.ModuleList(  # deepest first
-            nn.Sequential(conv(2 * widths[o], widths[o]), conv(widths[o], widths[o - 1]))
-            for o in range(octaves, 0, -1)
-        )
-        self.out = nn.Sequential(
-            conv(2 * widths[0] + cfg.cell_channels, 64), conv(64, 32), nn.Conv2d(32, cfg.pixel_channels + cfg.hidden, 1)
-        )
-
-    def forward(self, z: torch.Tensor, head_mask=None, keep_attention: bool = False) -> torch.Tensor:
-        feats = [self.enc[0](z)]  # level 0 .. octaves
-        for enc in self.enc[1:]:
-            feats.append(enc(F.max_pool2d(feats[-1], 2, ceil_mode=True)))
-        x = self.bottleneck(feats[-1])
-        for dec, skip, finer in zip(self.dec, reversed(feats[1:]), reversed(feats[:-1])):
-            x = dec(torch.cat([x, skip], 1))
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")[..., : finer.shape[-2], : finer.shape[-1]]
-        return self.out(torch.cat([x, feats[0], z], 1))
-
-    def update_cells(
-        self, cells: torch.Tensor, head_mask=None, keep_attention: bool = False, only: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """:meth:`forward` on a channels-last grid ``(B, H, W, C)`` (convolutions run channels-first); with
-        ``only`` (flat cell indices), the rows of those cells."""
-        delta = self(cells.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return delta if only is None else delta.flatten(0, 2).index_select(0, only)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -520,8 +298,8 @@ class CellularAutomaton(nn.Module):
             return cells.clone()
         # Round the row count up to a multiple of ROW_BUCKET with cells the mask leaves alone (their update is
         # multiplied by 0 below): a handful of shapes instead of a new one every step. bfloat16 products (training
-        # with --precision bf16) go through oneDNN, which builds a kernel for each new shape; with a fresh row count
-        # every step they ran slower than fp32 (bench/train.py --compare-precision).
+        # with --precision bf16) go through oneDNN, which builds a kernel for each new shape, so a fresh row count
+        # every step would cost a kernel build every step (bench/train.py --compare-precision).
         rows = min(flat_mask.numel(), -(-len(only) // ROW_BUCKET) * ROW_BUCKET)
         if rows > len(only):
             only = torch.argsort(flat_mask, descending=True, stable=True)[:rows]  # the selected cells first
@@ -541,9 +319,11 @@ class CellularAutomaton(nn.Module):
         self, z: torch.Tensor, steps: int, update_rate: float | None = None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """``steps`` update masks ``(T, B, 1, H, W)`` for grid ``z``, drawn from ``generator``."""
-        rate = self.cfg.update_rate if update_rate is None else update_rate
-        b, _, h, w = z.shape
-        return draw_update_mask(steps * b, h, w, rate, generator, z.device).view(steps, b, 1, h, w).to(z.dtype)
+        return self.mask_source(update_rate, generator).draw(z, steps)
+
+    def mask_source(self, update_rate: float | None = None, generator: torch.Generator | None = None):
+        """Bernoulli update masks at ``update_rate`` (default: the model's σ) drawn from ``generator``."""
+        return GeneratorMasks(self.cfg.update_rate if update_rate is None else update_rate, generator)
 
     def forward(
         self,
@@ -557,28 +337,15 @@ class CellularAutomaton(nn.Module):
         keep_attention: bool = False,
         fusion_mitosis: bool = False,
     ) -> torch.Tensor:
-        """Apply ``steps`` CA steps. Masks are drawn up front (or given), so a checkpointed backward pass replays
-        exactly the same updates. ``checkpoint_segments`` > 1 splits the rollout into that many segments whose
-        activations are recomputed during the backward pass. ``fusion_mitosis`` runs :meth:`fusion_mitosis_rollout`
+        """Apply ``steps`` CA steps (:func:`vitca_cli.nca.rollout.rollout`) with the given ``masks``
+        ``(T, B|1, 1, H, W)``, else masks drawn from ``generator``. ``checkpoint_segments`` > 1 splits the rollout
+        into that many gradient-checkpointed segments. ``fusion_mitosis`` runs :meth:`fusion_mitosis_rollout`
         instead (through ``forward``, so a ``DistributedDataParallel`` wrapper sees it).
         """
         if fusion_mitosis:
             return self.fusion_mitosis_rollout(z, steps, update_rate, generator)
-        if masks is None:
-            masks = self.update_masks(z, steps, update_rate, generator)
-        if checkpoint_segments > 1 and torch.is_grad_enabled():
-            bounds = torch.linspace(0, steps, checkpoint_segments + 1).round().long().tolist()
-            for start, stop in zip(bounds[:-1], bounds[1:]):
-                z = checkpoint(self._segment, z, masks[start:stop], head_mask, use_reentrant=False)
-            return z
-        for t in range(steps):
-            z = self.step(z, masks[t], head_mask, keep_attention and t == steps - 1)
-        return z
-
-    def _segment(self, z: torch.Tensor, masks: torch.Tensor, head_mask: torch.Tensor | None) -> torch.Tensor:
-        for m in masks:
-            z = self.step(z, m, head_mask)
-        return z
+        source = GivenMasks(masks) if masks is not None else self.mask_source(update_rate, generator)
+        return rollout(self.step, z, steps, source, head_mask, keep_attention, checkpoint_segments)
 
     @property
     def last_attention(self) -> list[torch.Tensor] | None:
@@ -602,12 +369,7 @@ class CellularAutomaton(nn.Module):
         self, z: torch.Tensor, steps: int, update_rate: float | None = None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Appendix A.1: 2 steps, fusion, ``steps - 4`` steps at half resolution, mitosis with re-injection, 2 steps."""
-        if steps < 4:
-            raise ValueError(f"fusion/mitosis needs at least 4 steps, got {steps}")
-        z = self(z, 2, update_rate, generator)
-        fused, stash = self.fusion(z)
-        fused = self(fused, steps - 4, update_rate, generator)
-        return self(self.mitosis(fused, stash), 2, update_rate, generator)
+        return fusion_mitosis_rollout(self, z, steps, self.mask_source(update_rate, generator))
 
 
 def count_parameters(model: nn.Module) -> int:

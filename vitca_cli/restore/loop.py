@@ -13,8 +13,6 @@ rollout runs window by window and may skip settled cells (``vitca_cli.restore.wi
 
 from __future__ import annotations
 
-import functools
-import hashlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -26,11 +24,11 @@ from vitca_cli.nca.config import CAConfig
 from vitca_cli.errors import UsageError
 from vitca_cli.log import log
 from vitca_cli.nca.masking import apply_mask, patch_keep_mask
-from vitca_cli.nca.model import draw_update_mask, output_image, seed_cells
+from vitca_cli.nca.model import output_image, seed_cells
+from vitca_cli.nca.rollout import MASK_BLOCK, UpdateMasks
 from vitca_cli.restore.tiles import TilePlan, plan_tiles
 from vitca_cli.restore.windows import rollout_windows
 
-MASK_BLOCK = 64  # cells per side of one update-mask block
 PRECISIONS = ("fp32", "bf16", "auto")
 MAX_CELLS = {"cpu": 1 << 16, "cuda": 1 << 20}  # cells per backend call: bounds a step's activations
 MAX_FRAME_BYTES = 512 << 20  # animation frames held in memory
@@ -133,36 +131,6 @@ def backend_mask_type(backend) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 # Randomness: update masks by global block, corruption
 # ---------------------------------------------------------------------------------------------------------------------
-def _block_seed(seed: int, by: int, bx: int) -> int:
-    digest = hashlib.blake2b(f"vitca:{seed}:{by}:{bx}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-class UpdateMasks:
-    """Per-step update masks for any window of the global cell grid, reproducible for a seed."""
-
-    def __init__(self, seed: int, steps: int, rate: float, cache_blocks: int = 256):
-        self.seed, self.steps, self.rate = seed, steps, rate
-        self._block = functools.lru_cache(maxsize=cache_blocks)(self._draw_block)
-
-    def _draw_block(self, by: int, bx: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(_block_seed(self.seed, by, bx))
-        return draw_update_mask(self.steps, MASK_BLOCK, MASK_BLOCK, self.rate, gen).bool()  # (T, 1, S, S)
-
-    def window(self, y0: int, x0: int, h: int, w: int) -> torch.Tensor:
-        """Masks ``(T, 1, h, w)`` (bool) for cells [y0, y0+h) × [x0, x0+w)."""
-        out = torch.empty(self.steps, 1, h, w, dtype=torch.bool)
-        for by in range(y0 // MASK_BLOCK, (y0 + h - 1) // MASK_BLOCK + 1):
-            for bx in range(x0 // MASK_BLOCK, (x0 + w - 1) // MASK_BLOCK + 1):
-                top, left = by * MASK_BLOCK, bx * MASK_BLOCK
-                ys, ye = max(y0, top), min(y0 + h, top + MASK_BLOCK)
-                xs, xe = max(x0, left), min(x0 + w, left + MASK_BLOCK)
-                out[..., ys - y0 : ye - y0, xs - x0 : xe - x0] = self._block(by, bx)[
-                    ..., ys - top : ye - top, xs - left : xe - left
-                ]
-        return out
-
-
 def _hwc_to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
 

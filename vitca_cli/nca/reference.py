@@ -1,4 +1,5 @@
-"""A straightforward ``unfold``-based ViTCA step: the benchmark's baseline and the tests' reference.
+"""A straightforward ``unfold``-based ViTCA step: the plain reference that tests and benches (bench/step.py)
+compare the model's step against.
 
 It materialises every cell's NH×NW neighbourhood of keys and values with ``F.unfold`` (zero padding, like the
 reference implementation's one-hot convolution) and attends with batched matrix products.
