@@ -38,7 +38,8 @@ import torch
 
 from training.distributed import SINGLE, World, any_rank, barrier, rank_seed, split_batch, wrap
 from vitca_cli import log as logmod
-from vitca_cli.io.checkpoint import atomic_write_bytes, read_checkpoint, save_checkpoint
+from vitca_cli.io.checkpoint import read_checkpoint, save_checkpoint
+from vitca_cli.io.files import atomic_write_bytes
 from vitca_cli.nca.config import CAConfig
 from vitca_cli.nca.corruptions import PAPER_MIXTURE, Corruption, corrupt_batch, mixture_str, parse_mixture
 from vitca_cli.errors import UsageError, VitcaError

@@ -389,11 +389,6 @@ def restore(
     return Restored(result[-1], result[:-1], record, plan)
 
 
-def cell_steps(plan: TilePlan, iters: int) -> int:
-    """Cell updates computed for a plan (tiles × tile cells × iterations): the work, overlaps included."""
-    return plan.count * plan.tile[0] * plan.tile[1] * iters
-
-
 def tiles_memory_cells(plan: TilePlan, max_cells: int) -> int:
     """Cells held at once while running ``plan`` (one batch of tiles): what bounds memory."""
     per_tile = plan.tile[0] * plan.tile[1]
@@ -403,6 +398,6 @@ def tiles_memory_cells(plan: TilePlan, max_cells: int) -> int:
 __all__ = [
     "TorchBackend", "make_backend", "backend_mask_type", "UpdateMasks", "corrupt", "damage", "mask_missing",
     "step_radius",
-    "TilePlan", "plan_tiles", "Restored", "frame_schedule", "restore", "cell_steps", "tiles_memory_cells",
+    "TilePlan", "plan_tiles", "Restored", "frame_schedule", "restore", "tiles_memory_cells",
     "MASK_BLOCK",
 ]
