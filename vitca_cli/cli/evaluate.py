@@ -15,6 +15,7 @@ import typer
 from vitca_cli.cli.options import MaskType, handle_errors
 from vitca_cli.errors import UsageError
 from vitca_cli.log import log
+from vitca_cli.tables import format_table
 
 
 class Compile(str, Enum):
@@ -241,18 +242,14 @@ def _format_profile(results: list[dict]) -> str:
     """Appendix Table 8's layout: one row per training mode, plus the ratios against the plain rollout."""
     r0 = results[0]
     header = ("mode", "forward ms", "backward ms", "iteration ms", "no-grad ms", "peak memory")
-    rows = [header] + [(
+    rows = [(
         MODE_LABELS[r["mode"]], f"{r['forward_ms']:.0f}", f"{r['backward_ms']:.0f}", f"{r['iteration_ms']:.0f}",
         f"{r['nograd_rollout_ms']:.0f}", f"{r['peak_bytes'] / 2**20:.0f} MiB",
     ) for r in results]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [f"one training pass: batch {r0['batch']} × {r0['height']}×{r0['width']}, T = {r0['steps']} steps, "
              f"device {r0['device']} ({r0['threads']} threads), compile {r0['compile']}, "
              f"memory via {r0['memory_method']}"]
-    for i, row in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
+    lines.append(format_table(header, rows))
     plain = next((r for r in results if r["mode"] == "plain"), None)
     if plain:
         for r in results:
