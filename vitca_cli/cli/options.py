@@ -30,6 +30,7 @@ class Backend(str, Enum):
 # ---------------------------------------------------------------------------------------------------------------------
 DEVICE_HELP = "auto, cpu, cuda or cuda:N."
 THREADS_HELP = "CPU threads (default: the cores not already busy; 1 is fastest on a loaded machine)."
+SET_THREADS_HELP = "CPU threads (1 is fastest on a busy machine: no waiting at OpenMP barriers)."
 UPDATE_RATE_HELP = "Per-cell update probability σ (default: as the model was trained)."
 
 

@@ -64,8 +64,7 @@ def _command_options(
     nproc: Optional[int] = _opt(None, "--nproc", min=1, help="Run N local ranks data-parallel (torch's launcher, as "
                                 "`torchrun --standalone --nproc-per-node N -m vitca_cli train ...`); --batch-size is "
                                 "the global batch.", panel=RUN_HELP),
-    threads: Optional[int] = opt.threads_option("CPU threads (1 is fastest on a busy machine: no waiting at OpenMP "
-                                                "barriers).", panel=RUN_HELP),
+    threads: Optional[int] = opt.threads_option(opt.SET_THREADS_HELP, panel=RUN_HELP),
     arch: Optional[Arch] = _model("arch", "--arch", help="Update network"),
     hidden: Optional[int] = _model("hidden", "--hidden", help="Hidden channels per cell"),
     patch_size: Optional[int] = _model("patch_size", "--patch-size", help="Cell patch size"),
