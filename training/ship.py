@@ -23,7 +23,7 @@ from vitca_cli.nca.config import CAConfig
 from vitca_cli.errors import VitcaError
 from vitca_cli.io.weights import sha256_file, shipped_dir, write_manifest_entry
 
-SHIPPED_MAX_BYTES = 1 << 20  # issue 7: each shipped model under 1 MB
+SHIPPED_MAX_BYTES = 1 << 20  # each shipped model stays under 1 MB
 
 
 def _plain(value, depth: int = 0):

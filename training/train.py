@@ -165,8 +165,8 @@ class Trainer:
         self.schedule = tcfg.schedule
         self._val_batches = None
         if tcfg.compile:
-            # Fuse the memory-bound localised attention and bias epilogues into compiled kernels (~2× faster
-            # iterations on CPU); the matrix products, rollout loop, checkpointing and fusion/mitosis stay eager.
+            # Fuse the memory-bound localised attention and bias epilogues into compiled kernels; the matrix
+            # products, rollout loop, checkpointing and fusion/mitosis stay eager.
             use_compiled_kernels(True)
 
     @property
