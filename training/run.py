@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from training.config import TrainConfig, resumable
-from vitca_cli.errors import SettingError, UsageError, WeightsError
+from vitca_cli.errors import SettingError, UsageError, WeightsError, placeholders
 from vitca_cli.nca.config import PRESETS, CAConfig
 
 CONFIG_FILE, LAST, BEST = "config.json", "last.pt", "best.pt"
@@ -32,12 +32,6 @@ def read_run(run_dir: Path) -> tuple[CAConfig, TrainConfig, dict]:
     return CAConfig.from_dict(ckpt["config"]), TrainConfig.from_dict(ckpt["train"]), ckpt
 
 
-def _names(settings) -> tuple[str, str]:
-    """``{k}`` placeholders for ``settings`` (numbered from 1) joined by commas, and the settings."""
-    settings = list(settings)
-    return ", ".join("{%d}" % (k + 1) for k in range(len(settings))), settings
-
-
 def resume_run(run_dir: Path, changes: dict, fixed: list[str]) -> tuple[CAConfig, TrainConfig, dict]:
     """Continue ``run_dir``: its saved configurations with ``changes`` (training settings given again), refused
     when ``changes`` touch a setting that is not resumable or ``fixed`` names settings given that the run fixes
@@ -45,10 +39,9 @@ def resume_run(run_dir: Path, changes: dict, fixed: list[str]) -> tuple[CAConfig
     allowed = resumable()
     bad = sorted(set(changes) - allowed) + list(fixed)
     if bad:
-        given, names = _names(bad)
-        ok = ", ".join("{%d}" % (len(names) + k + 1) for k in range(len(allowed)))
+        given, ok = placeholders(len(bad)), placeholders(len(allowed), start=len(bad) + 1)
         raise SettingError("resume", f"keeps the run's configuration; cannot change {given} (allowed: {ok})",
-                           *names, *sorted(allowed))
+                           *bad, *sorted(allowed))
     cfg, tcfg, ckpt = read_run(run_dir)
     tcfg = tcfg.replace(**changes)
     if ckpt["iteration"] >= tcfg.iterations:

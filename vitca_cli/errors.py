@@ -29,6 +29,11 @@ class VitcaError(Exception):
         return text
 
 
+def placeholders(count: int, start: int = 1) -> str:
+    """``{start}, {start+1}, …``: ``count`` settings listed in a message (settings ``start`` on)."""
+    return ", ".join("{%d}" % (start + k) for k in range(count))
+
+
 class UsageError(VitcaError):
     exit_code = EXIT_USAGE
 

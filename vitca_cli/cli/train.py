@@ -20,7 +20,7 @@ import typer
 from training.config import DATA, TrainConfig, default_text  # torch-free: --help stays fast
 from vitca_cli.cli import options as opt
 from vitca_cli.cli.options import MaskType, handle_errors
-from vitca_cli.errors import SettingError, UsageError
+from vitca_cli.errors import SettingError, placeholders
 from vitca_cli.nca.config import ARCHES, CELL_INITS, POS_ENCODINGS, CAConfig
 
 Arch = Enum("Arch", {n: n for n in ARCHES}, type=str)
@@ -171,8 +171,8 @@ def _plan(o: dict, train_opts: dict, model_opts: dict, world):
         if o["resume"] is not None:
             raise SettingError("init_weights", "starts a new run; {1} continues one (pick one)", "resume")
         if model_opts:
-            given, names = run._names(sorted(model_opts))
-            raise SettingError("init_weights", f"fixes the model; cannot also set {given}", *names)
+            given = placeholders(len(model_opts))
+            raise SettingError("init_weights", f"fixes the model; cannot also set {given}", *sorted(model_opts))
         init = run.read_init(o["init_weights"])
         train_opts["init_weights"] = init[2]
     if o["resume"] is not None:
