@@ -80,16 +80,15 @@ def check_numbers(options: dict) -> None:
     option, before they reach torch (which would answer with a C++ stack)."""
     import math
 
-    from vitca_cli.errors import UsageError
+    from vitca_cli.errors import SettingError
 
     for name, value in options.items():
-        flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             continue
         if isinstance(value, int) and abs(value) > INT_LIMIT:
-            raise UsageError(f"{flag} {value}: too large (at most {INT_LIMIT:,})")
+            raise SettingError(name, f"{value}: too large (at most {INT_LIMIT:,})")
         if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"{flag} {value}: must be a finite number")
+            raise SettingError(name, f"{value}: must be a finite number")
 
 
 def flag(setting: str) -> str:
