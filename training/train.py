@@ -43,7 +43,7 @@ from vitca_cli.io.checkpoint import read_checkpoint, save_checkpoint
 from vitca_cli.io.files import atomic_write_bytes
 from vitca_cli.nca.config import CAConfig
 from vitca_cli.nca.corruptions import corrupt_batch
-from vitca_cli.errors import SettingError, UsageError, VitcaError
+from vitca_cli.errors import UsageError, VitcaError
 from vitca_cli.nca.masking import random_mask
 from vitca_cli.nca.model import CellularAutomaton, use_compiled_kernels
 
@@ -367,9 +367,9 @@ class Trainer:
         """Restore a ``last.pt`` written by :meth:`save` (``path``: where it is, to find this rank's shard)."""
         saved_world = int(ckpt.get("world_size", 1))
         if saved_world != self.world.size:
-            raise SettingError("nproc", f"{self.world.size}: this run was saved by {saved_world} rank(s); resume it "
-                               f"with {saved_world} ranks in all (each rank's pool and random streams are saved per "
-                               "rank)")
+            raise UsageError(f"this run was saved by {saved_world} rank(s) and is resumed with {self.world.size}; "
+                             "resume with {0}" f" giving {saved_world} ranks in all (each rank's pool and random "
+                             "streams are saved per rank)", settings=("nproc",))
         self.ca.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
