@@ -31,7 +31,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vitca_cli.cli.denoise import DEFAULT_SETTLE  # noqa: E402
+from vitca_cli.restore.batch import BatchSettings  # noqa: E402
 from vitca_cli.io import weights  # noqa: E402
 from vitca_cli.nca.model import seed_cells  # noqa: E402
 from vitca_cli.restore.loop import MAX_CELLS, TorchBackend, restore  # noqa: E402
@@ -120,7 +120,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=64)
     ap.add_argument("--sizes", default="1,4", help="photo sizes in megapixels (comma-separated; 0 = none)")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from: {', '.join(MODES)}")
-    ap.add_argument("--settle", type=float, default=DEFAULT_SETTLE or 1e-3)
+    ap.add_argument("--settle", type=float, default=BatchSettings.settle or 1e-3)
     ap.add_argument("--sigma", type=float, default=0.05, help="Gaussian noise on the photos")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--force-bf16", action="store_true", help="run bf16 even where the CPU emulates it")

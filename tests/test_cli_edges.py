@@ -249,3 +249,46 @@ def test_quick_start_uses_two_fresh_environments_and_leaves_the_checkout_clean()
     ignored = (ROOT / ".gitignore").read_text().split()
     for out in re.findall(r"(?:-o|--compare) (\S+)", blocks[0]):
         assert any(out.startswith(i.strip("/")) for i in ignored), out
+
+
+# 15. the update rate a model was trained at -------------------------------------------------------------------------
+def test_a_model_trained_at_another_update_rate_runs_at_its_own_rate_by_default(capsys, tmp_path):
+    import json
+
+    from training.data import ImageDataset
+    from training.train import TrainConfig, train
+
+    rng = np.random.RandomState(0)
+    images = rng.randint(0, 256, (8, 1, 12, 12)).astype(np.uint8)
+    cfg = CAConfig(channels=1, image_size=(12, 12), update_rate=0.25, **TINY)
+    tcfg = TrainConfig(dataset="tiny", iterations=3, batch_size=4, pool_size=0, t_min=2, t_max=2, lr=0.05,
+                       val_every=0, compile=False)
+    train(cfg, tcfg, tmp_path / "run", train_ds=ImageDataset("tiny", array=images), progress=False)
+    weights = tmp_path / "run" / "best.pt"
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for k in range(4):
+        Image.fromarray(images[k, 0]).save(folder / f"p{k}.png")
+    src = folder / "p0.png"
+
+    def denoise(name, *rate):
+        code, _, err = cli(capsys, "denoise", src, "-o", tmp_path / name, "-w", weights, "--iters", "6", *rate)
+        assert code == 0, err
+        return (tmp_path / name).read_bytes()
+
+    default = denoise("default.png")
+    assert default == denoise("trained.png", "--update-rate", "0.25")
+    assert default != denoise("half.png", "--update-rate", "0.5")  # not the usual 0.5: the rate matters here
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.where(np.arange(144).reshape(12, 12) % 3 == 0, 255, 0).astype(np.uint8)).save(mask)
+    runs = []
+    for name, rate in (("i1.png", ()), ("i2.png", ("--update-rate", "0.25"))):
+        code, _, err = cli(capsys, "inpaint", src, "--mask", mask, "-o", tmp_path / name, "-w", weights,
+                           "--iters", "6", *rate)
+        assert code == 0, err
+        runs.append((tmp_path / name).read_bytes())
+    assert runs[0] == runs[1]
+    code, out, err = cli(capsys, "eval", "-w", weights, "-d", f"folder:{folder}", "--iters", "2", "--batch-size",
+                         "2", "--device", "cpu", "--json")
+    assert code == 0, err
+    assert json.loads(out)["update_rate"] == 0.25

@@ -162,7 +162,7 @@ def mix_tcfg(**kw) -> TrainConfig:
                 val_size=4, val_steps=2, log_every=1, compile=False, corruptions=MIX, crop_sizes=(8, 16),
                 mask_type="dropout")
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_dict(base)  # flat mask_* keys, as older runs stored them
 
 
 def test_train_config_records_a_canonical_mixture_and_refuses_a_bad_one():

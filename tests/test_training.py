@@ -51,7 +51,7 @@ def tcfg(**kw) -> TrainConfig:
         val_steps=4, mask_start=2, mask_end=8, mask_max_patch=2, log_every=1, compile=False,
     )  # fmt: skip
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_dict(base)  # flat mask_* keys, as older runs stored them
 
 
 def test_loss_matches_algorithm_1():
@@ -158,6 +158,61 @@ def test_exact_resume_10_plus_10_equals_20(tmp_path):
     assert torch.equal(a["pool"]["z"], b["pool"]["z"])
     strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "time"} for l in p.read_text().splitlines()]  # noqa
     assert strip(tmp_path / "a" / "metrics.jsonl") == strip(tmp_path / "b" / "metrics.jsonl")
+
+
+def test_a_run_saved_with_flat_masking_keys_resumes_exactly(tmp_path):
+    """Runs saved before MaskingConfig stored the masking settings as flat TrainConfig keys (mask_type, mask_start,
+    …); their last.pt must still resume, with the same masking and the same trajectory."""
+    ds = tiny_dataset()
+    t = tcfg(iterations=8, val_every=0, mask_type="dropout", mask_start=3, mask_end=6)
+    assert t.masking.type == "dropout" and (t.masking.start, t.masking.end, t.masking.max_patch) == (3, 6, 2)
+    train(CFG, t, tmp_path / "a", train_ds=ds, progress=False)
+    train(CFG, t, tmp_path / "b", train_ds=ds, progress=False, stop_at=4)
+    last = tmp_path / "b" / "last.pt"
+    flatten_masking(last)
+    old = read_checkpoint(last)["train"]
+    assert "masking" not in old and old["mask_type"] == "dropout" and old["mask_max_patch"] == 2
+    cfg2, t2, resumed = read_run(tmp_path / "b")
+    assert t2 == t and resumed["iteration"] == 4
+    train(cfg2, t2, tmp_path / "b", train_ds=ds, progress=False, resume_from=resumed)
+    a, b = read_checkpoint(tmp_path / "a" / "last.pt"), read_checkpoint(last)
+    assert b["iteration"] == 8 and b["train"]["masking"] == a["train"]["masking"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def flatten_masking(last) -> None:
+    """Rewrite ``last`` as versions before MaskingConfig saved it: the masking settings as flat mask_* keys."""
+    from vitca_cli.io.checkpoint import save_checkpoint
+
+    ckpt = read_checkpoint(last)
+    old = {k: v for k, v in ckpt["train"].items() if k != "masking"}
+    old.update({f"mask_{k}": v for k, v in ckpt["train"]["masking"].items()})
+    extra = {k: v for k, v in ckpt.items() if k not in ("format", "version", "config", "model", "meta", "train")}
+    save_checkpoint(last, CAConfig.from_dict(ckpt["config"]), ckpt["model"], ckpt["meta"], train=old, **extra)
+
+
+def test_cli_resumes_a_run_folder_saved_with_flat_masking_keys(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.RandomState(3)
+    for k in range(6):
+        Image.fromarray(rng.randint(0, 256, (12, 12), dtype=np.uint8)).save(photos / f"p{k}.png")
+    run = tmp_path / "run"
+    args = ["train", "--dataset", f"folder:{photos}", "--image-size", "8", "-o", str(run), "--iterations", "4",
+            "--t-min", "2", "--t-max", "2", "-b", "2", "--embed", "16", "--heads", "2", "--mlp", "16", "--hidden", "4",
+            "--val-every", "0", "--no-compile", "--mask-type", "dropout", "--mask-max-patch", "2", "--mask-start", "5",
+            "--mask-end", "50"]
+    res = CliRunner().invoke(app, [*args, "--stop-at", "2"])
+    assert res.exit_code == 0, res.output
+    flatten_masking(run / "last.pt")
+    assert "masking" not in read_checkpoint(run / "last.pt")["train"]
+    res = CliRunner().invoke(app, ["train", "--resume", str(run)])
+    assert res.exit_code == 0, res.output
+    ckpt = read_checkpoint(run / "last.pt")
+    assert ckpt["iteration"] == 4 and ckpt["meta"]["mask_type"] == "dropout"
+    assert ckpt["train"]["masking"] == {"type": "dropout", "start": 5, "end": 50, "max_prob": 0.75,
+                                        "prob_stages": 3, "max_patch": 2, "patch_stages": 3}
+    assert json.loads((run / "config.json").read_text())["train"]["masking"]["end"] == 50
 
 
 def test_run_folder_contents_and_checkpoint_meta(tmp_path):

@@ -27,8 +27,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from training.metrics import psnr_per_image, ssim_per_image
-from vitca_cli.io.checkpoint import atomic_write_bytes
-from vitca_cli.errors import UsageError
+from vitca_cli import tables
+from vitca_cli.io.files import atomic_write_bytes
+from vitca_cli.errors import SettingError, UsageError
 from vitca_cli.nca.masking import apply_mask, bernoulli, parse_corruption
 from vitca_cli.nca.rollout import BlockMasks, rollout
 
@@ -171,11 +172,7 @@ def format_table(rows: list[dict]) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
     keys = list(rows[0])
-    body = [[cell(r[k]) for k in keys] for r in rows]
-    widths = [max(len(k), *(len(b[i]) for b in body)) for i, k in enumerate(keys)]
-    lines = ["  ".join(k.rjust(w) for k, w in zip(keys, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body]
-    return "\n".join(lines)
+    return tables.format_table(keys, [[cell(r[k]) for k in keys] for r in rows], align="r" * len(keys))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -194,7 +191,7 @@ def corrupt_spec(x: torch.Tensor, spec: str, gen: torch.Generator) -> torch.Tens
     try:
         prob, patch, kind = parse_corruption(spec)
     except ValueError as exc:
-        raise UsageError(f"--corruption: {exc}") from None
+        raise SettingError("corruption", f"{spec!r}: {exc}") from None
     b, _, h, w = x.shape
     return apply_mask(x, _keep_mask(b, h, w, prob, patch, gen), kind, patch, gen)
 

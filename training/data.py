@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vitca_cli.errors import VitcaError
+from vitca_cli.io.files import md5sum
+from vitca_cli.errors import SettingError, VitcaError
 
 SPLITS = ("train", "val", "test")
 DATASETS = ("fashion-mnist", "mnist", "mnist-5k", "cifar10", "celeba", "folder:PATH")
@@ -86,14 +87,6 @@ def _find_files(names, folders: list[Path]) -> Path | None:
 
 def _pick(folder: Path, name: str) -> Path:
     return folder / name if (folder / name).is_file() else folder / name.removesuffix(".gz")
-
-
-def md5sum(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download(urls: list[str], dest: Path, md5: str) -> Path:
@@ -461,7 +454,7 @@ def open_dataset(
     if spec.startswith("folder:"):
         folder = Path(spec[len("folder:") :]).expanduser()
         if not image_size:
-            raise VitcaError("folder datasets need --image-size")
+            raise SettingError("image_size", "missing: folder datasets need an image size")
         return _open_files(f"folder:{folder.name}", folder, split, image_size, augment, "crop")
     raise VitcaError(f"unknown dataset {spec!r}; choose from {', '.join(DATASETS)}")
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vitca_cli.errors import UsageError
+from vitca_cli.errors import SettingError, UsageError
 
 TIMEOUT_S = 600  # collective operations give up after this long (a hung peer that torchrun did not end)
 RANK_STRIDE = 1_000_003  # seeds of rank r: seed + r·RANK_STRIDE (rank 0 keeps the one-process seeds)
@@ -133,8 +133,8 @@ def split_batch(global_batch: int, world: World) -> int:
     """This rank's share of ``--batch-size`` (the global batch); it must divide evenly, so that averaging the ranks'
     gradients equals the gradient of the whole batch."""
     if global_batch % world.size:
-        raise UsageError(f"--batch-size {global_batch} does not split evenly over {world.size} ranks; use a multiple "
-                         f"of {world.size}")
+        raise SettingError("batch_size", f"{global_batch} does not split evenly over {world.size} ranks; use a "
+                           f"multiple of {world.size}")
     return global_batch // world.size
 
 

@@ -31,7 +31,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from training.metrics import LPIPS, mean_interval, psnr_batch, psnr_per_image, ssim_per_image
-from vitca_cli.errors import UsageError
+from vitca_cli import tables
+from vitca_cli.errors import SettingError, UsageError
 from vitca_cli.nca.masking import MaskingSchedule, apply_mask, patch_keep_mask
 from vitca_cli.nca.rollout import BlockMasks, MaskSource, rollout
 from vitca_cli.io.weights import home_dir
@@ -69,11 +70,9 @@ def open_eval_dataset(spec: str, split: str, cfg, data_dir=None):
     if getattr(ds, "files", None) is not None:  # decoded on demand: read them as the model sees images
         ds.channels = cfg.channels
     if len(ds) == 0:
-        raise UsageError(f"--dataset {spec}: the {split} split has no images")
+        raise SettingError("dataset", f"{spec}: the {split} split has no images")
     if ds.channels != cfg.channels:
-        raise UsageError(
-            f"--dataset {spec} has {ds.channels}-channel images but the model expects {cfg.channels}"
-        )
+        raise SettingError("dataset", f"{spec} has {ds.channels}-channel images but the model expects {cfg.channels}")
     return ds
 
 
@@ -100,9 +99,10 @@ def check_patch_sizes(image_size: tuple[int, int], schedule: MaskingSchedule | N
     """Every test patch size must tile the image (the reference asserts it)."""
     bad = [s for _, s in eval_combos(schedule) if image_size[0] % s or image_size[1] % s]
     if bad:
-        raise UsageError(
-            f"test mask patch sizes {sorted(set(bad))} do not divide the image size {image_size[0]}×{image_size[1]};"
-            " pick --max-patch so that 1, max/2 and max all divide it"
+        raise SettingError(
+            "max_patch", f"{(schedule or MaskingSchedule()).max_patch}: test mask patch sizes {sorted(set(bad))} do "
+            f"not divide the image size {image_size[0]}×{image_size[1]}; pick a largest patch so that 1, max/2 and "
+            "max all divide it"
         )
 
 
@@ -238,7 +238,7 @@ def evaluate(
     ``drop_last``; its headline is the batch PSNR averaged over batches).
     """
     if protocol not in PROTOCOLS:
-        raise UsageError(f"--protocol {protocol!r}: choose from {', '.join(PROTOCOLS)}")
+        raise SettingError("protocol", f"{protocol!r}: choose from {', '.join(PROTOCOLS)}")
     from vitca_cli.nca.corruptions import corrupt_batch, mixture_str, parse_mixture
     from training.baselines import run_baseline
 
@@ -352,19 +352,12 @@ def format_report(report: dict) -> str:
             _fmt(m["psnr"], 2), _fmt(m["psnr_batch"], 2), _fmt(m["ssim"], 4), _fmt(m["lpips"], 4),
             f"{m['images_per_s']:.1f}" if m.get("images_per_s") else "—",
         ])
-    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
-
-    def row(cells):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
     out = [
         f"{report.get('dataset', '?')} {report.get('split', '')}: {report['images']} images, {report['iters']} CA "
         f"steps at σ={report['update_rate']:g}, {report['mask_type']} masking, seed {report['seed']}",
         f"corruption: {report['combos']}; protocol {report.get('protocol', 'cycled')}, headline: "
         f"{report.get('headline', 'per-image PSNR')}",
-        row(header),
-        row(["-" * w for w in widths]),
-        *[row(r) for r in lines],
+        tables.format_table(header, lines),
         f"means ± 95% interval (none where fewer than {MIN_FOR_INTERVAL} values: (n=…)); PSNR/SSIM/LPIPS on clipped "
         f"images; batch PSNR = one MSE per batch (batch size {report.get('batch_size', '?')}), as in the reference",
         f"LPIPS: {report.get('lpips', 'skipped')}",

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from training.evaluate import batches
+from vitca_cli import tables
 from vitca_cli.nca.rollout import BlockMasks, rollout
 
 VALIDATION_FRACTION = 0.1
@@ -133,13 +134,9 @@ def format_probe(report: dict) -> str:
         val_n = r.get("val_images")
         rows.append((label, str(r["features"]), f"{100 * r['test_top1']:.2f}%", f"{100 * r['val_top1']:.2f}%",
                      str(val_n) if val_n else "0 (the fit set)", f"{100 * r['train_top1']:.2f}%", f"{r['l2']:g}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"{report.get('dataset', '?')}: linear probe on {report['train_images']} train / "
              f"{report['test_images']} test images, {report['classes']} classes, CA run {report['iters']} steps on "
              f"unmasked images; logistic regression (L-BFGS ≤{report['max_iter']} iterations, L2 picked on "
              f"validation), seed {report['seed']}"]
-    for i, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
+    lines.append(tables.format_table(rows[0], rows[1:]))
     return "\n".join(lines)

@@ -23,7 +23,7 @@ from vitca_cli.nca.config import CAConfig
 from vitca_cli.errors import VitcaError
 from vitca_cli.io.weights import sha256_file, shipped_dir, write_manifest_entry
 
-SHIPPED_MAX_BYTES = 1 << 20  # issue 7: each shipped model under 1 MB
+SHIPPED_MAX_BYTES = 1 << 20  # each shipped model stays under 1 MB
 
 
 def _plain(value, depth: int = 0):
@@ -41,13 +41,12 @@ def _plain(value, depth: int = 0):
     return None
 
 
-def _find(d: dict, *keys):
-    """The first of ``keys`` present in ``d`` or in its nested ``meta``/``best``/``val`` dicts."""
-    for scope in (d, *(d.get(k) for k in ("meta", "best", "val", "validation", "args", "train"))):
-        if isinstance(scope, dict):
-            for key in keys:
-                if scope.get(key) is not None:
-                    return scope[key]
+def _recorded(obj: dict, key: str):
+    """``key`` where training records it: in the checkpoint, its ``meta``, its ``best`` record or its ``train``
+    configuration (the first that has it)."""
+    for scope in (obj, obj.get("meta"), obj.get("best"), obj.get("train")):
+        if isinstance(scope, dict) and scope.get(key) is not None:
+            return scope[key]
     return None
 
 
@@ -62,24 +61,16 @@ def best_validation(run_dir: Path) -> dict:
             rec = json.loads(line)
         except ValueError:
             continue
-        psnr = _find(rec, "val_psnr", "psnr")
+        psnr = rec.get("val_psnr")
         if isinstance(psnr, (int, float)) and psnr > best.get("val_psnr", -math.inf):
-            best = {"val_psnr": float(psnr), "val_ssim": _find(rec, "val_ssim", "ssim"),
-                    "iteration": _find(rec, "iteration", "iter", "step")}
+            best = {"val_psnr": float(psnr), "val_ssim": rec.get("val_ssim"), "iteration": rec.get("iteration")}
     return best
 
 
-def training_command(run_dir: Path, obj: dict) -> str | None:
-    """How the checkpoint was made: the command line stored in it or in its run folder."""
-    argv = _find(obj, "command", "argv", "cmdline")
-    if isinstance(argv, list):
-        return " ".join(map(str, argv))
-    if isinstance(argv, str):
-        return argv
-    for name in ("command.txt", "argv.txt", "cmd.txt", "command"):
-        if (run_dir / name).is_file():
-            return (run_dir / name).read_text().strip()
-    return None
+def training_command(run_dir: Path) -> str | None:
+    """How the checkpoint was made: the command lines training appended to its run folder's ``command.txt``."""
+    path = run_dir / "command.txt"
+    return path.read_text().strip() if path.is_file() else None
 
 
 def ship(
@@ -107,27 +98,27 @@ def ship(
     def pick(given, *keys):
         if given is not None:
             return given
-        found = _find(obj, *keys)
+        found = next((v for v in (_recorded(obj, k) for k in keys) if v is not None), None)
         return found if found is not None else best.get(keys[0])
 
     entry = {
         "name": name,
         "file": f"{name}.pt",
-        "dataset": dataset or _find(obj, "dataset") or "unknown",
+        "dataset": dataset or _recorded(obj, "dataset") or "unknown",
         "channels": cfg.channels,
         "image_size": list(cfg.image_size),
         "patch_size": cfg.patch_size,
         "arch": cfg.arch,
         "pos_encoding": cfg.pos_encoding,
-        "iterations": pick(iterations, "iteration", "iterations", "iter"),
-        "val_psnr": pick(val_psnr, "val_psnr", "best_val_psnr", "psnr"),
-        "val_ssim": pick(val_ssim, "val_ssim", "best_val_ssim", "ssim"),
-        "mask_type": mask_type or _find(obj, "mask_type") or "noise",
+        "iterations": pick(iterations, "iteration", "iterations"),
+        "val_psnr": pick(val_psnr, "val_psnr", "best_val_psnr"),
+        "val_ssim": pick(val_ssim, "val_ssim", "best_val_ssim"),
+        "mask_type": mask_type or _recorded(obj, "mask_type") or "noise",
         "mask_channel": cfg.mask_channel,
         "cell_init": cfg.cell_init,
-        "corruptions": _find(obj, "corruptions") or "patch",
-        "crop_sizes": _find(obj, "crop_sizes") or list(cfg.image_size[:1]),
-        "trained": trained or training_command(run_dir, obj) or "unknown",
+        "corruptions": _recorded(obj, "corruptions") or "patch",
+        "crop_sizes": _recorded(obj, "crop_sizes") or list(cfg.image_size[:1]),
+        "trained": trained or training_command(run_dir) or "unknown",
     }
     if default_iters:
         entry["default_iters"] = default_iters

@@ -31,129 +31,25 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from training.config import PRECISIONS, MaskingConfig, TrainConfig  # noqa: F401 - importable from here too
+from training.run import BEST, CONFIG_FILE, LAST, read_run  # noqa: F401 - read_run: importable from here too
 from training.distributed import SINGLE, World, any_rank, barrier, rank_seed, split_batch, wrap
 from vitca_cli import log as logmod
-from vitca_cli.io.checkpoint import atomic_write_bytes, read_checkpoint, save_checkpoint
+from vitca_cli.io.checkpoint import read_checkpoint, save_checkpoint
+from vitca_cli.io.files import atomic_write_bytes
 from vitca_cli.nca.config import CAConfig
-from vitca_cli.nca.corruptions import PAPER_MIXTURE, Corruption, corrupt_batch, mixture_str, parse_mixture
+from vitca_cli.nca.corruptions import corrupt_batch
 from vitca_cli.errors import UsageError, VitcaError
-from vitca_cli.nca.masking import MASK_TYPES, MaskingSchedule, random_mask
+from vitca_cli.nca.masking import random_mask
 from vitca_cli.nca.attention import use_compiled_kernels
 from vitca_cli.nca.model import CellularAutomaton
 
 log = logmod.log
-CONFIG_FILE, METRICS_FILE, LAST, BEST = "config.json", "metrics.jsonl", "last.pt", "best.pt"
-PRECISIONS = ("fp32", "bf16")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every knob of Algorithm 1 and the appendix ablations that is not part of the model itself."""
-
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    iterations: int = 100_000
-    batch_size: int = 32
-    pool_size: int = 1024
-    pool_overwrite: bool = False  # the reference's sample_with_replacement: pool batches replace their entries
-    t_min: int = 8
-    t_max: int = 32
-    alpha: float = 100.0  # reconstruction weight
-    beta: float = 100.0  # overflow weight
-    lr: float = 1e-3
-    lr_min: float = 0.0  # floor of the cosine schedule
-    warmup: int = 0  # linear learning-rate warm-up over this many iterations (fine-tuning: spares trained weights the
-    # first, sign-like steps of fresh AdamW moments)
-    weight_decay: float = 0.01  # AdamW default
-    grad_norm: bool = True  # per-parameter-tensor gradient normalisation
-    checkpointing: bool = False  # gradient checkpointing in ⌊T/2⌋ segments
-    fusion_mitosis: bool = False  # appendix A.1 schedule
-    mask_type: str = "noise"
-    mask_start: int = 500  # curriculum: first threshold
-    mask_end: int = 10_000  # curriculum: all nine combos after this iteration
-    mask_max_prob: float = 0.75
-    mask_prob_stages: int = 3
-    mask_max_patch: int = 4
-    mask_patch_stages: int = 3
-    val_every: int = 500
-    val_size: int = 256
-    val_steps: int = 64
-    save_every: int = 0  # 0: save last.pt at each validation (and at the end)
-    log_every: int = 10
-    seed: int = 0
-    init_weights: str | None = None  # fine-tuned from these weights (recorded; the run's own state lives in last.pt)
-    compile: bool = True  # fused attention and bias kernels: ~2× faster iterations on CPU, gradients within 1e-4
-    precision: str = "fp32"  # bf16: the rollout's matrix products in bfloat16 (autocast); cells, loss, weights fp32
-    corruptions: str = "patch"  # a mixture (vitca_cli.nca.corruptions); "patch" alone is the paper's curriculum masking
-    crop_sizes: tuple[int, ...] = ()  # square training sizes drawn per iteration (files only); () = the model's size
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.iterations < 1 or self.batch_size < 1:
-            problems.append("iterations and batch size must be ≥ 1")
-        if self.pool_size < 0:
-            problems.append("pool size must be ≥ 0")
-        if not 1 <= self.t_min <= self.t_max:
-            problems.append(f"need 1 ≤ t_min ≤ t_max, got {self.t_min}..{self.t_max}")
-        if self.fusion_mitosis and self.t_min < 4:
-            problems.append("fusion/mitosis needs t_min ≥ 4")
-        if self.fusion_mitosis and self.checkpointing:
-            problems.append("choose --checkpointing or --fusion-mitosis, not both")
-        if self.mask_type not in MASK_TYPES:
-            problems.append(f"mask type must be one of {MASK_TYPES}")
-        if not 0 < self.mask_max_prob <= 1 or self.mask_max_patch < 1 or self.mask_start > self.mask_end:
-            problems.append("bad masking schedule (need 0 < max prob ≤ 1, max patch ≥ 1, start ≤ end)")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {PRECISIONS}")
-        if self.warmup < 0:
-            problems.append("warm-up must be ≥ 0 iterations")
-        if self.lr <= 0 or self.val_steps < 1 or self.val_every < 0 or self.log_every < 1:
-            problems.append("lr, val steps and log interval must be positive")
-        object.__setattr__(self, "crop_sizes", tuple(int(v) for v in self.crop_sizes))
-        if any(v < 4 for v in self.crop_sizes):
-            problems.append("crop sizes must be ≥ 4 pixels")
-        try:
-            object.__setattr__(self, "corruptions", mixture_str(parse_mixture(self.corruptions)))
-        except ValueError as exc:
-            problems.append(str(exc))
-        if problems:
-            raise UsageError("; ".join(problems))
-
-    @property
-    def mixture(self) -> tuple[Corruption, ...]:
-        return parse_mixture(self.corruptions)
-
-    @property
-    def paper_masking(self) -> bool:
-        """Only the paper's patch masking: fresh batches are drawn exactly as the reference does."""
-        return self.corruptions == mixture_str(parse_mixture(PAPER_MIXTURE))
-
-    @property
-    def schedule(self) -> MaskingSchedule:
-        return MaskingSchedule(
-            start=self.mask_start,
-            end=self.mask_end,
-            prob_stages=self.mask_prob_stages,
-            max_prob=self.mask_max_prob,
-            patch_stages=self.mask_patch_stages,
-            max_patch=self.mask_max_patch,
-        )
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def replace(self, **changes) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
+METRICS_FILE = "metrics.jsonl"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -270,8 +166,8 @@ class Trainer:
         self.schedule = tcfg.schedule
         self._val_batches = None
         if tcfg.compile:
-            # Fuse the memory-bound localised attention and bias epilogues into compiled kernels (bench/train.py
-            # measures the gain); the matrix products, rollout loop, checkpointing and fusion/mitosis stay eager.
+            # Fuse the memory-bound localised attention and bias epilogues into compiled kernels; the matrix
+            # products, rollout loop, checkpointing and fusion/mitosis stay eager.
             use_compiled_kernels(True)
 
     @property
@@ -473,8 +369,8 @@ class Trainer:
         saved_world = int(ckpt.get("world_size", 1))
         if saved_world != self.world.size:
             raise UsageError(f"this run was saved by {saved_world} rank(s) and is resumed with {self.world.size}; "
-                             f"resume with --nproc-per-node/--nproc giving {saved_world} ranks in all (each rank's "
-                             f"pool and random streams are saved per rank)")
+                             "resume with {0}" f" giving {saved_world} ranks in all (each rank's pool and random "
+                             "streams are saved per rank)", settings=("nproc",))
         self.ca.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
@@ -528,18 +424,6 @@ def _trim_metrics(path: Path, iteration: int) -> None:
         except json.JSONDecodeError:
             continue  # a line cut by a crash
     atomic_write_bytes(path, lambda f: f.write("".join(k + "\n" for k in keep).encode()))
-
-
-def read_run(run_dir: Path) -> tuple[CAConfig, TrainConfig, dict]:
-    """The model and training configuration of a run folder, and its ``last.pt`` checkpoint."""
-    run_dir = Path(run_dir)
-    last = run_dir / LAST
-    if not last.is_file():
-        raise UsageError(f"--resume {run_dir}: no {LAST} there (not a vitca run folder, or it never saved)")
-    ckpt = read_checkpoint(last)
-    if "train" not in ckpt or "optimizer" not in ckpt:
-        raise UsageError(f"{last}: holds weights only, not a resumable training state")
-    return CAConfig.from_dict(ckpt["config"]), TrainConfig.from_dict(ckpt["train"]), ckpt
 
 
 class _StopFlag:
@@ -631,7 +515,8 @@ def train(
                 last = run_dir / LAST
                 where = f"{last} (iteration {read_checkpoint(last)['iteration']})" if last.is_file() else "none saved"
                 raise VitcaError(
-                    f"{exc}; training stopped. Last good checkpoint: {where}. Try a lower --lr or --beta."
+                    f"{exc}; training stopped. Last good checkpoint: {where}. Try a lower " + "{0} or {1}.",
+                    settings=("lr", "beta"),
                 ) from None
             i = trainer.iteration
             window.append(rec)

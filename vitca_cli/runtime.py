@@ -8,26 +8,34 @@ import os
 import sys
 
 from vitca_cli import log
-from vitca_cli.errors import UsageError
+from vitca_cli.errors import SettingError
+
+
+def parse_device(spec: str | None) -> tuple[str, int | None]:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as (kind, index); anything else is a ``SettingError``. No torch."""
+    text = (spec or "auto").strip().lower()
+    if text in ("auto", "cpu", "cuda"):
+        return text, None
+    if text.startswith("cuda:") and text[5:].isdigit():
+        return "cuda", int(text[5:])
+    raise SettingError("device", f"{spec!r}: expected auto, cpu, cuda or cuda:N")
 
 
 def resolve_device(spec: str = "auto"):
     """``auto`` → CUDA if available else CPU; ``cpu``; ``cuda`` or ``cuda:N`` (an error without a usable GPU)."""
     import torch
 
-    spec = (spec or "auto").strip().lower()
-    if spec == "auto":
+    kind, index = parse_device(spec)
+    if kind == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec == "cpu":
+    if kind == "cpu":
         return torch.device("cpu")
-    if spec == "cuda" or spec.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {spec}: no CUDA GPU is available (use --device cpu or auto)")
-        device = torch.device(spec)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
-        return device
-    raise UsageError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+    name = "cuda" if index is None else f"cuda:{index}"
+    if not torch.cuda.is_available():
+        raise SettingError("device", f"{name}: no CUDA GPU is available (use cpu or auto)")
+    if index is not None and index >= torch.cuda.device_count():
+        raise SettingError("device", f"{name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return torch.device(name)
 
 
 _chosen_threads: dict = {}
@@ -58,7 +66,7 @@ def choose_threads(requested: int | None = None) -> int:
             log.log.info(f"{n} CPU thread(s): the machine is busy (load {load:.1f} on {cores} cores); set --threads")
     else:
         if requested < 1:
-            raise UsageError(f"--threads must be ≥ 1, got {requested}")
+            raise SettingError("threads", f"must be ≥ 1, got {requested}")
         n = requested
     torch.set_num_threads(n)
     _chosen_threads["n"] = n
@@ -90,8 +98,8 @@ def tune_allocator() -> None:
     """Keep large CPU buffers in the heap instead of fresh mmaps (glibc only).
 
     A CA rollout allocates the same tens-of-MB activations every step; glibc serves blocks above 32 MB with mmap
-    and returns them on free, so each step pays page faults for memory it just released (measured: ~25% of an
-    eager step at 64×64×8). Raising the mmap and trim thresholds lets the heap reuse them.
+    and returns them on free, so each step pays page faults for memory it just released. Raising the mmap and trim
+    thresholds lets the heap reuse them.
     """
     global _tuned
     if _tuned or not sys.platform.startswith("linux"):

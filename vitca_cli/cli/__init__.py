@@ -10,13 +10,12 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import sys
-import traceback
 from typing import Optional
 
 import typer
 
 from vitca_cli import __version__, log
-from vitca_cli.errors import EXIT_FAILED, VitcaError
+from vitca_cli.cli.options import report
 
 EPILOG = "Exit codes: 0 done; 1 some inputs failed; 2 usage error; 3 weights missing. Add -vv for tracebacks."
 
@@ -95,10 +94,6 @@ def _click_exceptions():
     return exceptions
 
 
-def _traceback_hint() -> str:
-    return "" if log.verbosity() >= 2 else " (run with -vv for the traceback)"
-
-
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: every error is one ``error:`` line on stderr with its exit code (usage errors 2);
     tracebacks only with -vv."""
@@ -119,19 +114,11 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         log.error_line(exc.format_message())
         sys.exit(exc.exit_code)
-    except VitcaError as exc:
-        if log.verbosity() >= 2:
-            traceback.print_exc()
-        log.error_line(str(exc))
-        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         log.error_line("interrupted")
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the last line of defence against a traceback
-        if log.verbosity() >= 2:
-            traceback.print_exc()
-        log.error_line(f"{type(exc).__name__}: {exc}{_traceback_hint()}")
-        sys.exit(EXIT_FAILED)
+        sys.exit(report(exc))
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -12,9 +12,11 @@ from typing import Optional
 
 import typer
 
+from vitca_cli.cli import options as opt
 from vitca_cli.cli.options import MaskType, handle_errors
 from vitca_cli.errors import UsageError
 from vitca_cli.log import log
+from vitca_cli.tables import format_table
 
 
 class Compile(str, Enum):
@@ -32,7 +34,6 @@ class Kind(str, Enum):
 
 WEIGHTS_HELP = "Checkpoint file (a training run's best.pt) or a shipped weights NAME."
 DATASET_HELP = "fashion-mnist, mnist, mnist-5k, cifar10, celeba or folder:PATH."
-THREADS_HELP = "CPU threads (1 is fastest on a busy machine: no waiting at OpenMP barriers)."
 
 
 def _load(weights: str, device: str, threads: Optional[int] = None):
@@ -80,11 +81,11 @@ class _Progress:
 
 @handle_errors
 def eval_command(
-    weights: str = typer.Option(..., "--weights", "-w", help=WEIGHTS_HELP),
+    weights: str = opt.weights_option(WEIGHTS_HELP, required=True),
     dataset: str = typer.Option(..., "--dataset", "-d", help=DATASET_HELP),
     split: str = typer.Option("test", "--split", help="Dataset split."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where datasets are (or are downloaded to)."),
-    iters: int = typer.Option(64, "--iters", min=1, help="CA steps per image."),
+    iters: int = opt.iters_option(64, "CA steps per image.", min=1),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate the first N images only."),
     mask_type: Optional[MaskType] = typer.Option(
         None, "--mask-type", help="Test corruption (default: as trained, else noise)."
@@ -92,9 +93,7 @@ def eval_command(
     max_patch: Optional[int] = typer.Option(
         None, "--max-patch", min=1, help="Largest test mask patch: sizes 1, max/2, max (default: as trained, else 4)."
     ),
-    update_rate: Optional[float] = typer.Option(
-        None, "--update-rate", help="Cell update rate σ (default: as trained)."
-    ),
+    update_rate: Optional[float] = opt.update_rate_option(),
     baselines: bool = typer.Option(
         False, "--baselines", help="Also run classic restorers (needs the 'baselines' extra)."
     ),
@@ -107,9 +106,9 @@ def eval_command(
         None, "--corruptions", help='Real-world damage instead of the paper\'s masks: a mixture as for `vitca train '
         '--corruptions`, e.g. "gaussian=0.1" or "gaussian:1, jpeg=10-30:1, strokes:1" (one draw per image).',
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed for the masks and the CA updates."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    seed: int = opt.seed_option("Seed for the masks and the CA updates."),
+    device: str = opt.device_option(),
+    threads: Optional[int] = opt.threads_option(opt.SET_THREADS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Score a model on a test split with the paper's test masking (PSNR, SSIM, LPIPS, 95% intervals).
@@ -161,20 +160,20 @@ def eval_command(
 @handle_errors
 def analyze_command(
     kind: Kind = typer.Argument(..., help="update-rate, unseen-noise, head-masking or stability."),
-    weights: str = typer.Option(..., "--weights", "-w", help=WEIGHTS_HELP),
+    weights: str = opt.weights_option(WEIGHTS_HELP, required=True),
     dataset: str = typer.Option(..., "--dataset", "-d", help=DATASET_HELP),
     out: Path = typer.Option(..., "--output", "-o", help="Folder for the figure (PNG) and table (CSV, JSON)."),
     split: str = typer.Option("test", "--split", help="Dataset split."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where datasets are."),
-    iters: Optional[int] = typer.Option(None, "--iters", min=1, help="CA steps (default: 64; stability: 1000)."),
+    iters: Optional[int] = opt.iters_option(None, "CA steps (default: 64; stability: 1000).", min=1),
     limit: int = typer.Option(8, "--limit", min=1, help="Number of test images."),
     mask_type: Optional[MaskType] = typer.Option(None, "--mask-type", help="Corruption type (default: as trained)."),
     corruption: Optional[str] = typer.Option(
         None, "--corruption", help="'p=0.5,patch=2,type=noise' or 'none' (default: that; head-masking: none)."
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed for the corruption and the CA updates."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    seed: int = opt.seed_option("Seed for the corruption and the CA updates."),
+    device: str = opt.device_option(),
+    threads: Optional[int] = opt.threads_option(opt.SET_THREADS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Appendix analyses: update rate, unseen noise, head masking, stability. Writes a PNG figure and a table."""
@@ -201,17 +200,17 @@ def analyze_command(
 
 @handle_errors
 def probe_command(
-    weights: str = typer.Option(..., "--weights", "-w", help=WEIGHTS_HELP),
+    weights: str = opt.weights_option(WEIGHTS_HELP, required=True),
     dataset: str = typer.Option(..., "--dataset", "-d", help="A labelled dataset: fashion-mnist, mnist, mnist-5k, …"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where datasets are."),
-    iters: int = typer.Option(64, "--iters", min=1, help="CA steps on each unmasked image."),
+    iters: int = opt.iters_option(64, "CA steps on each unmasked image.", min=1),
     train_limit: int = typer.Option(2000, "--train-limit", min=2, help="Training images for the probe."),
     test_limit: int = typer.Option(1000, "--test-limit", min=1, help="Test images."),
     max_iter: int = typer.Option(200, "--max-iter", min=1, help="L-BFGS iterations for each classifier."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="CA batch size for feature extraction."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the CA updates, the split and the classifier."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    seed: int = opt.seed_option("Seed for the CA updates, the split and the classifier."),
+    device: str = opt.device_option(),
+    threads: Optional[int] = opt.threads_option(opt.SET_THREADS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Linear probe: classify from the frozen CA's averaged hidden channels vs from raw pixels."""
@@ -241,18 +240,14 @@ def _format_profile(results: list[dict]) -> str:
     """Appendix Table 8's layout: one row per training mode, plus the ratios against the plain rollout."""
     r0 = results[0]
     header = ("mode", "forward ms", "backward ms", "iteration ms", "no-grad ms", "peak memory")
-    rows = [header] + [(
+    rows = [(
         MODE_LABELS[r["mode"]], f"{r['forward_ms']:.0f}", f"{r['backward_ms']:.0f}", f"{r['iteration_ms']:.0f}",
         f"{r['nograd_rollout_ms']:.0f}", f"{r['peak_bytes'] / 2**20:.0f} MiB",
     ) for r in results]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [f"one training pass: batch {r0['batch']} × {r0['height']}×{r0['width']}, T = {r0['steps']} steps, "
              f"device {r0['device']} ({r0['threads']} threads), compile {r0['compile']}, "
              f"memory via {r0['memory_method']}"]
-    for i, row in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
+    lines.append(format_table(header, rows))
     plain = next((r for r in results if r["mode"] == "plain"), None)
     if plain:
         for r in results:
@@ -264,7 +259,7 @@ def _format_profile(results: list[dict]) -> str:
 
 @handle_errors
 def profile_command(
-    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Profile this checkpoint's config."),
+    weights: Optional[str] = opt.weights_option("Profile this checkpoint's config."),
     preset: str = typer.Option("celeba", "--preset", help="Config preset when no --weights (celeba: RGB, as Table 8)."),
     batch: int = typer.Option(8, "--batch", "-b", min=1, help="Random images per batch (Table 8: 32)."),
     height: int = typer.Option(32, "--height", min=1, help="Image height."),
@@ -273,8 +268,8 @@ def profile_command(
     modes: list[str] = typer.Option(list(PROFILE_MODES), "--mode", help="plain, checkpointing, fusion-mitosis."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed passes per mode (median)."),
     compile: Compile = typer.Option(Compile.none, "--compile", help="torch.compile the step or the attention."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    device: str = opt.device_option(),
+    threads: Optional[int] = opt.threads_option(opt.SET_THREADS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Appendix Table 8: forward/backward ms and peak memory of a training pass, with and without checkpointing."""

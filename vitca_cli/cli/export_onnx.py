@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from vitca_cli.cli import options as opt
 from vitca_cli.cli.options import handle_errors
 from vitca_cli.errors import UsageError
 from vitca_cli.onnx.format import DEFAULT_OPSET, MIN_OPSET  # torch-free
@@ -18,9 +19,8 @@ Exporter = Enum("Exporter", {"dynamo": "dynamo", "torchscript": "torchscript"}, 
 @handle_errors
 def export_onnx(
     output: Path = typer.Option(..., "--output", "-o", help="The .onnx file to write."),
-    weights: Optional[str] = typer.Option(
-        None, "--weights", "-w", help="Weights NAME or checkpoint PATH (default: the shipped model for --channels)."
-    ),
+    weights: Optional[str] = opt.weights_option("Weights NAME or checkpoint PATH (default: the shipped model for "
+                                                "--channels)."),
     channels: int = typer.Option(1, "--channels", help="Without --weights: the shipped model for 1 or 3 channels."),
     opset: int = typer.Option(DEFAULT_OPSET, "--opset", help="ONNX opset (18 or newer; 20 has a Gelu op that ONNX Runtime fuses)."),
     with_head_mask: bool = typer.Option(

@@ -31,19 +31,14 @@ def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    header = f"{'name':<16} {'source':<8} {'status':<8} {'dataset':<24} {'ch':>2} {'size':>7} {'iters':>7} " \
-             f"{'PSNR':>6} {'SSIM':>6}"
-    print(header)
-    import textwrap
+    from vitca_cli.tables import format_table
 
-    for r in rows:
-        size = "×".join(str(s) for s in r.get("image_size", [])) or "-"
-        dataset = textwrap.wrap(_fmt(r.get("dataset")), 24) or ["-"]  # long descriptions wrap in their column
-        print(f"{r['name']:<16} {r['source']:<8} {r['status']:<8} {dataset[0]:<24} "
-              f"{_fmt(r.get('channels')):>2} {size:>7} {_fmt(r.get('iterations')):>7} "
-              f"{_fmt(r.get('val_psnr'), '.2f'):>6} {_fmt(r.get('val_ssim'), '.3f'):>6}")
-        for more in dataset[1:]:
-            print(f"{'':<16} {'':<8} {'':<8} {more}")
+    header = ("name", "source", "status", "dataset", "ch", "size", "iters", "PSNR", "SSIM")
+    body = [(r["name"], r["source"], r["status"], _fmt(r.get("dataset")), _fmt(r.get("channels")),
+             "×".join(str(s) for s in r.get("image_size", [])) or "-", _fmt(r.get("iterations")),
+             _fmt(r.get("val_psnr"), ".2f"), _fmt(r.get("val_ssim"), ".3f")) for r in rows]
+    # long descriptions wrap in their column
+    print(format_table(header, body, align="llllrrrrr", rule=False, wrap={3: 24}, sep=" "))
     if not rows:
         print(f"(no weights yet: train with `vitca train`, or put NAME.pt files in {cache_dir()})")
 

@@ -8,37 +8,13 @@ A checkpoint is a dict loadable with ``torch.load(weights_only=True)``::
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from vitca_cli.errors import WeightsError
+from vitca_cli.io.files import atomic_write_bytes  # noqa: F401 - also imported from here
 
 FORMAT = "vitca-checkpoint"
 VERSION = 1
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(file_object)`` on a temporary file beside ``path``, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path: Path, cfg, state_dict: dict, meta: dict | None = None, **extra) -> None:

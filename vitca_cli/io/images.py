@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vitca_cli.io.checkpoint import atomic_write_bytes
+from vitca_cli.io.files import atomic_write_bytes
 from vitca_cli.errors import VitcaError
 from vitca_cli.log import log
 
@@ -28,8 +28,6 @@ FORMATS = {
     ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF",
     ".webp": "WEBP", ".gif": "GIF", ".ppm": "PPM", ".pgm": "PPM", ".pbm": "PPM", ".tga": "TGA",
 }
-EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp", "GIF": ".gif",
-              "PPM": ".ppm", "TGA": ".tga", "MPO": ".jpg"}
 ALPHA_FORMATS = {"PNG", "TIFF", "WEBP", "TGA"}  # formats that store an alpha channel
 SIXTEEN_BIT_FORMATS = {"PNG", "TIFF"}
 # Files a folder walk picks up.
@@ -73,7 +71,7 @@ def check_readable(source: str | Path) -> None:
     if not path.exists():
         raise ImageError(f"{path}: no such file")
     if path.is_dir():
-        raise ImageError(f"{path}: is a folder (add --recursive, or give files)")
+        raise ImageError(f"{path}: is a folder (add " + "{0}, or give files)", settings=("recursive",))
     if not os.access(path, os.R_OK):
         raise ImageError(f"{path}: cannot read (permission denied)")
 

@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from vitca_cli.io.checkpoint import atomic_write_bytes
+from vitca_cli.io.files import atomic_write_bytes, sha256_file  # noqa: F401 - sha256_file is used by importers
 from vitca_cli.errors import WeightsError
 from vitca_cli.log import log
 
@@ -53,14 +53,6 @@ def home_dir() -> Path:
 def cache_dir() -> Path:
     """Where downloaded and user-added weights live (``<home>/weights``)."""
     return home_dir() / "weights"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

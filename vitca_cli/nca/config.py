@@ -140,7 +140,6 @@ PRESETS: dict[str, CAConfig] = {
     "fashion-mnist": CAConfig(channels=1, image_size=(28, 28)),
     "cifar10": CAConfig(channels=3, image_size=(32, 32)),
     "celeba": CAConfig(channels=3, image_size=(64, 64)),
-    "landcoverrep": CAConfig(channels=3, image_size=(32, 32)),
 }
 
 

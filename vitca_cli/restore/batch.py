@@ -1,0 +1,444 @@
+"""Restore a batch of image files: inputs (files, folders, globs, stdin), where outputs go, overwrite rules, one
+result per file. No command-line parsing and no printing: progress and results go to callbacks.
+
+A batch goes on past a bad file (its :class:`FileResult` holds the error) unless ``fail_fast``; a usage error or
+missing weights raise before any file is touched. Messages name settings as ``{k}`` (see ``vitca_cli.errors``).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from vitca_cli.errors import SettingError, UsageError, VitcaError, WeightsError
+from vitca_cli.log import log
+
+STDIO = "-"
+RESTORED_TAG = "restored"
+DEFAULT_ITERS = 64  # CA iterations when neither the settings nor the weights name a number
+MAX_ITERS = 10_000
+
+
+@dataclass
+class Job:
+    """One input and where its results go."""
+
+    source: str  # a path, or "-" for stdin
+    rel: Path  # name relative to its input folder (mirrored under an output folder)
+    output: str = ""  # a path, or "-" for stdout
+    error: Optional[VitcaError] = None  # set when the input could not even be listed (e.g. a glob with no match)
+    expanded: bool = False  # came from a folder or a glob: its output always goes into a folder
+
+
+@dataclass
+class BatchSettings:
+    """How to restore a batch; checked on creation (a bad value is a ``SettingError``)."""
+
+    output: Optional[str] = None  # a file, a folder, "-" (stdout); None: beside each input
+    recursive: bool = False
+    iters: Optional[int] = None  # None: the weights' default_iters, else DEFAULT_ITERS
+    update_rate: Optional[float] = None  # None: as the model was trained
+    seed: int = 0
+    weights: Optional[str] = None  # None: the shipped default for each image's channels
+    device: str = "auto"
+    backend: str = "torch"
+    tile: Optional[int] = None  # None: automatic; 0: no tiling
+    corrupt: Optional[str] = None  # damage clean inputs first: a mixture or the paper's masking spec
+    save_input: bool = False
+    animate: Optional[str] = None
+    frames: int = 32
+    compare: Optional[str] = None
+    overwrite: bool = False
+    skip_existing: bool = False
+    fail_fast: bool = False
+    ext: Optional[str] = None
+    mask: Optional[str] = None  # inpainting: one mask, or a folder of masks matched by file stem
+    mask_type: Optional[str] = None  # None: as the model was trained
+    threads: Optional[int] = None
+    settle: float = 0.0  # skip cells whose output changed less than this on 2 updates in a row; 0: dense
+    precision: str = "fp32"  # torch backend: fp32, bf16 products, or auto (bf16 where the hardware has it)
+    quantize: bool = False  # ONNX backend: the int8-quantised step graph
+    damage: Optional[tuple] = field(default=None, init=False)  # ``corrupt`` parsed
+
+    def __post_init__(self) -> None:
+        from vitca_cli.io.images import FORMATS
+
+        if self.iters is not None and self.iters > MAX_ITERS:
+            raise SettingError("iters", f"{self.iters}: at most {MAX_ITERS:,} steps")
+        if self.iters is not None and self.iters < 1:
+            raise SettingError("iters", f"must be at least 1, got {self.iters}")
+        if self.update_rate is not None and not 0.0 < self.update_rate <= 1.0:
+            raise SettingError("update_rate", f"must be in (0, 1], got {self.update_rate}")
+        if self.tile is not None and self.tile < 0:
+            raise SettingError("tile", f"must be 0 (off) or a positive size in pixels, got {self.tile}")
+        if self.settle < 0:
+            raise SettingError("settle", f"must be at least 0, got {self.settle}")
+        if self.frames < 1:
+            raise SettingError("frames", f"must be at least 1, got {self.frames}")
+        if self.overwrite and self.skip_existing:
+            raise SettingError("overwrite", "and {1} contradict each other; pick one", "skip_existing")
+        if self.ext and self.suffix.lower() not in FORMATS:
+            raise SettingError("ext", f"{self.ext}: unknown image extension; choose from {', '.join(sorted(FORMATS))}")
+        if self.save_input and self.output == STDIO:
+            raise SettingError("save_input", "writes beside the output file; it cannot be used with {1} -", "output")
+        if self.corrupt:
+            self.damage = parse_damage(self.corrupt)
+        if self.mask is not None and not Path(self.mask).exists():
+            raise SettingError("mask", f"{self.mask}: no such file or folder")
+
+    @property
+    def suffix(self) -> Optional[str]:
+        """``ext`` as a file suffix (``.png``), or None."""
+        if not self.ext:
+            return None
+        return self.ext if self.ext.startswith(".") else f".{self.ext}"
+
+
+def parse_damage(spec: str) -> tuple:
+    """A ``corrupt`` spec: a real-world damage mixture (``gaussian=0.1``) or the paper's masking
+    (``p=0.5,patch=4,type=noise``), parsed."""
+    from vitca_cli.nca.corruptions import KINDS, parse_mixture
+    from vitca_cli.nca.masking import parse_corruption
+
+    try:
+        if spec.strip().split("=")[0].split(":")[0].strip() in KINDS:
+            return parse_mixture(spec)
+        return parse_corruption(spec)
+    except ValueError as exc:
+        raise SettingError("corrupt", f": {exc}") from None
+
+
+@dataclass
+class FileResult:
+    """What became of one input: ``done``, ``skipped`` (its output exists) or ``failed`` (``error`` says why)."""
+
+    job: Job
+    status: str
+    error: Optional[BaseException] = None
+
+
+@dataclass
+class BatchResult:
+    results: list[FileResult]
+    stopped: bool = False  # fail_fast stopped the batch at its first failure
+
+    @property
+    def failed(self) -> list[FileResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+    @property
+    def total(self) -> int:
+        return len(self.results)
+
+
+Progress = Callable[[Job, int, int], None]  # (job, tile-steps done, total)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Inputs and outputs
+# ---------------------------------------------------------------------------------------------------------------------
+def collect_inputs(specs: list[str], recursive: bool, skip_restored: bool = False) -> list[Job]:
+    """Expand files, folders (their images; sub-folders with ``recursive``), quoted globs and ``-``. With
+    ``skip_restored``, folders leave out earlier outputs written beside their inputs (``NAME.restored.EXT``)."""
+    from vitca_cli.io.images import IMAGE_SUFFIXES, ImageError
+
+    jobs: list[Job] = []
+    for spec in specs:
+        if spec == STDIO:
+            jobs.append(Job(STDIO, Path("stdin")))
+            continue
+        path = Path(spec)
+        if path.is_dir():
+            walk = path.rglob("*") if recursive else path.glob("*")
+            found = sorted(p for p in walk if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                           and not (skip_restored and p.stem.endswith(f".{RESTORED_TAG}")))
+            if not found:
+                hint = "" if recursive else " (add {0} for sub-folders)"
+                jobs.append(Job(spec, Path(path.name), error=ImageError(
+                    f"{spec}: no images in folder" + hint, settings=("recursive",))))
+            jobs.extend(Job(str(p), p.relative_to(path), expanded=True) for p in found)
+        elif not path.exists() and glob.has_magic(spec):
+            found = sorted(glob.glob(spec, recursive=recursive))
+            if not found:
+                jobs.append(Job(spec, Path(path.name), error=ImageError(f"{spec}: no files match")))
+            jobs.extend(Job(p, Path(Path(p).name), expanded=True) for p in found if Path(p).is_file())
+        else:  # a file, or a missing one (reported when it is read, so the batch goes on)
+            jobs.append(Job(spec, Path(path.name)))
+    return jobs
+
+
+def assign_outputs(jobs: list[Job], output: Optional[str], ext: Optional[str]) -> None:
+    """``output`` a file for one input file, a folder (mirroring sub-folders) for several or for a folder or glob,
+    ``-`` for stdout; None: beside each input as ``NAME.restored.EXT`` (stdin to stdout)."""
+    suffix = None
+    if ext:
+        suffix = ext if ext.startswith(".") else f".{ext}"
+    if output is None:
+        for job in jobs:
+            src = Path(job.source)
+            job.output = STDIO if job.source == STDIO else str(
+                src.with_name(f"{src.stem}.{RESTORED_TAG}{suffix or src.suffix}"))
+        return
+    if output == STDIO:
+        if len(jobs) != 1:
+            raise SettingError("output", f"- writes one image to stdout, but {len(jobs)} inputs were given")
+        jobs[0].output = STDIO
+        return
+    as_dir = len(jobs) > 1 or jobs[0].expanded or output.endswith(("/", os.sep)) or Path(output).is_dir()
+    if not as_dir:
+        out = Path(output)
+        if suffix and out.suffix and out.suffix.lower() != suffix.lower():
+            raise SettingError("output", f"{output} and " + "{1} " + f"{ext} name different formats; drop " +
+                               "{1} or change {0}", "ext")
+        jobs[0].output = str(out.with_suffix(suffix) if suffix else out)
+        return
+    for job in jobs:
+        rel = job.rel
+        if job.source == STDIO and not rel.suffix:
+            rel = rel.with_suffix(".png")
+        job.output = str(Path(output) / (rel.with_suffix(suffix) if suffix else rel))
+
+
+def _same_file(a: str, b: str) -> bool:
+    if STDIO in (a, b):
+        return False
+    pa, pb = Path(a), Path(b)
+    try:
+        return pa.resolve() == pb.resolve() or (pb.exists() and pa.exists() and os.path.samefile(pa, pb))
+    except OSError:
+        return False
+
+
+def _unwritable(path: str) -> str | None:
+    """Why ``path`` cannot be created (None when it can): its nearest existing ancestor must be a writable folder."""
+    parent = Path(path).resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot write in {parent} (permission denied)"
+    return None
+
+
+def check_output(path: str, sources: list[str], settings: BatchSettings) -> bool:
+    """Refuse outputs that would overwrite an input, exist (without ``overwrite``) or cannot be written.
+
+    Returns False when the file should be skipped (``skip_existing``)."""
+    from vitca_cli.io.images import ImageError
+
+    if path == STDIO:
+        return True
+    for src in sources:
+        if _same_file(path, src):
+            raise ImageError(f"{src}: output {path} is the input itself; choose another " + "{0} (inputs are never "
+                             "overwritten)", settings=("output",))
+    if Path(path).is_dir():
+        raise ImageError(f"{path}: output is a folder")
+    if Path(path).exists():
+        if settings.skip_existing:
+            return False
+        if not settings.overwrite:
+            raise ImageError(f"{path}: output exists (add " + "{0}, or {1} to keep it)",
+                             settings=("overwrite", "skip_existing"))
+    reason = _unwritable(path)
+    if reason:
+        raise ImageError(f"{path}: {reason}")
+    return True
+
+
+def _extra_path(given: str, job: Job, many: bool, suffix: str) -> str:
+    """Where an animation or comparison goes: the given file for one input, ``given/<name>`` for a batch."""
+    return str(Path(given) / job.rel.with_suffix(suffix)) if many else given
+
+
+def _beside(output: str, tag: str) -> str:
+    out = Path(output)
+    return str(out.with_name(f"{out.stem}.{tag}{out.suffix}"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The batch
+# ---------------------------------------------------------------------------------------------------------------------
+class Backends:
+    """Backends by weights name, built on first use (the default depends on each image's channels)."""
+
+    def __init__(self, settings: BatchSettings):
+        self.settings = settings
+        self._by_key: dict = {}
+
+    def get(self, channels: int):
+        from vitca_cli.restore.loop import make_backend
+
+        key = self.settings.weights or channels
+        if key not in self._by_key:
+            s = self.settings
+            self._by_key[key] = make_backend(s.weights, s.backend, s.device, channels, s.precision, s.quantize)
+        return self._by_key[key]
+
+
+def _prepare(inputs: list[str], settings: BatchSettings) -> tuple[list[Job], Backends]:
+    """Device, threads and weights checked (usage errors and missing weights before any file), jobs listed."""
+    from vitca_cli.runtime import choose_threads, resolve_device
+
+    if settings.backend == "torch":  # an impossible device is a usage error before any file is read
+        resolve_device(settings.device)
+    choose_threads(settings.threads)
+    backends = Backends(settings)
+    if settings.weights is not None:
+        backends.get(0)  # missing or unknown weights: raise now, not once per file
+    jobs = collect_inputs(inputs, settings.recursive, skip_restored=settings.output is None)
+    if not jobs:
+        raise UsageError("no inputs given")
+    assign_outputs(jobs, settings.output, settings.ext)
+    if (settings.animate == STDIO or settings.compare == STDIO) and settings.output == STDIO:
+        raise SettingError("output", ", {1} and {2}: only one can be - (stdout)", "animate", "compare")
+    return jobs, backends
+
+
+def run_batch(inputs: list[str], settings: BatchSettings, inpaint: bool = False,
+              progress: Optional[Progress] = None,
+              on_result: Optional[Callable[[FileResult], None]] = None) -> BatchResult:
+    """Restore every input (inpainting the pixels ``settings.mask`` marks, with ``inpaint``). ``progress(job, done,
+    total)`` follows each image's steps; ``on_result`` hears of each file as it finishes. A usage error or missing
+    weights raise; any other error fails its file only (and, with ``fail_fast``, ends the batch)."""
+    jobs, backends = _prepare(inputs, settings)
+    rate = "as trained" if settings.update_rate is None else settings.update_rate
+    steps = "the model's default" if settings.iters is None else settings.iters
+    log.info(f"seed {settings.seed}, {steps} iterations, update rate {rate}")
+    many = len(jobs) > 1
+    result = BatchResult([])
+    seen: dict[str, str] = {}
+    for job in jobs:
+        try:
+            done = _process_listed(job, seen, settings, backends, inpaint, many, progress)
+            outcome = FileResult(job, "done" if done else "skipped")
+        except (WeightsError, UsageError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
+            outcome = FileResult(job, "failed", exc)
+        result.results.append(outcome)
+        if on_result is not None:
+            on_result(outcome)
+        if outcome.status == "failed" and settings.fail_fast:
+            result.stopped = True
+            break
+    return result
+
+
+def _process_listed(job: Job, seen: dict, settings: BatchSettings, backends: Backends, inpaint: bool, many: bool,
+                    progress: Optional[Progress]) -> bool:
+    from vitca_cli.io.images import ImageError
+
+    if job.error is not None:
+        raise job.error
+    if job.output != STDIO and job.output in seen:
+        raise ImageError(f"{job.source}: output {job.output} is also the output of {seen[job.output]}")
+    seen[job.output] = job.source
+    return process(job, settings, backends, inpaint, many, progress)
+
+
+def _extras(job: Job, settings: BatchSettings, many: bool) -> dict[str, str]:
+    """The extra files of one input (corrupted input, animation, comparison): name → path."""
+    extras = {}
+    if settings.save_input:
+        extras["input"] = _beside(job.output, "input")
+    if settings.animate:
+        extras["animate"] = _extra_path(settings.animate, job, many, ".gif")
+    if settings.compare:
+        extras["compare"] = _extra_path(settings.compare, job, many, ".png")
+    return extras
+
+
+def process(job: Job, settings: BatchSettings, backends: Backends, inpaint: bool, many: bool,
+            progress: Optional[Progress] = None) -> bool:
+    """Restore one image and write its outputs (all through temporary files); False when skipped."""
+    from vitca_cli.io import images
+    from vitca_cli.restore.loop import restore
+
+    sources = [job.source] + ([settings.mask] if settings.mask else [])
+    images.check_readable(job.source)  # an unreadable input is reported as such, not as an output problem
+    if not check_output(job.output, sources, settings):
+        log.info(f"{job.output}: exists, skipped")
+        return False
+    extras = _extras(job, settings, many)
+    for path in extras.values():
+        check_output(path, sources, settings)
+
+    start = time.perf_counter()
+    pic = images.read_image(job.source)
+    for note in pic.notes:
+        log.info(f"{pic.source}: {note}")
+    backend = backends.get(pic.channels)
+    clean, pixels, known = _damaged_input(job, pic, backend, settings, inpaint)
+    iters = settings.iters or int((getattr(backend, "meta", None) or {}).get("default_iters") or DEFAULT_ITERS)
+    step = None if progress is None else (lambda done, total: progress(job, done, total))
+    result = restore(backend, pixels, iters, settings.update_rate, settings.seed, settings.tile,
+                     frames=settings.frames if settings.animate else 0, progress=step, known=known,
+                     settle=settings.settle)
+    fmt = images.output_format(job.output, pic.format, settings.ext)
+    images.write_image(job.output, result.image, pic, fmt)
+    if "input" in extras:
+        images.write_image(extras["input"], pixels, pic, fmt)
+    if "animate" in extras:
+        images.write_bytes(extras["animate"], images.encode_gif([pixels] + result.frames))
+    if "compare" in extras:
+        panels = ([clean] if settings.corrupt or inpaint else []) + [pixels, result.image]
+        images.write_bytes(extras["compare"], images.encode_image(images.side_by_side(panels), "PNG"))
+    h, w = pic.size
+    tiles = f", {result.plan.count} tiles" if result.plan.count > 1 else ""
+    if settings.settle > 0:
+        share = result.skipped / max(1, result.computed + result.skipped)
+        tiles += f", {share:.0%} of {result.computed + result.skipped:,} cell-steps skipped as settled"
+    dest = "stdout" if job.output == STDIO else job.output
+    log.info(f"{pic.source} -> {dest} ({w}×{h}, {backend.name}, {iters} steps{tiles}, "
+             f"{time.perf_counter() - start:.2f}s)")
+    return True
+
+
+def _damaged_input(job: Job, pic, backend, settings: BatchSettings, inpaint: bool):
+    """The clean pixels in the model's channels, what the cells are shown (masked or corrupted), and the known
+    pixels (inpainting; else None)."""
+    from vitca_cli.io import images
+    from vitca_cli.restore.loop import backend_mask_type, corrupt, damage, mask_missing
+
+    cfg = backend.cfg
+    pixels = pic.pixels
+    if pic.channels != cfg.channels:
+        log.info(f"{pic.source}: {pic.channels}-channel image converted to the model's {cfg.channels} channel(s)")
+        pixels = images.to_channels(pixels, cfg.channels)
+    clean = pixels
+    known = None
+    if inpaint:
+        missing = read_job_mask(settings.mask, job, pic.size)
+        kind = settings.mask_type or backend_mask_type(backend)
+        pixels = mask_missing(pixels, missing, kind, settings.seed)
+        known = ~missing
+        log.debug(f"{pic.source}: {int(missing.sum())} missing pixels, masked as {kind}")
+    if settings.damage and isinstance(settings.damage[0], float):
+        prob, patch, kind = settings.damage
+        pixels = corrupt(pixels, prob, patch, kind, settings.seed)
+    elif settings.damage:
+        pixels = damage(pixels, settings.damage, settings.seed, backend_mask_type(backend))
+    return clean, pixels, known
+
+
+def read_job_mask(mask: str, job: Job, size: tuple[int, int]):
+    """One mask for all inputs, or, when ``mask`` is a folder, the mask whose file stem matches the input's."""
+    from vitca_cli.io import images
+
+    path = Path(mask)
+    if path.is_dir():
+        matches = sorted(p for p in path.iterdir() if p.stem == job.rel.stem and p.suffix.lower()
+                         in images.IMAGE_SUFFIXES)
+        if not matches:
+            raise images.ImageError(f"{job.source}: no mask named {job.rel.stem}.* in {mask}")
+        path = matches[0]
+    try:
+        return images.read_mask(path, size)
+    except images.ImageError as exc:
+        raise images.ImageError(f"mask {exc}") from None
