@@ -345,3 +345,37 @@ def test_export_onnx_cli(exported, tmp_path):
         app, ["export-onnx", "--weights", str(tmp_path / "nope.pt"), "-o", str(tmp_path / "n.onnx")]
     )
     assert missing.exit_code == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# int8 quantisation
+# ---------------------------------------------------------------------------------------------------------------------
+def test_quantize_makes_an_int8_graph_once_and_stays_close_to_fp32(exported):
+    import onnx
+
+    from vitca_cli.onnx.backend import OnnxBackend
+    from vitca_cli.restore.loop import restore
+
+    fp32 = OnnxBackend.from_file(exported["path"], "cpu", 1)
+    int8 = OnnxBackend.from_file(exported["path"], "cpu", 1, quantize=True)
+    assert int8.path != fp32.path and int8.path.parent == weights_mod.home_dir() / "onnx"
+    ops = {node.op_type for node in onnx.load(str(int8.path)).graph.node}
+    assert "MatMulInteger" in ops and int8.cfg == fp32.cfg
+    stamp = int8.path.stat().st_mtime_ns
+    assert OnnxBackend.from_file(exported["path"], "cpu", 1, quantize=True).path.stat().st_mtime_ns == stamp
+    img = np.random.default_rng(0).random((28, 28, 1), dtype=np.float32)
+    a, b = restore(fp32, img, iters=16).image, restore(int8, img, iters=16).image
+    assert 0 < np.abs(a - b).mean() < 0.02
+
+
+def test_cli_quantize_runs_with_onnx_and_is_refused_without(exported, tmp_path):
+    from PIL import Image
+
+    src = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (28, 28), dtype=np.uint8)).save(src)
+    ok = CliRunner().invoke(app, ["denoise", str(src), "-o", str(tmp_path / "o.png"), "-w", str(exported["path"]),
+                                  "--backend", "onnx", "--quantize", "--iters", "4"])
+    assert ok.exit_code == 0 and (tmp_path / "o.png").is_file()
+    bad = CliRunner().invoke(app, ["denoise", str(src), "-o", str(tmp_path / "p.png"), "-w", str(exported["ckpt"]),
+                                   "--quantize", "--iters", "4"])
+    assert bad.exit_code == 2 and "--backend onnx" in bad.output and not (tmp_path / "p.png").exists()

@@ -259,3 +259,23 @@ def smooth_noisy(h, w):
     """Smooth content (8×8 blocks of grey levels) with light Gaussian noise, ``(h, w, 3)``."""
     clean = rand_image(-(-h // 8), -(-w // 8), 3).repeat(8, 0).repeat(8, 1)[:h, :w] * 0.5 + 0.25
     return np.clip(clean + np.random.default_rng(1).normal(0, 0.05, clean.shape), 0, 1).astype(np.float32)
+
+
+# cheaper arithmetic -------------------------------------------------------------------------------------------------
+def test_bf16_products_stay_close_to_fp32(photo_backend):
+    bf16 = TorchBackend(photo_backend.model, "photo", precision="bf16")
+    img = smooth_noisy(32, 32)
+    a, b = restore(photo_backend, img, iters=16).image, restore(bf16, img, iters=16).image
+    assert 0 < np.abs(a - b).mean() < 5e-3
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_it(monkeypatch):
+    import vitca_cli.runtime as runtime
+    from vitca_cli.restore.loop import resolve_precision
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("fp32", "cpu") == "fp32"
+    with pytest.raises(UsageError):
+        TorchBackend(small_backend().model, precision="fp16")

@@ -17,6 +17,8 @@ cache folder (``<VITCA_HOME>/onnx/NAME-<sha256 prefix>.onnx``) and reuses that f
 from __future__ import annotations
 
 import collections
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -196,8 +198,6 @@ def quantized(path: Path) -> Path:
     """The int8 version of a step graph (dynamic quantisation of its weight matrix products: int8 weights, int8
     activations scaled per call): ``<stem>.int8.onnx`` beside it when that was made from this very file, else a
     cached one (made now, once) in ``<VITCA_HOME>/onnx/``. Its metadata is the source graph's."""
-    from vitca_cli.io.weights import home_dir, sha256_file
-
     if path.name.endswith(".int8.onnx"):
         return path
     sha = sha256_file(path)
@@ -217,7 +217,11 @@ def quantized(path: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         plain, out = Path(tmp) / "plain.onnx", Path(tmp) / "int8.onnx"
         onnx.save(model, str(plain))
-        quantize_dynamic(str(plain), str(out), weight_type=QuantType.QInt8)
+        logging.disable(logging.WARNING)  # the quantiser's advice goes to the root logger
+        try:
+            quantize_dynamic(str(plain), str(out), weight_type=QuantType.QInt8)
+        finally:
+            logging.disable(logging.NOTSET)
         q = onnx.load(str(out))
         del q.metadata_props[:]
         for prop in model.metadata_props:

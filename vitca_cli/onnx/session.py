@@ -80,12 +80,10 @@ def _preload_cuda_libraries(ort) -> None:
 
 
 def _parse_device(device: str) -> tuple[str, int]:
-    spec = (device or "auto").strip().lower()
-    if spec in ("auto", "cpu", "cuda"):
-        return spec, 0
-    if spec.startswith("cuda:") and spec[5:].isdigit():
-        return "cuda", int(spec[5:])
-    raise UsageError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+    from vitca_cli.runtime import parse_device
+
+    kind, index = parse_device(device)
+    return kind, index or 0
 
 
 def session_options(threads: int | None = None, dims: dict[str, int] | None = None):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from vitca_cli.nca.config import CAConfig
-from vitca_cli.errors import UsageError
+from vitca_cli.errors import SettingError
 from vitca_cli.log import log
 from vitca_cli.nca.masking import apply_mask, patch_keep_mask
 from vitca_cli.nca.model import output_image, seed_cells
@@ -45,7 +45,7 @@ class TorchBackend:
         from vitca_cli.runtime import tune_allocator
 
         if precision not in PRECISIONS:
-            raise UsageError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+            raise SettingError("precision", f"{precision!r}: expected one of {', '.join(PRECISIONS)}")
         tune_allocator()  # the rollout reallocates the same large activations every step
         self.model = model.eval()
         self.cfg: CAConfig = model.cfg
@@ -82,7 +82,7 @@ def resolve_precision(precision: str, device) -> str:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
         return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
     if precision == "bf16" and device.type == "cpu" and cpu_has_native_bf16() is False:
-        log.warning("--precision bf16: this CPU has no bfloat16 instructions, so the products are emulated (slow)")
+        log.warning("bf16 precision: this CPU has no bfloat16 instructions, so the products are emulated (slow)")
     return precision
 
 
@@ -94,7 +94,7 @@ def make_backend(weights_spec: str | None, backend: str = "torch", device: str =
     from vitca_cli.runtime import resolve_device
 
     if backend not in ("torch", "onnx"):
-        raise UsageError(f"--backend {backend!r}: expected torch or onnx")
+        raise SettingError("backend", f"{backend!r}: expected torch or onnx")
     ref = weights.resolve(weights_spec, channels, suffix=".onnx") if backend == "onnx" else None
     if ref is None:
         ref = weights.resolve(weights_spec, channels)
@@ -102,12 +102,12 @@ def make_backend(weights_spec: str | None, backend: str = "torch", device: str =
             log.info(f"{ref.path}: an ONNX step graph, so the ONNX Runtime backend runs it")
             backend = "onnx"
     if quantize and backend != "onnx":
-        raise UsageError("--quantize is for the ONNX backend: add --backend onnx")
+        raise SettingError("quantize", "is for the ONNX backend: add {1} onnx", "backend")
     if backend == "onnx":
         from vitca_cli.onnx import backend as onnx_backend
 
         if precision == "bf16":
-            raise UsageError("--precision bf16 is for the torch backend; the ONNX one has --quantize")
+            raise SettingError("precision", "bf16 is for the torch backend; the ONNX one has {1}", "quantize")
         result = onnx_backend.OnnxBackend.from_file(ref.path, device, quantize=quantize)
     else:
         dev = resolve_device(device)
@@ -192,18 +192,15 @@ def frame_schedule(iters: int, frames: int) -> list[int]:
 
 
 def _check_tile(cfg: CAConfig, tile: int | None) -> int | None:
-    """``--tile`` in pixels → cells (None = automatic, 0 = off), refused where the model's encoding forbids it."""
+    """The tile side in pixels → cells (None = automatic, 0 = off), refused where the model's encoding forbids it."""
     if tile is not None and tile > 0:
         if cfg.size_dependent and tile != cfg.image_size[0]:
-            raise UsageError(
-                f"--tile {tile}: this model's position encoding ties it to {cfg.image_size[0]}×{cfg.image_size[1]} "
-                f"tiles; leave --tile out"
-            )
+            raise SettingError("tile", f"{tile}: this model's position encoding ties it to "
+                               f"{cfg.image_size[0]}×{cfg.image_size[1]} tiles; leave {{0}} out")
         return max(1, tile // cfg.patch_size)
     if tile == 0 and cfg.size_dependent:
-        raise UsageError(
-            f"--tile 0: this model's position encoding ties it to {cfg.image_size[0]}×{cfg.image_size[1]} tiles"
-        )
+        raise SettingError("tile", f"0: this model's position encoding ties it to {cfg.image_size[0]}×"
+                           f"{cfg.image_size[1]} tiles")
     return tile
 
 
@@ -234,9 +231,9 @@ def restore(
     """
     cfg: CAConfig = backend.cfg
     if iters < 1:
-        raise UsageError(f"--iters must be at least 1, got {iters}")
+        raise SettingError("iters", f"must be at least 1, got {iters}")
     if settle < 0:
-        raise UsageError(f"--settle must be at least 0, got {settle}")
+        raise SettingError("settle", f"must be at least 0, got {settle}")
     h, w, c = image.shape
     if c != cfg.channels:
         raise ValueError(f"image has {c} channels, the model expects {cfg.channels}")
