@@ -31,9 +31,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vitca_cli.restore.batch import BatchSettings  # noqa: E402
 from vitca_cli.io import weights  # noqa: E402
 from vitca_cli.nca.model import seed_cells  # noqa: E402
+from vitca_cli.restore.batch import BatchSettings  # noqa: E402
 from vitca_cli.restore.loop import MAX_CELLS, TorchBackend, restore  # noqa: E402
 from vitca_cli.restore.windows import WINDOW, window_plan  # noqa: E402
 from vitca_cli.runtime import cpu_has_native_bf16  # noqa: E402
@@ -61,13 +61,17 @@ def backends(name: str, modes: list[str], force_bf16: bool) -> dict:
     ref = weights.resolve(name)
     onnx = ref.path.with_suffix(".onnx")
     bf16 = cpu_has_native_bf16() or force_bf16
-    out = {"former tiles": TorchBackend.from_file(ref.path), "dense": TorchBackend.from_file(ref.path),
-           "settle": TorchBackend.from_file(ref.path)}
+    out = {
+        "former tiles": TorchBackend.from_file(ref.path),
+        "dense": TorchBackend.from_file(ref.path),
+        "settle": TorchBackend.from_file(ref.path),
+    }
     out["bf16"] = TorchBackend.from_file(ref.path, precision="bf16") if bf16 else None
     if any(m.startswith("onnx") or m == "all" for m in modes):
         out["onnx"] = OnnxBackend.from_file(onnx if onnx.is_file() else ref.path, "cpu", torch.get_num_threads())
-        out["onnx int8"] = OnnxBackend.from_file(onnx if onnx.is_file() else ref.path, "cpu",
-                                                 torch.get_num_threads(), quantize=True)
+        out["onnx int8"] = OnnxBackend.from_file(
+            onnx if onnx.is_file() else ref.path, "cpu", torch.get_num_threads(), quantize=True
+        )
     return out
 
 
@@ -105,14 +109,18 @@ def run_case(label: str, clean: np.ndarray, noisy: np.ndarray, name: str, args) 
         if mode == "dense":
             dense = (wall, out.computed, quality, out.image)
         ref = dense or (wall, out.computed, quality, out.image)
-        rows.append(f"{label:>14} {mode + (' (' + fastest + ')' if mode == 'all' else ''):>13} {wall:8.2f} "
-                    f"{out.computed / ref[1]:8.3f} {ref[0] / wall:8.2f} {quality:8.2f} {quality - ref[2]:+8.3f}")
+        rows.append(
+            f"{label:>14} {mode + (' (' + fastest + ')' if mode == 'all' else ''):>13} {wall:8.2f} "
+            f"{out.computed / ref[1]:8.3f} {ref[0] / wall:8.2f} {quality:8.2f} {quality - ref[2]:+8.3f}"
+        )
         print(rows[-1], flush=True)
     if dense is not None:
         rate = step_rate(bks["dense"], noisy)
         cells = noisy.shape[0] * noisy.shape[1] * args.iters / bks["dense"].cfg.patch_size ** 2
-        print(f"{label:>14}  dense restore {cells / dense[0]:.3g} image cs/s, {dense[1] / dense[0]:.3g} computed "
-              f"cs/s; the step alone {rate:.3g} cs/s: dense ÷ step = {dense[1] / dense[0] / rate:.2f}")
+        print(
+            f"{label:>14}  dense restore {cells / dense[0]:.3g} image cs/s, {dense[1] / dense[0]:.3g} computed "
+            f"cs/s; the step alone {rate:.3g} cs/s: dense ÷ step = {dense[1] / dense[0] / rate:.2f}"
+        )
 
 
 def main() -> None:
@@ -131,8 +139,10 @@ def main() -> None:
         ap.error(f"unknown modes: {', '.join(sorted(unknown))}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.iters} iterations, settle "
-          f"{args.settle}, native bf16: {cpu_has_native_bf16()}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.iters} iterations, settle "
+        f"{args.settle}, native bf16: {cpu_has_native_bf16()}"
+    )
     print(f"{'image':>14} {'mode':>13} {'wall s':>8} {'cells÷d':>8} {'speed-up':>8} {'PSNR':>8} {'Δ dense':>8}")
     rng = np.random.default_rng(0)
     for mp in (float(s) for s in args.sizes.split(",") if float(s) > 0):

@@ -37,7 +37,6 @@ from vitca_cli.onnx.format import DYNAMIC_AXES, OUTPUT
 from vitca_cli.onnx.session import cpu_threads, session_options
 from vitca_cli.runtime import tune_allocator
 
-
 BURST = 3  # consecutive steps per backend and round
 PAUSE_S = 0.5  # idle time before each burst: the other backend's spinning threads go quiet
 
@@ -130,7 +129,10 @@ def main() -> None:
             exporter: OnnxBackend.from_file(tmp / f"step-{exporter}.onnx", "cpu", threads)
             for exporter in args.exporters.split(",")
         }
-        print(f"torch {torch.__version__} and onnxruntime, {threads} thread(s); best of {args.repeats} rounds of {BURST}-step bursts")
+        print(
+            f"torch {torch.__version__} and onnxruntime, {threads} thread(s); "
+            f"best of {args.repeats} rounds of {BURST}-step bursts"
+        )
         for h, w, b in parse_sizes(args.sizes):
             time_size(ca, backends, h, w, b, args.repeats)
     if args.profile:

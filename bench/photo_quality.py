@@ -150,12 +150,15 @@ def main() -> None:
                 if args.save:
                     args.save.mkdir(parents=True, exist_ok=True)
                     Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(
-                        args.save / f"{path.stem}.{kind.split()[0]}{kind.split()[1] if ' ' in kind else ''}.{name}.png")
+                        args.save / f"{path.stem}.{kind.split()[0]}{kind.split()[1] if ' ' in kind else ''}.{name}.png"
+                    )
         print(f"[{n + 1}/{len(photos)}] {path.name} {w}×{h}", file=sys.stderr, flush=True)
 
     table = {}
-    print(f"\n{len(photos)} held-out photos, short side {args.size} px; vitca {backend.name} ({backend.device}), "
-          f"{iters} steps, seed {args.seed}. PSNR dB / SSIM, means over photos; seconds per photo.")
+    print(
+        f"\n{len(photos)} held-out photos, short side {args.size} px; vitca {backend.name} ({backend.device}), "
+        f"{iters} steps, seed {args.seed}. PSNR dB / SSIM, means over photos; seconds per photo."
+    )
     header = f"{'damage':<16}{'input':>13}{'vitca':>13}{'best classic':>26}{'vitca − best':>14}{'vitca s':>9}"
     print(header)
     print("-" * len(header))
@@ -168,15 +171,28 @@ def main() -> None:
         diff = f"{ca[0] - classic[best][0]:+.2f}" if best else "—"
         inp_txt = "∞" if kind == "clean" else f"{inp[0]:.2f}/{inp[1]:.3f}"
         print(f"{kind:<16}{inp_txt:>13}{ca[0]:>7.2f}/{ca[1]:.3f}{best_txt:>26}{diff:>14}{ca[2]:>9.2f}")
-        table[kind] = {m: {"psnr": round(v[0], 3), "ssim": round(v[1], 4), "seconds": round(v[2], 3)}
-                       for m, v in mean.items()}
+        table[kind] = {
+            m: {"psnr": round(v[0], 3), "ssim": round(v[1], 4), "seconds": round(v[2], 3)} for m, v in mean.items()
+        }
     print("\nall baselines (PSNR / seconds):")
     for kind, methods in table.items():
-        print(f"  {kind:<16}" + "  ".join(f"{m} {v['psnr']:.2f}/{v['seconds']:.2f}s" for m, v in methods.items()
-                                         if m != "input"))
+        print(
+            f"  {kind:<16}"
+            + "  ".join(f"{m} {v['psnr']:.2f}/{v['seconds']:.2f}s" for m, v in methods.items() if m != "input")
+        )
     if args.json:
-        args.json.write_text(json.dumps({"iters": iters, "size": args.size, "photos": [p.name for p in photos],
-                                         "weights": backend.name, "kinds": table}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "iters": iters,
+                    "size": args.size,
+                    "photos": [p.name for p in photos],
+                    "weights": backend.name,
+                    "kinds": table,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

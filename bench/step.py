@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from vitca_cli.nca.config import preset  # noqa: E402
 from vitca_cli.nca.attention import use_compiled_kernels  # noqa: E402
+from vitca_cli.nca.config import preset  # noqa: E402
 from vitca_cli.nca.model import CellularAutomaton  # noqa: E402
 from vitca_cli.nca.reference import unfold_step  # noqa: E402
 from vitca_cli.runtime import tune_allocator  # noqa: E402

@@ -55,8 +55,12 @@ def main() -> None:
     p.add_argument("--compare-precision", action="store_true", help="also time the plain pass in the other precision")
     p.add_argument("--skip-fm", action="store_true")
     p.add_argument("--json", type=Path, help="also write all measurements here")
-    p.add_argument("--ddp", action="store_true", help="only: `vitca train` in 1 process × 2 threads against "
-                   "--nproc 2 × 1 thread, same global batch (FashionMNIST)")
+    p.add_argument(
+        "--ddp",
+        action="store_true",
+        help="only: `vitca train` in 1 process × 2 threads against "
+        "--nproc 2 × 1 thread, same global batch (FashionMNIST)",
+    )
     p.add_argument("--ddp-iterations", type=int, default=60)
     a = p.parse_args()
     if a.ddp:
@@ -129,9 +133,25 @@ def compare_ddp(a) -> None:
     import subprocess
     import tempfile
 
-    common = ["train", "--dataset", "fashion-mnist", "--iterations", str(a.ddp_iterations), "--batch-size",
-              str(a.batch), "--t-min", str(max(1, a.steps // 2)), "--t-max", str(a.steps), "--val-every", "0",
-              "--log-every", "5", "--device", a.device]
+    common = [
+        "train",
+        "--dataset",
+        "fashion-mnist",
+        "--iterations",
+        str(a.ddp_iterations),
+        "--batch-size",
+        str(a.batch),
+        "--t-min",
+        str(max(1, a.steps // 2)),
+        "--t-max",
+        str(a.steps),
+        "--val-every",
+        "0",
+        "--log-every",
+        "5",
+        "--device",
+        a.device,
+    ]
     runs = {"1 process × 2 threads": ["--threads", "2"], "2 ranks × 1 thread": ["--nproc", "2", "--threads", "1"]}
     print(f"global batch {a.batch}, 28×28, T ~ U{{{max(1, a.steps // 2)}..{a.steps}}}, {a.ddp_iterations} iterations")
     rates = {}

@@ -28,8 +28,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from training.metrics import psnr_per_image, ssim_per_image
 from vitca_cli import tables
-from vitca_cli.io.files import atomic_write_bytes
 from vitca_cli.errors import SettingError, UsageError
+from vitca_cli.io.files import atomic_write_bytes
 from vitca_cli.nca.masking import apply_mask, bernoulli, parse_corruption
 from vitca_cli.nca.rollout import BlockMasks, rollout
 
@@ -42,8 +42,16 @@ DIVERGED_ABS = 100.0  # a cell state beyond this magnitude (or non-finite) count
 # ---------------------------------------------------------------------------------------------------------------------
 # Figures with Pillow
 # ---------------------------------------------------------------------------------------------------------------------
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127)]
+PALETTE = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+]
 
 
 def _font(size: int = 12):
@@ -79,8 +87,10 @@ def line_chart(series: dict[str, tuple], title: str, xlabel: str, ylabel: str, s
     x1 = x1 if x1 > x0 else x0 + 1
 
     def px(x, y):
-        return (left + (x - x0) / (x1 - x0) * (w - left - right),
-                h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
+        return (
+            left + (x - x0) / (x1 - x0) * (w - left - right),
+            h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom),
+        )
 
     d.rectangle([left, top, w - right, h - bottom], outline="black")
     for t in _nice_ticks(y0, y1):
@@ -168,6 +178,7 @@ def _save_table(out_dir: Path, name: str, rows: list[dict], extra: dict) -> list
 
 def format_table(rows: list[dict]) -> str:
     """Rows of equal keys as an aligned plain-text table."""
+
     def cell(v):
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -266,16 +277,32 @@ def iterations_to_converge(psnr: list[float], tol: float = CONVERGE_TOL_DB) -> i
     return t + 1
 
 
-def _run(model, corrupted: torch.Tensor, clean: torch.Tensor, steps: int, seed: int, rate=None, head_mask=None,
-         keep_attention=False, keep_at=()) -> tuple[Trace, torch.Tensor]:
+def _run(
+    model,
+    corrupted: torch.Tensor,
+    clean: torch.Tensor,
+    steps: int,
+    seed: int,
+    rate=None,
+    head_mask=None,
+    keep_attention=False,
+    keep_at=(),
+) -> tuple[Trace, torch.Tensor]:
     device = next(model.parameters()).device
     trace = Trace(model, clean, keep_at)
     gen = torch.Generator().manual_seed(seed)
     masks = BlockMasks(seed, model.cfg.update_rate if rate is None else rate)  # as `vitca denoise --seed` draws
     with torch.inference_mode():
         z = model.seed(corrupted, gen).to(device)
-        z = rollout(model.step, z, steps, masks, head_mask.to(device) if head_mask is not None else None,
-                    keep_attention, callback=trace)
+        z = rollout(
+            model.step,
+            z,
+            steps,
+            masks,
+            head_mask.to(device) if head_mask is not None else None,
+            keep_attention,
+            callback=trace,
+        )
     return trace, model.output(z).float().cpu()
 
 
@@ -287,8 +314,7 @@ def _snapshot_steps(steps: int) -> tuple[int, ...]:
 # ---------------------------------------------------------------------------------------------------------------------
 # The analyses
 # ---------------------------------------------------------------------------------------------------------------------
-def update_rate(model, clean, out_dir: Path, iters: int, seed: int, corruption: str,
-                rates=(0.25, 0.5, 1.0)) -> dict:
+def update_rate(model, clean, out_dir: Path, iters: int, seed: int, corruption: str, rates=(0.25, 0.5, 1.0)) -> dict:
     """Appendix A.3 / Fig. 4d: PSNR against iteration at test-time update rates ``rates``."""
     corrupted = corrupt_spec(clean, corruption, torch.Generator().manual_seed(seed))
     marks = _snapshot_steps(iters)
@@ -296,20 +322,34 @@ def update_rate(model, clean, out_dir: Path, iters: int, seed: int, corruption: 
     for rate in rates:
         trace, out = _run(model, corrupted, clean, iters, seed + 1, rate=rate, keep_at=marks)
         series[f"rate {rate:g}"] = (list(range(1, iters + 1)), trace.psnr)
-        rows.append({
-            "update_rate": rate,
-            "final_psnr": round(trace.psnr[-1], 3),
-            "best_psnr": round(max(trace.psnr), 3),
-            "iterations_to_converge": iterations_to_converge(trace.psnr),
-            "final_ssim": round(float(ssim_per_image(out, clean).mean()), 4) if min(clean.shape[-2:]) >= 11 else None,
-        })
+        rows.append(
+            {
+                "update_rate": rate,
+                "final_psnr": round(trace.psnr[-1], 3),
+                "best_psnr": round(max(trace.psnr), 3),
+                "iterations_to_converge": iterations_to_converge(trace.psnr),
+                "final_ssim": round(float(ssim_per_image(out, clean).mean()), 4)
+                if min(clean.shape[-2:]) >= 11
+                else None,
+            }
+        )
         grid.append([corrupted[0], *[trace.snapshots[m] for m in marks], clean[0]])
         labels.append(f"update rate {rate:g}")
     chart = line_chart(series, f"PSNR vs CA iteration ({corruption})", "iteration", "PSNR (dB)")
     strip = image_grid(grid, labels, ["input", *[f"t={m}" for m in marks], "target"])
-    return _finish(out_dir, "update-rate", stack_vertically([chart, strip]), rows,
-                   {"corruption": corruption, "iters": iters, "images": len(clean), "seed": seed,
-                    "converge_tolerance_db": CONVERGE_TOL_DB})
+    return _finish(
+        out_dir,
+        "update-rate",
+        stack_vertically([chart, strip]),
+        rows,
+        {
+            "corruption": corruption,
+            "iters": iters,
+            "images": len(clean),
+            "seed": seed,
+            "converge_tolerance_db": CONVERGE_TOL_DB,
+        },
+    )
 
 
 def unseen_noise(model, clean, out_dir: Path, iters: int, seed: int, mask_type: str) -> dict:
@@ -322,22 +362,31 @@ def unseen_noise(model, clean, out_dir: Path, iters: int, seed: int, mask_type: 
         series[name] = (list(range(1, iters + 1)), trace.psnr)
         lo = min(min(r[0] for r in trace.out_range), min(r[0] for r in trace.hidden_range))
         hi = max(max(r[1] for r in trace.out_range), max(r[1] for r in trace.hidden_range))
-        rows.append({
-            "condition": name,
-            "input_psnr": round(float(psnr_per_image(corrupted, clean).mean()), 3),
-            "final_psnr": round(trace.psnr[-1], 3),
-            "best_psnr": round(max(trace.psnr), 3),
-            "final_ssim": round(float(ssim_per_image(out, clean).mean()), 4) if min(clean.shape[-2:]) >= 11 else None,
-            "state_min": round(lo, 4),
-            "state_max": round(hi, 4),
-            "diverged": not (trace.max_abs() <= DIVERGED_ABS),
-        })
+        rows.append(
+            {
+                "condition": name,
+                "input_psnr": round(float(psnr_per_image(corrupted, clean).mean()), 3),
+                "final_psnr": round(trace.psnr[-1], 3),
+                "best_psnr": round(max(trace.psnr), 3),
+                "final_ssim": round(float(ssim_per_image(out, clean).mean()), 4)
+                if min(clean.shape[-2:]) >= 11
+                else None,
+                "state_min": round(lo, 4),
+                "state_max": round(hi, 4),
+                "diverged": not (trace.max_abs() <= DIVERGED_ABS),
+            }
+        )
         grid.append([corrupted[0], *[trace.snapshots[m] for m in marks], clean[0]])
         labels.append(name)
     chart = line_chart(series, "PSNR vs CA iteration, unseen inputs", "iteration", "PSNR (dB)", size=(820, 420))
     strip = image_grid(grid, labels, ["input", *[f"t={m}" for m in marks], "target"])
-    return _finish(out_dir, "unseen-noise", stack_vertically([chart, strip]), rows,
-                   {"iters": iters, "images": len(clean), "seed": seed, "mask_type": mask_type})
+    return _finish(
+        out_dir,
+        "unseen-noise",
+        stack_vertically([chart, strip]),
+        rows,
+        {"iters": iters, "images": len(clean), "seed": seed, "mask_type": mask_type},
+    )
 
 
 def head_masking(model, clean, out_dir: Path, iters: int, seed: int, corruption: str = "none") -> dict:
@@ -364,12 +413,14 @@ def head_masking(model, clean, out_dir: Path, iters: int, seed: int, corruption:
         maps = [1.0 - attn[..., i, centre] for i in range(heads)]
         masked = [i + 1 for i, s in enumerate(subset) if s]
         label = "masked: " + (",".join(map(str, masked)) if masked else "none")
-        rows.append({
-            "masked_heads": ",".join(map(str, masked)) or "none",
-            "psnr": round(trace.psnr[-1], 3),
-            "ssim": round(float(ssim_per_image(out, clean).mean()), 4) if min(clean.shape[-2:]) >= 11 else None,
-            "mean_neighbour_attention": round(float(torch.stack(maps).mean()), 4),
-        })
+        rows.append(
+            {
+                "masked_heads": ",".join(map(str, masked)) or "none",
+                "psnr": round(trace.psnr[-1], 3),
+                "ssim": round(float(ssim_per_image(out, clean).mean()), 4) if min(clean.shape[-2:]) >= 11 else None,
+                "mean_neighbour_attention": round(float(torch.stack(maps).mean()), 4),
+            }
+        )
         grid.append([out[0], *maps])
         labels.append(label)
     # One contrast stretch (1st-99th percentile of every map in the figure), so heads and subsets stay comparable
@@ -377,14 +428,31 @@ def head_masking(model, clean, out_dir: Path, iters: int, seed: int, corruption:
     all_maps = torch.stack([m for row in grid for m in row[1:]]).flatten()
     lo, hi = (float(v) for v in torch.quantile(all_maps, torch.tensor([0.01, 0.99])))
     scale = max(hi - lo, 1e-6)
-    grid = [[corrupted[0] if i == 0 else None, clean[0] if i == 0 else None, row[0],
-             *[((m - lo) / scale).clamp(0, 1) for m in row[1:]]] for i, row in enumerate(grid)]
+    grid = [
+        [
+            corrupted[0] if i == 0 else None,
+            clean[0] if i == 0 else None,
+            row[0],
+            *[((m - lo) / scale).clamp(0, 1) for m in row[1:]],
+        ]
+        for i, row in enumerate(grid)
+    ]
     columns = ["input", "target", "output", *[f"head {i + 1}" for i in range(heads)]]
     fig = image_grid(grid, labels, columns, cell=80)
-    return _finish(out_dir, "head-masking", fig, rows,
-                   {"iters": iters, "images": len(clean), "seed": seed, "corruption": corruption,
-                    "attention_map": "1 - self-attention weight, last step, block 1, image 1",
-                    "attention_map_range": [round(lo, 4), round(hi, 4)]})
+    return _finish(
+        out_dir,
+        "head-masking",
+        fig,
+        rows,
+        {
+            "iters": iters,
+            "images": len(clean),
+            "seed": seed,
+            "corruption": corruption,
+            "attention_map": "1 - self-attention weight, last step, block 1, image 1",
+            "attention_map_range": [round(lo, 4), round(hi, 4)],
+        },
+    )
 
 
 def stability(model, clean, out_dir: Path, iters: int, seed: int, corruption: str) -> dict:
@@ -393,28 +461,51 @@ def stability(model, clean, out_dir: Path, iters: int, seed: int, corruption: st
     marks = _snapshot_steps(iters)
     trace, _ = _run(model, corrupted, clean, iters, seed + 1, keep_at=marks)
     steps = list(range(1, iters + 1))
-    rows = [{
-        "iteration": m,
-        "psnr": round(trace.psnr[m - 1], 3),
-        "output_min": round(trace.out_range[m - 1][0], 4),
-        "output_max": round(trace.out_range[m - 1][1], 4),
-        "hidden_min": round(trace.hidden_range[m - 1][0], 4),
-        "hidden_max": round(trace.hidden_range[m - 1][1], 4),
-    } for m in marks]
-    psnr_chart = line_chart({"PSNR": (steps, trace.psnr)}, f"PSNR over {iters} iterations ({corruption})",
-                            "iteration", "PSNR (dB)")
-    range_chart = line_chart({
-        "output min": (steps, [r[0] for r in trace.out_range]),
-        "output max": (steps, [r[1] for r in trace.out_range]),
-        "hidden min": (steps, [r[0] for r in trace.hidden_range]),
-        "hidden max": (steps, [r[1] for r in trace.hidden_range]),
-    }, "cell-state range", "iteration", "value")
-    strip = image_grid([[corrupted[0], *[trace.snapshots[m] for m in marks], clean[0]]], ["image 1"],
-                       ["input", *[f"t={m}" for m in marks], "target"])
+    rows = [
+        {
+            "iteration": m,
+            "psnr": round(trace.psnr[m - 1], 3),
+            "output_min": round(trace.out_range[m - 1][0], 4),
+            "output_max": round(trace.out_range[m - 1][1], 4),
+            "hidden_min": round(trace.hidden_range[m - 1][0], 4),
+            "hidden_max": round(trace.hidden_range[m - 1][1], 4),
+        }
+        for m in marks
+    ]
+    psnr_chart = line_chart(
+        {"PSNR": (steps, trace.psnr)}, f"PSNR over {iters} iterations ({corruption})", "iteration", "PSNR (dB)"
+    )
+    range_chart = line_chart(
+        {
+            "output min": (steps, [r[0] for r in trace.out_range]),
+            "output max": (steps, [r[1] for r in trace.out_range]),
+            "hidden min": (steps, [r[0] for r in trace.hidden_range]),
+            "hidden max": (steps, [r[1] for r in trace.hidden_range]),
+        },
+        "cell-state range",
+        "iteration",
+        "value",
+    )
+    strip = image_grid(
+        [[corrupted[0], *[trace.snapshots[m] for m in marks], clean[0]]],
+        ["image 1"],
+        ["input", *[f"t={m}" for m in marks], "target"],
+    )
     max_abs = trace.max_abs()
-    return _finish(out_dir, "stability", stack_vertically([psnr_chart, range_chart, strip]), rows,
-                   {"iters": iters, "images": len(clean), "seed": seed, "corruption": corruption,
-                    "max_abs_state": max_abs, "diverged": not (max_abs <= DIVERGED_ABS)})
+    return _finish(
+        out_dir,
+        "stability",
+        stack_vertically([psnr_chart, range_chart, strip]),
+        rows,
+        {
+            "iters": iters,
+            "images": len(clean),
+            "seed": seed,
+            "corruption": corruption,
+            "max_abs_state": max_abs,
+            "diverged": not (max_abs <= DIVERGED_ABS),
+        },
+    )
 
 
 def _finish(out_dir: Path, name: str, figure: Image.Image, rows: list[dict], extra: dict) -> dict:
@@ -425,8 +516,16 @@ def _finish(out_dir: Path, name: str, figure: Image.Image, rows: list[dict], ext
     return {"kind": name, **extra, "table": rows, "files": [str(f) for f in files]}
 
 
-def run_analysis(kind: str, model, clean: torch.Tensor, out_dir: Path, iters: int | None = None, seed: int = 0,
-                 mask_type: str = "noise", corruption: str | None = None) -> dict:
+def run_analysis(
+    kind: str,
+    model,
+    clean: torch.Tensor,
+    out_dir: Path,
+    iters: int | None = None,
+    seed: int = 0,
+    mask_type: str = "noise",
+    corruption: str | None = None,
+) -> dict:
     """Run analysis ``kind`` on the clean images ``clean`` ``(B, C, H, W)`` and write its files to ``out_dir``."""
     if kind not in KINDS:
         raise UsageError(f"unknown analysis {kind!r}; choose from {', '.join(KINDS)}")

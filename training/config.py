@@ -20,8 +20,16 @@ PRECISIONS = ("fp32", "bf16")
 TRAIN, RUN, DATA = "Training (Algorithm 1)", "Run", "Data"  # the --help sections
 
 
-def setting(default, help: str, panel: str = TRAIN, *, resumable: bool = False, flags: tuple[str, ...] = (),
-            shown: str | None = None, option: bool = True):
+def setting(
+    default,
+    help: str,
+    panel: str = TRAIN,
+    *,
+    resumable: bool = False,
+    flags: tuple[str, ...] = (),
+    shown: str | None = None,
+    option: bool = True,
+):
     """A configuration field: its ``default`` and ``help``, and how `vitca train` offers it. ``resumable``: may
     change when a run resumes. ``flags``: extra option names (``-b``) or a ``--on/--off`` pair. ``shown``: the
     default as --help shows it (default: the value). ``option``: False when the command sets it another way."""
@@ -60,8 +68,14 @@ class MaskingConfig:
         """The curriculum as a ``vitca_cli.nca.masking.MaskingSchedule``."""
         from vitca_cli.nca.masking import MaskingSchedule
 
-        return MaskingSchedule(start=self.start, end=self.end, prob_stages=self.prob_stages, max_prob=self.max_prob,
-                               patch_stages=self.patch_stages, max_patch=self.max_patch)
+        return MaskingSchedule(
+            start=self.start,
+            end=self.end,
+            prob_stages=self.prob_stages,
+            max_prob=self.max_prob,
+            patch_stages=self.patch_stages,
+            max_patch=self.max_patch,
+        )
 
 
 MASKING_PREFIX = "mask_"  # flat names of the masking fields: in old run folders, and as --mask-* options
@@ -72,24 +86,32 @@ MASKING_FIELDS = tuple(f.name for f in dataclasses.fields(MaskingConfig))
 class TrainConfig:
     """Every knob of Algorithm 1 and the appendix ablations that is not part of the model itself."""
 
-    dataset: str = setting("fashion-mnist", "fashion-mnist | mnist | mnist-5k | cifar10 | celeba | folder:PATH.",
-                           DATA, option=False)
-    data_dir: str | None = setting(None, "Dataset root (default: $VITCA_DATA, then the user cache).", DATA,
-                                   option=False)
+    dataset: str = setting(
+        "fashion-mnist", "fashion-mnist | mnist | mnist-5k | cifar10 | celeba | folder:PATH.", DATA, option=False
+    )
+    data_dir: str | None = setting(
+        None, "Dataset root (default: $VITCA_DATA, then the user cache).", DATA, option=False
+    )
     iterations: int = setting(100_000, "Total iterations I.", resumable=True)
     batch_size: int = setting(32, "Batch size b.", flags=("-b",))
     pool_size: int = setting(1024, "Pool size N_P.")
-    pool_overwrite: bool = setting(False, "Pool batches replace their entries (the reference's "
-                                   "sample_with_replacement).", flags=("--pool-overwrite/--pool-append",),
-                                   shown="append")
+    pool_overwrite: bool = setting(
+        False,
+        "Pool batches replace their entries (the reference's sample_with_replacement).",
+        flags=("--pool-overwrite/--pool-append",),
+        shown="append",
+    )
     t_min: int = setting(8, "Fewest CA steps per iteration.")
     t_max: int = setting(32, "Most CA steps per iteration.")
     alpha: float = setting(100.0, "Reconstruction weight α.")
     beta: float = setting(100.0, "Overflow weight β.")
     lr: float = setting(1e-3, "AdamW learning rate.")
     lr_min: float = setting(0.0, "Cosine schedule floor.")
-    warmup: int = setting(0, "Linear lr warm-up over N iterations (for fine-tuning: spares trained weights the "
-                          "first, sign-like steps of fresh AdamW moments).")
+    warmup: int = setting(
+        0,
+        "Linear lr warm-up over N iterations (for fine-tuning: spares trained weights the "
+        "first, sign-like steps of fresh AdamW moments).",
+    )
     weight_decay: float = setting(0.01, "AdamW weight decay.")
     grad_norm: bool = setting(True, "Per-tensor gradient normalisation.", shown="on")
     checkpointing: bool = setting(False, "Gradient checkpointing, ⌊T/2⌋ segments.", shown="off")
@@ -98,24 +120,41 @@ class TrainConfig:
     val_every: int = setting(500, "Validate every N iterations (0: never).", RUN, resumable=True)
     val_size: int = setting(256, "Validation images.", RUN)
     val_steps: int = setting(64, "CA steps at validation.", RUN)
-    save_every: int = setting(0, "Save last.pt every N iterations (0: at each validation and at the end).", RUN,
-                              resumable=True)
+    save_every: int = setting(
+        0, "Save last.pt every N iterations (0: at each validation and at the end).", RUN, resumable=True
+    )
     log_every: int = setting(10, "metrics.jsonl line every N iterations.", RUN, resumable=True)
     seed: int = setting(0, "Random seed.", RUN)
-    init_weights: str | None = setting(None, "Fine-tuned from these weights (recorded; the run's own state lives "
-                                       "in last.pt).", option=False)
-    compile: bool = setting(True, "Fused (torch.compile) attention and bias kernels (gradients within 1e-4 of "
-                            "eager).", RUN, resumable=True, shown="on")
-    precision: str = setting("fp32", "fp32 | bf16: matrix products in bfloat16 (autocast; cells and weights stay "
-                             "fp32); fast only on CPUs with bfloat16 instructions (AMX, AVX512-BF16) and on GPUs.",
-                             RUN, resumable=True)
+    init_weights: str | None = setting(
+        None, "Fine-tuned from these weights (recorded; the run's own state lives in last.pt).", option=False
+    )
+    compile: bool = setting(
+        True,
+        "Fused (torch.compile) attention and bias kernels (gradients within 1e-4 of eager).",
+        RUN,
+        resumable=True,
+        shown="on",
+    )
+    precision: str = setting(
+        "fp32",
+        "fp32 | bf16: matrix products in bfloat16 (autocast; cells and weights stay "
+        "fp32); fast only on CPUs with bfloat16 instructions (AMX, AVX512-BF16) and on GPUs.",
+        RUN,
+        resumable=True,
+    )
     corruptions: str = setting(  # "patch": vitca_cli.nca.corruptions.PAPER_MIXTURE
-        "patch", 'Damage mixture, e.g. "gaussian=0.01-0.25:3, saltpepper:1, jpeg=10-60:1, strokes:2, rects:1, '
+        "patch",
+        'Damage mixture, e.g. "gaussian=0.01-0.25:3, saltpepper:1, jpeg=10-60:1, strokes:2, rects:1, '
         'clean:1" (NAME[=LO-HI][:WEIGHT]; kinds: patch gaussian saltpepper jpeg strokes rects clean).',
-        shown="patch: the paper's masks")
-    crop_sizes: tuple[int, ...] = setting((), "Square crop sizes drawn per iteration for folder data, e.g. 32,64 "
-                                          "(the batch shrinks with the area).", DATA, shown="the image size",
-                                          option=False)
+        shown="patch: the paper's masks",
+    )
+    crop_sizes: tuple[int, ...] = setting(
+        (),
+        "Square crop sizes drawn per iteration for folder data, e.g. 32,64 (the batch shrinks with the area).",
+        DATA,
+        shown="the image size",
+        option=False,
+    )
 
     def __post_init__(self) -> None:
         from vitca_cli.nca.corruptions import mixture_str, parse_mixture

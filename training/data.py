@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vitca_cli.io.files import md5sum
 from vitca_cli.errors import SettingError, VitcaError
+from vitca_cli.io.files import md5sum
 
 SPLITS = ("train", "val", "test")
 DATASETS = ("fashion-mnist", "mnist", "mnist-5k", "cifar10", "celeba", "folder:PATH")

@@ -48,8 +48,13 @@ class World:
 
     def describe(self) -> dict:
         """What ``config.json`` records about the layout."""
-        return {"backend": self.backend, "world_size": self.size, "rank": self.rank, "local_rank": self.local_rank,
-                "nodes": int(os.environ.get("GROUP_WORLD_SIZE", os.environ.get("NNODES", "1")) or 1)}
+        return {
+            "backend": self.backend,
+            "world_size": self.size,
+            "rank": self.rank,
+            "local_rank": self.local_rank,
+            "nodes": int(os.environ.get("GROUP_WORLD_SIZE", os.environ.get("NNODES", "1")) or 1),
+        }
 
 
 SINGLE = World()
@@ -76,8 +81,9 @@ def init(device: torch.device) -> tuple[World, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=TIMEOUT_S),
-                                device_id=device if backend == "nccl" else None)
+        dist.init_process_group(
+            backend, timeout=datetime.timedelta(seconds=TIMEOUT_S), device_id=device if backend == "nccl" else None
+        )
     return World(rank, size, local_rank, backend), device
 
 
@@ -133,8 +139,10 @@ def split_batch(global_batch: int, world: World) -> int:
     """This rank's share of ``--batch-size`` (the global batch); it must divide evenly, so that averaging the ranks'
     gradients equals the gradient of the whole batch."""
     if global_batch % world.size:
-        raise SettingError("batch_size", f"{global_batch} does not split evenly over {world.size} ranks; use a "
-                           f"multiple of {world.size}")
+        raise SettingError(
+            "batch_size",
+            f"{global_batch} does not split evenly over {world.size} ranks; use a multiple of {world.size}",
+        )
     return global_batch // world.size
 
 

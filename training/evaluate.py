@@ -33,16 +33,17 @@ import torch
 from training.metrics import LPIPS, mean_interval, psnr_batch, psnr_per_image, ssim_per_image
 from vitca_cli import tables
 from vitca_cli.errors import SettingError, UsageError
+from vitca_cli.io.weights import home_dir
 from vitca_cli.nca.masking import MaskingSchedule, apply_mask, patch_keep_mask
 from vitca_cli.nca.rollout import BlockMasks, MaskSource, rollout
-from vitca_cli.io.weights import home_dir
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Data plumbing
 # ---------------------------------------------------------------------------------------------------------------------
-def batches(dataset, batch_size: int, limit: int | None = None, with_labels: bool = False,
-            drop_last: bool = False) -> Iterator:
+def batches(
+    dataset, batch_size: int, limit: int | None = None, with_labels: bool = False, drop_last: bool = False
+) -> Iterator:
     """Consecutive batches ``(B, C, H, W)`` of the first ``limit`` images of ``dataset`` (``ds[i]`` → image);
     ``drop_last`` leaves out a last, smaller batch (as the reference's test loader does)."""
     n = len(dataset) if limit is None else min(limit, len(dataset))
@@ -100,9 +101,10 @@ def check_patch_sizes(image_size: tuple[int, int], schedule: MaskingSchedule | N
     bad = [s for _, s in eval_combos(schedule) if image_size[0] % s or image_size[1] % s]
     if bad:
         raise SettingError(
-            "max_patch", f"{(schedule or MaskingSchedule()).max_patch}: test mask patch sizes {sorted(set(bad))} do "
+            "max_patch",
+            f"{(schedule or MaskingSchedule()).max_patch}: test mask patch sizes {sorted(set(bad))} do "
             f"not divide the image size {image_size[0]}×{image_size[1]}; pick a largest patch so that 1, max/2 and "
-            "max all divide it"
+            "max all divide it",
         )
 
 
@@ -115,8 +117,15 @@ def corrupt(
     return apply_mask(images, keep, mask_type, patch, generator), keep
 
 
-def restore(model, corrupted: torch.Tensor, steps: int, masks: MaskSource, generator: torch.Generator | None = None,
-            device=None, known: torch.Tensor | None = None) -> torch.Tensor:
+def restore(
+    model,
+    corrupted: torch.Tensor,
+    steps: int,
+    masks: MaskSource,
+    generator: torch.Generator | None = None,
+    device=None,
+    known: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Seed the CA with ``corrupted`` (random cell init from the CPU ``generator``), run ``steps`` steps with update
     masks from ``masks``, and return the output image (on the CPU, not clipped). With ``known`` ``(B, 1, H, W)``
     (1 = pixel given), a mask-aware model sees it, and known pixels come back as given."""
@@ -166,8 +175,10 @@ def load_lpips(device) -> tuple[LPIPS | None, str]:
             f"v0.1 {LPIPS_FILE} in {folders[0]} to enable it"
         )
     try:
-        module = LPIPS(torch.load(vgg, map_location="cpu", weights_only=True),
-                       torch.load(lin, map_location="cpu", weights_only=True))
+        module = LPIPS(
+            torch.load(vgg, map_location="cpu", weights_only=True),
+            torch.load(lin, map_location="cpu", weights_only=True),
+        )
     except Exception as exc:  # noqa: BLE001 - a broken file only costs this one metric
         return None, f"skipped: LPIPS weights unreadable ({type(exc).__name__}: {exc})"
     return module.to(device), "computed"
@@ -239,8 +250,8 @@ def evaluate(
     """
     if protocol not in PROTOCOLS:
         raise SettingError("protocol", f"{protocol!r}: choose from {', '.join(PROTOCOLS)}")
-    from vitca_cli.nca.corruptions import corrupt_batch, mixture_str, parse_mixture
     from training.baselines import run_baseline
+    from vitca_cli.nca.corruptions import corrupt_batch, mixture_str, parse_mixture
 
     baselines = list(baselines)
     schedule = schedule or MaskingSchedule()
@@ -268,8 +279,9 @@ def evaluate(
                 keep = known
             else:
                 corrupted, keep = corrupt(clean, prob, patch, mask_type, mask_gen)
-            output, seconds = _timed(device, lambda: restore(model, corrupted, iters, update_masks, ca_gen, device,
-                                                             known))
+            output, seconds = _timed(
+                device, lambda: restore(model, corrupted, iters, update_masks, ca_gen, device, known)
+            )
             rows["vitca"].seconds += seconds
             rows["vitca"].add(output, clean, lpips)
             scores = psnr_per_image(output, clean).tolist()
@@ -319,8 +331,10 @@ def _describe_combos(combos: list[tuple[float, int]], mixture: str | None, proto
     if mixture:
         return f"mixture {mixture}, one draw per image"
     per_batch = f"one drawn at random per batch (seed {seed})" if protocol == "paper" else "cycled one per batch"
-    return (f"{len(combos)} test combos (p in {sorted({p for p, _ in combos})} x patch sizes "
-            f"{sorted({s for _, s in combos})}), " + per_batch)
+    return (
+        f"{len(combos)} test combos (p in {sorted({p for p, _ in combos})} x patch sizes "
+        f"{sorted({s for _, s in combos})}), " + per_batch
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -347,11 +361,16 @@ def format_report(report: dict) -> str:
     header = ["method", "PSNR (dB)", "batch PSNR", "SSIM", "LPIPS", "images/s"]
     lines = []
     for name, m in report["methods"].items():
-        lines.append([
-            "corrupted input" if name == "input" else name,
-            _fmt(m["psnr"], 2), _fmt(m["psnr_batch"], 2), _fmt(m["ssim"], 4), _fmt(m["lpips"], 4),
-            f"{m['images_per_s']:.1f}" if m.get("images_per_s") else "—",
-        ])
+        lines.append(
+            [
+                "corrupted input" if name == "input" else name,
+                _fmt(m["psnr"], 2),
+                _fmt(m["psnr_batch"], 2),
+                _fmt(m["ssim"], 4),
+                _fmt(m["lpips"], 4),
+                f"{m['images_per_s']:.1f}" if m.get("images_per_s") else "—",
+            ]
+        )
     out = [
         f"{report.get('dataset', '?')} {report.get('split', '')}: {report['images']} images, {report['iters']} CA "
         f"steps at σ={report['update_rate']:g}, {report['mask_type']} masking, seed {report['seed']}",

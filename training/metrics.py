@@ -29,9 +29,7 @@ def _gaussian_window(size: int, sigma: float, channels: int, device, dtype) -> t
     return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
 
 
-def ssim_per_image(
-    output: torch.Tensor, target: torch.Tensor, window: int = 11, sigma: float = 1.5
-) -> torch.Tensor:
+def ssim_per_image(output: torch.Tensor, target: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
     """SSIM of each image ``(B, C, H, W)`` on clipped inputs (Gaussian window, 'valid' filtering)."""
     x, y = output.clamp(0, 1).double(), target.clamp(0, 1).double()
     c = x.shape[1]
@@ -55,8 +53,38 @@ def ssim_per_image(
 # Summaries: mean with a 95% confidence interval
 # ---------------------------------------------------------------------------------------------------------------------
 # Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom; beyond 30 the normal 1.96 is within 2%.
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+_T975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 
 
 def mean_interval(values) -> tuple[float, float]:
@@ -105,11 +133,14 @@ class LPIPS(torch.nn.Module):
                 layers += [torch.nn.Conv2d(cin, spec, 3, padding=1), torch.nn.ReLU()]
                 cin = spec
         self.features = torch.nn.Sequential(*layers)
-        self.features.load_state_dict({k.removeprefix("features."): v for k, v in vgg_state.items()
-                                       if k.startswith("features.")})
+        self.features.load_state_dict(
+            {k.removeprefix("features."): v for k, v in vgg_state.items() if k.startswith("features.")}
+        )
         self.lins = torch.nn.ParameterList(
-            [torch.nn.Parameter(lin_state[f"lin{k}.model.1.weight"].reshape(1, c, 1, 1), requires_grad=False)
-             for k, c in enumerate(_LPIPS_WIDTHS)]
+            [
+                torch.nn.Parameter(lin_state[f"lin{k}.model.1.weight"].reshape(1, c, 1, 1), requires_grad=False)
+                for k, c in enumerate(_LPIPS_WIDTHS)
+            ]
         )
         self.register_buffer("shift", torch.tensor(_LPIPS_SHIFT).view(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor(_LPIPS_SCALE).view(1, 3, 1, 1))

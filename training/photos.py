@@ -22,10 +22,27 @@ from pathlib import Path
 OPENCV_DIR = Path("/usr/share/doc/opencv-doc/examples/data")
 # Natural photographs and textures; logos, charts, text and calibration boards are left out.
 OPENCV_TRAIN = [
-    "aero1.jpg", "aero3.jpg", "aloeL.jpg", "apple.jpg", "basketball1.png", "blox.jpg", "board.jpg",
-    "chicky_512.png", "ela_original.jpg", "graf1.png", "HappyFish.jpg", "home.jpg",
-    "leuvenA.jpg", "rubberwhale1.png", "stuff.jpg", "Blender_Suzanne1.jpg",
-    "box_in_scene.png", "licenseplate_motion.jpg", "basketball2.png", "leuvenB.jpg", "starry_night.jpg",
+    "aero1.jpg",
+    "aero3.jpg",
+    "aloeL.jpg",
+    "apple.jpg",
+    "basketball1.png",
+    "blox.jpg",
+    "board.jpg",
+    "chicky_512.png",
+    "ela_original.jpg",
+    "graf1.png",
+    "HappyFish.jpg",
+    "home.jpg",
+    "leuvenA.jpg",
+    "rubberwhale1.png",
+    "stuff.jpg",
+    "Blender_Suzanne1.jpg",
+    "box_in_scene.png",
+    "licenseplate_motion.jpg",
+    "basketball2.png",
+    "leuvenB.jpg",
+    "starry_night.jpg",
 ]
 OPENCV_VAL = ["butterfly.jpg", "messi5.jpg"]  # validation during training: random crops, never trained on
 OPENCV_TEST = ["baboon.jpg", "fruits.jpg", "building.jpg", "smarties.png", "squirrel_cls.jpg", "orange.jpg"]
@@ -46,8 +63,9 @@ def collect(out: Path) -> dict[str, int]:
         for name in names:
             src = OPENCV_DIR / name
             if src.is_file():
-                counts[split] += _save(Image.open(src).convert("RGB"), out / split / f"opencv-{Path(name).stem}",
-                                       split == "train")
+                counts[split] += _save(
+                    Image.open(src).convert("RGB"), out / split / f"opencv-{Path(name).stem}", split == "train"
+                )
     try:
         from skimage import data
     except ImportError:
@@ -77,8 +95,9 @@ def _save(image, stem: Path, half: bool) -> int:
     return 2
 
 
-def test_crops(out: Path, size: int = 32, per_image: int = 16, seed: int = 0, split: str = "test",
-               dest: Path | None = None) -> int:
+def test_crops(
+    out: Path, size: int = 32, per_image: int = 16, seed: int = 0, split: str = "test", dest: Path | None = None
+) -> int:
     """Cut ``per_image`` random ``size``×``size`` crops from each photo of ``split`` into ``dest``
     (default ``out/crops/<split>``)."""
     import numpy as np
@@ -102,5 +121,10 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit(__doc__)
     root = Path(sys.argv[1])
-    print(collect(root), "test crops:", test_crops(root),
-          "validation crops:", test_crops(root, per_image=64, seed=1, split="val", dest=root / "val"))
+    print(
+        collect(root),
+        "test crops:",
+        test_crops(root),
+        "validation crops:",
+        test_crops(root, per_image=64, seed=1, split="val", dest=root / "val"),
+    )

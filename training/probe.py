@@ -23,8 +23,15 @@ MIN_VALIDATION = 100
 L2_GRID = (1e-4, 1e-3, 1e-2)  # weight penalties tried; the best on validation is kept
 
 
-def ca_features(model, dataset, limit: int | None, iters: int, batch_size: int, seed: int,
-                progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def ca_features(
+    model,
+    dataset,
+    limit: int | None,
+    iters: int,
+    batch_size: int,
+    seed: int,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(hidden features (N, Ch), raw pixels (N, C·H·W), labels (N,))`` for the first ``limit`` images."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
@@ -45,8 +52,7 @@ def _fit(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float, max_iter: in
     """Multinomial logistic regression with an L2 penalty on the weights, full-batch L-BFGS."""
     torch.manual_seed(seed)  # the layer's initialisation
     clf = nn.Linear(x.shape[1], classes)
-    opt = torch.optim.LBFGS(clf.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(clf.parameters(), lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
@@ -58,8 +64,16 @@ def _fit(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float, max_iter: in
     return clf
 
 
-def train_linear(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 classes: int, max_iter: int = 200, l2_grid=L2_GRID, seed: int = 0) -> dict:
+def train_linear(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    classes: int,
+    max_iter: int = 200,
+    l2_grid=L2_GRID,
+    seed: int = 0,
+) -> dict:
     """Fit a linear classifier and return its top-1 accuracies.
 
     Features are standardised with the training mean and std; the L2 strength is picked from ``l2_grid`` by top-1
@@ -106,9 +120,18 @@ def _train_linear(train_x, train_y, test_x, test_y, classes, max_iter, l2_grid, 
     }
 
 
-def linear_probe(model, train_set, test_set, iters: int = 64, train_limit: int | None = 2000,
-                 test_limit: int | None = 1000, max_iter: int = 200, batch_size: int = 64,
-                 seed: int = 0, progress: Callable[[int], None] | None = None) -> dict:
+def linear_probe(
+    model,
+    train_set,
+    test_set,
+    iters: int = 64,
+    train_limit: int | None = 2000,
+    test_limit: int | None = 1000,
+    max_iter: int = 200,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
     """Probe the frozen CA's averaged hidden channels and, trained the same way, the raw pixels."""
     model.requires_grad_(False).eval()
     tr_f, tr_p, tr_y = ca_features(model, train_set, train_limit, iters, batch_size, seed, progress)
@@ -132,11 +155,22 @@ def format_probe(report: dict) -> str:
     for key, label in (("ca_hidden_mean", "CA hidden (spatial mean)"), ("raw_pixels", "raw pixels")):
         r = report[key]
         val_n = r.get("val_images")
-        rows.append((label, str(r["features"]), f"{100 * r['test_top1']:.2f}%", f"{100 * r['val_top1']:.2f}%",
-                     str(val_n) if val_n else "0 (the fit set)", f"{100 * r['train_top1']:.2f}%", f"{r['l2']:g}"))
-    lines = [f"{report.get('dataset', '?')}: linear probe on {report['train_images']} train / "
-             f"{report['test_images']} test images, {report['classes']} classes, CA run {report['iters']} steps on "
-             f"unmasked images; logistic regression (L-BFGS ≤{report['max_iter']} iterations, L2 picked on "
-             f"validation), seed {report['seed']}"]
+        rows.append(
+            (
+                label,
+                str(r["features"]),
+                f"{100 * r['test_top1']:.2f}%",
+                f"{100 * r['val_top1']:.2f}%",
+                str(val_n) if val_n else "0 (the fit set)",
+                f"{100 * r['train_top1']:.2f}%",
+                f"{r['l2']:g}",
+            )
+        )
+    lines = [
+        f"{report.get('dataset', '?')}: linear probe on {report['train_images']} train / "
+        f"{report['test_images']} test images, {report['classes']} classes, CA run {report['iters']} steps on "
+        f"unmasked images; logistic regression (L-BFGS ≤{report['max_iter']} iterations, L2 picked on "
+        f"validation), seed {report['seed']}"
+    ]
     lines.append(tables.format_table(rows[0], rows[1:]))
     return "\n".join(lines)

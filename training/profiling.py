@@ -64,8 +64,8 @@ def _measure(cfg_dict: dict, batch: int, height: int, width: int, steps: int, mo
     """Run the measurement in this process (called in a fresh subprocess on CPU)."""
     import torch
 
-    from vitca_cli.nca.config import CAConfig
     from vitca_cli.nca.attention import use_compiled_kernels
+    from vitca_cli.nca.config import CAConfig
     from vitca_cli.nca.model import CellularAutomaton
     from vitca_cli.runtime import tune_allocator
 

@@ -40,13 +40,17 @@ def resume_run(run_dir: Path, changes: dict, fixed: list[str]) -> tuple[CAConfig
     bad = sorted(set(changes) - allowed) + list(fixed)
     if bad:
         given, ok = placeholders(len(bad)), placeholders(len(allowed), start=len(bad) + 1)
-        raise SettingError("resume", f"keeps the run's configuration; cannot change {given} (allowed: {ok})",
-                           *bad, *sorted(allowed))
+        raise SettingError(
+            "resume", f"keeps the run's configuration; cannot change {given} (allowed: {ok})", *bad, *sorted(allowed)
+        )
     cfg, tcfg, ckpt = read_run(run_dir)
     tcfg = tcfg.replace(**changes)
     if ckpt["iteration"] >= tcfg.iterations:
-        raise SettingError("iterations", f"{tcfg.iterations}: {run_dir} is already at iteration {ckpt['iteration']}; "
-                           "pass a larger number to continue")
+        raise SettingError(
+            "iterations",
+            f"{tcfg.iterations}: {run_dir} is already at iteration {ckpt['iteration']}; "
+            "pass a larger number to continue",
+        )
     return cfg, tcfg, ckpt
 
 
@@ -57,8 +61,11 @@ def new_run_dir(dataset: str, run_dir: Path | None = None) -> Path:
 
 def check_new_run_dir(out_dir: Path) -> None:
     if (Path(out_dir) / LAST).exists():
-        raise SettingError("run_dir", "{0} " + f"{out_dir} already holds a run; resume it ({{1}} {out_dir}) or "
-                           "choose another folder", "resume")
+        raise SettingError(
+            "run_dir",
+            "{0} " + f"{out_dir} already holds a run; resume it ({{1}} {out_dir}) or choose another folder",
+            "resume",
+        )
 
 
 def _slug(spec: str) -> str:
@@ -84,8 +91,14 @@ def read_init(spec: str):
     return cfg, state, f"{ref.name} ({ref.path.name}, sha256 {sha256_file(ref.path)[:12]})"
 
 
-def model_config(tcfg: TrainConfig, channels: int, image_size: tuple[int, int], model_opts: dict,
-                 init_cfg: CAConfig | None = None, init_spec: str = "") -> CAConfig:
+def model_config(
+    tcfg: TrainConfig,
+    channels: int,
+    image_size: tuple[int, int],
+    model_opts: dict,
+    init_cfg: CAConfig | None = None,
+    init_spec: str = "",
+) -> CAConfig:
     """The model a run trains on data of ``channels`` × ``image_size``: the starting weights' (moved to the image
     size when its position encoding allows), else the dataset's preset with ``model_opts``; checked against the
     masking and crop sizes."""
@@ -94,9 +107,11 @@ def model_config(tcfg: TrainConfig, channels: int, image_size: tuple[int, int], 
         if channels != cfg.channels or tuple(image_size) != tuple(cfg.image_size):
             if channels != cfg.channels or cfg.pos_encoding == "learned":
                 raise SettingError(
-                    "init_weights", f"{init_spec}: a {cfg.channels}-channel {cfg.image_size[0]}×{cfg.image_size[1]} "
+                    "init_weights",
+                    f"{init_spec}: a {cfg.channels}-channel {cfg.image_size[0]}×{cfg.image_size[1]} "
                     f"model ({cfg.pos_encoding} position encoding) cannot train on {tcfg.dataset} ({channels} "
-                    f"channels, {image_size[0]}×{image_size[1]})")
+                    f"channels, {image_size[0]}×{image_size[1]})",
+                )
             cfg = cfg.replace(image_size=tuple(image_size))
     else:
         base = PRESETS.get({"mnist-5k": "mnist"}.get(tcfg.dataset, tcfg.dataset), PRESETS["celeba"])
@@ -116,7 +131,9 @@ def check_sizes(cfg: CAConfig, tcfg: TrainConfig) -> None:
         for p in {s for _, s in tcfg.schedule.combos}:
             for side in (h, w, *tcfg.crop_sizes):
                 if side % p:
-                    raise SettingError("mask_max_patch", f"{tcfg.masking.max_patch}: mask patch {p} does not divide "
-                                       f"the image size {side}")
+                    raise SettingError(
+                        "mask_max_patch",
+                        f"{tcfg.masking.max_patch}: mask patch {p} does not divide the image size {side}",
+                    )
     if tcfg.crop_sizes and cfg.size_dependent:
         raise SettingError("crop_sizes", "needs a size-agnostic model ({1} none)", "pos_encoding")

@@ -18,10 +18,10 @@ import math
 import sys
 from pathlib import Path
 
-from vitca_cli.io.checkpoint import read_checkpoint, save_checkpoint
-from vitca_cli.nca.config import CAConfig
 from vitca_cli.errors import VitcaError
+from vitca_cli.io.checkpoint import read_checkpoint, save_checkpoint
 from vitca_cli.io.weights import sha256_file, shipped_dir, write_manifest_entry
+from vitca_cli.nca.config import CAConfig
 
 SHIPPED_MAX_BYTES = 1 << 20  # each shipped model stays under 1 MB
 
@@ -126,8 +126,10 @@ def ship(
         entry["notes"] = notes
     entry = {k: _plain(v) for k, v in entry.items()}
     shipped_meta = {**meta, **{k: v for k, v in entry.items() if k not in ("file",)}, "shipped_from": checkpoint.name}
-    state = {k: v.detach().float().contiguous().clone() if v.is_floating_point() else v.clone()
-             for k, v in obj["model"].items()}
+    state = {
+        k: v.detach().float().contiguous().clone() if v.is_floating_point() else v.clone()
+        for k, v in obj["model"].items()
+    }
     out = weights_dir / entry["file"]
     save_checkpoint(out, cfg, state, _plain(shipped_meta))
     entry["sha256"] = sha256_file(out)
@@ -153,8 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--default-iters", type=int, help="CA steps `vitca denoise` runs by default with these weights")
     args = ap.parse_args(argv)
     try:
-        entry = ship(args.checkpoint, args.name, args.dataset, args.weights_dir, args.val_psnr, args.val_ssim,
-                     args.iterations, args.trained, args.mask_type, args.notes, args.default_iters)
+        entry = ship(
+            args.checkpoint,
+            args.name,
+            args.dataset,
+            args.weights_dir,
+            args.val_psnr,
+            args.val_ssim,
+            args.iterations,
+            args.trained,
+            args.mask_type,
+            args.notes,
+            args.default_iters,
+        )
     except VitcaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -36,16 +36,16 @@ from pathlib import Path
 import torch
 
 from training.config import PRECISIONS, MaskingConfig, TrainConfig  # noqa: F401 - importable from here too
-from training.run import BEST, CONFIG_FILE, LAST, read_run  # noqa: F401 - read_run: importable from here too
 from training.distributed import SINGLE, World, any_rank, barrier, rank_seed, split_batch, wrap
+from training.run import BEST, CONFIG_FILE, LAST, read_run  # noqa: F401 - read_run: importable from here too
 from vitca_cli import log as logmod
+from vitca_cli.errors import UsageError, VitcaError
 from vitca_cli.io.checkpoint import read_checkpoint, save_checkpoint
 from vitca_cli.io.files import atomic_write_bytes
+from vitca_cli.nca.attention import use_compiled_kernels
 from vitca_cli.nca.config import CAConfig
 from vitca_cli.nca.corruptions import corrupt_batch
-from vitca_cli.errors import UsageError, VitcaError
 from vitca_cli.nca.masking import random_mask
-from vitca_cli.nca.attention import use_compiled_kernels
 from vitca_cli.nca.model import CellularAutomaton
 
 log = logmod.log
@@ -72,8 +72,9 @@ def normalize_gradients(params) -> None:
         torch._foreach_div_(grads, torch._foreach_add(norms, 1e-8))
 
 
-def rollout(ca, z: torch.Tensor, steps: int, tcfg: TrainConfig, generator: torch.Generator,
-            masks: torch.Tensor | None = None) -> torch.Tensor:
+def rollout(
+    ca, z: torch.Tensor, steps: int, tcfg: TrainConfig, generator: torch.Generator, masks: torch.Tensor | None = None
+) -> torch.Tensor:
     """The T training steps: plain, gradient-checkpointed (⌊T/2⌋ segments), or fusion/mitosis (appendix A.1).
 
     With ``precision="bf16"`` the steps run under autocast: the linear layers multiply in bfloat16 (AMX/AVX512-BF16
@@ -203,8 +204,9 @@ class Trainer:
             if self.tcfg.paper_masking:
                 z = self.ca.seed(random_mask(x, prob, patch, self.tcfg.mask_type, self.gen), self.gen)
             else:
-                damaged, known, _ = corrupt_batch(x, self.tcfg.mixture, self.gen_data, self.tcfg.mask_type,
-                                                  (prob, patch))
+                damaged, known, _ = corrupt_batch(
+                    x, self.tcfg.mixture, self.gen_data, self.tcfg.mask_type, (prob, patch)
+                )
                 z = self.ca.seed(damaged, self.gen, known)
         return z, x
 
@@ -332,8 +334,15 @@ class Trainer:
         older shards go. A crash at any point leaves a ``last.pt`` whose shards are all on disk."""
         path = Path(path)
         if self.world.rank > 0:
-            save_checkpoint(shard_path(path, self.world.rank, self.iteration), self.cfg, {}, {},
-                            iteration=self.iteration, world_size=self.world.size, **self._rank_state())
+            save_checkpoint(
+                shard_path(path, self.world.rank, self.iteration),
+                self.cfg,
+                {},
+                {},
+                iteration=self.iteration,
+                world_size=self.world.size,
+                **self._rank_state(),
+            )
         barrier(self.world)
         if self.world.main:
             save_checkpoint(
@@ -368,17 +377,23 @@ class Trainer:
         """Restore a ``last.pt`` written by :meth:`save` (``path``: where it is, to find this rank's shard)."""
         saved_world = int(ckpt.get("world_size", 1))
         if saved_world != self.world.size:
-            raise UsageError(f"this run was saved by {saved_world} rank(s) and is resumed with {self.world.size}; "
-                             "resume with {0}" f" giving {saved_world} ranks in all (each rank's pool and random "
-                             "streams are saved per rank)", settings=("nproc",))
+            raise UsageError(
+                f"this run was saved by {saved_world} rank(s) and is resumed with {self.world.size}; "
+                "resume with {0}"
+                f" giving {saved_world} ranks in all (each rank's pool and random "
+                "streams are saved per rank)",
+                settings=("nproc",),
+            )
         self.ca.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
         if self.world.rank > 0:
             shard = shard_path(Path(path), self.world.rank, int(ckpt["iteration"]))
             if not shard.is_file():
-                raise UsageError(f"{shard}: rank {self.world.rank}'s state for iteration {ckpt['iteration']} is "
-                                 f"missing; the run folder is incomplete")
+                raise UsageError(
+                    f"{shard}: rank {self.world.rank}'s state for iteration {ckpt['iteration']} is "
+                    f"missing; the run folder is incomplete"
+                )
             ckpt = {**ckpt, **{k: v for k, v in read_checkpoint(shard).items() if k in ("pool", "rng")}}
         state = ckpt.get("pool", {})
         for size, pool in self.pools.items():
@@ -441,8 +456,10 @@ class _StopFlag:
             if self.stop and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self.stop = True
-            log.warning(f"{signal.Signals(signum).name}: finishing this iteration and saving (Ctrl-C again to quit "
-                        "without saving)")
+            log.warning(
+                f"{signal.Signals(signum).name}: finishing this iteration and saving (Ctrl-C again to quit "
+                "without saving)"
+            )
 
         try:
             for sig in self.SIGNALS:
@@ -486,9 +503,13 @@ def train(
         log.info(f"resuming {run_dir} at iteration {trainer.iteration} of {tcfg.iterations}")
     elif init_state is not None:
         trainer.ca.load_state_dict(init_state)
-    config = {"model": cfg.to_dict(), "train": tcfg.to_dict(), "seed": tcfg.seed, "device": str(device),
-              "distributed": {**world.describe(), "rank": None, "local_rank": None,
-                              "batch_per_rank": trainer.local_batch}}
+    config = {
+        "model": cfg.to_dict(),
+        "train": tcfg.to_dict(),
+        "seed": tcfg.seed,
+        "device": str(device),
+        "distributed": {**world.describe(), "rank": None, "local_rank": None, "batch_per_rank": trainer.local_batch},
+    }
     if argv is not None and world.main:
         config["argv"] = list(argv)
         import shlex
@@ -535,8 +556,12 @@ def train(
                 if world.main:
                     last_val = trainer.validate()
                     if last_val[trainer.selection] > trainer.best["val_psnr"]:
-                        trainer.best = {"val_psnr": last_val[trainer.selection], "val_ssim": last_val["val_ssim"],
-                                        "iteration": i, "metric": trainer.selection}
+                        trainer.best = {
+                            "val_psnr": last_val[trainer.selection],
+                            "val_ssim": last_val["val_ssim"],
+                            "iteration": i,
+                            "metric": trainer.selection,
+                        }
                         trainer.save_best(run_dir / BEST)
                     metrics.write(json.dumps({"iteration": i, **last_val}) + "\n")
                     metrics.flush()
@@ -596,7 +621,7 @@ class _Progress:
         elif self.enabled and (validated or time.monotonic() - self._last_line > 30 or i == self.end):
             eta = (self.end - i) / rate if rate > 0 else float("nan")
             log.info(
-                f"iteration {i}/{self.end}  loss {loss:.3f}  val PSNR {psnr}  {rate:.2f} it/s  ETA {eta/60:.1f} min"
+                f"iteration {i}/{self.end}  loss {loss:.3f}  val PSNR {psnr}  {rate:.2f} it/s  ETA {eta / 60:.1f} min"
             )
             self._last_line = time.monotonic()
 

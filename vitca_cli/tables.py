@@ -6,8 +6,14 @@ import textwrap
 from typing import Sequence
 
 
-def format_table(header: Sequence[str], rows: Sequence[Sequence], align: str | None = None, rule: bool = True,
-                 wrap: dict[int, int] | None = None, sep: str = "  ") -> str:
+def format_table(
+    header: Sequence[str],
+    rows: Sequence[Sequence],
+    align: str | None = None,
+    rule: bool = True,
+    wrap: dict[int, int] | None = None,
+    sep: str = "  ",
+) -> str:
     """``rows`` under ``header``, one line each (cells converted with ``str``).
 
     ``align``: one letter per column, ``l`` or ``r`` (default: the first column left, the others right). ``rule``:

@@ -40,8 +40,12 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(
     verbose: int = typer.Option(
-        0, "--verbose", "-v", count=True, show_default=False, help="More logging; -vv shows tracebacks (also after "
-        "the command)."
+        0,
+        "--verbose",
+        "-v",
+        count=True,
+        show_default=False,
+        help="More logging; -vv shows tracebacks (also after the command).",
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors (also after the command)."),
     version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Show version."),
@@ -50,7 +54,18 @@ def _main(
 
 
 # Commands, in the order --help lists them.
-COMMAND_ORDER = ["denoise", "inpaint", "train", "eval", "analyze", "profile", "probe", "export-onnx", "weights", "model"]
+COMMAND_ORDER = [
+    "denoise",
+    "inpaint",
+    "train",
+    "eval",
+    "analyze",
+    "profile",
+    "probe",
+    "export-onnx",
+    "weights",
+    "model",
+]
 
 
 def _register_commands() -> None:

@@ -8,8 +8,8 @@ once); usage errors exit 2 and missing weights exit 3 before any file is touched
 from __future__ import annotations
 
 import sys
-from enum import Enum
 import time
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
@@ -46,8 +46,14 @@ def _progress_bar(name: str):
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TimeRemainingColumn
 
-    bar = Progress("[progress.description]{task.description}", BarColumn(), "{task.completed}/{task.total} steps",
-                   TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        "{task.completed}/{task.total} steps",
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
     task: list = []
 
     def update(done: int, total: int) -> None:
@@ -107,8 +113,10 @@ def run(inputs: list[str], inpaint: bool, **settings) -> None:
 # The commands
 # ---------------------------------------------------------------------------------------------------------------------
 INPUTS_HELP = "Image files, folders, quoted globs, or - for stdin."
-OUTPUT_HELP = ("Output file (one input), folder (several; sub-folders mirrored), or - for stdout (default: beside "
-               "each input as NAME.restored.EXT; stdin goes to stdout).")
+OUTPUT_HELP = (
+    "Output file (one input), folder (several; sub-folders mirrored), or - for stdout (default: beside "
+    "each input as NAME.restored.EXT; stdin goes to stdout)."
+)
 ITERS_HELP = f"CA iterations (default: the weights' own, else {DEFAULT_ITERS})."
 
 
@@ -146,10 +154,14 @@ class Precision(str, Enum):
     auto = "auto"
 
 
-SETTLE_HELP = ("Stop updating a cell once its output changed by less than this (pixel values 0-1) on 2 updates in a "
-               "row; a run ends when every cell has settled. 0 = every step on every cell (exact).")
-PRECISION_HELP = ("fp32, or bf16 matrix products (torch backend; fast on CPUs with AVX512-BF16 or AMX and on GPUs), "
-                  "or auto: bf16 where the hardware has it.")
+SETTLE_HELP = (
+    "Stop updating a cell once its output changed by less than this (pixel values 0-1) on 2 updates in a "
+    "row; a run ends when every cell has settled. 0 = every step on every cell (exact)."
+)
+PRECISION_HELP = (
+    "fp32, or bf16 matrix products (torch backend; fast on CPUs with AVX512-BF16 or AMX and on GPUs), "
+    "or auto: bf16 where the hardware has it."
+)
 QUANTIZE_HELP = "ONNX backend: int8 matrix products (the step graph is quantised once, then cached)."
 
 
@@ -164,8 +176,9 @@ def denoise(
     iters: Optional[int] = opt.iters_option(None, ITERS_HELP, show_default=False),
     update_rate: Optional[float] = opt.update_rate_option(),
     seed: int = opt.seed_option("Seed for update masks and corruption (same seed, same output)."),
-    weights: Optional[str] = opt.weights_option("Weights NAME or PATH (default: the shipped model for the image's "
-                                                "channels: fashion-mnist or photo)."),
+    weights: Optional[str] = opt.weights_option(
+        "Weights NAME or PATH (default: the shipped model for the image's channels: fashion-mnist or photo)."
+    ),
     device: str = opt.device_option(),
     backend: Backend = opt.backend_option(),
     tile: Optional[int] = opt.tile_option(),
@@ -174,12 +187,17 @@ def denoise(
     overwrite: bool = _overwrite(),
     skip_existing: bool = _skip_existing(),
     fail_fast: bool = _fail_fast(),
-    corrupt: Optional[str] = typer.Option(None, "--corrupt", help='Damage clean inputs first (to try the model): '
-                                          'real-world damage, e.g. "gaussian=0.1", "saltpepper=0.1", "jpeg=10", '
-                                          '"strokes=6", or the paper\'s masking, e.g. "p=0.5,patch=4,type=noise".'),
+    corrupt: Optional[str] = typer.Option(
+        None,
+        "--corrupt",
+        help="Damage clean inputs first (to try the model): "
+        'real-world damage, e.g. "gaussian=0.1", "saltpepper=0.1", "jpeg=10", '
+        '"strokes=6", or the paper\'s masking, e.g. "p=0.5,patch=4,type=noise".',
+    ),
     save_input: bool = typer.Option(False, "--save-input", help="Also write the corrupted input (NAME.input.EXT)."),
-    animate: Optional[str] = typer.Option(None, "--animate", help="Write the iterations as a GIF (a folder for "
-                                          "several inputs)."),
+    animate: Optional[str] = typer.Option(
+        None, "--animate", help="Write the iterations as a GIF (a folder for several inputs)."
+    ),
     frames: int = _frames(),
     compare: Optional[str] = typer.Option(None, "--compare", help="Write input | output side by side as PNG."),
     threads: Optional[int] = opt.threads_option(),
@@ -191,20 +209,48 @@ def denoise(
 
     Exit codes: 0 done; 1 some inputs failed (the rest were processed); 2 usage error; 3 weights missing.
     """
-    run(inputs, False, output=output, recursive=recursive, iters=iters, update_rate=update_rate, seed=seed,
-        weights=weights, device=device, backend=backend.value, tile=tile, corrupt=corrupt, save_input=save_input,
-        animate=animate, frames=frames, compare=compare, overwrite=overwrite, skip_existing=skip_existing,
-        fail_fast=fail_fast, ext=ext, threads=threads, settle=settle, precision=precision.value, quantize=quantize)
+    run(
+        inputs,
+        False,
+        output=output,
+        recursive=recursive,
+        iters=iters,
+        update_rate=update_rate,
+        seed=seed,
+        weights=weights,
+        device=device,
+        backend=backend.value,
+        tile=tile,
+        corrupt=corrupt,
+        save_input=save_input,
+        animate=animate,
+        frames=frames,
+        compare=compare,
+        overwrite=overwrite,
+        skip_existing=skip_existing,
+        fail_fast=fail_fast,
+        ext=ext,
+        threads=threads,
+        settle=settle,
+        precision=precision.value,
+        quantize=quantize,
+    )
 
 
 @handle_errors
 def inpaint(
     inputs: List[str] = _inputs(),
-    mask: str = typer.Option(..., "--mask", "-m", help="Mask image (white = missing) for all inputs, or a folder of "
-                             "masks matched by file name.", show_default=False),
+    mask: str = typer.Option(
+        ...,
+        "--mask",
+        "-m",
+        help="Mask image (white = missing) for all inputs, or a folder of masks matched by file name.",
+        show_default=False,
+    ),
     output: Optional[str] = _output(),
-    mask_type: Optional[MaskType] = typer.Option(None, "--mask-type", help="How missing pixels are shown to the "
-                                                 "model (default: as it was trained)."),
+    mask_type: Optional[MaskType] = typer.Option(
+        None, "--mask-type", help="How missing pixels are shown to the model (default: as it was trained)."
+    ),
     iters: Optional[int] = opt.iters_option(None, ITERS_HELP, show_default=False),
     update_rate: Optional[float] = opt.update_rate_option(),
     seed: int = opt.seed_option("Seed for update masks and noise (same seed, same output)."),
@@ -230,11 +276,33 @@ def inpaint(
 
     Exit codes: 0 done; 1 some inputs failed (the rest were processed); 2 usage error; 3 weights missing.
     """
-    run(inputs, True, output=output, recursive=recursive, iters=iters, update_rate=update_rate, seed=seed,
-        weights=weights, device=device, backend=backend.value, tile=tile, save_input=save_input, animate=animate,
-        frames=frames, compare=compare, overwrite=overwrite, skip_existing=skip_existing, fail_fast=fail_fast,
-        ext=ext, mask=mask, mask_type=mask_type.value if mask_type else None, threads=threads, settle=settle,
-        precision=precision.value, quantize=quantize)
+    run(
+        inputs,
+        True,
+        output=output,
+        recursive=recursive,
+        iters=iters,
+        update_rate=update_rate,
+        seed=seed,
+        weights=weights,
+        device=device,
+        backend=backend.value,
+        tile=tile,
+        save_input=save_input,
+        animate=animate,
+        frames=frames,
+        compare=compare,
+        overwrite=overwrite,
+        skip_existing=skip_existing,
+        fail_fast=fail_fast,
+        ext=ext,
+        mask=mask,
+        mask_type=mask_type.value if mask_type else None,
+        threads=threads,
+        settle=settle,
+        precision=precision.value,
+        quantize=quantize,
+    )
 
 
 def register(app: typer.Typer) -> None:

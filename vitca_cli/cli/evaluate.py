@@ -41,8 +41,8 @@ def _load(weights: str, device: str, threads: Optional[int] = None):
     import torch
 
     from vitca_cli.io.checkpoint import load_model
-    from vitca_cli.runtime import resolve_device, tune_allocator
     from vitca_cli.io.weights import resolve
+    from vitca_cli.runtime import resolve_device, tune_allocator
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -52,8 +52,10 @@ def _load(weights: str, device: str, threads: Optional[int] = None):
     if ref.path.suffix == ".onnx":
         raise UsageError(f"--weights {weights}: measurements need a PyTorch checkpoint (.pt), not an ONNX file")
     model, meta = load_model(ref.path, dev)
-    log.info(f"weights {ref.path} ({model.cfg.arch}, {model.cfg.channels} channel(s), "
-             f"trained at {model.cfg.image_size[0]}×{model.cfg.image_size[1]}); device {dev}")
+    log.info(
+        f"weights {ref.path} ({model.cfg.arch}, {model.cfg.channels} channel(s), "
+        f"trained at {model.cfg.image_size[0]}×{model.cfg.image_size[1]}); device {dev}"
+    )
     return model, meta, ref.path
 
 
@@ -99,11 +101,15 @@ def eval_command(
     ),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per batch (one mask combo per batch)."),
     protocol: str = typer.Option(
-        "cycled", "--protocol", help="cycled: combo k mod 9 for batch k (equal shares, low variance); paper: the "
-        "reference's (batches of 32 with drop_last, one random combo per batch, headline = batch PSNR)."
+        "cycled",
+        "--protocol",
+        help="cycled: combo k mod 9 for batch k (equal shares, low variance); paper: the "
+        "reference's (batches of 32 with drop_last, one random combo per batch, headline = batch PSNR).",
     ),
     corruptions: Optional[str] = typer.Option(
-        None, "--corruptions", help='Real-world damage instead of the paper\'s masks: a mixture as for `vitca train '
+        None,
+        "--corruptions",
+        help="Real-world damage instead of the paper's masks: a mixture as for `vitca train "
         '--corruptions`, e.g. "gaussian=0.1" or "gaussian:1, jpeg=10-30:1, strokes:1" (one draw per image).',
     ),
     seed: int = opt.seed_option("Seed for the masks and the CA updates."),
@@ -142,16 +148,31 @@ def eval_command(
     lpips, lpips_status = ev.load_lpips(next(model.parameters()).device)
     log.info(f"evaluating {n} {split} images of {dataset}: {iters} steps, {mtype} masking, seed {seed}")
     report = ev.evaluate(
-        model, ev.batches(ds, batch_size, n, drop_last=protocol == "paper"), iters=iters, mask_type=mtype,
-        seed=seed, schedule=schedule,
-        update_rate=update_rate, baselines=list(BASELINES) if baselines else [], lpips=lpips,
-        progress=_Progress(n, "images"), corruptions=corruptions, protocol=protocol,
+        model,
+        ev.batches(ds, batch_size, n, drop_last=protocol == "paper"),
+        iters=iters,
+        mask_type=mtype,
+        seed=seed,
+        schedule=schedule,
+        update_rate=update_rate,
+        baselines=list(BASELINES) if baselines else [],
+        lpips=lpips,
+        progress=_Progress(n, "images"),
+        corruptions=corruptions,
+        protocol=protocol,
     )
     import torch
 
-    report = {"weights": str(path), "dataset": dataset, "split": split, "batch_size": batch_size,
-              "device": str(next(model.parameters()).device), "threads": torch.get_num_threads(),
-              "lpips": lpips_status, **report}
+    report = {
+        "weights": str(path),
+        "dataset": dataset,
+        "split": split,
+        "batch_size": batch_size,
+        "device": str(next(model.parameters()).device),
+        "threads": torch.get_num_threads(),
+        "lpips": lpips_status,
+        **report,
+    }
     if baselines:
         report["baselines"] = {k: v[0] for k, v in BASELINES.items()}
     print(json.dumps(report, indent=2) if as_json else ev.format_report(report))
@@ -185,8 +206,16 @@ def analyze_command(
     n = min(limit, len(ds))
     clean = next(batches(ds, n, n))
     log.info(f"{kind.value}: {n} images of {dataset} {split}")
-    result = run_analysis(kind.value, model, clean, out, iters=iters, seed=seed,
-                          mask_type=_mask_type(mask_type, meta), corruption=corruption)
+    result = run_analysis(
+        kind.value,
+        model,
+        clean,
+        out,
+        iters=iters,
+        seed=seed,
+        mask_type=_mask_type(mask_type, meta),
+        corruption=corruption,
+    )
     result = {"dataset": dataset, "split": split, **result}
     if as_json:
         print(json.dumps(result, indent=2, default=float))
@@ -224,36 +253,59 @@ def probe_command(
         if getattr(ds, "labels", None) is None:
             raise UsageError(f"--dataset {dataset}: no class labels, so nothing to probe")
     total = min(train_limit, len(train_set)) + min(test_limit, len(test_set))
-    report = linear_probe(model, train_set, test_set, iters=iters, train_limit=train_limit, test_limit=test_limit,
-                          max_iter=max_iter, batch_size=batch_size, seed=seed,
-                          progress=_Progress(total, "features"))
+    report = linear_probe(
+        model,
+        train_set,
+        test_set,
+        iters=iters,
+        train_limit=train_limit,
+        test_limit=test_limit,
+        max_iter=max_iter,
+        batch_size=batch_size,
+        seed=seed,
+        progress=_Progress(total, "features"),
+    )
     report = {"weights": str(path), "dataset": dataset, **report}
     print(json.dumps(report, indent=2) if as_json else format_probe(report))
 
 
 PROFILE_MODES = ("plain", "checkpointing", "fusion-mitosis")
-MODE_LABELS = {"plain": "no checkpointing", "checkpointing": "checkpointing (T/2 segments)",
-               "fusion-mitosis": "fusion + mitosis"}
+MODE_LABELS = {
+    "plain": "no checkpointing",
+    "checkpointing": "checkpointing (T/2 segments)",
+    "fusion-mitosis": "fusion + mitosis",
+}
 
 
 def _format_profile(results: list[dict]) -> str:
     """Appendix Table 8's layout: one row per training mode, plus the ratios against the plain rollout."""
     r0 = results[0]
     header = ("mode", "forward ms", "backward ms", "iteration ms", "no-grad ms", "peak memory")
-    rows = [(
-        MODE_LABELS[r["mode"]], f"{r['forward_ms']:.0f}", f"{r['backward_ms']:.0f}", f"{r['iteration_ms']:.0f}",
-        f"{r['nograd_rollout_ms']:.0f}", f"{r['peak_bytes'] / 2**20:.0f} MiB",
-    ) for r in results]
-    lines = [f"one training pass: batch {r0['batch']} × {r0['height']}×{r0['width']}, T = {r0['steps']} steps, "
-             f"device {r0['device']} ({r0['threads']} threads), compile {r0['compile']}, "
-             f"memory via {r0['memory_method']}"]
+    rows = [
+        (
+            MODE_LABELS[r["mode"]],
+            f"{r['forward_ms']:.0f}",
+            f"{r['backward_ms']:.0f}",
+            f"{r['iteration_ms']:.0f}",
+            f"{r['nograd_rollout_ms']:.0f}",
+            f"{r['peak_bytes'] / 2**20:.0f} MiB",
+        )
+        for r in results
+    ]
+    lines = [
+        f"one training pass: batch {r0['batch']} × {r0['height']}×{r0['width']}, T = {r0['steps']} steps, "
+        f"device {r0['device']} ({r0['threads']} threads), compile {r0['compile']}, "
+        f"memory via {r0['memory_method']}"
+    ]
     lines.append(format_table(header, rows))
     plain = next((r for r in results if r["mode"] == "plain"), None)
     if plain:
         for r in results:
             if r is not plain and plain["peak_bytes"] > 0 and plain["backward_ms"] > 0:
-                lines.append(f"{MODE_LABELS[r['mode']]}: memory ×{r['peak_bytes'] / plain['peak_bytes']:.2f}, "
-                             f"backward ×{r['backward_ms'] / plain['backward_ms']:.2f} vs no checkpointing")
+                lines.append(
+                    f"{MODE_LABELS[r['mode']]}: memory ×{r['peak_bytes'] / plain['peak_bytes']:.2f}, "
+                    f"backward ×{r['backward_ms'] / plain['backward_ms']:.2f} vs no checkpointing"
+                )
     return "\n".join(lines)
 
 
@@ -282,8 +334,8 @@ def profile_command(
         raise UsageError(f"--mode {bad[0]!r}: choose from {', '.join(PROFILE_MODES)}")
     if weights:
         from vitca_cli.io.checkpoint import read_checkpoint
-        from vitca_cli.nca.config import CAConfig
         from vitca_cli.io.weights import resolve
+        from vitca_cli.nca.config import CAConfig
 
         cfg = CAConfig.from_dict(read_checkpoint(resolve(weights).path)["config"])
     else:
@@ -307,8 +359,19 @@ def profile_command(
     for mode in modes:
         log.info(f"profiling {mode}: batch {batch} × {cfg.channels}×{height}×{width}, T={steps} on {dev}")
         try:
-            results.append(profile_training(cfg, batch, height, width, steps, mode, str(dev), repeats=repeats,
-                                            compile=None if compile is Compile.none else compile.value))
+            results.append(
+                profile_training(
+                    cfg,
+                    batch,
+                    height,
+                    width,
+                    steps,
+                    mode,
+                    str(dev),
+                    repeats=repeats,
+                    compile=None if compile is Compile.none else compile.value,
+                )
+            )
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     print(json.dumps(results, indent=2) if as_json else _format_profile(results))

@@ -19,10 +19,13 @@ Exporter = Enum("Exporter", {"dynamo": "dynamo", "torchscript": "torchscript"}, 
 @handle_errors
 def export_onnx(
     output: Path = typer.Option(..., "--output", "-o", help="The .onnx file to write."),
-    weights: Optional[str] = opt.weights_option("Weights NAME or checkpoint PATH (default: the shipped model for "
-                                                "--channels)."),
+    weights: Optional[str] = opt.weights_option(
+        "Weights NAME or checkpoint PATH (default: the shipped model for --channels)."
+    ),
     channels: int = typer.Option(1, "--channels", help="Without --weights: the shipped model for 1 or 3 channels."),
-    opset: int = typer.Option(DEFAULT_OPSET, "--opset", help="ONNX opset (18 or newer; 20 has a Gelu op that ONNX Runtime fuses)."),
+    opset: int = typer.Option(
+        DEFAULT_OPSET, "--opset", help="ONNX opset (18 or newer; 20 has a Gelu op that ONNX Runtime fuses)."
+    ),
     with_head_mask: bool = typer.Option(
         False, "--with-head-mask", help="Add a 'head_mask' input (heads,): 1 silences an attention head."
     ),

@@ -9,8 +9,8 @@ from typing import Optional
 import typer
 
 from vitca_cli.cli.options import handle_errors
-from vitca_cli.nca.config import ARCHES, PRESETS
 from vitca_cli.errors import UsageError
+from vitca_cli.nca.config import ARCHES, PRESETS
 
 Preset = Enum("Preset", {name: name for name in PRESETS}, type=str)
 Arch = Enum("Arch", {name: name for name in ARCHES}, type=str)

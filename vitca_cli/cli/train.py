@@ -52,43 +52,73 @@ def _command_options(
     dataset: Optional[str] = _config("dataset", "--dataset"),
     data_dir: Optional[Path] = _opt(None, "--data-dir", help=CONFIG_FIELDS["data_dir"].metadata["help"], panel=DATA),
     download: bool = _opt(False, "--download", help="Download MNIST/FashionMNIST/CIFAR-10 if missing.", panel=DATA),
-    image_size: Optional[int] = _opt(None, "--image-size", help="Training size (resize; random crops for folder:).",
-                                     panel=DATA),
+    image_size: Optional[int] = _opt(
+        None, "--image-size", help="Training size (resize; random crops for folder:).", panel=DATA
+    ),
     crop_sizes: Optional[str] = _config("crop_sizes", "--crop-sizes"),
-    run_dir: Optional[Path] = _opt(None, "--run-dir", "-o", help="Run folder (default runs/DATASET-TIME).",
-                                   panel=RUN_HELP),
+    run_dir: Optional[Path] = _opt(
+        None, "--run-dir", "-o", help="Run folder (default runs/DATASET-TIME).", panel=RUN_HELP
+    ),
     resume: Optional[Path] = _opt(None, "--resume", help="Continue the run in this folder exactly.", panel=RUN_HELP),
-    stop_at: Optional[int] = _opt(None, "--stop-at", help="End this session after iteration N (saving); resume "
-                                  "later.", panel=RUN_HELP),
+    stop_at: Optional[int] = _opt(
+        None, "--stop-at", help="End this session after iteration N (saving); resume later.", panel=RUN_HELP
+    ),
     device: str = opt.device_option("auto | cpu | cuda[:N].", panel=RUN_HELP),
-    nproc: Optional[int] = _opt(None, "--nproc", min=1, help="Run N local ranks data-parallel (torch's launcher, as "
-                                "`torchrun --standalone --nproc-per-node N -m vitca_cli train ...`); --batch-size is "
-                                "the global batch.", panel=RUN_HELP),
+    nproc: Optional[int] = _opt(
+        None,
+        "--nproc",
+        min=1,
+        help="Run N local ranks data-parallel (torch's launcher, as "
+        "`torchrun --standalone --nproc-per-node N -m vitca_cli train ...`); --batch-size is "
+        "the global batch.",
+        panel=RUN_HELP,
+    ),
     threads: Optional[int] = opt.threads_option(opt.SET_THREADS_HELP, panel=RUN_HELP),
     arch: Optional[Arch] = _model("arch", "--arch", help="Update network"),
     hidden: Optional[int] = _model("hidden", "--hidden", help="Hidden channels per cell"),
     patch_size: Optional[int] = _model("patch_size", "--patch-size", help="Cell patch size"),
-    neighbourhood: Optional[int] = _model("neighbourhood", "--neighbourhood", help="Attention window N×N",
-                                          shown=MODEL_DEFAULTS["neighbourhood"][0]),
-    cell_init: Optional[CellInit] = _model("cell_init", "--cell-init", help="Cell initialisation; input: outputs "
-                                           "start at the damaged image"),
-    mask_channel: Optional[bool] = _model("mask_channel", "--mask-channel/--no-mask-channel", help="Mask-aware "
-                                          "cells: one input channel, 1 = pixel known", shown="off"),
-    update_rate: Optional[float] = _model("update_rate", "--update-rate", help="σ: 0.5 asynchronous, 1.0 "
-                                          "synchronous"),
+    neighbourhood: Optional[int] = _model(
+        "neighbourhood", "--neighbourhood", help="Attention window N×N", shown=MODEL_DEFAULTS["neighbourhood"][0]
+    ),
+    cell_init: Optional[CellInit] = _model(
+        "cell_init", "--cell-init", help="Cell initialisation; input: outputs start at the damaged image"
+    ),
+    mask_channel: Optional[bool] = _model(
+        "mask_channel",
+        "--mask-channel/--no-mask-channel",
+        help="Mask-aware cells: one input channel, 1 = pixel known",
+        shown="off",
+    ),
+    update_rate: Optional[float] = _model("update_rate", "--update-rate", help="σ: 0.5 asynchronous, 1.0 synchronous"),
     embed: Optional[int] = _model("embed", "--embed", help="Embedding width E"),
     heads: Optional[int] = _model("heads", "--heads", help="Attention heads"),
     depth: Optional[int] = _model("depth", "--depth", help="Transformer blocks"),
     mlp: Optional[int] = _model("mlp", "--mlp", help="MLP width"),
     pos_encoding: Optional[PosEncoding] = _model("pos_encoding", "--pos-encoding", help="Position encoding"),
-    init_weights: Optional[str] = _opt(None, "--init-weights", help="Start from these weights (NAME or PATH; "
-                                       "fine-tuning): the model and image size come from them.", panel=MODEL_HELP),
+    init_weights: Optional[str] = _opt(
+        None,
+        "--init-weights",
+        help="Start from these weights (NAME or PATH; fine-tuning): the model and image size come from them.",
+        panel=MODEL_HELP,
+    ),
 ):
     """The options that are not ``TrainConfig`` fields (their signature is the command's)."""
 
 
-MODEL_OPTIONS = ("arch", "hidden", "patch_size", "neighbourhood", "cell_init", "mask_channel", "update_rate",
-                 "embed", "heads", "depth", "mlp", "pos_encoding")
+MODEL_OPTIONS = (
+    "arch",
+    "hidden",
+    "patch_size",
+    "neighbourhood",
+    "cell_init",
+    "mask_channel",
+    "update_rate",
+    "embed",
+    "heads",
+    "depth",
+    "mlp",
+    "pos_encoding",
+)
 
 
 def _config_parameters() -> list[inspect.Parameter]:
@@ -203,26 +233,38 @@ def _run(o: dict, train_opts: dict, model_opts: dict, world, dev) -> None:
     train_ds = open_dataset(tcfg.dataset, "train", tcfg.data_dir, image_hw, download=o["download"])
     val_ds = open_dataset(tcfg.dataset, "val", tcfg.data_dir, train_ds.image_size) if tcfg.val_every else None
     if cfg is None:
-        cfg = run.model_config(tcfg, dataset_channels(tcfg.dataset), train_ds.image_size, model_opts,
-                               init[0] if init else None, o["init_weights"] or "")
+        cfg = run.model_config(
+            tcfg,
+            dataset_channels(tcfg.dataset),
+            train_ds.image_size,
+            model_opts,
+            init[0] if init else None,
+            o["init_weights"] or "",
+        )
     else:
         run.check_sizes(cfg, tcfg)
     _warn_precision(tcfg, dev)
     h, w = cfg.image_size
-    log.info(f"training {cfg.arch} on {train_ds.name} ({len(train_ds)} images, {h}×{w}) for {tcfg.iterations} "
-             f"iterations on {dev}, seed {tcfg.seed}; run folder {out_dir}")
+    log.info(
+        f"training {cfg.arch} on {train_ds.name} ({len(train_ds)} images, {h}×{w}) for {tcfg.iterations} "
+        f"iterations on {dev}, seed {tcfg.seed}; run folder {out_dir}"
+    )
     if world.distributed:
-        log.info(f"distributed: {world.size} ranks, backend {world.backend}, global batch {tcfg.batch_size} "
-                 f"({tcfg.batch_size // world.size} per rank), one pool of {tcfg.pool_size // world.size} per rank")
+        log.info(
+            f"distributed: {world.size} ranks, backend {world.backend}, global batch {tcfg.batch_size} "
+            f"({tcfg.batch_size // world.size} per rank), one pool of {tcfg.pool_size // world.size} per rank"
+        )
     summary = run_training(
         cfg, tcfg, out_dir, train_ds=train_ds, val_ds=val_ds, device=dev, resume_from=resume_from,
         init_state=init[1] if init else None, stop_at=o["stop_at"], argv=["vitca", *sys.argv[1:]], world=world,
     )  # fmt: skip
     distributed.shutdown()
     best = summary["best_val_psnr"]
-    log.info(f"{summary['status']} at iteration {summary['iteration']}"
-             + (f"; best validation PSNR {best:.2f} dB" if best is not None else "")
-             + f"; resume with: vitca train --resume {out_dir}")
+    log.info(
+        f"{summary['status']} at iteration {summary['iteration']}"
+        + (f"; best validation PSNR {best:.2f} dB" if best is not None else "")
+        + f"; resume with: vitca train --resume {out_dir}"
+    )
     if summary["status"] == "interrupted":
         raise typer.Exit(130)
 
@@ -232,8 +274,10 @@ def _warn_precision(tcfg, dev) -> None:
     from vitca_cli.log import log
 
     if tcfg.precision == "bf16" and dev.type == "cpu" and runtime.cpu_has_native_bf16() is False:
-        log.warning("--precision bf16: this CPU has no bfloat16 instructions (avx512_bf16 or amx_bf16), so the "
-                    "products are emulated and run much slower than fp32; prefer --precision fp32")
+        log.warning(
+            "--precision bf16: this CPU has no bfloat16 instructions (avx512_bf16 or amx_bf16), so the "
+            "products are emulated and run much slower than fp32; prefer --precision fp32"
+        )
 
 
 def _without_nproc(argv: list[str]) -> list[str]:

@@ -34,9 +34,20 @@ def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
     from vitca_cli.tables import format_table
 
     header = ("name", "source", "status", "dataset", "ch", "size", "iters", "PSNR", "SSIM")
-    body = [(r["name"], r["source"], r["status"], _fmt(r.get("dataset")), _fmt(r.get("channels")),
-             "×".join(str(s) for s in r.get("image_size", [])) or "-", _fmt(r.get("iterations")),
-             _fmt(r.get("val_psnr"), ".2f"), _fmt(r.get("val_ssim"), ".3f")) for r in rows]
+    body = [
+        (
+            r["name"],
+            r["source"],
+            r["status"],
+            _fmt(r.get("dataset")),
+            _fmt(r.get("channels")),
+            "×".join(str(s) for s in r.get("image_size", [])) or "-",
+            _fmt(r.get("iterations")),
+            _fmt(r.get("val_psnr"), ".2f"),
+            _fmt(r.get("val_ssim"), ".3f"),
+        )
+        for r in rows
+    ]
     # long descriptions wrap in their column
     print(format_table(header, body, align="llllrrrrr", rule=False, wrap={3: 24}, sep=" "))
     if not rows:

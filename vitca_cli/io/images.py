@@ -17,16 +17,26 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vitca_cli.io.files import atomic_write_bytes
 from vitca_cli.errors import VitcaError
+from vitca_cli.io.files import atomic_write_bytes
 from vitca_cli.log import log
 
 STDIO = "-"
 
 # Extensions we write, with the Pillow format name; anything else keeps the input's format.
 FORMATS = {
-    ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF",
-    ".webp": "WEBP", ".gif": "GIF", ".ppm": "PPM", ".pgm": "PPM", ".pbm": "PPM", ".tga": "TGA",
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".webp": "WEBP",
+    ".gif": "GIF",
+    ".ppm": "PPM",
+    ".pgm": "PPM",
+    ".pbm": "PPM",
+    ".tga": "TGA",
 }
 ALPHA_FORMATS = {"PNG", "TIFF", "WEBP", "TGA"}  # formats that store an alpha channel
 SIXTEEN_BIT_FORMATS = {"PNG", "TIFF"}
@@ -200,8 +210,10 @@ def read_mask(source: str | Path, size: tuple[int, int]) -> np.ndarray:
         (mh, mw), (h, w) = pic.size, size
         kept = abs(mw / mh - w / h) < 0.01
         say = log.info if kept else log.warning
-        say(f"mask {pic.source}: {mw}×{mh} stretched to the image's {w}×{h} with nearest-neighbour sampling "
-            f"({'same aspect ratio' if kept else 'aspect ratio NOT kept: check that it is the right mask'})")
+        say(
+            f"mask {pic.source}: {mw}×{mh} stretched to the image's {w}×{h} with nearest-neighbour sampling "
+            f"({'same aspect ratio' if kept else 'aspect ratio NOT kept: check that it is the right mask'})"
+        )
         img = Image.fromarray(grey.astype(np.float32), mode="F")
         grey = np.asarray(img.resize((size[1], size[0]), Image.Resampling.NEAREST))
     return grey > 0.5
@@ -294,8 +306,7 @@ def encode_gif(frames: list[np.ndarray], duration_ms: int = 60, min_side: int = 
     """An animated GIF of float frames ``(H, W, C)``; tiny images are enlarged (nearest) to at least ``min_side``."""
     h, w = frames[0].shape[:2]
     scale = max(1, -(-min_side // min(h, w)))
-    images = [Image.fromarray(to_uint8_rgb(f)).resize((w * scale, h * scale), Image.Resampling.NEAREST)
-              for f in frames]
+    images = [Image.fromarray(to_uint8_rgb(f)).resize((w * scale, h * scale), Image.Resampling.NEAREST) for f in frames]
     durations = [duration_ms] * (len(images) - 1) + [max(1000, duration_ms)]  # linger on the result
     buf = io.BytesIO()
     images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)

@@ -19,8 +19,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from vitca_cli.io.files import atomic_write_bytes, sha256_file  # noqa: F401 - sha256_file is used by importers
 from vitca_cli.errors import WeightsError
+from vitca_cli.io.files import atomic_write_bytes, sha256_file  # noqa: F401 - sha256_file is used by importers
 from vitca_cli.log import log
 
 MANIFEST = "manifest.json"
@@ -29,7 +29,10 @@ SUFFIXES = (".pt", ".onnx")
 # The shipped model used when --weights is not given, by the image's channel count.
 DEFAULT_FOR_CHANNELS = {1: "fashion-mnist", 3: "photo"}
 # In a source checkout the folder is ./weights; an installed wheel has it as the vitca_cli.shipped_weights package.
-SHIPPED_DIRS = (Path(__file__).resolve().parents[1] / "shipped_weights", Path(__file__).resolve().parents[2] / "weights")
+SHIPPED_DIRS = (
+    Path(__file__).resolve().parents[1] / "shipped_weights",
+    Path(__file__).resolve().parents[2] / "weights",
+)
 
 
 def shipped_dir() -> Path:
@@ -198,8 +201,9 @@ def fetch(entry: dict) -> Path:
     try:
         atomic_write_bytes(dest, write)
     except OSError as exc:
-        raise WeightsError(f"cannot download weights {entry['name']!r} from {url} ({exc}); "
-                           f"download it by hand into {cache_dir()}") from None
+        raise WeightsError(
+            f"cannot download weights {entry['name']!r} from {url} ({exc}); download it by hand into {cache_dir()}"
+        ) from None
     return dest
 
 

@@ -41,8 +41,8 @@ def local_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of every cell over its NH×NW neighbourhood (itself included).
 
-    q, k, v: ``(B, H, W, heads, d)``; logits are multiplied by ``scale``. Border cells see zero "ghost" neighbours (k = 0, v = 0)
-    that still take softmax mass, exactly like the reference's ``padding='same'`` convolution.
+    q, k, v: ``(B, H, W, heads, d)``; logits are multiplied by ``scale``. Border cells see zero "ghost" neighbours
+    (k = 0, v = 0) that still take softmax mass, exactly like the reference's ``padding='same'`` convolution.
     Returns the attended values ``(B, H, W, heads, d)`` and the weights ``(B, H, W, heads, NH·NW)``.
     """
     nh, nw = neighbourhood

@@ -106,8 +106,9 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.embed)
         self.ff = FeedForward(cfg.embed, cfg.mlp)
 
-    def forward(self, x: torch.Tensor, head_mask: torch.Tensor | None = None, only: torch.Tensor | None = None,
-                attention=None):
+    def forward(
+        self, x: torch.Tensor, head_mask: torch.Tensor | None = None, only: torch.Tensor | None = None, attention=None
+    ):
         x, weights = self.attn(self.norm1(x), x, head_mask, only, attention)
         return self.ff(self.norm2(x), x), weights
 
@@ -219,8 +220,9 @@ def seed_cells(
             out = torch.full(shape_out, 0.5, dtype=x.dtype, device=x.device)
     parts = [x, out, hidden]
     if cfg.mask_channel:
-        parts.insert(1, kp if kp is not None else torch.ones(b, cfg.known_channels, h, w, dtype=x.dtype,
-                                                             device=x.device))
+        parts.insert(
+            1, kp if kp is not None else torch.ones(b, cfg.known_channels, h, w, dtype=x.dtype, device=x.device)
+        )
     if cfg.pos_encoding == "nerf":
         pe = nerf_position_channels(h, w, cfg.nerf_freqs, device=x.device).to(x.dtype)
         parts.insert(0, pe.expand(b, -1, -1, -1))

@@ -28,8 +28,7 @@ class UNetUpdate(nn.Module):
         self.enc.extend(conv(widths[o], widths[o + 1]) for o in range(octaves))
         self.bottleneck = conv(widths[-1], widths[-1])
         self.dec = nn.ModuleList(  # deepest first
-            nn.Sequential(conv(2 * widths[o], widths[o]), conv(widths[o], widths[o - 1]))
-            for o in range(octaves, 0, -1)
+            nn.Sequential(conv(2 * widths[o], widths[o]), conv(widths[o], widths[o - 1])) for o in range(octaves, 0, -1)
         )
         self.out = nn.Sequential(
             conv(2 * widths[0] + cfg.cell_channels, 64), conv(64, 32), nn.Conv2d(32, cfg.pixel_channels + cfg.hidden, 1)

@@ -1,4 +1,4 @@
-"""Run an exported CA step (``vitca export-onnx``) in ONNX Runtime: a backend for :func:`vitca_cli.restore.loop.restore`.
+"""Run an exported CA step (``vitca export-onnx``) in ONNX Runtime: a backend for ``vitca_cli.restore.loop.restore``.
 
 A backend has ``.cfg`` (rebuilt from the graph's ``vitca.*`` metadata, so no other file is needed), ``.name``,
 ``.device`` (a description for the log), ``.tensor_device`` (CPU: tensors cross into ONNX Runtime there),

@@ -164,6 +164,5 @@ class StepGraph(nn.Module):
         only = mask.nonzero().squeeze(1)  # the cells that update, in tile order
         attention = functools.partial(tiled_attention, grid=grid)
         position = tiled_position_encoding(rule, grid)
-        delta = rule.update_cells(to_tiles(cells, grid), head_mask, position=position, only=only,
-                                  attention=attention)
+        delta = rule.update_cells(to_tiles(cells, grid), head_mask, position=position, only=only, attention=attention)
         return self.ca.apply_update_at(cells, grid.raster_index(only), delta * mask.index_select(0, only)[:, None])

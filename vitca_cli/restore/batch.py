@@ -154,12 +154,22 @@ def collect_inputs(specs: list[str], recursive: bool, skip_restored: bool = Fals
         path = Path(spec)
         if path.is_dir():
             walk = path.rglob("*") if recursive else path.glob("*")
-            found = sorted(p for p in walk if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                           and not (skip_restored and p.stem.endswith(f".{RESTORED_TAG}")))
+            found = sorted(
+                p
+                for p in walk
+                if p.is_file()
+                and p.suffix.lower() in IMAGE_SUFFIXES
+                and not (skip_restored and p.stem.endswith(f".{RESTORED_TAG}"))
+            )
             if not found:
                 hint = "" if recursive else " (add {0} for sub-folders)"
-                jobs.append(Job(spec, Path(path.name), error=ImageError(
-                    f"{spec}: no images in folder" + hint, settings=("recursive",))))
+                jobs.append(
+                    Job(
+                        spec,
+                        Path(path.name),
+                        error=ImageError(f"{spec}: no images in folder" + hint, settings=("recursive",)),
+                    )
+                )
             jobs.extend(Job(str(p), p.relative_to(path), expanded=True) for p in found)
         elif not path.exists() and glob.has_magic(spec):
             found = sorted(glob.glob(spec, recursive=recursive))
@@ -180,8 +190,9 @@ def assign_outputs(jobs: list[Job], output: Optional[str], ext: Optional[str]) -
     if output is None:
         for job in jobs:
             src = Path(job.source)
-            job.output = STDIO if job.source == STDIO else str(
-                src.with_name(f"{src.stem}.{RESTORED_TAG}{suffix or src.suffix}"))
+            job.output = (
+                STDIO if job.source == STDIO else str(src.with_name(f"{src.stem}.{RESTORED_TAG}{suffix or src.suffix}"))
+            )
         return
     if output == STDIO:
         if len(jobs) != 1:
@@ -192,8 +203,11 @@ def assign_outputs(jobs: list[Job], output: Optional[str], ext: Optional[str]) -
     if not as_dir:
         out = Path(output)
         if suffix and out.suffix and out.suffix.lower() != suffix.lower():
-            raise SettingError("output", f"{output} and " + "{1} " + f"{ext} name different formats; drop " +
-                               "{1} or change {0}", "ext")
+            raise SettingError(
+                "output",
+                f"{output} and " + "{1} " + f"{ext} name different formats; drop " + "{1} or change {0}",
+                "ext",
+            )
         jobs[0].output = str(out.with_suffix(suffix) if suffix else out)
         return
     for job in jobs:
@@ -235,16 +249,19 @@ def check_output(path: str, sources: list[str], settings: BatchSettings) -> bool
         return True
     for src in sources:
         if _same_file(path, src):
-            raise ImageError(f"{src}: output {path} is the input itself; choose another " + "{0} (inputs are never "
-                             "overwritten)", settings=("output",))
+            raise ImageError(
+                f"{src}: output {path} is the input itself; choose another " + "{0} (inputs are never overwritten)",
+                settings=("output",),
+            )
     if Path(path).is_dir():
         raise ImageError(f"{path}: output is a folder")
     if Path(path).exists():
         if settings.skip_existing:
             return False
         if not settings.overwrite:
-            raise ImageError(f"{path}: output exists (add " + "{0}, or {1} to keep it)",
-                             settings=("overwrite", "skip_existing"))
+            raise ImageError(
+                f"{path}: output exists (add " + "{0}, or {1} to keep it)", settings=("overwrite", "skip_existing")
+            )
     reason = _unwritable(path)
     if reason:
         raise ImageError(f"{path}: {reason}")
@@ -300,9 +317,13 @@ def _prepare(inputs: list[str], settings: BatchSettings) -> tuple[list[Job], Bac
     return jobs, backends
 
 
-def run_batch(inputs: list[str], settings: BatchSettings, inpaint: bool = False,
-              progress: Optional[Progress] = None,
-              on_result: Optional[Callable[[FileResult], None]] = None) -> BatchResult:
+def run_batch(
+    inputs: list[str],
+    settings: BatchSettings,
+    inpaint: bool = False,
+    progress: Optional[Progress] = None,
+    on_result: Optional[Callable[[FileResult], None]] = None,
+) -> BatchResult:
     """Restore every input (inpainting the pixels ``settings.mask`` marks, with ``inpaint``). ``progress(job, done,
     total)`` follows each image's steps; ``on_result`` hears of each file as it finishes. A usage error or missing
     weights raise; any other error fails its file only (and, with ``fail_fast``, ends the batch)."""
@@ -330,8 +351,15 @@ def run_batch(inputs: list[str], settings: BatchSettings, inpaint: bool = False,
     return result
 
 
-def _process_listed(job: Job, seen: dict, settings: BatchSettings, backends: Backends, inpaint: bool, many: bool,
-                    progress: Optional[Progress]) -> bool:
+def _process_listed(
+    job: Job,
+    seen: dict,
+    settings: BatchSettings,
+    backends: Backends,
+    inpaint: bool,
+    many: bool,
+    progress: Optional[Progress],
+) -> bool:
     from vitca_cli.io.images import ImageError
 
     if job.error is not None:
@@ -354,8 +382,14 @@ def _extras(job: Job, settings: BatchSettings, many: bool) -> dict[str, str]:
     return extras
 
 
-def process(job: Job, settings: BatchSettings, backends: Backends, inpaint: bool, many: bool,
-            progress: Optional[Progress] = None) -> bool:
+def process(
+    job: Job,
+    settings: BatchSettings,
+    backends: Backends,
+    inpaint: bool,
+    many: bool,
+    progress: Optional[Progress] = None,
+) -> bool:
     """Restore one image and write its outputs (all through temporary files); False when skipped."""
     from vitca_cli.io import images
     from vitca_cli.restore.loop import restore
@@ -377,9 +411,18 @@ def process(job: Job, settings: BatchSettings, backends: Backends, inpaint: bool
     clean, pixels, known = _damaged_input(job, pic, backend, settings, inpaint)
     iters = settings.iters or int((getattr(backend, "meta", None) or {}).get("default_iters") or DEFAULT_ITERS)
     step = None if progress is None else (lambda done, total: progress(job, done, total))
-    result = restore(backend, pixels, iters, settings.update_rate, settings.seed, settings.tile,
-                     frames=settings.frames if settings.animate else 0, progress=step, known=known,
-                     settle=settings.settle)
+    result = restore(
+        backend,
+        pixels,
+        iters,
+        settings.update_rate,
+        settings.seed,
+        settings.tile,
+        frames=settings.frames if settings.animate else 0,
+        progress=step,
+        known=known,
+        settle=settings.settle,
+    )
     fmt = images.output_format(job.output, pic.format, settings.ext)
     images.write_image(job.output, result.image, pic, fmt)
     if "input" in extras:
@@ -395,8 +438,9 @@ def process(job: Job, settings: BatchSettings, backends: Backends, inpaint: bool
         share = result.skipped / max(1, result.computed + result.skipped)
         tiles += f", {share:.0%} of {result.computed + result.skipped:,} cell-steps skipped as settled"
     dest = "stdout" if job.output == STDIO else job.output
-    log.info(f"{pic.source} -> {dest} ({w}×{h}, {backend.name}, {iters} steps{tiles}, "
-             f"{time.perf_counter() - start:.2f}s)")
+    log.info(
+        f"{pic.source} -> {dest} ({w}×{h}, {backend.name}, {iters} steps{tiles}, {time.perf_counter() - start:.2f}s)"
+    )
     return True
 
 
@@ -433,8 +477,9 @@ def read_job_mask(mask: str, job: Job, size: tuple[int, int]):
 
     path = Path(mask)
     if path.is_dir():
-        matches = sorted(p for p in path.iterdir() if p.stem == job.rel.stem and p.suffix.lower()
-                         in images.IMAGE_SUFFIXES)
+        matches = sorted(
+            p for p in path.iterdir() if p.stem == job.rel.stem and p.suffix.lower() in images.IMAGE_SUFFIXES
+        )
         if not matches:
             raise images.ImageError(f"{job.source}: no mask named {job.rel.stem}.* in {mask}")
         path = matches[0]

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vitca_cli.nca.config import CAConfig
 from vitca_cli.errors import SettingError
 from vitca_cli.log import log
+from vitca_cli.nca.config import CAConfig
 from vitca_cli.nca.masking import apply_mask, patch_keep_mask
 from vitca_cli.nca.model import output_image, seed_cells
 from vitca_cli.nca.rollout import MASK_BLOCK, UpdateMasks
@@ -86,8 +86,14 @@ def resolve_precision(precision: str, device) -> str:
     return precision
 
 
-def make_backend(weights_spec: str | None, backend: str = "torch", device: str = "auto", channels: int | None = None,
-                 precision: str = "fp32", quantize: bool = False):
+def make_backend(
+    weights_spec: str | None,
+    backend: str = "torch",
+    device: str = "auto",
+    channels: int | None = None,
+    precision: str = "fp32",
+    quantize: bool = False,
+):
     """Resolve ``--weights`` (or the default for ``channels``) and build a backend on ``device``: ``precision`` for
     the torch backend (see :func:`resolve_precision`), ``quantize`` (int8 products) for the ONNX one."""
     from vitca_cli.io import weights
@@ -120,9 +126,11 @@ def make_backend(weights_spec: str | None, backend: str = "torch", device: str =
 def backend_mask_type(backend) -> str:
     """How the model was trained to see missing pixels (``dropout`` or ``noise``), from its checkpoint meta."""
     meta = getattr(backend, "meta", None) or {}
-    for value in (meta.get("mask_type"), (meta.get("masking") or {}).get("type") if isinstance(
-            meta.get("masking"), dict) else None, (meta.get("args") or {}).get("mask_type") if isinstance(
-            meta.get("args"), dict) else None):
+    for value in (
+        meta.get("mask_type"),
+        (meta.get("masking") or {}).get("type") if isinstance(meta.get("masking"), dict) else None,
+        (meta.get("args") or {}).get("mask_type") if isinstance(meta.get("args"), dict) else None,
+    ):
         if value in ("dropout", "noise"):
             return value
     return "noise"
@@ -195,12 +203,16 @@ def _check_tile(cfg: CAConfig, tile: int | None) -> int | None:
     """The tile side in pixels → cells (None = automatic, 0 = off), refused where the model's encoding forbids it."""
     if tile is not None and tile > 0:
         if cfg.size_dependent and tile != cfg.image_size[0]:
-            raise SettingError("tile", f"{tile}: this model's position encoding ties it to "
-                               f"{cfg.image_size[0]}×{cfg.image_size[1]} tiles; leave {{0}} out")
+            raise SettingError(
+                "tile",
+                f"{tile}: this model's position encoding ties it to "
+                f"{cfg.image_size[0]}×{cfg.image_size[1]} tiles; leave {{0}} out",
+            )
         return max(1, tile // cfg.patch_size)
     if tile == 0 and cfg.size_dependent:
-        raise SettingError("tile", f"0: this model's position encoding ties it to {cfg.image_size[0]}×"
-                           f"{cfg.image_size[1]} tiles")
+        raise SettingError(
+            "tile", f"0: this model's position encoding ties it to {cfg.image_size[0]}×{cfg.image_size[1]} tiles"
+        )
     return tile
 
 
@@ -285,8 +297,9 @@ def restore(
             if progress is not None:
                 progress(start + t, total)
 
-        run = rollout_windows(backend, seed_cells(cfg, tiles, known=tile_known), tile_masks, settle,
-                              tuple(record), max_cells, on_step)
+        run = rollout_windows(
+            backend, seed_cells(cfg, tiles, known=tile_known), tile_masks, settle, tuple(record), max_cells, on_step
+        )
         computed, skipped = computed + run.computed, skipped + run.skipped
         done = start + iters
         if progress is not None and run.steps_run < iters:
@@ -310,6 +323,18 @@ def restore(
 
 
 __all__ = [
-    "TorchBackend", "make_backend", "backend_mask_type", "UpdateMasks", "corrupt", "damage", "mask_missing",
-    "Restored", "frame_schedule", "restore", "MASK_BLOCK", "MAX_CELLS", "PRECISIONS", "resolve_precision",
+    "TorchBackend",
+    "make_backend",
+    "backend_mask_type",
+    "UpdateMasks",
+    "corrupt",
+    "damage",
+    "mask_missing",
+    "Restored",
+    "frame_schedule",
+    "restore",
+    "MASK_BLOCK",
+    "MAX_CELLS",
+    "PRECISIONS",
+    "resolve_precision",
 ]

@@ -98,8 +98,9 @@ def plan_tiles(
     if cfg.size_dependent:
         th, tw = (s // cfg.patch_size for s in cfg.image_size)
         band = min(max(1, th // 4), max(1, tw // 4))
-        return TilePlan(grid, (th, tw), axis_origins(gh, th, th - band), axis_origins(gw, tw, tw - band), 0, band,
-                        exact=False)
+        return TilePlan(
+            grid, (th, tw), axis_origins(gh, th, th - band), axis_origins(gw, tw, tw - band), 0, band, exact=False
+        )
     if tile == 0 or (tile is None and gh * gw <= max_cells):
         return TilePlan(grid, (gh, gw), (0,), (0,))
     want = iters * step_radius(cfg)
@@ -109,8 +110,15 @@ def plan_tiles(
     if tile is not None:
         side = max(tile, overlap + 1)  # room for at least one blended cell per tile
         th, tw = min(side, gh), min(side, gw)
-        return TilePlan(grid, (th, tw), axis_origins(gh, th, th - overlap), axis_origins(gw, tw, tw - overlap),
-                        margin, BLEND_BAND, exact)
+        return TilePlan(
+            grid,
+            (th, tw),
+            axis_origins(gh, th, th - overlap),
+            axis_origins(gw, tw, tw - overlap),
+            margin,
+            BLEND_BAND,
+            exact,
+        )
     # Automatic: the split (rows × columns of tiles) that computes the fewest cells within the tile budget.
     best = None
     for ny in range(1, MAX_SPLIT + 1):
@@ -125,5 +133,12 @@ def plan_tiles(
         side = max(math.isqrt(max_cells), overlap + 1)
         best = (0, min(side, gh), min(side, gw))
     _, th, tw = best
-    return TilePlan(grid, (th, tw), axis_origins(gh, th, th - overlap), axis_origins(gw, tw, tw - overlap), margin,
-                    BLEND_BAND, exact)
+    return TilePlan(
+        grid,
+        (th, tw),
+        axis_origins(gh, th, th - overlap),
+        axis_origins(gw, tw, tw - overlap),
+        margin,
+        BLEND_BAND,
+        exact,
+    )

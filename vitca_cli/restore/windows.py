@@ -119,18 +119,27 @@ def rollout_windows(
         nxt = torch.empty_like(state) if len(todo) == len(wins) else state.clone()
         for chunk in _chunks(todo, per_call):
             batch = chunk + chunk[:1] * ((1 << (len(chunk) - 1).bit_length()) - len(chunk)) if fixed else chunk
-            z = torch.stack([state[b, wy.origin : wy.origin + wy.size, wx.origin : wx.origin + wx.size]
-                             for b, wy, wx in (wins[i] for i in batch)])
-            m = torch.stack([mask[b, wy.origin : wy.origin + wy.size, wx.origin : wx.origin + wx.size]
-                             for b, wy, wx in (wins[i] for i in batch)])
+            z = torch.stack(
+                [
+                    state[b, wy.origin : wy.origin + wy.size, wx.origin : wx.origin + wx.size]
+                    for b, wy, wx in (wins[i] for i in batch)
+                ]
+            )
+            m = torch.stack(
+                [
+                    mask[b, wy.origin : wy.origin + wy.size, wx.origin : wx.origin + wx.size]
+                    for b, wy, wx in (wins[i] for i in batch)
+                ]
+            )
             if len(batch) > len(chunk):
-                m[len(chunk):] = False  # padding windows: computed, never written back
+                m[len(chunk) :] = False  # padding windows: computed, never written back
             z = z.to(device).permute(0, 3, 1, 2)
             out = backend.step(z, m[:, None].to(device=device, dtype=z.dtype)).permute(0, 2, 3, 1).cpu()
             for j, i in enumerate(chunk):
                 b, wy, wx = wins[i]
-                nxt[b, wy.lo : wy.hi, wx.lo : wx.hi] = out[j, wy.lo - wy.origin : wy.hi - wy.origin,
-                                                           wx.lo - wx.origin : wx.hi - wx.origin]
+                nxt[b, wy.lo : wy.hi, wx.lo : wx.hi] = out[
+                    j, wy.lo - wy.origin : wy.hi - wy.origin, wx.lo - wx.origin : wx.hi - wx.origin
+                ]
             result.computed += len(batch) * area
         result.skipped += (len(wins) - len(todo)) * area
         if settled is not None:

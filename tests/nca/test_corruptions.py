@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 from training.data import ImageDataset
 from training.evaluate import evaluate
 from training.train import TrainConfig, Trainer, train
-from vitca_cli.io.checkpoint import read_checkpoint, save_checkpoint
 from vitca_cli.cli import app
+from vitca_cli.errors import UsageError
+from vitca_cli.io.checkpoint import read_checkpoint, save_checkpoint
 from vitca_cli.nca.config import PRESETS, CAConfig, preset
 from vitca_cli.nca.corruptions import Corruption, corrupt_batch, corrupt_one, mixture_str, parse_mixture
-from vitca_cli.errors import UsageError
 from vitca_cli.nca.model import CellularAutomaton, count_parameters
 from vitca_cli.restore.loop import TorchBackend, restore
 
@@ -41,8 +41,10 @@ def test_mixture_parses_ranges_weights_and_defaults():
     assert mixture_str(parse_mixture(mixture_str(mix))) == mixture_str(mix)  # canonical, round-trips
 
 
-@pytest.mark.parametrize("spec", ["blur:1", "gaussian=0.3-0.1", "gaussian=2", "jpeg=0-50", "clean=1-2", "gaussian:0",
-                                  "gaussian:x", "", "patch=0.5"])
+@pytest.mark.parametrize(
+    "spec",
+    ["blur:1", "gaussian=0.3-0.1", "gaussian=2", "jpeg=0-50", "clean=1-2", "gaussian:0", "gaussian:x", "", "patch=0.5"],
+)
 def test_bad_mixtures_say_why(spec):
     with pytest.raises(ValueError):
         parse_mixture(spec)
@@ -97,8 +99,9 @@ def test_seed_fills_the_known_channel_and_starts_outputs_at_the_input():
     known[..., :4, :1] = 0
     ca = CellularAutomaton(cfg)
     z = ca.seed(x, known=known)
-    assert torch.equal(z[:, cfg.known_slice].sum(1, keepdim=True)[0, 0], torch.tensor(
-        [[2.0, 4, 4, 4]] * 2 + [[4.0] * 4] * 2))  # per 2×2 cell: how many of its pixels are known
+    assert torch.equal(
+        z[:, cfg.known_slice].sum(1, keepdim=True)[0, 0], torch.tensor([[2.0, 4, 4, 4]] * 2 + [[4.0] * 4] * 2)
+    )  # per 2×2 cell: how many of its pixels are known
     out = ca.output(z)
     assert torch.equal(out[..., 4:, :], x[..., 4:, :]) and torch.equal(out[..., 1:], x[..., 1:])
     assert bool((out[..., :4, :1] == 0.5).all())
@@ -138,8 +141,21 @@ def test_cli_inpaint_returns_every_unmasked_pixel_bit_for_bit(tmp_path, weights_
     mask = np.zeros((30, 26), np.uint8)
     mask[5:12, 3:20] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
-    res = CliRunner().invoke(app, ["inpaint", str(tmp_path / "in.png"), "-o", str(tmp_path / "out.png"),
-                                   "--mask", str(tmp_path / "mask.png"), "-w", str(tmp_path / "m.pt"), "--iters", "3"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "inpaint",
+            str(tmp_path / "in.png"),
+            "-o",
+            str(tmp_path / "out.png"),
+            "--mask",
+            str(tmp_path / "mask.png"),
+            "-w",
+            str(tmp_path / "m.pt"),
+            "--iters",
+            "3",
+        ],
+    )
     assert res.exit_code == 0, res.output
     out = np.asarray(Image.open(tmp_path / "out.png"))
     keep = mask == 0
@@ -158,9 +174,22 @@ def photo_folder(tmp_path) -> ImageDataset:
 
 
 def mix_tcfg(**kw) -> TrainConfig:
-    base = dict(dataset="photos", iterations=8, batch_size=4, pool_size=8, t_min=2, t_max=3, val_every=4,
-                val_size=4, val_steps=2, log_every=1, compile=False, corruptions=MIX, crop_sizes=(8, 16),
-                mask_type="dropout")
+    base = dict(
+        dataset="photos",
+        iterations=8,
+        batch_size=4,
+        pool_size=8,
+        t_min=2,
+        t_max=3,
+        val_every=4,
+        val_size=4,
+        val_steps=2,
+        log_every=1,
+        compile=False,
+        corruptions=MIX,
+        crop_sizes=(8, 16),
+        mask_type="dropout",
+    )
     base.update(kw)
     return TrainConfig.from_dict(base)  # flat mask_* keys, as older runs stored them
 
@@ -202,8 +231,9 @@ def test_eval_with_corruptions_reports_per_kind_and_keeps_known_pixels(randomise
     cfg = CAConfig(channels=3, image_size=(16, 16), mask_channel=True, cell_init="input", **TINY)
     model = randomise_model(CellularAutomaton(cfg)).eval()
     data = [torch.stack([photo(16, 16, seed=s) for s in range(8)])]
-    report = evaluate(model, data, iters=2, corruptions="rects:1, gaussian=0.1:1", mask_type="dropout",
-                      baselines=["telea"])
+    report = evaluate(
+        model, data, iters=2, corruptions="rects:1, gaussian=0.1:1", mask_type="dropout", baselines=["telea"]
+    )
     assert report["corruptions"] == "rects=1-4:1, gaussian=0.1-0.1:1"
     assert set(report["psnr_per_combo"]) <= {"rects", "gaussian"} and report["images"] == 8
     assert report["methods"]["vitca"]["psnr"]["mean"] > 0

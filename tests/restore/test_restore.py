@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from vitca_cli.nca.config import CAConfig
 from vitca_cli.errors import UsageError
+from vitca_cli.nca.config import CAConfig
 from vitca_cli.nca.model import CellularAutomaton
 from vitca_cli.restore.loop import (
     MASK_BLOCK,

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from vitca_cli.io.checkpoint import save_checkpoint
 from vitca_cli.cli import app
+from vitca_cli.io.checkpoint import save_checkpoint
 from vitca_cli.nca.config import CAConfig
 from vitca_cli.nca.model import CellularAutomaton
 
@@ -99,8 +99,9 @@ def test_rgba_keeps_alpha_and_jpeg_keeps_format(tmp_path, ckpt):
     d = tmp_path / "outdir"
     assert run("denoise", tmp_path / "j.jpg", tmp_path / "a.png", "-o", d, "-w", ckpt[3], *ITERS).exit_code == 0
     assert Image.open(d / "j.jpg").format == "JPEG"
-    assert run("denoise", tmp_path / "j.jpg", "-o", tmp_path / "x", "-w", ckpt[3], "--ext", "png",
-               *ITERS).exit_code == 0
+    assert (
+        run("denoise", tmp_path / "j.jpg", "-o", tmp_path / "x", "-w", ckpt[3], "--ext", "png", *ITERS).exit_code == 0
+    )
     assert Image.open(tmp_path / "x.png").format == "PNG"
 
 
@@ -127,8 +128,25 @@ def test_folders_recursive_mirror_and_globs(tmp_path, ckpt):
 def test_corrupt_save_input_animate_compare(tmp_path, ckpt):
     src = png(tmp_path / "in.png", 8, 8)
     out = tmp_path / "o.png"
-    result = run("denoise", src, "-o", out, "-w", ckpt[1], "--iters", "4", "--corrupt", "p=0.5,patch=2,type=dropout",
-                 "--save-input", "--animate", tmp_path / "a.gif", "--frames", "4", "--compare", tmp_path / "c.png")
+    result = run(
+        "denoise",
+        src,
+        "-o",
+        out,
+        "-w",
+        ckpt[1],
+        "--iters",
+        "4",
+        "--corrupt",
+        "p=0.5,patch=2,type=dropout",
+        "--save-input",
+        "--animate",
+        tmp_path / "a.gif",
+        "--frames",
+        "4",
+        "--compare",
+        tmp_path / "c.png",
+    )
     assert result.exit_code == 0, result.stderr
     corrupted = np.asarray(Image.open(tmp_path / "o.input.png"))
     assert (corrupted == 0).any() and not np.array_equal(corrupted, np.asarray(Image.open(src)))
@@ -141,8 +159,9 @@ def test_inpaint_single_mask_resized_and_masks_by_stem(tmp_path, ckpt):
     m = np.zeros((4, 4), np.uint8)
     m[:2] = 255
     Image.fromarray(m).save(tmp_path / "mask.png")
-    result = run("inpaint", src, "--mask", tmp_path / "mask.png", "-o", tmp_path / "o.png", "-w", ckpt[1], *ITERS,
-                 "--save-input")
+    result = run(
+        "inpaint", src, "--mask", tmp_path / "mask.png", "-o", tmp_path / "o.png", "-w", ckpt[1], *ITERS, "--save-input"
+    )
     assert result.exit_code == 0, result.stderr
     assert "stretched" in result.stderr and "nearest-neighbour" in result.stderr
     masked = np.asarray(Image.open(tmp_path / "o.input.png"))
@@ -151,8 +170,18 @@ def test_inpaint_single_mask_resized_and_masks_by_stem(tmp_path, ckpt):
     masks = tmp_path / "masks"
     masks.mkdir()
     Image.fromarray(np.full((8, 8), 255, np.uint8)).save(masks / "in.png")
-    result = run("inpaint", src, png(tmp_path / "other.png", 8, 8), "--mask", masks, "-o", tmp_path / "out", "-w",
-                 ckpt[1], *ITERS)
+    result = run(
+        "inpaint",
+        src,
+        png(tmp_path / "other.png", 8, 8),
+        "--mask",
+        masks,
+        "-o",
+        tmp_path / "out",
+        "-w",
+        ckpt[1],
+        *ITERS,
+    )
     assert result.exit_code == 1
     assert (tmp_path / "out" / "in.png").is_file() and not (tmp_path / "out" / "other.png").exists()
     assert len(error_lines(result)) == 1 and "no mask named other" in result.stderr
@@ -235,19 +264,44 @@ def test_unwritable_output(tmp_path, ckpt):
 
 def test_unreadable_mask(tmp_path, ckpt):
     (tmp_path / "m.png").write_text("not a mask")
-    result = run("inpaint", png(tmp_path / "in.png"), "--mask", tmp_path / "m.png", "-o", tmp_path / "o.png",
-                 "-w", ckpt[1], *ITERS)
+    result = run(
+        "inpaint",
+        png(tmp_path / "in.png"),
+        "--mask",
+        tmp_path / "m.png",
+        "-o",
+        tmp_path / "o.png",
+        "-w",
+        ckpt[1],
+        *ITERS,
+    )
     assert result.exit_code == 1
     assert "mask" in error_lines(result)[0] and "not an image" in result.stderr
-    result = run("inpaint", tmp_path / "in.png", "--mask", tmp_path / "nomask.png", "-o", tmp_path / "o.png",
-                 "-w", ckpt[1], *ITERS)
+    result = run(
+        "inpaint",
+        tmp_path / "in.png",
+        "--mask",
+        tmp_path / "nomask.png",
+        "-o",
+        tmp_path / "o.png",
+        "-w",
+        ckpt[1],
+        *ITERS,
+    )
     assert result.exit_code == 2 and len(error_lines(result)) == 1
 
 
 @pytest.mark.parametrize(
     "args",
-    [["--iters", "0"], ["--iters", "-3"], ["--update-rate", "0"], ["--corrupt", "p=2"], ["--tile", "-1"],
-     ["--ext", "xyz"], ["--overwrite", "--skip-existing"]],
+    [
+        ["--iters", "0"],
+        ["--iters", "-3"],
+        ["--update-rate", "0"],
+        ["--corrupt", "p=2"],
+        ["--tile", "-1"],
+        ["--ext", "xyz"],
+        ["--overwrite", "--skip-existing"],
+    ],
 )
 def test_usage_errors_exit_2(tmp_path, ckpt, args):
     result = run("denoise", png(tmp_path / "in.png"), "-o", tmp_path / "o.png", "-w", ckpt[1], *args)
@@ -293,8 +347,9 @@ def test_cuda_without_gpu_is_a_clear_usage_error(tmp_path, ckpt):
 def vitca(*args, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     code = "import sys; from vitca_cli.cli import main; sys.argv[0] = 'vitca'; main()"
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, env=env, timeout=120,
-                          **kw)
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], capture_output=True, env=env, timeout=120, **kw
+    )
 
 
 def test_subprocess_batch_with_a_bad_file_and_stdout(tmp_path, ckpt):

@@ -109,13 +109,28 @@ def test_stability_flags_divergence(model, clean, tmp_path):
 def test_profile_command_on_a_tiny_model(tmp_path):
     from typer.testing import CliRunner
 
-    from vitca_cli.io.checkpoint import save_checkpoint
     from vitca_cli.cli import app
+    from vitca_cli.io.checkpoint import save_checkpoint
 
     ckpt = tmp_path / "tiny.pt"
     save_checkpoint(ckpt, CFG, CellularAutomaton(CFG).state_dict(), {})
-    base = ["profile", "-w", str(ckpt), "-b", "2", "--height", "8", "--width", "8", "-T", "4", "--repeats", "1",
-            "--device", "cpu"]
+    base = [
+        "profile",
+        "-w",
+        str(ckpt),
+        "-b",
+        "2",
+        "--height",
+        "8",
+        "--width",
+        "8",
+        "-T",
+        "4",
+        "--repeats",
+        "1",
+        "--device",
+        "cpu",
+    ]
     result = CliRunner().invoke(app, base + ["--mode", "plain", "--mode", "checkpointing"])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()

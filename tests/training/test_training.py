@@ -26,10 +26,10 @@ from training.train import (
     rollout,
     train,
 )
-from vitca_cli.io.checkpoint import load_model, read_checkpoint
 from vitca_cli.cli import app
-from vitca_cli.nca.config import CAConfig, preset
 from vitca_cli.errors import UsageError, VitcaError
+from vitca_cli.io.checkpoint import load_model, read_checkpoint
+from vitca_cli.nca.config import CAConfig, preset
 from vitca_cli.nca.model import CellularAutomaton
 
 SIZE = 8
@@ -198,10 +198,42 @@ def test_cli_resumes_a_run_folder_saved_with_flat_masking_keys(tmp_path):
     for k in range(6):
         Image.fromarray(rng.randint(0, 256, (12, 12), dtype=np.uint8)).save(photos / f"p{k}.png")
     run = tmp_path / "run"
-    args = ["train", "--dataset", f"folder:{photos}", "--image-size", "8", "-o", str(run), "--iterations", "4",
-            "--t-min", "2", "--t-max", "2", "-b", "2", "--embed", "16", "--heads", "2", "--mlp", "16", "--hidden", "4",
-            "--val-every", "0", "--no-compile", "--mask-type", "dropout", "--mask-max-patch", "2", "--mask-start", "5",
-            "--mask-end", "50"]
+    args = [
+        "train",
+        "--dataset",
+        f"folder:{photos}",
+        "--image-size",
+        "8",
+        "-o",
+        str(run),
+        "--iterations",
+        "4",
+        "--t-min",
+        "2",
+        "--t-max",
+        "2",
+        "-b",
+        "2",
+        "--embed",
+        "16",
+        "--heads",
+        "2",
+        "--mlp",
+        "16",
+        "--hidden",
+        "4",
+        "--val-every",
+        "0",
+        "--no-compile",
+        "--mask-type",
+        "dropout",
+        "--mask-max-patch",
+        "2",
+        "--mask-start",
+        "5",
+        "--mask-end",
+        "50",
+    ]
     res = CliRunner().invoke(app, [*args, "--stop-at", "2"])
     assert res.exit_code == 0, res.output
     flatten_masking(run / "last.pt")
@@ -210,8 +242,15 @@ def test_cli_resumes_a_run_folder_saved_with_flat_masking_keys(tmp_path):
     assert res.exit_code == 0, res.output
     ckpt = read_checkpoint(run / "last.pt")
     assert ckpt["iteration"] == 4 and ckpt["meta"]["mask_type"] == "dropout"
-    assert ckpt["train"]["masking"] == {"type": "dropout", "start": 5, "end": 50, "max_prob": 0.75,
-                                        "prob_stages": 3, "max_patch": 2, "patch_stages": 3}
+    assert ckpt["train"]["masking"] == {
+        "type": "dropout",
+        "start": 5,
+        "end": 50,
+        "max_prob": 0.75,
+        "prob_stages": 3,
+        "max_patch": 2,
+        "patch_stages": 3,
+    }
     assert json.loads((run / "config.json").read_text())["train"]["masking"]["end"] == 50
 
 
@@ -338,11 +377,15 @@ def test_cli_train_and_resume_on_png_folder(tmp_path, monkeypatch):
     ckpt = read_checkpoint(run / "last.pt")
     assert ckpt["iteration"] == 4 and ckpt["config"]["channels"] == 3 and tuple(ckpt["config"]["image_size"]) == (8, 8)
     assert len((run / "command.txt").read_text().splitlines()) == 2
-    res = runner.invoke(app, ["train", "--dataset", f"folder:{photos}", "--precision", "fp16", "-o", str(tmp_path / "r3")])
+    res = runner.invoke(
+        app, ["train", "--dataset", f"folder:{photos}", "--precision", "fp16", "-o", str(tmp_path / "r3")]
+    )
     assert res.exit_code == 2 and "precision must be one of" in res.output
     res = runner.invoke(app, ["train", "--dataset", f"folder:{tmp_path / 'none'}", "--image-size", "8"])
     assert res.exit_code == 1 and "image folder not found" in res.output
-    res = runner.invoke(app, ["train", "--dataset", f"folder:{photos}", "--image-size", "10", "-o", str(tmp_path / "r2")])
+    res = runner.invoke(
+        app, ["train", "--dataset", f"folder:{photos}", "--image-size", "10", "-o", str(tmp_path / "r2")]
+    )
     assert res.exit_code == 2 and "does not divide" in res.output
 
 

@@ -11,13 +11,13 @@ import torch
 from typer.testing import CliRunner
 
 import vitca_cli.io.weights as weights_mod
-from vitca_cli.io.checkpoint import read_checkpoint, save_checkpoint
-from vitca_cli.cli import app
-from vitca_cli.nca.config import CAConfig
-from vitca_cli.errors import WeightsError
-from vitca_cli.nca.model import CellularAutomaton
-from vitca_cli.io.weights import resolve, write_manifest_entry
 from training.ship import ship
+from vitca_cli.cli import app
+from vitca_cli.errors import WeightsError
+from vitca_cli.io.checkpoint import read_checkpoint, save_checkpoint
+from vitca_cli.io.weights import resolve, write_manifest_entry
+from vitca_cli.nca.config import CAConfig
+from vitca_cli.nca.model import CellularAutomaton
 
 CFG = CAConfig(embed=16, heads=2, mlp=16, hidden=4, pos_encoding="none")
 
@@ -35,9 +35,16 @@ def training_checkpoint(path: Path) -> Path:
     opt = torch.optim.AdamW(ca.parameters())
     ca(ca.seed(torch.rand(1, 1, 4, 4)), 1).sum().backward()
     opt.step()
-    save_checkpoint(path, CFG, ca.state_dict(), {"dataset": "tiny", "mask_type": "dropout"},
-                    optimizer=opt.state_dict(), pool={"z": torch.zeros(8, 10, 4, 4)}, iteration=120,
-                    rng=torch.get_rng_state())
+    save_checkpoint(
+        path,
+        CFG,
+        ca.state_dict(),
+        {"dataset": "tiny", "mask_type": "dropout"},
+        optimizer=opt.state_dict(),
+        pool={"z": torch.zeros(8, 10, 4, 4)},
+        iteration=120,
+        rng=torch.get_rng_state(),
+    )
     return path
 
 
@@ -145,8 +152,14 @@ def test_unreadable_manifest(dirs):
 
 def test_weights_commands(dirs, tmp_path):
     shipped, home = dirs
-    ship(training_checkpoint(tmp_path / "c.pt"), "tiny", dataset="Tiny set", weights_dir=shipped, val_psnr=19.0,
-         val_ssim=0.7)
+    ship(
+        training_checkpoint(tmp_path / "c.pt"),
+        "tiny",
+        dataset="Tiny set",
+        weights_dir=shipped,
+        val_psnr=19.0,
+        val_ssim=0.7,
+    )
     (home / "weights").mkdir(parents=True)
     (home / "weights" / "mine.pt").write_bytes((tmp_path / "c.pt").read_bytes())
     runner = CliRunner()

@@ -9,8 +9,8 @@ from conftest import randomise
 from typer.testing import CliRunner
 
 from vitca_cli.cli import app
-from vitca_cli.nca.config import CAConfig, preset
 from vitca_cli.nca.attention import local_attention, local_attention_at
+from vitca_cli.nca.config import CAConfig, preset
 from vitca_cli.nca.model import (
     CellularAutomaton,
     count_parameters,
@@ -22,9 +22,7 @@ from vitca_cli.nca.reference import unfold_step
 from vitca_cli.nca.rollout import draw_update_mask
 
 
-@pytest.mark.parametrize(
-    "patch, expected", [(1, 92_515), (2, 95_980), (4, 109_840), (8, 165_280), (16, 387_040)]
-)
+@pytest.mark.parametrize("patch, expected", [(1, 92_515), (2, 95_980), (4, 109_840), (8, 165_280), (16, 387_040)])
 def test_celeba_parameter_counts_match_appendix_table_4(patch, expected):
     assert count_parameters(CellularAutomaton(preset("celeba", patch_size=patch))) == expected
 

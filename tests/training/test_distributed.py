@@ -18,17 +18,41 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from test_training import CFG, tiny_dataset
-from training.train import Trainer, TrainConfig
+
+from training.train import TrainConfig, Trainer
 from vitca_cli.io.checkpoint import read_checkpoint
 from vitca_cli.nca.model import CellularAutomaton
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KILLED_RANK_TIMEOUT_S = 60
-TINY_RUN = ["--image-size", "8", "--embed", "16", "--heads", "2", "--mlp", "16", "--hidden", "4", "--pos-encoding",
-            "none", "--batch-size", "4", "--t-min", "2", "--t-max", "3", "--val-every", "0", "--no-compile",
-            "--threads", "1", "--pool-size", "16"]
+TINY_RUN = [
+    "--image-size",
+    "8",
+    "--embed",
+    "16",
+    "--heads",
+    "2",
+    "--mlp",
+    "16",
+    "--hidden",
+    "4",
+    "--pos-encoding",
+    "none",
+    "--batch-size",
+    "4",
+    "--t-min",
+    "2",
+    "--t-max",
+    "3",
+    "--val-every",
+    "0",
+    "--no-compile",
+    "--threads",
+    "1",
+    "--pool-size",
+    "16",
+]
 
 
 def torchrun(*args: str) -> list[str]:
@@ -58,8 +82,13 @@ def test_one_ddp_iteration_equals_one_process_on_the_whole_batch_and_ranks_stay_
     steps = 3
     masks = (torch.rand(steps, 8, 1, *x.shape[-2:], generator=g) < 0.5).float()
     torch.save({"z": z, "x": x, "steps": steps, "masks": masks}, tmp_path / "batch.pt")
-    done = subprocess.run(torchrun(str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path)), env=env(),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        torchrun(str(ROOT / "tests" / "training" / "ddp_worker.py"), str(tmp_path)),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     single = Trainer(CFG, tcfg(batch_size=8, pool_size=16), tiny_dataset(), None, "cpu")
@@ -76,8 +105,9 @@ def test_one_ddp_iteration_equals_one_process_on_the_whole_batch_and_ranks_stay_
 
 
 def run_cli(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vitca_cli", *args], env=env(), capture_output=True, text=True,
-                          timeout=300, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "vitca_cli", *args], env=env(), capture_output=True, text=True, timeout=300, **kw
+    )
 
 
 def last_iteration(run: Path) -> int:
@@ -96,14 +126,29 @@ def process_tree(pid: int) -> list[int]:
 
 
 def test_killed_hard_mid_run_resumes_to_the_same_weights(tmp_path, photos):
-    common = ["train", "--dataset", f"folder:{photos}", "--iterations", "200", "--save-every", "4", "--log-every",
-              "1", *TINY_RUN]
+    common = [
+        "train",
+        "--dataset",
+        f"folder:{photos}",
+        "--iterations",
+        "200",
+        "--save-every",
+        "4",
+        "--log-every",
+        "1",
+        *TINY_RUN,
+    ]
     straight = run_cli(*common, "--nproc", "2", "-o", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "vitca_cli", *common, "--nproc", "2", "-o", str(run)], env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vitca_cli", *common, "--nproc", "2", "-o", str(run)],
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 240
     while last_iteration(run) < 10 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -128,9 +173,24 @@ def test_killed_hard_mid_run_resumes_to_the_same_weights(tmp_path, photos):
 
 def test_a_killed_rank_ends_the_launch_with_an_error(tmp_path, photos):
     run = tmp_path / "run"
-    proc = subprocess.Popen(torchrun("-m", "vitca_cli", "train", "--dataset", f"folder:{photos}", "--iterations",
-                                     "100000", *TINY_RUN, "-o", str(run)),
-                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        torchrun(
+            "-m",
+            "vitca_cli",
+            "train",
+            "--dataset",
+            f"folder:{photos}",
+            "--iterations",
+            "100000",
+            *TINY_RUN,
+            "-o",
+            str(run),
+        ),
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 240
         while last_iteration(run) < 3 and time.time() < deadline:
@@ -155,16 +215,34 @@ def test_the_global_batch_must_split_evenly():
 
     assert split_batch(32, World(0, 4)) == 8
     with pytest.raises(UsageError, match="multiple of 3"):
-        Trainer(CFG, TrainConfig(dataset="tiny", batch_size=32, compile=False), tiny_dataset(), None, "cpu",
-                World(0, 3))
+        Trainer(
+            CFG, TrainConfig(dataset="tiny", batch_size=32, compile=False), tiny_dataset(), None, "cpu", World(0, 3)
+        )
 
 
 def test_sigterm_to_one_rank_saves_once_and_stops_every_rank_at_the_same_iteration(tmp_path, photos):
     run = tmp_path / "run"
-    proc = subprocess.Popen(torchrun("-m", "vitca_cli", "train", "--dataset", f"folder:{photos}", "--iterations",
-                                     "100000", "--save-every", "100000", *TINY_RUN, "-o", str(run)),
-                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        torchrun(
+            "-m",
+            "vitca_cli",
+            "train",
+            "--dataset",
+            f"folder:{photos}",
+            "--iterations",
+            "100000",
+            "--save-every",
+            "100000",
+            *TINY_RUN,
+            "-o",
+            str(run),
+        ),
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 240
         while last_iteration(run) < 3 and time.time() < deadline:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.evaluate import batches, evaluate, format_report, eval_combos
+from training.evaluate import batches, eval_combos, evaluate, format_report
 from training.probe import linear_probe, train_linear
 from vitca_cli.io.checkpoint import save_checkpoint
 from vitca_cli.nca.config import CAConfig
@@ -70,10 +70,14 @@ def test_eval_runs_the_ca_with_the_update_masks_of_denoise(model):
     prob, patch = eval_combos()[0]  # the first batch's combo, drawn from the generator seeded with the seed
     corrupted, _ = corrupt(clean, prob, patch, "noise", torch.Generator().manual_seed(seed))
     backend = TorchBackend(model)
-    denoised = torch.stack([
-        torch.from_numpy(restore(backend, img.permute(1, 2, 0).numpy(), iters=iters, seed=seed).image).permute(2, 0, 1)
-        for img in corrupted
-    ])
+    denoised = torch.stack(
+        [
+            torch.from_numpy(restore(backend, img.permute(1, 2, 0).numpy(), iters=iters, seed=seed).image).permute(
+                2, 0, 1
+            )
+            for img in corrupted
+        ]
+    )
     expected = psnr_per_image(denoised, clean).mean().item()
     assert report["methods"]["vitca"]["psnr"]["mean"] == pytest.approx(expected, abs=1e-3)
     other = restore(backend, corrupted[0].permute(1, 2, 0).numpy(), iters=iters, seed=seed + 1).image
@@ -95,8 +99,13 @@ def test_baselines_restore_better_than_the_input(model):
     # smooth images: the inpainters should recover masked pixels from their neighbours
     yy, xx = torch.meshgrid(torch.linspace(0, 1, 16), torch.linspace(0, 1, 16), indexing="ij")
     smooth = ((xx + yy) / 2).expand(9, 1, 16, 16).clone()
-    report = evaluate(model, batches(TensorDataset(smooth), 3), iters=1, mask_type="dropout",
-                      baselines=["median", "tv-chambolle", "nl-means", "biharmonic", "telea"])
+    report = evaluate(
+        model,
+        batches(TensorDataset(smooth), 3),
+        iters=1,
+        mask_type="dropout",
+        baselines=["median", "tv-chambolle", "nl-means", "biharmonic", "telea"],
+    )
     rows = report["methods"]
     assert set(rows) == {"vitca", "input", "median", "tv-chambolle", "nl-means", "biharmonic", "telea"}
     for name in ("biharmonic", "telea"):
@@ -139,15 +148,17 @@ def test_linear_probe_on_a_synthetic_dataset(model):
             images[i, :, 8 * r : 8 * r + 8, 8 * c : 8 * c + 8] += 0.8
         return TensorDataset(images, labels.tolist())
 
-    report = linear_probe(model, make(80, 0), make(40, 1), iters=2, train_limit=None, test_limit=None,
-                          max_iter=50, batch_size=16)
+    report = linear_probe(
+        model, make(80, 0), make(40, 1), iters=2, train_limit=None, test_limit=None, max_iter=50, batch_size=16
+    )
     assert report["train_images"] == 80 and report["test_images"] == 40 and report["classes"] == 4
     assert report["ca_hidden_mean"]["features"] == CFG.hidden
     assert report["raw_pixels"]["features"] == 16 * 16
     assert report["raw_pixels"]["test_top1"] >= 0.9
     assert 0.0 <= report["ca_hidden_mean"]["test_top1"] <= 1.0
-    again = linear_probe(model, make(80, 0), make(40, 1), iters=2, train_limit=None, test_limit=None,
-                         max_iter=50, batch_size=16)
+    again = linear_probe(
+        model, make(80, 0), make(40, 1), iters=2, train_limit=None, test_limit=None, max_iter=50, batch_size=16
+    )
     assert again == report
 
 
@@ -179,8 +190,22 @@ def _cli(*args):
 
 def test_eval_command_json(files):
     ckpt, folder = files
-    args = ["eval", "--weights", ckpt, "--dataset", f"folder:{folder}", "--iters", 2, "--batch-size", 1,
-            "--device", "cpu", "--threads", 1, "--json"]
+    args = [
+        "eval",
+        "--weights",
+        ckpt,
+        "--dataset",
+        f"folder:{folder}",
+        "--iters",
+        2,
+        "--batch-size",
+        1,
+        "--device",
+        "cpu",
+        "--threads",
+        1,
+        "--json",
+    ]
     result = _cli(*args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -196,8 +221,22 @@ def test_eval_command_table_with_baselines(files):
     pytest.importorskip("skimage")
     pytest.importorskip("cv2")
     ckpt, folder = files
-    result = _cli("eval", "-w", ckpt, "-d", f"folder:{folder}", "--iters", 2, "--limit", 4, "--baselines",
-                  "--mask-type", "noise", "--device", "cpu")
+    result = _cli(
+        "eval",
+        "-w",
+        ckpt,
+        "-d",
+        f"folder:{folder}",
+        "--iters",
+        2,
+        "--limit",
+        4,
+        "--baselines",
+        "--mask-type",
+        "noise",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert "4 images" in lines[0] and "noise masking" in lines[0]
@@ -217,8 +256,22 @@ def test_eval_command_errors(files, tmp_path):
 def test_analyze_command_writes_figure_and_table(files, tmp_path):
     ckpt, folder = files
     out = tmp_path / "analysis"
-    result = _cli("analyze", "stability", "-w", ckpt, "-d", f"folder:{folder}", "-o", out, "--iters", 10,
-                  "--limit", 2, "--device", "cpu")
+    result = _cli(
+        "analyze",
+        "stability",
+        "-w",
+        ckpt,
+        "-d",
+        f"folder:{folder}",
+        "-o",
+        out,
+        "--iters",
+        10,
+        "--limit",
+        2,
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     assert "diverged" in result.stdout
     for name in ("stability.png", "stability.csv", "stability.json"):
@@ -231,8 +284,9 @@ def test_schedule_follows_the_checkpoint():
     from training.evaluate import schedule_for
     from vitca_cli.nca.masking import MaskingSchedule
 
-    meta = {"masking": {"start": 500, "end": 10000, "prob_stages": 3, "max_prob": 0.75, "patch_stages": 3,
-                        "max_patch": 8}}
+    meta = {
+        "masking": {"start": 500, "end": 10000, "prob_stages": 3, "max_prob": 0.75, "patch_stages": 3, "max_patch": 8}
+    }
     assert {s for _, s in eval_combos(schedule_for(meta))} == {1, 4, 8}
     assert {s for _, s in eval_combos(schedule_for(meta, max_patch=2))} == {1, 2}
     assert schedule_for({}) == MaskingSchedule() and schedule_for({"masking": {"bogus": 1}}) == MaskingSchedule()
@@ -250,8 +304,9 @@ def test_paper_protocol_full_batches_one_random_combo_each_and_batch_psnr_headli
     from vitca_cli.nca.config import CAConfig
     from vitca_cli.nca.model import CellularAutomaton
 
-    model = randomise_model(CellularAutomaton(CAConfig(channels=1, image_size=(12, 12), embed=16, heads=2, mlp=16,
-                                                       hidden=4))).eval()
+    model = randomise_model(
+        CellularAutomaton(CAConfig(channels=1, image_size=(12, 12), embed=16, heads=2, mlp=16, hidden=4))
+    ).eval()
     data = torch.rand(70, 1, 12, 12)
     picked = list(batches(data, 32, drop_last=True))
     assert [len(b) for b in picked] == [32, 32]  # the 6 left over are dropped, as the reference's loader does

@@ -12,11 +12,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import vitca_cli.io.weights as weights_mod
-from vitca_cli.io.checkpoint import save_checkpoint
 from vitca_cli.cli import app
-from vitca_cli.nca.config import CAConfig, preset
 from vitca_cli.errors import UsageError, WeightsError
+from vitca_cli.io.checkpoint import save_checkpoint
+from vitca_cli.io.weights import sha256_file
 from vitca_cli.nca.attention import attend
+from vitca_cli.nca.config import CAConfig, preset
 from vitca_cli.nca.model import CellularAutomaton, seed_cells
 from vitca_cli.onnx.backend import (
     SHAPED_SESSIONS,
@@ -24,7 +25,6 @@ from vitca_cli.onnx.backend import (
     _nhwc_array,
     onnx_for_checkpoint,
 )
-from vitca_cli.io.weights import sha256_file
 from vitca_cli.onnx.export import export_checkpoint, export_step
 from vitca_cli.onnx.format import INPUTS, OUTPUT
 from vitca_cli.onnx.graph import EXPORT_TILE, TileGrid, from_tiles, tiled_attention, to_tiles
@@ -147,7 +147,7 @@ def test_steps_run_in_sessions_of_fixed_shape_that_match_the_exported_one(export
         feeds = {INPUTS[0]: _nhwc_array(z), INPUTS[1]: _nhwc_array(mask)}
         (dynamic,) = backend.session.run([OUTPUT], feeds)
         assert np.allclose(_nhwc_array(out), dynamic, atol=1e-6)
-        with pytest.raises(Exception):  # it really is fixed to its shape
+        with pytest.raises(Exception):  # noqa: B017 - ORT's error type varies: it really is fixed to its shape
             shaped.run([OUTPUT], {k: np.concatenate([v, v]) for k, v in feeds.items()})
     assert list(backend._shaped) == [tuple(s) for s in shapes[1:]]  # the oldest was dropped
 
@@ -177,16 +177,30 @@ def test_denoise_cli_onnx_backend_equals_torch_backend(exported, tmp_path):
         outs[backend] = tmp_path / f"{backend}.png"
         result = CliRunner().invoke(
             app,
-            ["denoise", str(image), "-o", str(outs[backend]), "--weights", str(weights), "--backend", backend,
-             "--iters", "8", "--device", "cpu"],
+            [
+                "denoise",
+                str(image),
+                "-o",
+                str(outs[backend]),
+                "--weights",
+                str(weights),
+                "--backend",
+                backend,
+                "--iters",
+                "8",
+                "--device",
+                "cpu",
+            ],
         )
         assert result.exit_code == 0, result.output
     a, b = (np.asarray(Image.open(outs[k])).astype(int) for k in ("torch", "onnx"))
     assert np.abs(a - b).max() <= 1
     # An .onnx file needs no --backend onnx: the file says what it is (issue 24).
     auto = tmp_path / "auto.png"
-    result = CliRunner().invoke(app, ["denoise", str(image), "-o", str(auto), "--weights", str(exported["path"]),
-                                      "--iters", "8", "--device", "cpu"])
+    result = CliRunner().invoke(
+        app,
+        ["denoise", str(image), "-o", str(auto), "--weights", str(exported["path"]), "--iters", "8", "--device", "cpu"],
+    )
     assert result.exit_code == 0 and "ONNX Runtime backend" in result.stderr, result.output
     assert np.array_equal(np.asarray(Image.open(auto)), np.asarray(Image.open(outs["onnx"])))
 
@@ -373,9 +387,25 @@ def test_cli_quantize_runs_with_onnx_and_is_refused_without(exported, tmp_path):
 
     src = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (28, 28), dtype=np.uint8)).save(src)
-    ok = CliRunner().invoke(app, ["denoise", str(src), "-o", str(tmp_path / "o.png"), "-w", str(exported["path"]),
-                                  "--backend", "onnx", "--quantize", "--iters", "4"])
+    ok = CliRunner().invoke(
+        app,
+        [
+            "denoise",
+            str(src),
+            "-o",
+            str(tmp_path / "o.png"),
+            "-w",
+            str(exported["path"]),
+            "--backend",
+            "onnx",
+            "--quantize",
+            "--iters",
+            "4",
+        ],
+    )
     assert ok.exit_code == 0 and (tmp_path / "o.png").is_file()
-    bad = CliRunner().invoke(app, ["denoise", str(src), "-o", str(tmp_path / "p.png"), "-w", str(exported["ckpt"]),
-                                   "--quantize", "--iters", "4"])
+    bad = CliRunner().invoke(
+        app,
+        ["denoise", str(src), "-o", str(tmp_path / "p.png"), "-w", str(exported["ckpt"]), "--quantize", "--iters", "4"],
+    )
     assert bad.exit_code == 2 and "--backend onnx" in bad.output and not (tmp_path / "p.png").exists()

@@ -18,13 +18,13 @@ from PIL import Image
 from training.evaluate import evaluate, format_report
 from training.probe import train_linear
 from vitca_cli import log
-from vitca_cli.io.checkpoint import save_checkpoint
 from vitca_cli.cli import hoist_global_flags, main
 from vitca_cli.cli.options import handle_errors
+from vitca_cli.io.checkpoint import save_checkpoint
 from vitca_cli.nca.config import CAConfig
 from vitca_cli.nca.model import CellularAutomaton
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(embed=16, heads=2, mlp=16, hidden=4, pos_encoding="none")
 
 
@@ -67,14 +67,17 @@ def one_error_line(err: str) -> str:
 
 
 # 1. numbers that overflow -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("args", [
-    ["denoise", "x.png", "-o", "y.png", "--iters", "99999999999999999999"],
-    ["denoise", "x.png", "-o", "y.png", "--seed", "99999999999999999999"],
-    ["denoise", "x.png", "-o", "y.png", "--update-rate", "nan"],
-    ["denoise", "x.png", "-o", "y.png", "--iters", "20000"],
-    ["train", "--iterations", "99999999999999999999"],
-    ["eval", "-w", "x", "-d", "mnist", "--limit", "99999999999999999999"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["denoise", "x.png", "-o", "y.png", "--iters", "99999999999999999999"],
+        ["denoise", "x.png", "-o", "y.png", "--seed", "99999999999999999999"],
+        ["denoise", "x.png", "-o", "y.png", "--update-rate", "nan"],
+        ["denoise", "x.png", "-o", "y.png", "--iters", "20000"],
+        ["train", "--iterations", "99999999999999999999"],
+        ["eval", "-w", "x", "-d", "mnist", "--limit", "99999999999999999999"],
+    ],
+)
 def test_overflowing_numbers_are_one_line_usage_errors(capsys, args):
     code, _, err = cli(capsys, *args)
     assert code == 2
@@ -87,7 +90,7 @@ def test_with_vv_the_message_does_not_ask_for_vv(capsys):
         raise RuntimeError("boom")
 
     log.setup(2, False)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - whatever handle_errors re-raises at -vv
         broken()
     err = capsys.readouterr().err
     assert "Traceback" in err and "boom" in err and "run with -vv" not in err
@@ -107,8 +110,9 @@ def test_global_flags_work_after_the_command(capsys, tmp_path, model_file):
 @pytest.mark.parametrize("command", [[], ["denoise"], ["inpaint"], ["train"], ["eval"]])
 def test_help_is_readable_at_80_columns(command):
     env = {**os.environ, "COLUMNS": "80"}
-    out = subprocess.run([sys.executable, "-m", "vitca_cli", *command, "--help"], capture_output=True, text=True,
-                         env=env, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "vitca_cli", *command, "--help"], capture_output=True, text=True, env=env, check=True
+    ).stdout
     assert max(len(line) for line in out.splitlines()) <= 80
     assert "<bool>" not in out and "…" not in out
     if command == ["train"]:
@@ -118,8 +122,16 @@ def test_help_is_readable_at_80_columns(command):
 
 
 # 4. one error style -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("args", [["denoise"], ["denoise", "x.png", "--iters", "abc"], ["analyze", "nonsense"],
-                                  ["nonsense"], ["denoise", "x.png", "--no-such-flag"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["denoise"],
+        ["denoise", "x.png", "--iters", "abc"],
+        ["analyze", "nonsense"],
+        ["nonsense"],
+        ["denoise", "x.png", "--no-such-flag"],
+    ],
+)
 def test_parse_errors_are_one_error_line_and_exit_2(capsys, args):
     code, _, err = cli(capsys, *args)
     assert code == 2
@@ -129,15 +141,17 @@ def test_parse_errors_are_one_error_line_and_exit_2(capsys, args):
 # 5. messages that say what is wrong ---------------------------------------------------------------------------------
 def test_output_under_a_regular_file_says_so(capsys, tmp_path, model_file):
     (tmp_path / "afile").write_bytes(b"")
-    code, _, err = cli(capsys, "denoise", photo(tmp_path / "in.png"), "-o", tmp_path / "afile" / "out.png",
-                       "-w", model_file)
+    code, _, err = cli(
+        capsys, "denoise", photo(tmp_path / "in.png"), "-o", tmp_path / "afile" / "out.png", "-w", model_file
+    )
     assert code == 1 and "is a file, not a folder" in one_error_line(err)
 
 
 def test_a_missing_input_is_reported_before_output_problems(capsys, tmp_path, model_file):
     (tmp_path / "afile").write_bytes(b"")
-    code, _, err = cli(capsys, "denoise", tmp_path / "missing.png", "-o", tmp_path / "afile" / "out.png",
-                       "-w", model_file)
+    code, _, err = cli(
+        capsys, "denoise", tmp_path / "missing.png", "-o", tmp_path / "afile" / "out.png", "-w", model_file
+    )
     assert code == 1 and "no such file" in one_error_line(err)
 
 
@@ -145,30 +159,54 @@ def test_a_missing_input_is_reported_before_output_problems(capsys, tmp_path, mo
 def test_animated_gif_says_only_the_first_frame_is_restored(capsys, tmp_path, model_file):
     frames = [Image.fromarray(np.full((8, 8, 3), v, np.uint8)) for v in (0, 128, 255)]
     frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
-    code, _, err = cli(capsys, "denoise", tmp_path / "a.gif", "-o", tmp_path / "b.gif", "-w", model_file,
-                       "--iters", "1")
+    code, _, err = cli(
+        capsys, "denoise", tmp_path / "a.gif", "-o", tmp_path / "b.gif", "-w", model_file, "--iters", "1"
+    )
     assert code == 0 and "3 frames" in err and "only the first frame" in err
 
 
 def test_ext_that_contradicts_the_output_name_is_refused(capsys, tmp_path, model_file):
-    code, _, err = cli(capsys, "denoise", photo(tmp_path / "in.png"), "-o", tmp_path / "q7.png", "--ext", "webp",
-                       "-w", model_file)
+    code, _, err = cli(
+        capsys, "denoise", photo(tmp_path / "in.png"), "-o", tmp_path / "q7.png", "--ext", "webp", "-w", model_file
+    )
     assert code == 2 and "different formats" in one_error_line(err) and not (tmp_path / "q7.webp").exists()
 
 
 def test_a_mask_of_another_shape_is_stretched_with_a_warning(capsys, tmp_path, model_file):
     Image.fromarray(np.full((4, 8), 255, np.uint8)).save(tmp_path / "mask.png")
-    code, _, err = cli(capsys, "inpaint", photo(tmp_path / "in.png"), "--mask", tmp_path / "mask.png",
-                       "-o", tmp_path / "o.png", "-w", model_file, "--iters", "1")
+    code, _, err = cli(
+        capsys,
+        "inpaint",
+        photo(tmp_path / "in.png"),
+        "--mask",
+        tmp_path / "mask.png",
+        "-o",
+        tmp_path / "o.png",
+        "-w",
+        model_file,
+        "--iters",
+        "1",
+    )
     assert code == 0 and "stretched" in err and "nearest-neighbour" in err and "aspect ratio NOT kept" in err
 
 
-# 8. threads ------------------------------------------------------------------------------------------------------------
+# 8. threads -----------------------------------------------------------------------------------------------------------
 def test_threads_option_and_a_busy_machine_default(capsys, tmp_path, model_file, monkeypatch):
     from vitca_cli import runtime
 
-    code, _, _ = cli(capsys, "denoise", photo(tmp_path / "in.png"), "-o", tmp_path / "o.png", "-w", model_file,
-                     "--iters", "1", "--threads", "1")
+    code, _, _ = cli(
+        capsys,
+        "denoise",
+        photo(tmp_path / "in.png"),
+        "-o",
+        tmp_path / "o.png",
+        "-w",
+        model_file,
+        "--iters",
+        "1",
+        "--threads",
+        "1",
+    )
     assert code == 0 and torch.get_num_threads() == 1
     monkeypatch.setattr(runtime, "usable_cores", lambda: 4)
     monkeypatch.setattr(os, "getloadavg", lambda: (2.2, 2.0, 2.0))
@@ -182,8 +220,9 @@ def test_progress_lines_when_stderr_is_not_a_terminal(capsys, tmp_path, model_fi
     from vitca_cli.cli import denoise
 
     monkeypatch.setattr(denoise, "PROGRESS_EVERY_S", 0.0)
-    code, _, err = cli(capsys, "denoise", photo(tmp_path / "in.png"), "-o", tmp_path / "o.png", "-w", model_file,
-                       "--iters", "4")
+    code, _, err = cli(
+        capsys, "denoise", photo(tmp_path / "in.png"), "-o", tmp_path / "o.png", "-w", model_file, "--iters", "4"
+    )
     assert code == 0 and re.search(r"in\.png: \d+/4 tile-steps \(\d+%\), ETA", err) and "None" not in err
 
 
@@ -199,7 +238,7 @@ def test_eval_prints_no_interval_from_one_or_two_batches(randomise_model):
     assert report["methods"]["vitca"]["psnr"]["ci95"] > 0  # 8 images: a real interval
 
 
-# 11. probe validation --------------------------------------------------------------------------------------------------
+# 11. probe validation -------------------------------------------------------------------------------------------------
 def test_probe_validation_is_large_enough_to_mean_something():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 5, generator=g), torch.arange(64) % 4
@@ -218,12 +257,25 @@ def test_weights_list_wraps_long_descriptions(capsys, weights_dirs):
     cfg = CAConfig(channels=3, **TINY)
     save_checkpoint(shipped / "long.pt", cfg, CellularAutomaton(cfg).state_dict(), {})
     text = "a long dataset description that will not fit in its column of twenty-four"
-    (shipped / "manifest.json").write_text(json.dumps({"format": "vitca-weights-manifest", "version": 1, "models": [
-        {"name": "long", "file": "long.pt", "dataset": text, "sha256": sha256_file(shipped / "long.pt")}]}))
+    (shipped / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": "vitca-weights-manifest",
+                "version": 1,
+                "models": [
+                    {"name": "long", "file": "long.pt", "dataset": text, "sha256": sha256_file(shipped / "long.pt")}
+                ],
+            }
+        )
+    )
     code, out, _ = cli(capsys, "weights", "list")
     assert code == 0
-    assert " ".join(w for line in out.splitlines()[1:] for w in line.split() if w.isalpha() or "-" in w).count(
-        "twenty-four") == 1
+    assert (
+        " ".join(w for line in out.splitlines()[1:] for w in line.split() if w.isalpha() or "-" in w).count(
+            "twenty-four"
+        )
+        == 1
+    )
 
 
 # 13. a default output -----------------------------------------------------------------------------------------------
@@ -261,8 +313,9 @@ def test_a_model_trained_at_another_update_rate_runs_at_its_own_rate_by_default(
     rng = np.random.RandomState(0)
     images = rng.randint(0, 256, (8, 1, 12, 12)).astype(np.uint8)
     cfg = CAConfig(channels=1, image_size=(12, 12), update_rate=0.25, **TINY)
-    tcfg = TrainConfig(dataset="tiny", iterations=3, batch_size=4, pool_size=0, t_min=2, t_max=2, lr=0.05,
-                       val_every=0, compile=False)
+    tcfg = TrainConfig(
+        dataset="tiny", iterations=3, batch_size=4, pool_size=0, t_min=2, t_max=2, lr=0.05, val_every=0, compile=False
+    )
     train(cfg, tcfg, tmp_path / "run", train_ds=ImageDataset("tiny", array=images), progress=False)
     weights = tmp_path / "run" / "best.pt"
     folder = tmp_path / "photos"
@@ -283,12 +336,26 @@ def test_a_model_trained_at_another_update_rate_runs_at_its_own_rate_by_default(
     Image.fromarray(np.where(np.arange(144).reshape(12, 12) % 3 == 0, 255, 0).astype(np.uint8)).save(mask)
     runs = []
     for name, rate in (("i1.png", ()), ("i2.png", ("--update-rate", "0.25"))):
-        code, _, err = cli(capsys, "inpaint", src, "--mask", mask, "-o", tmp_path / name, "-w", weights,
-                           "--iters", "6", *rate)
+        code, _, err = cli(
+            capsys, "inpaint", src, "--mask", mask, "-o", tmp_path / name, "-w", weights, "--iters", "6", *rate
+        )
         assert code == 0, err
         runs.append((tmp_path / name).read_bytes())
     assert runs[0] == runs[1]
-    code, out, err = cli(capsys, "eval", "-w", weights, "-d", f"folder:{folder}", "--iters", "2", "--batch-size",
-                         "2", "--device", "cpu", "--json")
+    code, out, err = cli(
+        capsys,
+        "eval",
+        "-w",
+        weights,
+        "-d",
+        f"folder:{folder}",
+        "--iters",
+        "2",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--json",
+    )
     assert code == 0, err
     assert json.loads(out)["update_rate"] == 0.25
