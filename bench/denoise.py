@@ -3,8 +3,8 @@
 For a 1 MP and a 4 MP photo (a real photograph, upscaled) with light Gaussian noise, and the 28×28 FashionMNIST
 sample, it runs each mode and prints: wall time, cell-steps computed against the dense run's, speed-up over the
 dense run, PSNR against the clean image and its difference from the dense run. Modes:
-- ``former tiles``: the automatic plan this tool used before windowed steps (264-cell tiles, 64-cell margins);
 - ``dense``: fp32, every cell every step (windowed steps, no tile margins up to 4 M cells);
+- ``former tiles``: tiles as this tool planned them before windowed steps (264-cell tiles, 64-cell margins);
 - ``settle``: settled cells skipped (``--settle``, the CLI's default unless given);
 - ``bf16``: bfloat16 matrix products (only where the CPU multiplies bf16 in hardware, unless --force-bf16);
 - ``onnx`` / ``onnx int8``: ONNX Runtime with the fp32 and the int8-quantised step graph;
@@ -38,7 +38,7 @@ from vitca_cli.restore.loop import MAX_CELLS, TorchBackend, restore  # noqa: E40
 from vitca_cli.restore.windows import WINDOW, window_plan  # noqa: E402
 from vitca_cli.runtime import cpu_has_native_bf16  # noqa: E402
 
-MODES = ("former tiles", "dense", "settle", "bf16", "onnx", "onnx int8", "all")
+MODES = ("dense", "former tiles", "settle", "bf16", "onnx", "onnx int8", "all")
 FORMER_TILE = 264  # cells: the former automatic tile side at 64 iterations (256, grown to fit 2 × 64-cell margins)
 
 
@@ -95,7 +95,7 @@ def run_case(label: str, clean: np.ndarray, noisy: np.ndarray, name: str, args) 
     bks = backends(name, args.modes, args.force_bf16)
     fastest = "bf16" if bks.get("bf16") is not None else "onnx int8" if "onnx int8" in bks else "dense"
     rows, dense = [], None
-    for mode in args.modes:
+    for mode in sorted(args.modes, key=lambda m: m != "dense"):  # dense first: the others are compared with it
         backend = bks.get(fastest if mode == "all" else mode)
         if backend is None:
             rows.append(f"{label:>14} {mode:>13}  (not run: no bfloat16 instructions on this CPU; --force-bf16)")

@@ -110,16 +110,14 @@ def plan_tiles(
     if tile is not None:
         side = max(tile, overlap + 1)  # room for at least one blended cell per tile
         th, tw = min(side, gh), min(side, gw)
-        return TilePlan(
-            grid,
-            (th, tw),
-            axis_origins(gh, th, th - overlap),
-            axis_origins(gw, tw, tw - overlap),
-            margin,
-            BLEND_BAND,
-            exact,
-        )
-    # Automatic: the split (rows × columns of tiles) that computes the fewest cells within the tile budget.
+    else:
+        th, tw = _fewest_cells_split(gh, gw, overlap, max_cells)
+    ys, xs = axis_origins(gh, th, th - overlap), axis_origins(gw, tw, tw - overlap)
+    return TilePlan(grid, (th, tw), ys, xs, margin, BLEND_BAND, exact)
+
+
+def _fewest_cells_split(gh: int, gw: int, overlap: int, max_cells: int) -> tuple[int, int]:
+    """The tile size of the split (rows × columns of tiles) that computes the fewest cells within the budget."""
     best = None
     for ny in range(1, MAX_SPLIT + 1):
         for nx in range(1, MAX_SPLIT + 1):
@@ -131,14 +129,5 @@ def plan_tiles(
                 best = (cost, th, tw)
     if best is None:  # a grid beyond MAX_SPLIT² tiles: tiles of the budget's side
         side = max(math.isqrt(max_cells), overlap + 1)
-        best = (0, min(side, gh), min(side, gw))
-    _, th, tw = best
-    return TilePlan(
-        grid,
-        (th, tw),
-        axis_origins(gh, th, th - overlap),
-        axis_origins(gw, tw, tw - overlap),
-        margin,
-        BLEND_BAND,
-        exact,
-    )
+        return min(side, gh), min(side, gw)
+    return best[1], best[2]
