@@ -308,7 +308,7 @@ def test_a_model_trained_at_another_update_rate_runs_at_its_own_rate_by_default(
     import json
 
     from training.config import TrainConfig
-    from training.data import ImageDataset
+    from training.dataset import ImageDataset
     from training.train import train
 
     rng = np.random.RandomState(0)

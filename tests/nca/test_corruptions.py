@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from training.config import TrainConfig
-from training.data import ImageDataset
+from training.dataset import ImageDataset
 from training.evaluate import evaluate
 from training.train import train
 from training.trainer import Trainer

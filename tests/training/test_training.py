@@ -15,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from training.config import TrainConfig
-from training.data import ImageDataset
+from training.dataset import ImageDataset
 from training.pool import Pool
 from training.run import read_run
 from training.step import ca_loss, lr_factor, normalize_gradients, rollout
