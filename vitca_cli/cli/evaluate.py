@@ -198,8 +198,9 @@ def analyze_command(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Appendix analyses: update rate, unseen noise, head masking, stability. Writes a PNG figure and a table."""
-    from training.analyses import format_table, run_analysis
+    from training.analyses import run_analysis
     from training.evaluate import batches, open_eval_dataset
+    from training.figures import format_table
 
     model, meta, _ = _load(weights, device, threads)
     ds = open_eval_dataset(dataset, split, model.cfg, data_dir)
