@@ -98,7 +98,7 @@ def score(out: np.ndarray, clean: np.ndarray) -> tuple[float, float]:
     return min(psnr, 99.0), float(ssim_per_image(o, c)[0])
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--weights", default=None, help="NAME or PATH (default: the shipped photo model)")
     ap.add_argument("--backend", default="torch")
@@ -111,52 +111,38 @@ def main() -> None:
     ap.add_argument("--save", type=Path, default=None, help="write inputs and outputs here as PNG")
     ap.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return ap.parse_args()
 
-    backend = make_backend(args.weights, args.backend, "cpu", channels=3)
-    iters = args.iters or int((getattr(backend, "meta", None) or {}).get("default_iters", 64))
-    mask_type = backend_mask_type(backend)
-    kinds = list(KINDS) if not args.kinds else [k.strip() for k in args.kinds.split(",")]
-    photos = held_out_photos(args.photos)[: args.limit]
-    rows: dict[str, dict[str, list]] = {k: {} for k in kinds}
-    for n, path in enumerate(photos):
-        clean = quantise(load(path, args.size))
-        h, w, _ = clean.shape
-        for kind in kinds:
-            spec, inpainting = KINDS[kind]
-            gen = torch.Generator().manual_seed(args.seed * 1000 + n * 31 + kinds.index(kind))
-            known = None
-            if inpainting:
-                missing = missing_mask(spec, h, w, gen)
-                damaged = np.where(missing[..., None], 0.0, clean).astype(np.float32)
-                ca_input, known = mask_missing(clean, missing, mask_type, args.seed), ~missing
-            else:
-                damaged = quantise(corrupt_one(to_t(clean)[0], spec, gen)[0].permute(1, 2, 0).numpy())
-                ca_input = damaged
-            results = {"input": (damaged, 0.0)}
-            start = time.perf_counter()
-            out = restore(backend, ca_input.astype(np.float32), iters, seed=args.seed, known=known).image
-            results["vitca"] = (out, time.perf_counter() - start)
-            keep = torch.from_numpy((known if known is not None else np.ones((h, w), bool)).astype(np.float32))
-            for name in INPAINTERS if inpainting else DENOISERS:
-                start = time.perf_counter()
-                restored = run_baseline(name, to_t(damaged), keep[None, None])[0].permute(1, 2, 0).numpy()
-                results[name] = (restored, time.perf_counter() - start)
-            for name, (image, seconds) in results.items():
-                p, s = score(image, clean)
-                rows[kind].setdefault(name, []).append((p, s, seconds))
-                if args.save:
-                    args.save.mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(
-                        args.save / f"{path.stem}.{kind.split()[0]}{kind.split()[1] if ' ' in kind else ''}.{name}.png"
-                    )
-        print(f"[{n + 1}/{len(photos)}] {path.name} {w}×{h}", file=sys.stderr, flush=True)
 
+def damage_and_restore(backend, clean, spec, inpainting: bool, gen, mask_type: str, iters: int, seed: int) -> dict:
+    """One photo damaged by ``spec`` (or with the pixels it marks missing), restored by the CA and the classic
+    methods: method → (image, seconds); ``input`` is the damaged photo itself."""
+    h, w, _ = clean.shape
+    known = None
+    if inpainting:
+        missing = missing_mask(spec, h, w, gen)
+        damaged = np.where(missing[..., None], 0.0, clean).astype(np.float32)
+        ca_input, known = mask_missing(clean, missing, mask_type, seed), ~missing
+    else:
+        damaged = quantise(corrupt_one(to_t(clean)[0], spec, gen)[0].permute(1, 2, 0).numpy())
+        ca_input = damaged
+    results = {"input": (damaged, 0.0)}
+    start = time.perf_counter()
+    out = restore(backend, ca_input.astype(np.float32), iters, seed=seed, known=known).image
+    results["vitca"] = (out, time.perf_counter() - start)
+    keep = torch.from_numpy((known if known is not None else np.ones((h, w), bool)).astype(np.float32))
+    for name in INPAINTERS if inpainting else DENOISERS:
+        start = time.perf_counter()
+        restored = run_baseline(name, to_t(damaged), keep[None, None])[0].permute(1, 2, 0).numpy()
+        results[name] = (restored, time.perf_counter() - start)
+    return results
+
+
+def print_table(rows: dict, n_photos: int, args: argparse.Namespace, backend, iters: int) -> dict:
+    """The means per damage kind and method, printed; returned as the JSON table."""
     table = {}
     print(
-        f"\n{len(photos)} held-out photos, short side {args.size} px; vitca {backend.name} ({backend.device}), "
+        f"\n{n_photos} held-out photos, short side {args.size} px; vitca {backend.name} ({backend.device}), "
         f"{iters} steps, seed {args.seed}. PSNR dB / SSIM, means over photos; seconds per photo."
     )
     header = f"{'damage':<16}{'input':>13}{'vitca':>13}{'best classic':>26}{'vitca − best':>14}{'vitca s':>9}"
@@ -180,6 +166,38 @@ def main() -> None:
             f"  {kind:<16}"
             + "  ".join(f"{m} {v['psnr']:.2f}/{v['seconds']:.2f}s" for m, v in methods.items() if m != "input")
         )
+    return table
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    backend = make_backend(args.weights, args.backend, "cpu", channels=3)
+    iters = args.iters or int((getattr(backend, "meta", None) or {}).get("default_iters", 64))
+    mask_type = backend_mask_type(backend)
+    kinds = list(KINDS) if not args.kinds else [k.strip() for k in args.kinds.split(",")]
+    photos = held_out_photos(args.photos)[: args.limit]
+    rows: dict[str, dict[str, list]] = {k: {} for k in kinds}
+    for n, path in enumerate(photos):
+        clean = quantise(load(path, args.size))
+        h, w, _ = clean.shape
+        for kind in kinds:
+            spec, inpainting = KINDS[kind]
+            gen = torch.Generator().manual_seed(args.seed * 1000 + n * 31 + kinds.index(kind))
+            results = damage_and_restore(backend, clean, spec, inpainting, gen, mask_type, iters, args.seed)
+            for name, (image, seconds) in results.items():
+                p, s = score(image, clean)
+                rows[kind].setdefault(name, []).append((p, s, seconds))
+                if args.save:
+                    args.save.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(
+                        args.save / f"{path.stem}.{kind.split()[0]}{kind.split()[1] if ' ' in kind else ''}.{name}.png"
+                    )
+        print(f"[{n + 1}/{len(photos)}] {path.name} {w}×{h}", file=sys.stderr, flush=True)
+
+    table = print_table(rows, len(photos), args, backend, iters)
     if args.json:
         args.json.write_text(
             json.dumps(

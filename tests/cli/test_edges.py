@@ -307,8 +307,9 @@ def test_quick_start_uses_two_fresh_environments_and_leaves_the_checkout_clean()
 def test_a_model_trained_at_another_update_rate_runs_at_its_own_rate_by_default(capsys, tmp_path):
     import json
 
-    from training.data import ImageDataset
-    from training.train import TrainConfig, train
+    from training.config import TrainConfig
+    from training.dataset import ImageDataset
+    from training.train import train
 
     rng = np.random.RandomState(0)
     images = rng.randint(0, 256, (8, 1, 12, 12)).astype(np.uint8)

@@ -9,9 +9,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from training.data import ImageDataset
+from training.config import TrainConfig
+from training.dataset import ImageDataset
 from training.evaluate import evaluate
-from training.train import TrainConfig, Trainer, train
+from training.train import train
+from training.trainer import Trainer
 from vitca_cli.cli import app
 from vitca_cli.errors import UsageError
 from vitca_cli.io.checkpoint import read_checkpoint, save_checkpoint

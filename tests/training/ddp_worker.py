@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_training import CFG, tcfg, tiny_dataset  # noqa: E402
 
 from training import distributed  # noqa: E402
-from training.train import Trainer  # noqa: E402
+from training.trainer import Trainer  # noqa: E402
 
 out = Path(sys.argv[1])
 world, device = distributed.init(torch.device("cpu"))

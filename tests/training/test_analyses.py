@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from training.analyses import format_table, iterations_to_converge, run_analysis, unseen_conditions
+from training.analyses import iterations_to_converge, run_analysis, unseen_conditions
+from training.figures import format_table
 from vitca_cli.nca.config import CAConfig
 from vitca_cli.nca.model import CellularAutomaton
 

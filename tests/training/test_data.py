@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from training import data as D
-from training.data import open_dataset, read_cifar_batch, read_idx
+from training.data import open_dataset
+from training.readers import read_cifar_batch, read_idx
 from vitca_cli.errors import VitcaError
 
 

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 from test_training import CFG, tiny_dataset
 
-from training.train import TrainConfig, Trainer
+from training.config import TrainConfig
+from training.trainer import Trainer
 from vitca_cli.io.checkpoint import read_checkpoint
 from vitca_cli.nca.model import CellularAutomaton
 

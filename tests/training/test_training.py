@@ -14,18 +14,13 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from training.data import ImageDataset
-from training.train import (
-    Pool,
-    TrainConfig,
-    Trainer,
-    ca_loss,
-    lr_factor,
-    normalize_gradients,
-    read_run,
-    rollout,
-    train,
-)
+from training.config import TrainConfig
+from training.dataset import ImageDataset
+from training.pool import Pool
+from training.run import read_run
+from training.step import ca_loss, lr_factor, normalize_gradients, rollout
+from training.train import train
+from training.trainer import Trainer
 from vitca_cli.cli import app
 from vitca_cli.errors import UsageError, VitcaError
 from vitca_cli.io.checkpoint import load_model, read_checkpoint

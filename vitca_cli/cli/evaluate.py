@@ -122,19 +122,9 @@ def eval_command(
     Runs in one process (not distributed, unlike `vitca train`).
     """
     from training import evaluate as ev
-    from training.baselines import BASELINES, check_available
+    from training.baselines import BASELINES
 
-    if update_rate is not None and not 0 < update_rate <= 1:
-        raise UsageError(f"--update-rate must be in (0, 1], got {update_rate}")
-    if baselines:
-        check_available()
-    if corruptions is not None:
-        from vitca_cli.nca.corruptions import parse_mixture
-
-        try:
-            parse_mixture(corruptions)
-        except ValueError as exc:
-            raise UsageError(f"--corruptions: {exc}") from None
+    _check_eval_options(update_rate, baselines, corruptions)
     model, meta, path = _load(weights, device, threads)
     ds = ev.open_eval_dataset(dataset, split, model.cfg, data_dir)
     schedule = ev.schedule_for(meta, max_patch)
@@ -161,10 +151,18 @@ def eval_command(
         corruptions=corruptions,
         protocol=protocol,
     )
+    report = _with_run(report, model, str(path), dataset, split, batch_size, lpips_status, baselines)
+    print(json.dumps(report, indent=2) if as_json else ev.format_report(report))
+
+
+def _with_run(report: dict, model, path: str, dataset, split, batch_size, lpips_status, baselines: bool) -> dict:
+    """``report`` headed by what was evaluated where: the weights, data, batch size, device, threads, LPIPS."""
     import torch
 
+    from training.baselines import BASELINES
+
     report = {
-        "weights": str(path),
+        "weights": path,
         "dataset": dataset,
         "split": split,
         "batch_size": batch_size,
@@ -175,7 +173,24 @@ def eval_command(
     }
     if baselines:
         report["baselines"] = {k: v[0] for k, v in BASELINES.items()}
-    print(json.dumps(report, indent=2) if as_json else ev.format_report(report))
+    return report
+
+
+def _check_eval_options(update_rate: Optional[float], baselines: bool, corruptions: Optional[str]) -> None:
+    """``vitca eval``'s checks before the model is loaded: the update rate, the baselines' libraries and the mixture."""
+    from training.baselines import check_available
+
+    if update_rate is not None and not 0 < update_rate <= 1:
+        raise UsageError(f"--update-rate must be in (0, 1], got {update_rate}")
+    if baselines:
+        check_available()
+    if corruptions is not None:
+        from vitca_cli.nca.corruptions import parse_mixture
+
+        try:
+            parse_mixture(corruptions)
+        except ValueError as exc:
+            raise UsageError(f"--corruptions: {exc}") from None
 
 
 @handle_errors
@@ -198,8 +213,9 @@ def analyze_command(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Appendix analyses: update rate, unseen noise, head masking, stability. Writes a PNG figure and a table."""
-    from training.analyses import format_table, run_analysis
+    from training.analyses import run_analysis
     from training.evaluate import batches, open_eval_dataset
+    from training.figures import format_table
 
     model, meta, _ = _load(weights, device, threads)
     ds = open_eval_dataset(dataset, split, model.cfg, data_dir)

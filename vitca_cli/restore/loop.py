@@ -254,29 +254,14 @@ def restore(
     rate = cfg.update_rate if update_rate is None else update_rate
     p = cfg.patch_size
     tile = _check_tile(cfg, tile)
-
-    # Pad: to the patch grid, and up to the training size for size-dependent models.
-    ph, pw = -(-h // p) * p, -(-w // p) * p
-    if cfg.size_dependent:
-        ph, pw = max(ph, cfg.image_size[0]), max(pw, cfg.image_size[1])
-    x = _hwc_to_tensor(image)
-    k = None if known is None else torch.from_numpy(np.asarray(known, dtype=np.float32))[None, None]
-    if k is not None and k.shape[-2:] != (h, w):
-        raise ValueError(f"known mask is {tuple(k.shape[-2:])}, the image {h}×{w}")
-    if (ph, pw) != (h, w):
-        x = F.pad(x, (0, pw - w, 0, ph - h), mode="replicate")
-        k = None if k is None else F.pad(k, (0, pw - w, 0, ph - h), mode="replicate")
+    x, k, (ph, pw) = _padded(cfg, image, known)
     plan = plan_tiles(cfg, (ph // p, pw // p), iters, tile)
     if plan.count > 1:
         note = "" if plan.exact else ", blended" if cfg.size_dependent else ", approximate beyond the margin cap"
         log.debug(f"tiling {ph}×{pw} px into {plan.count} tiles of {plan.tile[0] * p}×{plan.tile[1] * p} px{note}")
 
     masks = UpdateMasks(seed, iters, rate)
-    record = frame_schedule(iters, frames)
-    frame_bytes = ph * pw * c * 4
-    if record and len(record) * frame_bytes > MAX_FRAME_BYTES:
-        record = frame_schedule(iters, max(1, MAX_FRAME_BYTES // frame_bytes))
-        log.info(f"large image: animation limited to {len(record)} frames")
+    record = _recorded_steps(iters, frames, ph * pw * c * 4)
     acc = torch.zeros(len(record) + 1, c, ph, pw)  # running blend for each frame, the final output last
     weight_sum = torch.zeros(1, 1, ph, pw)
 
@@ -287,39 +272,88 @@ def restore(
     batches = [origins[i : i + per_batch] for i in range(0, len(origins), per_batch)]
     done, total, computed, skipped = 0, len(batches) * iters, 0, 0
     for batch in batches:
-        windows = [(..., slice(y * p, (y + th) * p), slice(xx * p, (xx + tw) * p)) for y, xx in batch]
-        tiles = torch.cat([x[win] for win in windows])
-        tile_known = None if k is None else torch.cat([k[win] for win in windows])
-        tile_masks = torch.stack([masks.window(y, xx, th, tw)[:, 0] for y, xx in batch], dim=1)  # T b th tw
         start = done
 
         def on_step(t: int, start: int = start) -> None:
             if progress is not None:
                 progress(start + t, total)
 
-        run = rollout_windows(
-            backend, seed_cells(cfg, tiles, known=tile_known), tile_masks, settle, tuple(record), max_cells, on_step
-        )
+        run, outputs = _run_tiles(backend, x, k, masks, batch, plan.tile, settle, tuple(record), max_cells, on_step)
         computed, skipped = computed + run.computed, skipped + run.skipped
         done = start + iters
         if progress is not None and run.steps_run < iters:
             progress(done, total)
-        final = output_image(cfg, run.cells).float().cpu()
-        outputs = run.frames + [final] * (len(record) - len(run.frames)) + [final]  # settled early: final frames
-        for i, (y, xx) in enumerate(batch):
-            wgt = plan.weights(y, xx).repeat_interleave(p, 0).repeat_interleave(p, 1)
-            region = (..., slice(y * p, (y + th) * p), slice(xx * p, (xx + tw) * p))
-            weight_sum[region] += wgt
-            for f, out in enumerate(outputs):
-                acc[f][region] += out[i] * wgt
+        _blend(acc, weight_sum, plan, batch, outputs, p)
+    result = _blended_images(acc, weight_sum, x, k, (h, w))
+    dense = (ph // p) * (pw // p) * iters
+    return Restored(result[-1], result[:-1], record, plan, computed, skipped, dense)
+
+
+def _padded(cfg: CAConfig, image: np.ndarray, known: np.ndarray | None):
+    """The image as a ``(1, C, H', W')`` tensor padded (edge replicate) to the patch grid, and up to the training size
+    for size-dependent models; the known mask ``(1, 1, H', W')`` padded alike (or None); and ``(H', W')``."""
+    h, w, _ = image.shape
+    p = cfg.patch_size
+    ph, pw = -(-h // p) * p, -(-w // p) * p
+    if cfg.size_dependent:
+        ph, pw = max(ph, cfg.image_size[0]), max(pw, cfg.image_size[1])
+    x = _hwc_to_tensor(image)
+    k = None if known is None else torch.from_numpy(np.asarray(known, dtype=np.float32))[None, None]
+    if k is not None and k.shape[-2:] != (h, w):
+        raise ValueError(f"known mask is {tuple(k.shape[-2:])}, the image {h}×{w}")
+    if (ph, pw) != (h, w):
+        x = F.pad(x, (0, pw - w, 0, ph - h), mode="replicate")
+        k = None if k is None else F.pad(k, (0, pw - w, 0, ph - h), mode="replicate")
+    return x, k, (ph, pw)
+
+
+def _recorded_steps(iters: int, frames: int, frame_bytes: int) -> list[int]:
+    """The steps whose outputs become animation frames, fewer when ``frames`` of ``frame_bytes`` would not fit."""
+    record = frame_schedule(iters, frames)
+    if record and len(record) * frame_bytes > MAX_FRAME_BYTES:
+        record = frame_schedule(iters, max(1, MAX_FRAME_BYTES // frame_bytes))
+        log.info(f"large image: animation limited to {len(record)} frames")
+    return record
+
+
+def _run_tiles(backend, x, k, masks: UpdateMasks, batch, tile, settle, record, max_cells, on_step):
+    """Run the tiles at cell origins ``batch`` (each ``tile`` cells) together. Returns the windowed run and, per
+    recorded step and then the final step, the output images ``(len(batch), C, th·p, tw·p)``."""
+    cfg: CAConfig = backend.cfg
+    p = cfg.patch_size
+    th, tw = tile
+    windows = [(..., slice(y * p, (y + th) * p), slice(xx * p, (xx + tw) * p)) for y, xx in batch]
+    tiles = torch.cat([x[win] for win in windows])
+    tile_known = None if k is None else torch.cat([k[win] for win in windows])
+    tile_masks = torch.stack([masks.window(y, xx, th, tw)[:, 0] for y, xx in batch], dim=1)  # T b th tw
+    run = rollout_windows(
+        backend, seed_cells(cfg, tiles, known=tile_known), tile_masks, settle, record, max_cells, on_step
+    )
+    final = output_image(cfg, run.cells).float().cpu()
+    outputs = run.frames + [final] * (len(record) - len(run.frames)) + [final]  # settled early: final frames
+    return run, outputs
+
+
+def _blend(acc: torch.Tensor, weight_sum: torch.Tensor, plan: TilePlan, batch, outputs, p: int) -> None:
+    """Add each tile's outputs, weighted by the plan, into the running blends ``acc`` and their ``weight_sum``."""
+    th, tw = plan.tile
+    for i, (y, xx) in enumerate(batch):
+        wgt = plan.weights(y, xx).repeat_interleave(p, 0).repeat_interleave(p, 1)
+        region = (..., slice(y * p, (y + th) * p), slice(xx * p, (xx + tw) * p))
+        weight_sum[region] += wgt
+        for f, out in enumerate(outputs):
+            acc[f][region] += out[i] * wgt
+
+
+def _blended_images(acc, weight_sum, x, k, size: tuple[int, int]) -> list[np.ndarray]:
+    """The blends normalised, known pixels put back as given, cropped to ``size``: ``(H, W, C)`` arrays."""
+    h, w = size
     if not bool((weight_sum > 0).all()):  # a bug in the plan, never a user error
         raise AssertionError("tile plan leaves cells uncovered")
     blended = acc / weight_sum[0]
     if k is not None:  # known pixels exactly as given
         blended = torch.where(k[0].bool(), x[0], blended)
-    result = [b[:, :h, :w].permute(1, 2, 0).contiguous().numpy() for b in blended]
-    dense = (ph // p) * (pw // p) * iters
-    return Restored(result[-1], result[:-1], record, plan, computed, skipped, dense)
+    return [b[:, :h, :w].permute(1, 2, 0).contiguous().numpy() for b in blended]
 
 
 __all__ = [
