@@ -100,6 +100,9 @@ def run_case(label: str, clean: np.ndarray, noisy: np.ndarray, name: str, args) 
         if backend is None:
             rows.append(f"{label:>14} {mode:>13}  (not run: no bfloat16 instructions on this CPU; --force-bf16)")
             continue
+        if mode == "former tiles" and backend.cfg.size_dependent:
+            print(f"{label:>14} {mode:>13}  (the same plan as dense: a fixed-size model runs on its training size)")
+            continue
         settle = args.settle if mode in ("settle", "all") else 0.0
         tile = FORMER_TILE if mode == "former tiles" else None
         t = time.perf_counter()
