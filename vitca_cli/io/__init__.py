@@ -1,1 +1,1 @@
-"""io"""
+"""Files: atomic writes and hashing, images, checkpoints, the weights registry."""

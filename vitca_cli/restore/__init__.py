@@ -1,1 +1,1 @@
-"""restore"""
+"""Restoring images: backends, tile plans, windowed steps, the restore loop, batches of files."""
