@@ -376,3 +376,33 @@ def test_help_and_version_do_not_import_torch():
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
         assert proc.returncode == 0
         assert "HEAVY []" in proc.stderr.decode(), proc.stderr.decode()
+
+
+def test_settle_logs_the_skipped_cell_steps_and_precision_is_checked(tmp_path):
+    photo = Path(__file__).resolve().parents[2] / "weights" / "photo.pt"
+    src = tmp_path / "in.png"
+    Image.fromarray(np.full((40, 48, 3), 128, dtype=np.uint8)).save(src)  # flat grey: every cell settles early
+    runner = CliRunner()
+    ok = runner.invoke(
+        app, ["denoise", str(src), "-o", str(tmp_path / "o.png"), "-w", str(photo), "--iters", "32", "--settle", "0.01"]
+    )
+    assert ok.exit_code == 0, ok.output
+    assert "cell-steps skipped as settled" in ok.output and " 0% of" not in ok.output
+    bad = runner.invoke(app, ["denoise", str(src), "-o", str(tmp_path / "p.png"), "-w", str(photo), "--settle", "-1"])
+    assert bad.exit_code == 2 and not (tmp_path / "p.png").exists()
+    bad = runner.invoke(
+        app,
+        [
+            "denoise",
+            str(src),
+            "-o",
+            str(tmp_path / "p.png"),
+            "-w",
+            str(photo),
+            "--backend",
+            "onnx",
+            "--precision",
+            "bf16",
+        ],
+    )
+    assert bad.exit_code == 2 and "--quantize" in bad.output
