@@ -3,12 +3,16 @@
 For a 1 MP and a 4 MP photo (a real photograph, upscaled) with light Gaussian noise, and the 28×28 FashionMNIST
 sample, it runs each mode and prints: wall time, cell-steps computed against the dense run's, speed-up over the
 dense run, PSNR against the clean image and its difference from the dense run. Modes:
-- ``dense``: fp32, every cell every step (windowed steps, no tile margins up to 4 M cells);
-- ``former tiles``: tiles as this tool planned them before windowed steps (264-cell tiles, 64-cell margins);
-- ``settle``: settled cells skipped (``--settle``, the CLI's default unless given);
-- ``bf16``: bfloat16 matrix products (only where the CPU multiplies bf16 in hardware, unless --force-bf16);
+- ``dense``: the exact step (eager, fp32), every cell every step (windowed steps, no tile margins up to 4 M cells);
+- ``former tiles``: the exact step on tiles as this tool planned them before windowed steps (264-cell tiles,
+  64-cell margins): the dense fp32 run as it was before this bench existed;
+- ``settle``: the exact step, settled cells skipped (``--settle``, the CLI's default unless given);
+- ``bf16``: bfloat16 matrix products, eager (only where the CPU multiplies bf16 in hardware, unless --force-bf16);
+- ``compiled``: the step compiled into fused kernels (``--compile on``), fp32;
+- ``fast``: compiled with bf16 products where the CPU has them: what ``vitca denoise`` runs on a large image;
 - ``onnx`` / ``onnx int8``: ONNX Runtime with the fp32 and the int8-quantised step graph;
-- ``all``: settle with the fastest arithmetic available here.
+- ``all``: ``fast`` and settling.
+Compiled modes first compile on one batch of windows (timed apart, ``compile s``: once per process).
 It also times the model's own step on one batch of windows and prints ``dense cs/s ÷ step cs/s``: the share of the
 step's throughput that the whole restore keeps (tiling, windows, masks, blending included).
 
@@ -38,7 +42,7 @@ from vitca_cli.restore.loop import MAX_CELLS, TorchBackend, restore  # noqa: E40
 from vitca_cli.restore.windows import WINDOW, window_plan  # noqa: E402
 from vitca_cli.runtime import cpu_has_native_bf16  # noqa: E402
 
-MODES = ("dense", "former tiles", "settle", "bf16", "onnx", "onnx int8", "all")
+MODES = ("dense", "former tiles", "settle", "bf16", "compiled", "fast", "onnx", "onnx int8", "all")
 FORMER_TILE = 264  # cells: the former automatic tile side at 64 iterations (256, grown to fit 2 × 64-cell margins)
 
 
@@ -67,6 +71,8 @@ def backends(name: str, modes: list[str], force_bf16: bool) -> dict:
         "settle": TorchBackend.from_file(ref.path),
     }
     out["bf16"] = TorchBackend.from_file(ref.path, precision="bf16") if bf16 else None
+    out["compiled"] = TorchBackend.from_file(ref.path, compile="on")
+    out["fast"] = TorchBackend.from_file(ref.path, precision="bf16" if bf16 else "fp32", compile="on")
     if any(m.startswith("onnx") or m == "all" for m in modes):
         out["onnx"] = OnnxBackend.from_file(onnx if onnx.is_file() else ref.path, "cpu", torch.get_num_threads())
         out["onnx int8"] = OnnxBackend.from_file(
@@ -75,8 +81,9 @@ def backends(name: str, modes: list[str], force_bf16: bool) -> dict:
     return out
 
 
-def step_rate(backend, image: np.ndarray) -> float:
-    """The model's own step on one full batch of windows of this image: cell-steps per second (best of 3)."""
+def step_rate(backend, image: np.ndarray, repeats: int = 3) -> float:
+    """The model's own step on one full batch of windows of this image: cell-steps per second (best of
+    ``repeats``)."""
     cfg = backend.cfg
     wys, wxs = window_plan(cfg, image.shape[:2], WINDOW)
     count = max(1, min(len(wys) * len(wxs), MAX_CELLS["cpu"] // (wys[0].size * wxs[0].size)))
@@ -84,19 +91,30 @@ def step_rate(backend, image: np.ndarray) -> float:
     z = seed_cells(cfg, x)
     mask = (torch.rand(count, 1, *z.shape[-2:]) < cfg.update_rate).float()
     best = float("inf")
-    for _ in range(3):
+    if hasattr(backend, "prepare"):
+        backend.prepare(1 << 62)
+    for _ in range(repeats):
         t = time.perf_counter()
         backend.step(z, mask)
         best = min(best, time.perf_counter() - t)
     return z.shape[0] * z.shape[2] * z.shape[3] / best
 
 
+def compile_time(backend, image: np.ndarray) -> float:
+    """Seconds to compile ``backend``'s step (and run it once) on one batch of windows of ``image``."""
+    t = time.perf_counter()
+    step_rate(backend, image, repeats=1)
+    return time.perf_counter() - t
+
+
 def run_case(label: str, clean: np.ndarray, noisy: np.ndarray, name: str, args) -> None:
     bks = backends(name, args.modes, args.force_bf16)
-    fastest = "bf16" if bks.get("bf16") is not None else "onnx int8" if "onnx int8" in bks else "dense"
     rows, dense = [], None
     for mode in sorted(args.modes, key=lambda m: m != "dense"):  # dense first: the others are compared with it
-        backend = bks.get(fastest if mode == "all" else mode)
+        backend = bks.get("fast" if mode == "all" else mode)
+        if backend is not None and getattr(backend, "compile", "off") == "on" and not getattr(backend, "warm", 0):
+            backend.warm = compile_time(backend, noisy)
+            print(f"{label:>14} {mode:>13}  compile s {backend.warm:.2f} (once per process; not in wall s)")
         if backend is None:
             rows.append(f"{label:>14} {mode:>13}  (not run: no bfloat16 instructions on this CPU; --force-bf16)")
             continue
@@ -113,7 +131,7 @@ def run_case(label: str, clean: np.ndarray, noisy: np.ndarray, name: str, args) 
             dense = (wall, out.computed, quality, out.image)
         ref = dense or (wall, out.computed, quality, out.image)
         rows.append(
-            f"{label:>14} {mode + (' (' + fastest + ')' if mode == 'all' else ''):>13} {wall:8.2f} "
+            f"{label:>14} {mode:>13} {wall:8.2f} "
             f"{out.computed / ref[1]:8.3f} {ref[0] / wall:8.2f} {quality:8.2f} {quality - ref[2]:+8.3f}"
         )
         print(rows[-1], flush=True)

@@ -73,6 +73,13 @@ def choose_threads(requested: int | None = None) -> int:
     return n
 
 
+def has_cxx_compiler() -> bool:
+    """Whether a C++ compiler is on the PATH (``$CXX``, g++, clang++ or c++): torch.compile needs one on CPU."""
+    import shutil
+
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++", "c++") if c)
+
+
 def chosen_threads() -> int | None:
     """What :func:`choose_threads` set, or None."""
     return _chosen_threads.get("n")

@@ -269,13 +269,51 @@ def test_bf16_products_stay_close_to_fp32(photo_backend):
     assert 0 < np.abs(a - b).mean() < 5e-3
 
 
-def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_it(monkeypatch):
+def test_auto_settings_take_the_fast_step_for_large_jobs_only_and_bf16_only_where_the_cpu_multiplies_it(
+    monkeypatch,
+):
     import vitca_cli.runtime as runtime
-    from vitca_cli.restore.loop import resolve_precision
+    from vitca_cli.restore.loop import FAST_WORK
 
+    backend = TorchBackend(small_backend().model, precision="auto", compile="auto")
+    monkeypatch.setattr(runtime, "has_cxx_compiler", lambda: True)
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
-    assert resolve_precision("auto", "cpu") == "bf16"
+    backend.prepare(FAST_WORK - 1)
+    assert (backend.use_bf16, backend.use_compiled) == (False, False)
+    backend.prepare(FAST_WORK)
+    assert (backend.use_bf16, backend.use_compiled) == (True, True)
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
-    assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("fp32", "cpu") == "fp32"
+    monkeypatch.setattr(runtime, "has_cxx_compiler", lambda: False)
+    backend.prepare(FAST_WORK)
+    assert (backend.use_bf16, backend.use_compiled) == (False, False)
+    exact = TorchBackend(small_backend().model, precision="fp32", compile="off")
+    exact.prepare(FAST_WORK * 100)
+    assert (exact.use_bf16, exact.use_compiled) == (False, False)
     with pytest.raises(UsageError):
         TorchBackend(small_backend().model, precision="fp16")
+    with pytest.raises(UsageError):
+        TorchBackend(small_backend().model, compile="yes")
+
+
+def test_the_compiled_step_restores_what_the_exact_step_does(photo_backend):
+    compiled = TorchBackend(photo_backend.model, "photo", compile="on")
+    img = smooth_noisy(40, 36)
+    exact, fast = restore(photo_backend, img, iters=8), restore(compiled, img, iters=8)
+    assert compiled.use_compiled, "the compiled step fell back to the exact one"
+    np.testing.assert_allclose(fast.image, exact.image, atol=1e-4)
+
+
+def test_a_compiler_failure_falls_back_to_the_exact_step_with_a_warning(photo_backend, monkeypatch, caplog):
+    def broken(fn, **kwargs):
+        def fail(*args, **kw):
+            raise RuntimeError("no C++ compiler")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    backend = TorchBackend(photo_backend.model, "photo", compile="on")
+    img = smooth_noisy(24, 24)
+    with caplog.at_level("WARNING"):
+        out = restore(backend, img, iters=4).image
+    assert not backend.use_compiled and "compiled step unavailable" in caplog.text
+    assert np.array_equal(out, restore(photo_backend, img, iters=4).image)

@@ -154,13 +154,24 @@ class Precision(str, Enum):
     auto = "auto"
 
 
+class CompileStep(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 SETTLE_HELP = (
     "Stop updating a cell once its output changed by less than this (pixel values 0-1) on 2 updates in a "
     "row; a run ends when every cell has settled. 0 = every step on every cell (exact)."
 )
 PRECISION_HELP = (
     "fp32, or bf16 matrix products (torch backend; fast on CPUs with AVX512-BF16 or AMX and on GPUs), "
-    "or auto: bf16 where the hardware has it."
+    "or auto: bf16 for large images where the hardware has it, fp32 for small ones."
+)
+COMPILE_HELP = (
+    "Torch backend: run the step compiled into fused kernels (torch.compile; needs a C++ compiler on CPU; "
+    "seconds to start, once per process). auto: for large images only. off with --precision fp32: the exact "
+    "step, the same bytes on every CPU."
 )
 QUANTIZE_HELP = "ONNX backend: int8 matrix products (the step graph is quantised once, then cached)."
 
@@ -202,7 +213,8 @@ def denoise(
     compare: Optional[str] = typer.Option(None, "--compare", help="Write input | output side by side as PNG."),
     threads: Optional[int] = opt.threads_option(),
     settle: float = typer.Option(BatchSettings.settle, "--settle", min=0.0, help=SETTLE_HELP),
-    precision: Precision = typer.Option(Precision.fp32, "--precision", help=PRECISION_HELP),
+    precision: Precision = typer.Option(Precision.auto, "--precision", help=PRECISION_HELP),
+    compile: CompileStep = typer.Option(CompileStep.auto, "--compile", help=COMPILE_HELP),
     quantize: bool = typer.Option(False, "--quantize", help=QUANTIZE_HELP),
 ) -> None:
     """Denoise images: the image is the cells' input; the output channels after the iterations are the result.
@@ -233,6 +245,7 @@ def denoise(
         threads=threads,
         settle=settle,
         precision=precision.value,
+        compile=compile.value,
         quantize=quantize,
     )
 
@@ -269,7 +282,8 @@ def inpaint(
     compare: Optional[str] = typer.Option(None, "--compare", help="Write input | masked | output side by side."),
     threads: Optional[int] = opt.threads_option(),
     settle: float = typer.Option(BatchSettings.settle, "--settle", min=0.0, help=SETTLE_HELP),
-    precision: Precision = typer.Option(Precision.fp32, "--precision", help=PRECISION_HELP),
+    precision: Precision = typer.Option(Precision.auto, "--precision", help=PRECISION_HELP),
+    compile: CompileStep = typer.Option(CompileStep.auto, "--compile", help=COMPILE_HELP),
     quantize: bool = typer.Option(False, "--quantize", help=QUANTIZE_HELP),
 ) -> None:
     """Fill in the pixels a mask marks white, masked the way the model was trained (dropout or noise).
@@ -301,6 +315,7 @@ def inpaint(
         threads=threads,
         settle=settle,
         precision=precision.value,
+        compile=compile.value,
         quantize=quantize,
     )
 

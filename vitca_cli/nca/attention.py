@@ -189,10 +189,12 @@ class LocalSelfAttention(nn.Module):
         # in an exported graph, and the attention reads each of them densely).
         wq, wk, wv = self.to_qkv.weight.chunk(3)
         scale = self.head_dim**-0.5
-        indexed = attention is None and only is not None and compiled_indexed_attention()
+        fused = compiled_indexed_attention() or torch.compiler.is_compiling()
+        indexed = attention is None and only is not None and fused
         if indexed and not torch.is_grad_enabled():
-            # Fused kernels, inference: queries and attention of the chosen cells only. (Not in training: the
-            # backward pass of the indexed loads, a scatter-add per neighbour, costs more than it saves.)
+            # Fused kernels or a compiled update, inference: queries and attention of the chosen cells only. (Not
+            # in training: the backward pass of the indexed loads, a scatter-add per neighbour, costs more than it
+            # saves.)
             k, v = (F.linear(x, wt).view(b, h, w, self.heads, self.head_dim) for wt in (wk, wv))
             q = F.linear(x.flatten(0, 2).index_select(0, only), wq).view(-1, self.heads, self.head_dim)
             out, weights = run_kernel("attend_at", q, k, v, only, self.neighbourhood, scale)

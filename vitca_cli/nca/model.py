@@ -13,6 +13,7 @@ explicit per-cell update mask, so runs replay exactly and the step exports to ON
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -270,11 +271,15 @@ class CellularAutomaton(nn.Module):
         update_mask: torch.Tensor,
         head_mask: torch.Tensor | None = None,
         keep_attention: bool = False,
+        update: Callable | None = None,
     ) -> torch.Tensor:
         """One CA step: a residual update of the output and hidden channels of the cells where ``update_mask``
-        (``(B, 1, H, W)``, 1 = update) is set. Input and position channels never change.
+        (``(B, 1, H, W)``, 1 = update) is set. Input and position channels never change. ``update`` replaces the
+        rule's :meth:`ViTCAUpdate.update_cells` (same signature and maths; e.g. a compiled copy of it).
         """
-        cells = self.step_cells(z.permute(0, 2, 3, 1), update_mask.permute(0, 2, 3, 1), head_mask, keep_attention)
+        cells = self.step_cells(
+            z.permute(0, 2, 3, 1), update_mask.permute(0, 2, 3, 1), head_mask, keep_attention, update
+        )
         return cells.permute(0, 3, 1, 2)  # channels-last grids stay channels-last: the permutes are views
 
     def step_cells(
@@ -283,6 +288,7 @@ class CellularAutomaton(nn.Module):
         update_mask: torch.Tensor,
         head_mask: torch.Tensor | None = None,
         keep_attention: bool = False,
+        update: Callable | None = None,
     ) -> torch.Tensor:
         """:meth:`step` on a channels-last grid ``(B, H, W, C)`` with mask ``(B, H, W, 1)``.
 
@@ -291,11 +297,12 @@ class CellularAutomaton(nn.Module):
         MLP and head); the result is the same as the dense :meth:`apply_update`. Traced or compiled steps and
         steps that keep the attention maps of every cell stay dense.
         """
+        update = update or self.rule.update_cells
         flat_mask = update_mask.reshape(-1)
         dense = keep_attention or torch.compiler.is_compiling() or torch.jit.is_tracing()
         only = None if dense else flat_mask.nonzero().squeeze(1)
         if only is None or len(only) >= SPARSE_BELOW * flat_mask.numel():
-            return self.apply_update(cells, update_mask, self.rule.update_cells(cells, head_mask, keep_attention))
+            return self.apply_update(cells, update_mask, update(cells, head_mask, keep_attention))
         if len(only) == 0:
             return cells.clone()
         # Round the row count up to a multiple of ROW_BUCKET with cells the mask leaves alone (their update is
@@ -305,7 +312,7 @@ class CellularAutomaton(nn.Module):
         rows = min(flat_mask.numel(), -(-len(only) // ROW_BUCKET) * ROW_BUCKET)
         if rows > len(only):
             only = torch.argsort(flat_mask, descending=True, stable=True)[:rows]  # the selected cells first
-        delta = self.rule.update_cells(cells, head_mask, only=only)
+        delta = update(cells, head_mask, only=only)
         return self.apply_update_at(cells, only, delta * flat_mask[only, None])
 
     def apply_update(self, cells: torch.Tensor, update_mask: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,10 @@ class BatchSettings:
     mask_type: Optional[str] = None  # None: as the model was trained
     threads: Optional[int] = None
     settle: float = 0.0  # skip cells whose output changed less than this on 2 updates in a row; 0: dense
-    precision: str = "fp32"  # torch backend: fp32, bf16 products, or auto (bf16 where the hardware has it)
+    precision: str = (
+        "auto"  # torch backend: fp32, bf16 products, or auto (bf16 for large jobs where the hardware has it)
+    )
+    compile: str = "auto"  # torch backend: the compiled step on, off, or auto (for large jobs)
     quantize: bool = False  # ONNX backend: the int8-quantised step graph
     damage: Optional[tuple] = field(default=None, init=False)  # ``corrupt`` parsed
 
@@ -148,7 +151,9 @@ class Backends:
         key = self.settings.weights or channels
         if key not in self._by_key:
             s = self.settings
-            self._by_key[key] = make_backend(s.weights, s.backend, s.device, channels, s.precision, s.quantize)
+            self._by_key[key] = make_backend(
+                s.weights, s.backend, s.device, channels, s.precision, s.quantize, s.compile
+            )
         return self._by_key[key]
 
 
@@ -281,7 +286,8 @@ def process(
         tiles += f", {share:.0%} of {result.computed + result.skipped:,} cell-steps skipped as settled"
     dest = "stdout" if job.output == STDIO else job.output
     log.info(
-        f"{pic.source} -> {dest} ({w}×{h}, {backend.name}, {iters} steps{tiles}, {time.perf_counter() - start:.2f}s)"
+        f"{pic.source} -> {dest} ({w}×{h}, {backend.name}, {iters} steps{tiles}, {backend.device}, "
+        f"{time.perf_counter() - start:.2f}s)"
     )
     return True
 

@@ -30,6 +30,8 @@ from vitca_cli.restore.tiles import TilePlan, plan_tiles
 from vitca_cli.restore.windows import rollout_windows
 
 PRECISIONS = ("fp32", "bf16", "auto")
+COMPILE = ("off", "on", "auto")
+FAST_WORK = 8_000_000  # cell-steps from which the auto settings take the fast step (about 0.25 MP at 32 steps)
 MAX_CELLS = {"cpu": 1 << 16, "cuda": 1 << 20}  # cells per backend call: bounds a step's activations
 MAX_FRAME_BYTES = 512 << 20  # animation frames held in memory
 
@@ -38,52 +40,94 @@ MAX_FRAME_BYTES = 512 << 20  # animation frames held in memory
 # Backends
 # ---------------------------------------------------------------------------------------------------------------------
 class TorchBackend:
-    """A ``CellularAutomaton`` run eagerly under ``torch.inference_mode``. With ``precision="bf16"`` the matrix
-    products run in bfloat16 (autocast); the cells carried from step to step stay float32."""
+    """A ``CellularAutomaton`` run under ``torch.inference_mode``, in one of two ways chosen per image by
+    :meth:`prepare`: the *exact* step (eager, fp32) or the *fast* step (the rule's update compiled by
+    ``torch.compile`` into fused kernels, with bfloat16 matrix products where the hardware has them; the cells
+    carried from step to step stay float32).
 
-    def __init__(self, model, name: str = "model", meta: dict | None = None, precision: str = "fp32"):
+    ``precision`` is ``fp32``, ``bf16`` or ``auto`` (bf16 for large jobs on hardware that multiplies bfloat16
+    natively); ``compile`` is ``off``, ``on`` or ``auto`` (on for large jobs where a C++ compiler is present).
+    A *large* job is one of at least ``FAST_WORK`` cell-steps, where the compiler's start-up (seconds, once per
+    process) is repaid; smaller ones keep the exact step, so their bytes do not depend on the CPU.
+    """
+
+    def __init__(
+        self, model, name: str = "model", meta: dict | None = None, precision: str = "fp32", compile: str = "off"
+    ):
         from vitca_cli.runtime import tune_allocator
 
         if precision not in PRECISIONS:
             raise SettingError("precision", f"{precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if compile not in COMPILE:
+            raise SettingError("compile", f"{compile!r}: expected one of {', '.join(COMPILE)}")
         tune_allocator()  # the rollout reallocates the same large activations every step
         self.model = model.eval()
         self.cfg: CAConfig = model.cfg
         self.name = name
         self.meta = meta or {}
         self.tensor_device = next(model.parameters()).device
-        self.precision = precision
-        self.device = f"torch {self.tensor_device}" + (", bf16 products" if precision == "bf16" else "")
+        self.precision, self.compile = precision, compile
+        self._compiled = None  # the compiled update, made on first use; False once compiling has failed
+        if precision == "bf16" and self.tensor_device.type == "cpu":
+            from vitca_cli.runtime import cpu_has_native_bf16
+
+            if cpu_has_native_bf16() is False:
+                log.warning(
+                    "bf16 precision: this CPU has no bfloat16 instructions, so the products are emulated (slow)"
+                )
+        self.prepare(0)
 
     @classmethod
-    def from_file(cls, path, device="cpu", name: str | None = None, precision: str = "fp32") -> "TorchBackend":
+    def from_file(
+        cls, path, device="cpu", name: str | None = None, precision: str = "fp32", compile: str = "off"
+    ) -> "TorchBackend":
         from pathlib import Path
 
         from vitca_cli.io.checkpoint import load_model
 
         model, meta = load_model(Path(path), device)
-        return cls(model, name or Path(path).stem, meta, precision)
+        return cls(model, name or Path(path).stem, meta, precision, compile)
+
+    @property
+    def device(self) -> str:
+        """The backend as the log describes it: device, and the fast step's parts when it runs."""
+        parts = ["compiled"] if self.use_compiled else []
+        parts += ["bf16 products"] if self.use_bf16 else []
+        return f"torch {self.tensor_device}" + "".join(f", {p}" for p in parts)
+
+    def prepare(self, work: int) -> None:
+        """Choose the step for a job of ``work`` cell-steps (the ``auto`` settings take the fast one when the job is
+        large)."""
+        from vitca_cli.runtime import cpu_has_native_bf16, has_cxx_compiler
+
+        large = work >= FAST_WORK
+        if self.precision == "auto":
+            dev = self.tensor_device
+            native = torch.cuda.is_bf16_supported() if dev.type == "cuda" else bool(cpu_has_native_bf16())
+            self.use_bf16 = large and native
+        else:
+            self.use_bf16 = self.precision == "bf16"
+        compiler = self.tensor_device.type == "cuda" or has_cxx_compiler()
+        wanted = self.compile == "on" or (self.compile == "auto" and large and compiler)
+        self.use_compiled = wanted and self._compiled is not False
 
     def step(self, z: torch.Tensor, update_mask: torch.Tensor) -> torch.Tensor:
-        bf16 = self.precision == "bf16"
-        with torch.inference_mode(), torch.autocast(self.tensor_device.type, torch.bfloat16, enabled=bf16):
-            out = self.model.step(z, update_mask)
-        return out.float() if bf16 else out
+        update = self._guarded_update if self.use_compiled else None
+        with torch.inference_mode(), torch.autocast(self.tensor_device.type, torch.bfloat16, enabled=self.use_bf16):
+            out = self.model.step(z, update_mask, update=update)
+        return out.float() if self.use_bf16 else out
 
-
-def resolve_precision(precision: str, device) -> str:
-    """``auto`` → ``bf16`` on a CPU that multiplies bfloat16 in hardware (AVX512-BF16/AMX) or a CUDA GPU with
-    bfloat16, else ``fp32``; ``fp32``/``bf16`` as given (bf16 on a CPU without it is emulated: slow, logged)."""
-    from vitca_cli.runtime import cpu_has_native_bf16
-
-    device = torch.device(device)
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
-    if precision == "bf16" and device.type == "cpu" and cpu_has_native_bf16() is False:
-        log.warning("bf16 precision: this CPU has no bfloat16 instructions, so the products are emulated (slow)")
-    return precision
+    def _guarded_update(self, *args, **kwargs):
+        """The rule's update, compiled on first use (dynamic shapes: the count of updating cells varies); if
+        compiling fails (no C++ compiler, say), the exact step from then on, with a warning."""
+        if self._compiled is None:
+            self._compiled = torch.compile(self.model.rule.update_cells, dynamic=True)
+        try:
+            return self._compiled(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: the same maths, eager
+            log.warning(f"compiled step unavailable ({type(exc).__name__}); running the exact step")
+            self._compiled, self.use_compiled = False, False
+            return self.model.rule.update_cells(*args, **kwargs)
 
 
 def make_backend(
@@ -93,9 +137,10 @@ def make_backend(
     channels: int | None = None,
     precision: str = "fp32",
     quantize: bool = False,
+    compile: str = "off",
 ):
-    """Resolve ``--weights`` (or the default for ``channels``) and build a backend on ``device``: ``precision`` for
-    the torch backend (see :func:`resolve_precision`), ``quantize`` (int8 products) for the ONNX one."""
+    """Resolve ``--weights`` (or the default for ``channels``) and build a backend on ``device``: ``precision`` and
+    ``compile`` for the torch backend (see :class:`TorchBackend`), ``quantize`` (int8 products) for the ONNX one."""
     from vitca_cli.io import weights
     from vitca_cli.runtime import resolve_device
 
@@ -114,10 +159,12 @@ def make_backend(
 
         if precision == "bf16":
             raise SettingError("precision", "bf16 is for the torch backend; the ONNX one has {1}", "quantize")
+        if compile == "on":
+            raise SettingError("compile", "on is for the torch backend")
         result = onnx_backend.OnnxBackend.from_file(ref.path, device, quantize=quantize)
     else:
         dev = resolve_device(device)
-        result = TorchBackend.from_file(ref.path, dev, ref.name, resolve_precision(precision, dev))
+        result = TorchBackend.from_file(ref.path, dev, ref.name, precision, compile)
     result.name = ref.name
     log.info(f"weights: {ref.name} ({ref.source}: {ref.path}); backend {result.device}")
     return result
@@ -260,6 +307,8 @@ def restore(
         note = "" if plan.exact else ", blended" if cfg.size_dependent else ", approximate beyond the margin cap"
         log.debug(f"tiling {ph}×{pw} px into {plan.count} tiles of {plan.tile[0] * p}×{plan.tile[1] * p} px{note}")
 
+    if hasattr(backend, "prepare"):
+        backend.prepare((ph // p) * (pw // p) * iters)
     masks = UpdateMasks(seed, iters, rate)
     record = _recorded_steps(iters, frames, ph * pw * c * 4)
     acc = torch.zeros(len(record) + 1, c, ph, pw)  # running blend for each frame, the final output last
@@ -370,5 +419,6 @@ __all__ = [
     "MASK_BLOCK",
     "MAX_CELLS",
     "PRECISIONS",
-    "resolve_precision",
+    "COMPILE",
+    "FAST_WORK",
 ]
