@@ -125,13 +125,15 @@ def restore(
     generator: torch.Generator | None = None,
     device=None,
     known: torch.Tensor | None = None,
+    step=None,
 ) -> torch.Tensor:
     """Seed the CA with ``corrupted`` (random cell init from the CPU ``generator``), run ``steps`` steps with update
     masks from ``masks``, and return the output image (on the CPU, not clipped). With ``known`` ``(B, 1, H, W)``
-    (1 = pixel given), a mask-aware model sees it, and known pixels come back as given."""
+    (1 = pixel given), a mask-aware model sees it, and known pixels come back as given. ``step`` replaces
+    ``model.step`` (same signature; e.g. a restore backend's fast step)."""
     device = device or next(model.parameters()).device
     z = model.seed(corrupted, generator, known).to(device)  # seeded on the CPU: random cell init replays too
-    out = model.output(rollout(model.step, z, steps, masks)).float().cpu()
+    out = model.output(rollout(step or model.step, z, steps, masks)).float().cpu()
     return out if known is None else torch.where(known.bool(), corrupted, out)
 
 
@@ -235,6 +237,7 @@ def evaluate(
     progress: Callable[[int], None] | None = None,
     corruptions: str | None = None,
     protocol: str = "cycled",
+    step=None,
 ) -> dict:
     """Score ``model`` on batches of clean images (CPU tensors in [0, 1]) under the test masking of ``schedule``
     (default: the reference's, max patch 4), or, with ``corruptions`` (a ``vitca_cli.nca.corruptions`` mixture), one
@@ -246,7 +249,8 @@ def evaluate(
 
     ``protocol``: ``cycled`` (batch k uses combo k mod 9: equal shares, low variance) or ``paper`` (the reference's:
     one combo drawn at random per batch from a generator seeded with ``seed``; feed it batches of 32 with
-    ``drop_last``; its headline is the batch PSNR averaged over batches).
+    ``drop_last``; its headline is the batch PSNR averaged over batches). ``step`` replaces ``model.step`` (see
+    :func:`restore`).
     """
     if protocol not in PROTOCOLS:
         raise SettingError("protocol", f"{protocol!r}: choose from {', '.join(PROTOCOLS)}")
@@ -274,7 +278,7 @@ def evaluate(
             prob, patch = draw.choice(combos) if protocol == "paper" else combos[k % len(combos)]
             corrupted, known, keep, kinds = _corrupt_batch(clean, prob, patch, mixture, mask_type, mask_gen)
             output, seconds = _timed(
-                device, lambda: restore(model, corrupted, iters, update_masks, ca_gen, device, known)
+                device, lambda: restore(model, corrupted, iters, update_masks, ca_gen, device, known, step)
             )
             rows["vitca"].seconds += seconds
             rows["vitca"].add(output, clean, lpips)
@@ -397,7 +401,8 @@ def format_report(report: dict) -> str:
         f"means ± 95% interval (none where fewer than {MIN_FOR_INTERVAL} values: (n=…)); PSNR/SSIM/LPIPS on clipped "
         f"images; batch PSNR = one MSE per batch (batch size {report.get('batch_size', '?')}), as in the reference",
         f"LPIPS: {report.get('lpips', 'skipped')}",
-        f"images/s on {report.get('device', '?')} ({report.get('threads', '?')} threads), CA steps or baseline only",
+        f"images/s on {report.get('device', '?')} ({report.get('threads', '?')} threads), CA steps or baseline only; "
+        f"CA step: {report.get('step', 'exact (eager, fp32)')}",
         "CA PSNR per combo: "
         + ", ".join(f"{k} {v['psnr']:.2f} ({v['images']})" for k, v in report["psnr_per_combo"].items()),
     ]

@@ -217,6 +217,16 @@ def test_eval_command_json(files):
     assert json.loads(_cli(*args).stdout)["methods"]["vitca"]["psnr"] == vitca["psnr"]  # deterministic
 
 
+def test_eval_fast_runs_the_compiled_step_and_scores_as_the_exact_one(files):
+    ckpt, folder = files
+    args = ["eval", "-w", ckpt, "-d", f"folder:{folder}", "--iters", 4, "--batch-size", 3, "--threads", 1, "--json"]
+    exact, fast = (_cli(*args, *extra) for extra in ([], ["--fast"]))
+    assert exact.exit_code == 0 and fast.exit_code == 0, fast.output
+    exact, fast = json.loads(exact.stdout), json.loads(fast.stdout)
+    assert exact["step"].startswith("exact") and "compiled" in fast["step"]
+    assert abs(fast["methods"]["vitca"]["psnr"]["mean"] - exact["methods"]["vitca"]["psnr"]["mean"]) < 0.05
+
+
 def test_eval_command_table_with_baselines(files):
     pytest.importorskip("skimage")
     pytest.importorskip("cv2")
