@@ -43,6 +43,7 @@ from vitca_cli.restore.windows import WINDOW, window_plan  # noqa: E402
 from vitca_cli.runtime import cpu_has_native_bf16  # noqa: E402
 
 MODES = ("dense", "former tiles", "settle", "bf16", "compiled", "fast", "onnx", "onnx int8", "all")
+FORMER_CALL_CELLS = 1 << 16  # cells per backend call then
 FORMER_TILE = 264  # cells: the former automatic tile side at 64 iterations (256, grown to fit 2 × 64-cell margins)
 
 
@@ -81,12 +82,12 @@ def backends(name: str, modes: list[str], force_bf16: bool) -> dict:
     return out
 
 
-def step_rate(backend, image: np.ndarray, repeats: int = 3) -> float:
+def step_rate(backend, image: np.ndarray, repeats: int = 3, call_cells: int | None = None) -> float:
     """The model's own step on one full batch of windows of this image: cell-steps per second (best of
     ``repeats``)."""
     cfg = backend.cfg
     wys, wxs = window_plan(cfg, image.shape[:2], WINDOW)
-    count = max(1, min(len(wys) * len(wxs), MAX_CELLS["cpu"] // (wys[0].size * wxs[0].size)))
+    count = max(1, min(len(wys) * len(wxs), (call_cells or MAX_CELLS["cpu"]) // (wys[0].size * wxs[0].size)))
     x = torch.from_numpy(image[: wys[0].size, : wxs[0].size]).permute(2, 0, 1)[None].repeat(count, 1, 1, 1)
     z = seed_cells(cfg, x)
     mask = (torch.rand(count, 1, *z.shape[-2:]) < cfg.update_rate).float()
@@ -123,8 +124,9 @@ def run_case(label: str, clean: np.ndarray, noisy: np.ndarray, name: str, args) 
             continue
         settle = args.settle if mode in ("settle", "all") else 0.0
         tile = FORMER_TILE if mode == "former tiles" else None
+        cells = FORMER_CALL_CELLS if mode == "former tiles" else args.call_cells
         t = time.perf_counter()
-        out = restore(backend, noisy, args.iters, tile=tile, settle=settle)
+        out = restore(backend, noisy, args.iters, tile=tile, settle=settle, max_cells=cells)
         wall = time.perf_counter() - t
         quality = psnr(out.image, clean)
         if mode == "dense":
@@ -136,7 +138,7 @@ def run_case(label: str, clean: np.ndarray, noisy: np.ndarray, name: str, args) 
         )
         print(rows[-1], flush=True)
     if dense is not None:
-        rate = step_rate(bks["dense"], noisy)
+        rate = step_rate(bks["dense"], noisy, call_cells=args.call_cells)
         cells = noisy.shape[0] * noisy.shape[1] * args.iters / bks["dense"].cfg.patch_size ** 2
         print(
             f"{label:>14}  dense restore {cells / dense[0]:.3g} image cs/s, {dense[1] / dense[0]:.3g} computed "
@@ -152,6 +154,7 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=BatchSettings.settle or 1e-3)
     ap.add_argument("--sigma", type=float, default=0.05, help="Gaussian noise on the photos")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--call-cells", type=int, default=None, help="cells per backend call (default: the CLI's)")
     ap.add_argument("--force-bf16", action="store_true", help="run bf16 even where the CPU emulates it")
     args = ap.parse_args()
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -162,7 +165,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.iters} iterations, settle "
-        f"{args.settle}, native bf16: {cpu_has_native_bf16()}"
+        f"{args.settle}, native bf16: {cpu_has_native_bf16()}, cells per call {args.call_cells or MAX_CELLS['cpu']}"
     )
     print(f"{'image':>14} {'mode':>13} {'wall s':>8} {'cells÷d':>8} {'speed-up':>8} {'PSNR':>8} {'Δ dense':>8}")
     rng = np.random.default_rng(0)

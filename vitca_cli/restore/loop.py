@@ -32,7 +32,9 @@ from vitca_cli.restore.windows import rollout_windows
 PRECISIONS = ("fp32", "bf16", "auto")
 COMPILE = ("off", "on", "auto")
 FAST_WORK = 8_000_000  # cell-steps from which the auto settings take the fast step (about 0.25 MP at 32 steps)
-MAX_CELLS = {"cpu": 1 << 16, "cuda": 1 << 20}  # cells per backend call: bounds a step's activations
+# Cells per backend call: bounds a step's activations; on CPU, two 64×64 windows, whose activations stay in cache
+# (bench/denoise.py --call-cells compares).
+MAX_CELLS = {"cpu": 1 << 13, "cuda": 1 << 20}
 MAX_FRAME_BYTES = 512 << 20  # animation frames held in memory
 
 
@@ -113,8 +115,12 @@ class TorchBackend:
 
     def step(self, z: torch.Tensor, update_mask: torch.Tensor) -> torch.Tensor:
         update = self._guarded_update if self.use_compiled else None
+        single = self.use_compiled and z.shape[0] == 1  # torch.compile specialises a batch of 1: recompiles
+        if single:
+            z, update_mask = torch.cat([z, z]), torch.cat([update_mask, torch.zeros_like(update_mask)])
         with torch.inference_mode(), torch.autocast(self.tensor_device.type, torch.bfloat16, enabled=self.use_bf16):
             out = self.model.step(z, update_mask, update=update)
+        out = out[:1] if single else out
         return out.float() if self.use_bf16 else out
 
     def _guarded_update(self, *args, **kwargs):
