@@ -406,3 +406,19 @@ def test_settle_logs_the_skipped_cell_steps_and_precision_is_checked(tmp_path):
         ],
     )
     assert bad.exit_code == 2 and "--quantize" in bad.output
+
+
+def test_the_log_names_the_step_and_the_compiled_step_writes_what_the_exact_one_does(tmp_path):
+    photo = Path(__file__).resolve().parents[2] / "weights" / "photo.pt"
+    src = png(tmp_path / "in.png", 36, 40, channels=3)
+    outs = {}
+    for name in ("exact", "compiled"):
+        outs[name] = tmp_path / f"{name}.png"
+        flags = ["--compile", "off" if name == "exact" else "on", "--precision", "fp32"]
+        result = run("-v", "denoise", src, "-o", outs[name], "-w", photo, "--iters", 8, *flags)
+        assert result.exit_code == 0, result.output
+        assert ("compiled" in result.output) == (name == "compiled"), result.output
+    exact, compiled = (np.asarray(Image.open(outs[k]), dtype=int) for k in ("exact", "compiled"))
+    assert np.abs(exact - compiled).max() <= 1  # float rounding may move a value by one 8-bit level
+    bad = run("denoise", src, "-o", tmp_path / "x.png", "-w", photo, "--backend", "onnx", "--compile", "on")
+    assert bad.exit_code == 2 and "--compile" in bad.output and not (tmp_path / "x.png").exists()
