@@ -118,7 +118,7 @@ def test_crops(
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
         sys.exit(__doc__)
     root = Path(sys.argv[1])
     print(

@@ -72,6 +72,19 @@ def vit_position_encoding(height: int, width: int, dim: int, device=None, dtype=
     return vit_position_encoding_at(rows, cols, width, dim).to(dtype)
 
 
+def embed_product(cells: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The embedding's product, in float32 even under bfloat16 autocast (``--precision bf16``).
+
+    The cells carried from step to step are float32; rounded to bfloat16 (8 bits of mantissa: steps of 2^-9 at a
+    value of 0.5), a cell would see its own output move by a rounding step whenever it changes by less, and a
+    converged cell would keep changing by about 10^-3 per update: settling (``--settle``) would never stop it. The
+    product is a small share of a step (cell channels × embedding)."""
+    if not torch.is_autocast_enabled(cells.device.type):
+        return F.linear(cells, weight)
+    with torch.autocast(cells.device.type, enabled=False):
+        return F.linear(cells.float(), weight.float())
+
+
 def nerf_position_channels(height: int, width: int, freqs: int, device=None) -> torch.Tensor:
     """NeRF-style xy encoding ``(4L, H, W)``: [sin(2^l π x)]_l, [sin(2^l π y)]_l, [cos(2^l π x)]_l, [cos(2^l π y)]_l."""
     y, x = torch.meshgrid(
@@ -178,7 +191,7 @@ class ViTCAUpdate(nn.Module):
         ``attention`` the blocks' attention (:func:`vitca_cli.nca.attention.attend`, same signature).
         """
         b, h, w, _ = cells.shape
-        x = F.linear(cells, self.embed.weight)  # b h w e
+        x = embed_product(cells, self.embed.weight)  # b h w e
         pe = self.position_encoding(h, w, x) if position is None else position
         x = x + self.embed.bias if pe is None else run_kernel("bias_add", x, self.embed.bias, pe)
         maps = []
