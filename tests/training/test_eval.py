@@ -325,5 +325,8 @@ def test_paper_protocol_full_batches_one_random_combo_each_and_batch_psnr_headli
     assert runs[0]["psnr_per_combo"] == runs[1]["psnr_per_combo"]  # the same seed draws the same combos
     assert sum(v["images"] for v in runs[0]["psnr_per_combo"].values()) == 64
     assert "protocol paper" in format_report(runs[0])
+    # each batch's PSNR, in order, for paired comparisons; their mean is the headline
+    assert len(runs[0]["vitca_batch_psnr"]) == 2 and runs[0]["vitca_batch_psnr"] == runs[1]["vitca_batch_psnr"]
+    assert abs(sum(runs[0]["vitca_batch_psnr"]) / 2 - runs[0]["methods"]["vitca"]["psnr_batch"]["mean"]) < 1e-3
     cycled = evaluate(model, batches(data, 32), iters=2)
     assert cycled["protocol"] == "cycled" and cycled["images"] == 70
