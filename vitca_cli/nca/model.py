@@ -72,14 +72,14 @@ def vit_position_encoding(height: int, width: int, dim: int, device=None, dtype=
     return vit_position_encoding_at(rows, cols, width, dim).to(dtype)
 
 
-def embed_product(cells: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The embedding's product, in float32 even under bfloat16 autocast (``--precision bf16``).
+def embed_product(cells: torch.Tensor, weight: torch.Tensor, exact: bool = False) -> torch.Tensor:
+    """The embedding's product; with ``exact``, in float32 even under bfloat16 autocast (``--precision bf16``).
 
     The cells carried from step to step are float32; rounded to bfloat16 (8 bits of mantissa: steps of 2^-9 at a
-    value of 0.5), a cell would see its own output move by a rounding step whenever it changes by less, and a
-    converged cell would keep changing by about 10^-3 per update: settling (``--settle``) would never stop it. The
-    product is a small share of a step (cell channels × embedding)."""
-    if not torch.is_autocast_enabled(cells.device.type):
+    value of 0.5), a cell sees its own output move by a rounding step whenever it changes by less, and a converged
+    cell keeps changing by about 10^-3 per update, so settling (``--settle``) would never stop it. Reading them in
+    float32 costs a float32 product and a float32 activation per cell, so only settling runs ask for it."""
+    if not exact or not torch.is_autocast_enabled(cells.device.type):
         return F.linear(cells, weight)
     with torch.autocast(cells.device.type, enabled=False):
         return F.linear(cells.float(), weight.float())
@@ -146,6 +146,7 @@ class ViTCAUpdate(nn.Module):
             nn.init.zeros_(self.head[1].weight)
             nn.init.zeros_(self.head[1].bias)
         self._pe_cache: dict = {}
+        self.exact_cells = False  # read the cells in float32 under bf16 autocast (see embed_product)
         self.last_attention: list[torch.Tensor] | None = None
 
     def position_encoding(self, height: int, width: int, x: torch.Tensor) -> torch.Tensor | None:
@@ -191,7 +192,7 @@ class ViTCAUpdate(nn.Module):
         ``attention`` the blocks' attention (:func:`vitca_cli.nca.attention.attend`, same signature).
         """
         b, h, w, _ = cells.shape
-        x = embed_product(cells, self.embed.weight)  # b h w e
+        x = embed_product(cells, self.embed.weight, self.exact_cells)  # b h w e
         pe = self.position_encoding(h, w, x) if position is None else position
         x = x + self.embed.bias if pe is None else run_kernel("bias_add", x, self.embed.bias, pe)
         maps = []

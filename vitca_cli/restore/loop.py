@@ -97,9 +97,10 @@ class TorchBackend:
         parts += ["bf16 products"] if self.use_bf16 else []
         return f"torch {self.tensor_device}" + "".join(f", {p}" for p in parts)
 
-    def prepare(self, work: int) -> None:
+    def prepare(self, work: int, settle: float = 0.0) -> None:
         """Choose the step for a job of ``work`` cell-steps (the ``auto`` settings take the fast one when the job is
-        large)."""
+        large); a job that settles cells (``settle`` > 0) has the rule read the cells in float32 under bf16, so
+        converged cells can settle (``vitca_cli.nca.model.embed_product``)."""
         from vitca_cli.runtime import cpu_has_native_bf16, has_cxx_compiler
 
         large = work >= FAST_WORK
@@ -112,6 +113,8 @@ class TorchBackend:
         compiler = self.tensor_device.type == "cuda" or has_cxx_compiler()
         wanted = self.compile == "on" or (self.compile == "auto" and large and compiler)
         self.use_compiled = wanted and self._compiled is not False
+        if hasattr(self.model.rule, "exact_cells"):
+            self.model.rule.exact_cells = settle > 0
 
     def step(self, z: torch.Tensor, update_mask: torch.Tensor) -> torch.Tensor:
         update = self._guarded_update if self.use_compiled else None
@@ -314,7 +317,7 @@ def restore(
         log.debug(f"tiling {ph}×{pw} px into {plan.count} tiles of {plan.tile[0] * p}×{plan.tile[1] * p} px{note}")
 
     if hasattr(backend, "prepare"):
-        backend.prepare((ph // p) * (pw // p) * iters)
+        backend.prepare((ph // p) * (pw // p) * iters, settle)
     masks = UpdateMasks(seed, iters, rate)
     record = _recorded_steps(iters, frames, ph * pw * c * 4)
     acc = torch.zeros(len(record) + 1, c, ph, pw)  # running blend for each frame, the final output last
