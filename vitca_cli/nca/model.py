@@ -324,8 +324,8 @@ class CellularAutomaton(nn.Module):
         # with --precision bf16) go through oneDNN, which builds a kernel for each new shape, so a fresh row count
         # every step would cost a kernel build every step (bench/train.py --compare-precision).
         rows = min(flat_mask.numel(), -(-len(only) // ROW_BUCKET) * ROW_BUCKET)
-        if rows > len(only):
-            only = torch.argsort(flat_mask, descending=True, stable=True)[:rows]  # the selected cells first
+        if rows > len(only):  # the selected cells first, then the first cells left alone
+            only = torch.cat([only, (flat_mask == 0).nonzero().squeeze(1)[: rows - len(only)]])
         delta = update(cells, head_mask, only=only)
         return self.apply_update_at(cells, only, delta * flat_mask[only, None])
 
