@@ -37,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from training.baselines import run_baseline  # noqa: E402
 from training.metrics import psnr_per_image, ssim_per_image  # noqa: E402
 from vitca_cli.nca.corruptions import Corruption, corrupt_one, stroke_mask  # noqa: E402
-from vitca_cli.restore.batch import default_steps  # noqa: E402
 from vitca_cli.restore.loop import backend_mask_type, make_backend, mask_missing, restore  # noqa: E402
 
 DENOISERS = ("median", "tv-chambolle", "nl-means")
@@ -103,9 +102,7 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--weights", default=None, help="NAME or PATH (default: the shipped photo model)")
     ap.add_argument("--backend", default="torch")
-    ap.add_argument(
-        "--iters", type=int, default=None, help="CA steps (default: as vitca denoise and inpaint choose them)"
-    )
+    ap.add_argument("--iters", type=int, default=None, help="CA steps (default: the model's own default)")
     ap.add_argument("--size", type=int, default=256, help="short side of each photo, px")
     ap.add_argument("--photos", type=Path, default=None, help="folder of held-out photos")
     ap.add_argument("--limit", type=int, default=None, help="first N photos only")
@@ -121,11 +118,10 @@ def parse_args() -> argparse.Namespace:
 
 
 def damage_and_restore(
-    backend, clean, spec, inpainting: bool, gen, mask_type: str, iters, seed: int, settle: float = 0.0
-) -> tuple[dict, int]:
-    """One photo damaged by ``spec`` (or with the pixels it marks missing), restored by the CA (``iters`` steps;
-    None: as `vitca denoise` and `vitca inpaint` choose) and the classic methods: method → (image, seconds);
-    ``input`` is the damaged photo itself. Also the CA steps run."""
+    backend, clean, spec, inpainting: bool, gen, mask_type: str, iters: int, seed: int, settle: float = 0.0
+) -> dict:
+    """One photo damaged by ``spec`` (or with the pixels it marks missing), restored by the CA and the classic
+    methods: method → (image, seconds); ``input`` is the damaged photo itself."""
     h, w, _ = clean.shape
     known = None
     if inpainting:
@@ -137,7 +133,6 @@ def damage_and_restore(
         ca_input = damaged
     results = {"input": (damaged, 0.0)}
     start = time.perf_counter()
-    iters = iters or default_steps(backend.meta, ca_input, inpainting)[0]
     out = restore(backend, ca_input.astype(np.float32), iters, seed=seed, known=known, settle=settle).image
     results["vitca"] = (out, time.perf_counter() - start)
     keep = torch.from_numpy((known if known is not None else np.ones((h, w), bool)).astype(np.float32))
@@ -145,20 +140,17 @@ def damage_and_restore(
         start = time.perf_counter()
         restored = run_baseline(name, to_t(damaged), keep[None, None])[0].permute(1, 2, 0).numpy()
         results[name] = (restored, time.perf_counter() - start)
-    return results, iters
+    return results
 
 
-def print_table(rows: dict, steps: dict, n_photos: int, args: argparse.Namespace, backend) -> dict:
+def print_table(rows: dict, n_photos: int, args: argparse.Namespace, backend, iters: int) -> dict:
     """The means per damage kind and method, printed; returned as the JSON table."""
     table = {}
     print(
         f"\n{n_photos} held-out photos, short side {args.size} px; vitca {backend.name} ({backend.device}), "
-        f"{args.iters or 'chosen'} steps, seed {args.seed}, settle {args.settle}. PSNR dB / SSIM, means over "
-        "photos; seconds per photo; steps: the CA steps run, mean over photos."
+        f"{iters} steps, seed {args.seed}, settle {args.settle}. PSNR dB / SSIM, means over photos; seconds per photo."
     )
-    header = (
-        f"{'damage':<16}{'input':>13}{'vitca':>13}{'best classic':>26}{'vitca − best':>14}{'vitca s':>9}{'steps':>7}"
-    )
+    header = f"{'damage':<16}{'input':>13}{'vitca':>13}{'best classic':>26}{'vitca − best':>14}{'vitca s':>9}"
     print(header)
     print("-" * len(header))
     for kind, methods in rows.items():
@@ -169,12 +161,10 @@ def print_table(rows: dict, steps: dict, n_photos: int, args: argparse.Namespace
         best_txt = f"{best} {classic[best][0]:.2f}/{classic[best][1]:.3f}" if best else "—"
         diff = f"{ca[0] - classic[best][0]:+.2f}" if best else "—"
         inp_txt = "∞" if kind == "clean" else f"{inp[0]:.2f}/{inp[1]:.3f}"
-        n = float(np.mean(steps[kind]))
-        print(f"{kind:<16}{inp_txt:>13}{ca[0]:>7.2f}/{ca[1]:.3f}{best_txt:>26}{diff:>14}{ca[2]:>9.2f}{n:>7.1f}")
+        print(f"{kind:<16}{inp_txt:>13}{ca[0]:>7.2f}/{ca[1]:.3f}{best_txt:>26}{diff:>14}{ca[2]:>9.2f}")
         table[kind] = {
             m: {"psnr": round(v[0], 3), "ssim": round(v[1], 4), "seconds": round(v[2], 3)} for m, v in mean.items()
         }
-        table[kind]["vitca"]["steps"] = steps[kind]
     print("\nall baselines (PSNR / seconds):")
     for kind, methods in table.items():
         print(
@@ -192,21 +182,20 @@ def main() -> None:
     backend = make_backend(
         args.weights, args.backend, "cpu", channels=3, precision=args.precision, compile=args.compile
     )
+    iters = args.iters or int((getattr(backend, "meta", None) or {}).get("default_iters", 64))
     mask_type = backend_mask_type(backend)
     kinds = list(KINDS) if not args.kinds else [k.strip() for k in args.kinds.split(",")]
     photos = held_out_photos(args.photos)[: args.limit]
     rows: dict[str, dict[str, list]] = {k: {} for k in kinds}
-    steps: dict[str, list[int]] = {k: [] for k in kinds}
     for n, path in enumerate(photos):
         clean = quantise(load(path, args.size))
         h, w, _ = clean.shape
         for kind in kinds:
             spec, inpainting = KINDS[kind]
             gen = torch.Generator().manual_seed(args.seed * 1000 + n * 31 + kinds.index(kind))
-            results, n_steps = damage_and_restore(
-                backend, clean, spec, inpainting, gen, mask_type, args.iters, args.seed, args.settle
+            results = damage_and_restore(
+                backend, clean, spec, inpainting, gen, mask_type, iters, args.seed, args.settle
             )
-            steps[kind].append(n_steps)
             for name, (image, seconds) in results.items():
                 p, s = score(image, clean)
                 rows[kind].setdefault(name, []).append((p, s, seconds))
@@ -217,12 +206,12 @@ def main() -> None:
                     )
         print(f"[{n + 1}/{len(photos)}] {path.name} {w}×{h}", file=sys.stderr, flush=True)
 
-    table = print_table(rows, steps, len(photos), args, backend)
+    table = print_table(rows, len(photos), args, backend, iters)
     if args.json:
         args.json.write_text(
             json.dumps(
                 {
-                    "iters": args.iters or "chosen",
+                    "iters": iters,
                     "size": args.size,
                     "photos": [p.name for p in photos],
                     "weights": backend.name,

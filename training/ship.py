@@ -85,7 +85,6 @@ def ship(
     mask_type: str | None = None,
     notes: str | None = None,
     default_iters: int | None = None,
-    denoise_steps: list[list] | None = None,
 ) -> dict:
     """Write ``weights_dir/NAME.pt`` from ``checkpoint`` and its manifest entry; returns the entry."""
     checkpoint = Path(checkpoint)
@@ -123,8 +122,6 @@ def ship(
     }
     if default_iters:
         entry["default_iters"] = default_iters
-    if denoise_steps:
-        entry["denoise_steps"] = denoise_steps
     if notes:
         entry["notes"] = notes
     entry = {k: _plain(v) for k, v in entry.items()}
@@ -143,17 +140,6 @@ def ship(
     return entry
 
 
-def parse_denoise_steps(text: str) -> list[list]:
-    """``"0.075:16,0.12:24"`` -> ``[[0.075, 16], [0.12, 24]]`` (noise levels rising, steps positive)."""
-    try:
-        table = [[float(a), int(b)] for a, b in (part.split(":") for part in text.split(","))]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected NOISE:STEPS,... e.g. 0.075:16,0.12:24") from None
-    if any(n <= 0 for _, n in table) or [a for a, _ in table] != sorted({a for a, _ in table}):
-        raise argparse.ArgumentTypeError(f"{text!r}: noise levels must rise and steps be positive")
-    return table
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", type=Path, help="a training checkpoint, e.g. RUN/best.pt")
@@ -167,12 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mask-type", choices=["dropout", "noise"])
     ap.add_argument("--notes")
     ap.add_argument("--default-iters", type=int, help="CA steps `vitca denoise` runs by default with these weights")
-    ap.add_argument(
-        "--denoise-steps",
-        type=parse_denoise_steps,
-        help="steps `vitca denoise` runs by the input's estimated noise level, e.g. 0.075:16,0.12:24 "
-        "(below 0.075: 16 steps; below 0.12: 24; else --default-iters)",
-    )
     args = ap.parse_args(argv)
     try:
         entry = ship(
@@ -187,7 +167,6 @@ def main(argv: list[str] | None = None) -> int:
             args.mask_type,
             args.notes,
             args.default_iters,
-            args.denoise_steps,
         )
     except VitcaError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -423,32 +422,3 @@ def test_the_log_names_the_step_and_the_compiled_step_writes_what_the_exact_one_
     assert np.abs(exact - compiled).max() <= 1  # float rounding may move a value by one 8-bit level
     bad = run("denoise", src, "-o", tmp_path / "x.png", "-w", photo, "--backend", "onnx", "--compile", "on")
     assert bad.exit_code == 2 and "--compile" in bad.output and not (tmp_path / "x.png").exists()
-
-
-def test_without_iters_the_weights_table_picks_the_steps_by_the_estimated_noise(tmp_path):
-    """Weights with ``denoise_steps`` run fewer steps on a lightly damaged input, the default on a heavily damaged
-    one and when inpainting; --iters overrides; weights without a table run their ``default_iters``."""
-    from vitca_cli.restore.batch import default_steps
-
-    meta = {"default_iters": 32, "denoise_steps": [[0.075, 16], [0.12, 24]]}
-    rng = np.random.default_rng(1)
-    flat = np.full((64, 64, 3), 0.5, dtype=np.float32)
-    light, medium, heavy = (flat + rng.normal(0, s, flat.shape).astype(np.float32) for s in (0.03, 0.1, 0.2))
-    assert default_steps(meta, light, False)[0] == 16
-    assert default_steps(meta, medium, False)[0] == 24
-    assert default_steps(meta, heavy, False)[0] == 32
-    assert default_steps(meta, light, True) == (32, "")
-    assert default_steps({"default_iters": 20}, light, False) == (20, "")
-    assert default_steps(None, light, False)[0] == 64
-
-    cfg = CAConfig(channels=3, **TINY)
-    weights = tmp_path / "w.pt"
-    save_checkpoint(weights, cfg, CellularAutomaton(cfg).state_dict(), meta)
-    src = png(tmp_path / "in.png", 24, 24, 3)  # uniform random bytes: reads as heavy noise
-    Image.fromarray(np.full((24, 24, 3), 128, np.uint8)).save(tmp_path / "flat.png")
-    out = run("denoise", src, tmp_path / "flat.png", "-o", tmp_path / "out", "-w", weights)
-    assert out.exit_code == 0, out.output
-    assert re.search(r"in\.png -> .*32 steps for estimated noise σ 0\.\d+", out.output), out.output
-    assert re.search(r"flat\.png -> .*16 steps for estimated noise σ 0\.000", out.output), out.output
-    given = run("denoise", src, "-o", tmp_path / "given.png", "-w", weights, "--iters", "5")
-    assert given.exit_code == 0 and re.search(r"in\.png -> .*5 steps,", given.output), given.output

@@ -261,16 +261,3 @@ def test_photo_collection_splits_by_source_and_adds_half_size_copies(tmp_path):
         assert small == (full[0] // 2, full[1] // 2)
     held_out = {p.stem for d in ("test", "val-photos") for p in (tmp_path / d).glob("*.png")}
     assert not held_out & {s.removesuffix("-half") for s in stems}
-
-
-def test_noise_level_reads_the_added_noise_and_not_smooth_content():
-    from vitca_cli.nca.corruptions import noise_level
-
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:200, 0:300] / 300.0
-    smooth = np.stack([0.3 + 0.4 * xx, 0.5 + 0.2 * np.sin(6 * yy), 0.2 + 0.5 * xx * yy], axis=2).astype(np.float32)
-    assert noise_level(smooth) < 0.002
-    for sigma in (0.02, 0.05, 0.1):
-        noisy = smooth + rng.normal(0, sigma, smooth.shape).astype(np.float32)
-        assert abs(noise_level(noisy) - sigma) < 0.1 * sigma, sigma
-    assert noise_level(smooth[:2]) == 0.0  # too small to tell

@@ -117,10 +117,7 @@ OUTPUT_HELP = (
     "Output file (one input), folder (several; sub-folders mirrored), or - for stdout (default: beside "
     "each input as NAME.restored.EXT; stdin goes to stdout)."
 )
-ITERS_HELP = (
-    "CA iterations (default: the weights' choice: the photo model picks 16, 24 or 32 by the input's estimated noise "
-    f"level when denoising; else the weights' own count, else {DEFAULT_ITERS})."
-)
+ITERS_HELP = f"CA iterations (default: the weights' own, else {DEFAULT_ITERS})."
 
 
 def _inputs():

@@ -153,23 +153,6 @@ def jpeg(image: torch.Tensor, quality: int) -> torch.Tensor:
     return torch.from_numpy(out.reshape(arr.shape).copy()).permute(2, 0, 1)
 
 
-def noise_level(image: np.ndarray) -> float:
-    """The standard deviation of additive noise in ``image`` ``(H, W, C)`` in [0, 1], estimated (Immerkær 1996):
-    the mean absolute response to the 3×3 kernel [1 -2 1]⊗[1 -2 1], which cancels smooth image content, times
-    √(π/2)/6; the median over channels. Texture adds a little (clean photos: about 0.003 to 0.03); impulse noise
-    reads high (10% salt and pepper: about 0.14). 0 for images smaller than 3×3."""
-    h, w = image.shape[:2]
-    if h < 3 or w < 3:
-        return 0.0
-    levels = []
-    for c in range(image.shape[2]):
-        x = np.asarray(image[:, :, c], dtype=np.float32)
-        d = x[:, :-2] - 2 * x[:, 1:-1] + x[:, 2:]
-        d = d[:-2] - 2 * d[1:-1] + d[2:]
-        levels.append(float(np.abs(d).mean()) * math.sqrt(math.pi / 2) / 6)
-    return float(np.median(levels))
-
-
 def corrupt_one(
     x: torch.Tensor,
     c: Corruption,

@@ -256,8 +256,7 @@ def process(
         log.info(f"{pic.source}: {note}")
     backend = backends.get(pic.channels)
     clean, pixels, known = _damaged_input(job, pic, backend, settings, inpaint)
-    meta = getattr(backend, "meta", None)
-    iters, why = (settings.iters, "") if settings.iters else default_steps(meta, pixels, inpaint)
+    iters = settings.iters or int((getattr(backend, "meta", None) or {}).get("default_iters") or DEFAULT_ITERS)
     step = None if progress is None else (lambda done, total: progress(job, done, total))
     result = restore(
         backend,
@@ -287,29 +286,10 @@ def process(
         tiles += f", {share:.0%} of {result.computed + result.skipped:,} cell-steps skipped as settled"
     dest = "stdout" if job.output == STDIO else job.output
     log.info(
-        f"{pic.source} -> {dest} ({w}×{h}, {backend.name}, {iters} steps{why}{tiles}, {backend.device}, "
+        f"{pic.source} -> {dest} ({w}×{h}, {backend.name}, {iters} steps{tiles}, {backend.device}, "
         f"{time.perf_counter() - start:.2f}s)"
     )
     return True
-
-
-def default_steps(meta: dict | None, pixels, inpaint: bool) -> tuple[int, str]:
-    """The CA steps to run when ``--iters`` is not given, and why, for the log.
-
-    Weights may carry ``denoise_steps``, pairs ``[noise, steps]`` by rising noise: denoising an input whose
-    estimated noise level (:func:`vitca_cli.nca.corruptions.noise_level`) is below ``noise`` runs that many steps
-    (the model's restoration peaks earlier on light damage and later on heavy). Otherwise, and for inpainting,
-    the weights' ``default_iters``, else ``DEFAULT_ITERS``."""
-    meta = meta or {}
-    default = int(meta.get("default_iters") or DEFAULT_ITERS)
-    table = meta.get("denoise_steps")
-    if inpaint or not table:
-        return default, ""
-    from vitca_cli.nca.corruptions import noise_level
-
-    sigma = noise_level(pixels)
-    steps = next((int(n) for below, n in table if sigma < float(below)), default)
-    return steps, f" for estimated noise σ {sigma:.3f}"
 
 
 def _damaged_input(job: Job, pic, backend, settings: BatchSettings, inpaint: bool):
