@@ -319,15 +319,18 @@ class CellularAutomaton(nn.Module):
             return self.apply_update(cells, update_mask, update(cells, head_mask, keep_attention))
         if len(only) == 0:
             return cells.clone()
-        # Round the row count up to a multiple of ROW_BUCKET with cells the mask leaves alone (their update is
-        # multiplied by 0 below): a handful of shapes instead of a new one every step. bfloat16 products (training
-        # with --precision bf16) go through oneDNN, which builds a kernel for each new shape, so a fresh row count
-        # every step would cost a kernel build every step (bench/train.py --compare-precision).
+        # Round the row count up to a multiple of ROW_BUCKET with rows whose update is multiplied by 0: a handful
+        # of shapes instead of a new one every step. bfloat16 products (training with --precision bf16) go through
+        # oneDNN, which builds a kernel for each new shape, so a fresh row count every step would cost a kernel
+        # build every step (bench/train.py --compare-precision).
         rows = min(flat_mask.numel(), -(-len(only) // ROW_BUCKET) * ROW_BUCKET)
-        if rows > len(only):  # the selected cells first, then the first cells left alone
-            only = torch.cat([only, (flat_mask == 0).nonzero().squeeze(1)[: rows - len(only)]])
+        scale = flat_mask[only, None]
+        if rows > len(only):  # padded with the first cells of the grid, their update multiplied by 0
+            pad = rows - len(only)
+            only = torch.cat([only, torch.arange(pad, device=only.device)])
+            scale = F.pad(scale, (0, 0, 0, pad))
         delta = update(cells, head_mask, only=only)
-        return self.apply_update_at(cells, only, delta * flat_mask[only, None])
+        return self.apply_update_at(cells, only, delta * scale)
 
     def apply_update(self, cells: torch.Tensor, update_mask: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """Cells ``(B, H, W, C)`` plus the rule's update ``delta`` ``(B, H, W, Co·P² + Ch)`` where the mask is set."""
