@@ -331,3 +331,17 @@ def test_a_compiler_failure_falls_back_to_the_exact_step_with_a_warning(photo_ba
         out = restore(backend, img, iters=4).image
     assert not backend.use_compiled and "compiled step unavailable" in caplog.text
     assert np.array_equal(out, restore(photo_backend, img, iters=4).image)
+
+
+def test_the_compiled_step_compiles_once_for_windows_of_one_shape(photo_backend):
+    """The kernels are specialised to the cells' shape while the count of updating cells varies from step to
+    step: one compile serves every step (a recompile per count would cost seconds each)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = TorchBackend(photo_backend.model, "photo", compile="on")
+    img = smooth_noisy(64, 64)  # one window: about 2,048 ± 32 updating cells a step, rows rounded up to 128s
+    restore(compiled, img, iters=12, seed=3)
+    assert compiled.use_compiled
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
