@@ -5,9 +5,13 @@ Sources: scikit-image's bundled samples (offline loaders only) and Debian's ``op
 
     python -m training.photos OUT_DIR      # writes OUT_DIR/train/*.png and OUT_DIR/test/*.png
                                            # and OUT_DIR/crops/test/*.png (16 random 32×32 crops per test photo)
+    python -m training.photos OUT_DIR --upscale 2,4   # and training photos enlarged 2× and 4×
 
 Training photos are written at full size and, when their short side is at least 256 px, also at half size
-(``*-half.png``), so random crops see both fine texture and coarser structure. Licences: scikit-image's samples are
+(``*-half.png``), so random crops see both fine texture and coarser structure. With ``--upscale 2,4`` they are also
+written enlarged (bicubic, ``*-x2.png``, ``*-x4.png``) and the validation crops are cut at those scales too: a
+camera's photo is smooth at the pixel scale, and crops of enlarged photos teach the rule to smooth such content.
+Licences: scikit-image's samples are
 public domain or CC0/CC-BY (see ``skimage/data/README.txt``); opencv-doc's example data ships under OpenCV's
 Apache-2.0/BSD terms (Debian's ``/usr/share/doc/opencv-doc/copyright``).
 
@@ -49,8 +53,9 @@ OPENCV_TEST = ["baboon.jpg", "fruits.jpg", "building.jpg", "smarties.png", "squi
 SKIMAGE_TRAIN = ["astronaut", "coffee", "chelsea", "rocket", "camera", "brick", "grass", "gravel", "hubble_deep_field"]
 
 
-def collect(out: Path) -> dict[str, int]:
-    """Write the photos as RGB PNGs into ``out/train`` and ``out/test``; returns how many went where."""
+def collect(out: Path, upscale: tuple[int, ...] = ()) -> dict[str, int]:
+    """Write the photos as RGB PNGs into ``out/train`` and ``out/test`` (training photos also enlarged by each
+    factor of ``upscale``); returns how many went where."""
     from PIL import Image
 
     counts = {"train": 0, "test": 0}
@@ -64,7 +69,10 @@ def collect(out: Path) -> dict[str, int]:
             src = OPENCV_DIR / name
             if src.is_file():
                 counts[split] += _save(
-                    Image.open(src).convert("RGB"), out / split / f"opencv-{Path(name).stem}", split == "train"
+                    Image.open(src).convert("RGB"),
+                    out / split / f"opencv-{Path(name).stem}",
+                    split == "train",
+                    upscale if split == "train" else (),
                 )
     try:
         from skimage import data
@@ -75,7 +83,7 @@ def collect(out: Path) -> dict[str, int]:
             image = Image.fromarray(getattr(data, name)()).convert("RGB")
         except Exception:  # noqa: BLE001 - loaders that need a download fail offline; skip them
             continue
-        counts["train"] += _save(image, out / "train" / f"skimage-{name}", True)
+        counts["train"] += _save(image, out / "train" / f"skimage-{name}", True, upscale)
     return counts
 
 
@@ -83,23 +91,40 @@ def _val_sources(out: Path, split: str) -> list[Path]:
     return sorted((out / ("val-photos" if split == "val" else split)).glob("*.png"))
 
 
-def _save(image, stem: Path, half: bool) -> int:
-    """Write ``image`` as STEM.png and, with ``half`` and a short side ≥ 256 px, STEM-half.png; returns files."""
+def _save(image, stem: Path, half: bool, upscale: tuple[int, ...] = ()) -> int:
+    """Write ``image`` as STEM.png, with ``half`` and a short side ≥ 256 px also STEM-half.png, and enlarged by
+    each factor f of ``upscale`` as STEM-xF.png; returns how many files."""
     from PIL import Image
 
     image.save(stem.with_name(stem.name + ".png"))
+    for f in upscale:
+        _enlarge(image, f).save(stem.with_name(f"{stem.name}-x{f}.png"))
     if not half or min(image.size) < 256:
-        return 1
+        return 1 + len(upscale)
     small = image.resize((image.width // 2, image.height // 2), Image.Resampling.LANCZOS)
     small.save(stem.with_name(stem.name + "-half.png"))
-    return 2
+    return 2 + len(upscale)
+
+
+def _enlarge(image, factor: int):
+    from PIL import Image
+
+    return (
+        image if factor == 1 else image.resize((image.width * factor, image.height * factor), Image.Resampling.BICUBIC)
+    )
 
 
 def test_crops(
-    out: Path, size: int = 32, per_image: int = 16, seed: int = 0, split: str = "test", dest: Path | None = None
+    out: Path,
+    size: int = 32,
+    per_image: int = 16,
+    seed: int = 0,
+    split: str = "test",
+    dest: Path | None = None,
+    scales: tuple[int, ...] = (1,),
 ) -> int:
-    """Cut ``per_image`` random ``size``×``size`` crops from each photo of ``split`` into ``dest``
-    (default ``out/crops/<split>``)."""
+    """Cut ``per_image`` random ``size``×``size`` crops from each photo of ``split``, enlarged by each factor of
+    ``scales``, into ``dest`` (default ``out/crops/<split>``)."""
     import numpy as np
     from PIL import Image
 
@@ -108,23 +133,31 @@ def test_crops(
     dest.mkdir(parents=True, exist_ok=True)
     count = 0
     for photo in sorted(Path(p) for p in _val_sources(out, split)):
-        image = np.asarray(Image.open(photo).convert("RGB"))
-        h, w = image.shape[:2]
-        for k in range(per_image):
-            y, x = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
-            Image.fromarray(image[y : y + size, x : x + size]).save(dest / f"{photo.stem}-{k:02d}.png")
-            count += 1
+        for f in scales:
+            image = np.asarray(_enlarge(Image.open(photo).convert("RGB"), f))
+            h, w = image.shape[:2]
+            tag = "" if f == 1 else f"-x{f}"
+            for k in range(per_image):
+                y, x = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
+                Image.fromarray(image[y : y + size, x : x + size]).save(dest / f"{photo.stem}{tag}-{k:02d}.png")
+                count += 1
     return count
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
+    args = sys.argv[1:]
+    factors: tuple[int, ...] = ()
+    if len(args) == 3 and args[1] == "--upscale" and all(f.isdigit() and int(f) > 1 for f in args[2].split(",")):
+        factors = tuple(int(f) for f in args[2].split(","))
+        args = args[:1]
+    if len(args) != 1 or args[0].startswith("-"):
         sys.exit(__doc__)
-    root = Path(sys.argv[1])
+    root = Path(args[0])
+    per_val = 64 // (1 + len(factors))
     print(
-        collect(root),
+        collect(root, factors),
         "test crops:",
         test_crops(root),
         "validation crops:",
-        test_crops(root, per_image=64, seed=1, split="val", dest=root / "val"),
+        test_crops(root, per_image=per_val, seed=1, split="val", dest=root / "val", scales=(1, *factors)),
     )

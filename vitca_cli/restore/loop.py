@@ -135,7 +135,7 @@ class TorchBackend:
         dynamic (torch's automatic dynamic shapes). Kernels for fixed sizes run the step 1.1× as fast as kernels
         for any size (``bench/denoise.py``)."""
         if self._compiled is None:
-            self._compiled = torch.compile(self.model.rule.update_cells)
+            self._compiled = self._fast_update()
         if kwargs.get("only") is not None:
             torch._dynamo.mark_dynamic(kwargs["only"], 0)
         try:
@@ -144,6 +144,14 @@ class TorchBackend:
             log.warning(f"compiled step unavailable ({type(exc).__name__}); running the exact step")
             self._compiled, self.use_compiled = False, False
             return self.model.rule.update_cells(*args, **kwargs)
+
+    def _fast_update(self):
+        """The fast step's update, compiled: the rule with its embedding folded into the first block's products
+        (``vitca_cli.nca.folded``) where the rule allows it, else the rule's own."""
+        from vitca_cli.nca.folded import FoldedUpdate, foldable
+
+        rule = self.model.rule
+        return FoldedUpdate(rule, torch.compile).update_cells if foldable(rule) else torch.compile(rule.update_cells)
 
 
 def make_backend(

@@ -125,14 +125,11 @@ def rollout_windows(
                     for b, wy, wx in (wins[i] for i in batch)
                 ]
             )
-            m = torch.stack(
-                [
-                    mask[b, wy.origin : wy.origin + wy.size, wx.origin : wx.origin + wx.size]
-                    for b, wy, wx in (wins[i] for i in batch)
-                ]
-            )
-            if len(batch) > len(chunk):
-                m[len(chunk) :] = False  # padding windows: computed, never written back
+            # Only core cells update: a halo cell's update would not be written back (padding windows: none).
+            m = torch.zeros((len(batch), wys[0].size, wxs[0].size), dtype=torch.bool)
+            for j, (b, wy, wx) in enumerate(wins[i] for i in chunk):
+                core = (b, slice(wy.lo, wy.hi), slice(wx.lo, wx.hi))
+                m[j, wy.lo - wy.origin : wy.hi - wy.origin, wx.lo - wx.origin : wx.hi - wx.origin] = mask[core]
             z = z.to(device).permute(0, 3, 1, 2)
             out = backend.step(z, m[:, None].to(device=device, dtype=z.dtype)).permute(0, 2, 3, 1).cpu()
             for j, i in enumerate(chunk):
