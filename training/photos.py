@@ -11,9 +11,9 @@ Training photos are written at full size and, when their short side is at least 
 (``*-half.png``), so random crops see both fine texture and coarser structure. With ``--upscale 2,4`` they are also
 written enlarged (bicubic, ``*-x2.png``, ``*-x4.png``) and the validation crops are cut at those scales too: a
 camera's photo is smooth at the pixel scale, and crops of enlarged photos teach the rule to smooth such content.
-Licences: scikit-image's samples are
-public domain or CC0/CC-BY (see ``skimage/data/README.txt``); opencv-doc's example data ships under OpenCV's
-Apache-2.0/BSD terms (Debian's ``/usr/share/doc/opencv-doc/copyright``).
+
+Licences: scikit-image's samples are public domain or CC0/CC-BY (see ``skimage/data/README.txt``); opencv-doc's
+example data ships under OpenCV's Apache-2.0/BSD terms (Debian's ``/usr/share/doc/opencv-doc/copyright``).
 
 Evaluate the photo model on the held-out crops with ``vitca eval --dataset folder:OUT_DIR/crops``.
 """

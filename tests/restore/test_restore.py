@@ -170,6 +170,19 @@ def test_a_step_never_holds_more_than_max_cells_whatever_the_image():
     np.testing.assert_allclose(out, backend.model.output(z)[0].permute(1, 2, 0).numpy(), atol=1e-5)
 
 
+def test_a_window_updates_its_core_cells_only():
+    """A window's halo cells are read as neighbours but never updated (their update would be thrown away); every
+    cell of the image is updated by exactly one window, with the whole grid's mask."""
+    backend = small_backend(pos_encoding="none")
+    selected = []
+    step = backend.step
+    backend.step = lambda z, m: (selected.append(m.sum().item()), step(z, m))[1]
+    restore(backend, rand_image(150, 170), iters=3, max_cells=64 * 64)
+    backend.step = step
+    full = UpdateMasks(0, 3, 0.5).window(0, 0, 150, 170)
+    assert sum(selected) == full.sum().item()  # halo cells would add to the windows' count
+
+
 def test_tile_options_checked_against_the_model():
     backend = small_backend(pos_encoding="vit", image_size=(8, 8))
     with pytest.raises(UsageError):
