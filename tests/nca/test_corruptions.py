@@ -261,3 +261,23 @@ def test_photo_collection_splits_by_source_and_adds_half_size_copies(tmp_path):
         assert small == (full[0] // 2, full[1] // 2)
     held_out = {p.stem for d in ("test", "val-photos") for p in (tmp_path / d).glob("*.png")}
     assert not held_out & {s.removesuffix("-half") for s in stems}
+
+
+def test_photo_collection_can_add_enlarged_copies_and_crops_at_those_scales(tmp_path):
+    from training.photos import _save, test_crops
+
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 260, 3), dtype=np.uint8))
+    assert _save(photo, tmp_path / "p", half=True, upscale=(2, 4)) == 4
+    sizes = {p.stem: Image.open(p).size for p in tmp_path.glob("*.png")}
+    assert sizes == {"p": (260, 300), "p-half": (130, 150), "p-x2": (520, 600), "p-x4": (1040, 1200)}
+    (tmp_path / "val-photos").mkdir()
+    photo.save(tmp_path / "val-photos" / "v.png")
+    assert test_crops(tmp_path, size=32, per_image=3, split="val", dest=tmp_path / "val", scales=(1, 4)) == 6
+    crops = sorted(p.stem for p in (tmp_path / "val").glob("*.png"))
+    assert crops == ["v-00", "v-01", "v-02", "v-x4-00", "v-x4-01", "v-x4-02"]
+    # an enlarged crop is smoother than a crop at the photo's own scale
+    roughness = {
+        tag: np.mean([np.abs(np.diff(np.asarray(Image.open(p), float), axis=1)).mean() for p in group])
+        for tag, group in (("1", (tmp_path / "val").glob("v-0*.png")), ("4", (tmp_path / "val").glob("v-x4-*.png")))
+    }
+    assert roughness["4"] < roughness["1"] / 2
