@@ -7,6 +7,9 @@ either report's own interval (which is mostly the spread between mask combos).
     vitca eval -w A ... --json > a.json
     vitca eval -w B ... --json > b.json      # the same settings
     python bench/compare_eval.py a.json b.json
+
+Reports of ``bench/photo_quality.py --json`` made alike (same photos, size, kinds and seed: the same damage) are
+compared photo by photo, per damage kind and over all of them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ def main() -> None:
     if len(sys.argv) != 3 or sys.argv[1].startswith("-"):
         sys.exit(__doc__)
     a, b = (json.loads(Path(p).read_text()) for p in sys.argv[1:])
+    if "kinds" in a and "kinds" in b:
+        return compare_photos(a, b)
     differing = [k for k in SAME if a.get(k) != b.get(k)]
     if differing:
         sys.exit(f"the reports were not made alike (they differ in: {', '.join(differing)}): no paired comparison")
@@ -38,8 +43,38 @@ def main() -> None:
         f"batch PSNR: A {sum(xa) / len(xa):.3f} dB, B {sum(xb) / len(xb):.3f} dB; "
         f"B − A = {diff:+.3f} ± {half:.3f} dB (95%, paired over {len(xa)} batches; B ahead in {better})"
     )
-    verdict = "B is better" if diff - half > 0 else "A is better" if diff + half < 0 else "no difference shown"
-    print(verdict + " beyond the noise" if "better" in verdict else verdict)
+    print(verdict(diff, half))
+
+
+def verdict(diff: float, half: float) -> str:
+    return (
+        "B is better beyond the noise"
+        if diff - half > 0
+        else "A is better beyond the noise"
+        if diff + half < 0
+        else "no difference shown"
+    )
+
+
+def compare_photos(a: dict, b: dict) -> None:
+    """Paired per-photo PSNR differences of vitca in two ``bench/photo_quality.py`` reports."""
+    differing = [k for k in ("photos", "size", "iters") if a.get(k) != b.get(k)] + (
+        ["kinds"] if list(a["kinds"]) != list(b["kinds"]) else []
+    )
+    if differing:
+        sys.exit(f"the reports were not made alike (they differ in: {', '.join(differing)}): no paired comparison")
+    pooled = []
+    for kind in a["kinds"]:
+        xa, xb = (r["kinds"][kind]["vitca"].get("psnr_per_photo") for r in (a, b))
+        if not xa or not xb:
+            sys.exit("a report lacks the per-photo PSNRs (made by an older bench/photo_quality.py?)")
+        d = [q - p for p, q in zip(xa, xb)]
+        pooled += d
+        diff, half = mean_interval(d)
+        print(f"{kind:<16} A {sum(xa) / len(xa):6.2f}  B {sum(xb) / len(xb):6.2f}  B − A = {diff:+.3f} ± {half:.3f} dB")
+    diff, half = mean_interval(pooled)
+    print(f"all kinds: B − A = {diff:+.3f} ± {half:.3f} dB (95%, paired over {len(pooled)} photo × damage pairs)")
+    print(verdict(diff, half))
 
 
 if __name__ == "__main__":

@@ -163,7 +163,13 @@ def print_table(rows: dict, n_photos: int, args: argparse.Namespace, backend, it
         inp_txt = "∞" if kind == "clean" else f"{inp[0]:.2f}/{inp[1]:.3f}"
         print(f"{kind:<16}{inp_txt:>13}{ca[0]:>7.2f}/{ca[1]:.3f}{best_txt:>26}{diff:>14}{ca[2]:>9.2f}")
         table[kind] = {
-            m: {"psnr": round(v[0], 3), "ssim": round(v[1], 4), "seconds": round(v[2], 3)} for m, v in mean.items()
+            m: {
+                "psnr": round(v[0], 3),
+                "ssim": round(v[1], 4),
+                "seconds": round(v[2], 3),
+                "psnr_per_photo": [round(x[0], 3) for x in methods[m]],
+            }
+            for m, v in mean.items()
         }
     print("\nall baselines (PSNR / seconds):")
     for kind, methods in table.items():
