@@ -330,3 +330,31 @@ def test_paper_protocol_full_batches_one_random_combo_each_and_batch_psnr_headli
     assert abs(sum(runs[0]["vitca_batch_psnr"]) / 2 - runs[0]["methods"]["vitca"]["psnr_batch"]["mean"]) < 1e-3
     cycled = evaluate(model, batches(data, 32), iters=2)
     assert cycled["protocol"] == "cycled" and cycled["images"] == 70
+
+
+def test_two_photo_quality_reports_are_compared_photo_by_photo(tmp_path):
+    """``bench/compare_eval.py`` on two ``bench/photo_quality.py`` reports: paired per-photo differences, a verdict
+    only beyond the interval, and a refusal for reports not made alike."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "compare_eval.py"
+
+    def report(path, per_kind, photos=("a.png", "b.png", "c.png")):
+        kinds = {k: {"vitca": {"psnr": sum(v) / len(v), "psnr_per_photo": v}} for k, v in per_kind.items()}
+        path.write_text(json.dumps({"iters": 32, "size": 512, "photos": list(photos), "kinds": kinds}))
+        return str(path)
+
+    a = report(tmp_path / "a.json", {"clean": [50.0, 52.0, 54.0], "gaussian 0.05": [30.0, 33.0, 36.0]})
+    b = report(tmp_path / "b.json", {"clean": [51.0, 53.1, 54.9], "gaussian 0.05": [31.0, 34.1, 36.9]})
+    c = report(tmp_path / "c.json", {"clean": [49.0, 53.0, 54.0], "gaussian 0.05": [31.0, 32.0, 36.0]})
+    run = lambda x, y: subprocess.run([sys.executable, str(script), x, y], capture_output=True, text=True)  # noqa: E731
+    better = run(a, b)
+    assert better.returncode == 0 and "B is better beyond the noise" in better.stdout
+    assert "B − A = +1.000" in better.stdout.splitlines()[0]
+    assert "no difference shown" in run(a, c).stdout  # +1 and -1 on different photos: no verdict
+    other = report(tmp_path / "d.json", {"clean": [1.0], "gaussian 0.05": [2.0]}, photos=("z.png",))
+    refused = run(a, other)
+    assert refused.returncode != 0 and "photos" in refused.stderr
