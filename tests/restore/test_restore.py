@@ -155,13 +155,13 @@ def test_a_step_never_holds_more_than_max_cells_whatever_the_image():
     """Each backend call sees at most ``max_cells`` cells: a step's memory does not grow with the image."""
     backend = small_backend(pos_encoding="none")
     shapes = []
-    step = backend.step
-    backend.step = lambda z, m: (shapes.append(tuple(z.shape)), step(z, m))[1]
+    step_rows = backend.step_rows
+    backend.step_rows = lambda z, only: (shapes.append(tuple(z.shape)), step_rows(z, only))[1]
     img = rand_image(150, 170)
     out = restore(backend, img, iters=2, max_cells=3 * 64 * 64).image
-    assert max(s[0] * s[2] * s[3] for s in shapes) <= 3 * 64 * 64
-    assert len({s[2:] for s in shapes}) == 1  # one window shape: backends see few shapes
-    backend.step = step
+    assert max(s[0] * s[1] * s[2] for s in shapes) <= 3 * 64 * 64
+    assert len({s[1:3] for s in shapes}) == 1  # one window shape: backends see few shapes
+    backend.step_rows = step_rows
     # ... and windowed steps equal whole-grid steps with the same masks.
     masks = UpdateMasks(0, 2, 0.5).window(0, 0, 150, 170).float()
     z = backend.model.seed(torch.from_numpy(img).permute(2, 0, 1)[None])
@@ -175,12 +175,31 @@ def test_a_window_updates_its_core_cells_only():
     cell of the image is updated by exactly one window, with the whole grid's mask."""
     backend = small_backend(pos_encoding="none")
     selected = []
-    step = backend.step
-    backend.step = lambda z, m: (selected.append(m.sum().item()), step(z, m))[1]
+    step_rows = backend.step_rows
+    backend.step_rows = lambda z, only: (selected.append(len(only)), step_rows(z, only))[1]
     restore(backend, rand_image(150, 170), iters=3, max_cells=64 * 64)
-    backend.step = step
+    backend.step_rows = step_rows
     full = UpdateMasks(0, 3, 0.5).window(0, 0, 150, 170)
     assert sum(selected) == full.sum().item()  # halo cells would add to the windows' count
+
+
+def test_a_backend_with_whole_window_steps_only_restores_the_same_image():
+    """A backend without ``step_rows`` (ONNX Runtime's) steps whole windows with a mask of the updating cells; the
+    restored image is the one that the rows-only step gives."""
+    backend = small_backend(pos_encoding="none")
+
+    class WindowSteps:  # the torch backend seen through its whole-window step only
+        cfg, tensor_device = backend.cfg, backend.tensor_device
+
+        def step(self, z, m):
+            assert z.shape[1] == backend.cfg.cell_channels and m.shape[1] == 1
+            return backend.step(z, m)
+
+    img = rand_image(150, 170)
+    rows = restore(backend, img, iters=3, max_cells=2 * 64 * 64, settle=0.01)
+    whole = restore(WindowSteps(), img, iters=3, max_cells=2 * 64 * 64, settle=0.01)
+    np.testing.assert_allclose(whole.image, rows.image, atol=1e-5)
+    assert (whole.computed, whole.skipped) == (rows.computed, rows.skipped)
 
 
 def test_tile_options_checked_against_the_model():

@@ -252,7 +252,18 @@ def output_image(cfg: CAConfig, z: torch.Tensor) -> torch.Tensor:
 
 
 SPARSE_BELOW = 0.9  # step_cells computes updates for the selected cells only when fewer than this share are
-ROW_BUCKET = 128  # ... and for a multiple of this many cells (padded with cells that do not update; see step_cells)
+ROW_BUCKET = 128  # ... and for a multiple of this many cells (padded with cells that do not update; see bucketed)
+
+
+def bucketed(only: torch.Tensor, cells: int) -> torch.Tensor:
+    """The flat cell indices ``only`` padded (with the grid's first cells, at most ``cells`` rows in all) to a
+    multiple of ``ROW_BUCKET``: a handful of row counts instead of a new one every step. bfloat16 products go
+    through oneDNN, which builds a kernel for each new shape, so a fresh row count every step would cost a kernel
+    build every step (``bench/train.py --compare-precision``). The padding rows' updates are to be dropped."""
+    rows = min(cells, -(-len(only) // ROW_BUCKET) * ROW_BUCKET)
+    if rows <= len(only):
+        return only
+    return torch.cat([only, torch.arange(rows - len(only), device=only.device, dtype=only.dtype)])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -319,18 +330,22 @@ class CellularAutomaton(nn.Module):
             return self.apply_update(cells, update_mask, update(cells, head_mask, keep_attention))
         if len(only) == 0:
             return cells.clone()
-        # Round the row count up to a multiple of ROW_BUCKET with rows whose update is multiplied by 0: a handful
-        # of shapes instead of a new one every step. bfloat16 products (training with --precision bf16) go through
-        # oneDNN, which builds a kernel for each new shape, so a fresh row count every step would cost a kernel
-        # build every step (bench/train.py --compare-precision).
-        rows = min(flat_mask.numel(), -(-len(only) // ROW_BUCKET) * ROW_BUCKET)
         scale = flat_mask[only, None]
-        if rows > len(only):  # padded with the first cells of the grid, their update multiplied by 0
-            pad = rows - len(only)
-            only = torch.cat([only, torch.arange(pad, device=only.device)])
-            scale = F.pad(scale, (0, 0, 0, pad))
-        delta = update(cells, head_mask, only=only)
-        return self.apply_update_at(cells, only, delta * scale)
+        padded = bucketed(only, flat_mask.numel())
+        scale = F.pad(scale, (0, 0, 0, len(padded) - len(only)))  # padding rows: their update multiplied by 0
+        delta = update(cells, head_mask, only=padded)
+        return self.apply_update_at(cells, padded, delta * scale)
+
+    def update_rows(self, cells: torch.Tensor, only: torch.Tensor, update: Callable | None = None) -> torch.Tensor:
+        """The cells at flat indices ``only`` of a grid ``(B, H, W, C)`` after one step that updates each of them:
+        ``(len(only), C)``, float32. The rest of the grid is read as neighbours only (the windowed restore writes
+        these rows back itself). ``update`` as in :meth:`step`."""
+        update = update or self.rule.update_cells
+        flat = cells.reshape(-1, cells.shape[-1])
+        if len(only) == 0:
+            return flat[:0].float()
+        delta = update(cells, None, only=bucketed(only, len(flat)))[: len(only)]
+        return flat.index_select(0, only).float() + F.pad(delta.float(), (self.cfg.static_channels, 0))
 
     def apply_update(self, cells: torch.Tensor, update_mask: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """Cells ``(B, H, W, C)`` plus the rule's update ``delta`` ``(B, H, W, Co·P² + Ch)`` where the mask is set."""

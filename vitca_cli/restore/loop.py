@@ -1,7 +1,8 @@
 """Restoring images with a trained CA: backends, masks, padding, and the restore loop over tiles.
 
 The loop is backend-agnostic: a *backend* has ``.cfg`` (CAConfig), ``.name``, ``.device`` (a description for the
-log), ``.tensor_device`` (where its tensors live; CPU for ONNX Runtime) and ``.step(z, update_mask) -> z``.
+log), ``.tensor_device`` (where its tensors live; CPU for ONNX Runtime) and ``.step(z, update_mask) -> z``; it
+may also have ``.step_rows(cells, only) -> rows``, the new values of the updating cells only (the torch backend).
 Everything random is drawn here, on the CPU, from seeded ``torch.Generator``s, so every backend and device replays
 the same run for the same seed.
 
@@ -125,6 +126,15 @@ class TorchBackend:
             out = self.model.step(z, update_mask, update=update)
         out = out[:1] if single else out
         return out.float() if self.use_bf16 else out
+
+    def step_rows(self, cells: torch.Tensor, only: torch.Tensor) -> torch.Tensor:
+        """One step of the cells at flat indices ``only`` of the grids ``cells`` ``(B, H, W, C)`` (channels last),
+        each of them updated: their new values ``(len(only), C)``, float32 (``CellularAutomaton.update_rows``)."""
+        update = self._guarded_update if self.use_compiled else None
+        if self.use_compiled and cells.shape[0] == 1:  # torch.compile specialises a batch of 1: recompiles
+            cells = torch.cat([cells, cells])
+        with torch.inference_mode(), torch.autocast(self.tensor_device.type, torch.bfloat16, enabled=self.use_bf16):
+            return self.model.update_rows(cells, only, update=update)
 
     def _guarded_update(self, *args, **kwargs):
         """The rule's update, compiled on first use; if compiling fails (no C++ compiler, say), the exact step

@@ -96,27 +96,32 @@ def rollout_windows(
 ) -> Rollout:
     """Run ``masks.shape[0]`` steps of ``backend`` on ``cells`` ``(N, C, H, W)`` (N independent grids) with update
     masks ``masks`` ``(T, N, H, W)`` (bool), window by window, settling cells when ``settle`` > 0. Outputs after the
-    steps in ``record`` (1-based) are returned as frames. ``on_step(t)`` is called after each step."""
+    steps in ``record`` (1-based) are returned as frames. ``on_step(t)`` is called after each step.
+
+    Each call computes the new values of its windows' updating core cells only; they are written into the grid
+    when the step's last window has read its neighbours, so a step needs no second copy of the grid."""
     cfg: CAConfig = backend.cfg
     device = getattr(backend, "tensor_device", torch.device("cpu"))
     steps = masks.shape[0]
-    n, _, h, w = cells.shape
-    state = cells.permute(0, 2, 3, 1).contiguous()  # n h w c: windows are slices of it
+    n, c, h, w = cells.shape
+    state = cells.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format)  # n h w c, written in place
+    flat = state.view(-1, c)
     wys, wxs = window_plan(cfg, (h, w), window or WINDOW)
     wins = [(b, wy, wx) for b in range(n) for wy in wys for wx in wxs]
     area = wys[0].size * wxs[0].size
     per_call = max(1, max_cells // area)
     fixed = getattr(backend, "fixed_shapes", False)  # e.g. ONNX Runtime sessions specialised to each shape
     out_ch = cfg.output_slice
-    settled = torch.zeros(n, h, w, dtype=torch.bool) if settle > 0 else None
-    quiet = torch.zeros(n, h, w, dtype=torch.uint8) if settle > 0 else None
+    settled = torch.zeros(n * h * w, dtype=torch.bool) if settle > 0 else None
+    quiet = torch.zeros(n * h * w, dtype=torch.uint8) if settle > 0 else None
     result = Rollout(cells, dense=n * h * w * steps)
     todo = list(range(len(wins)))
+    cores: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
     for t in range(steps):
         if not todo:
             break
-        mask = masks[t] if settled is None else masks[t] & ~settled
-        nxt = torch.empty_like(state) if len(todo) == len(wins) else state.clone()
+        mask = masks[t].reshape(-1) if settled is None else masks[t].reshape(-1) & ~settled
+        updates = []
         for chunk in _chunks(todo, per_call):
             batch = chunk + chunk[:1] * ((1 << (len(chunk) - 1).bit_length()) - len(chunk)) if fixed else chunk
             z = torch.stack(
@@ -125,34 +130,57 @@ def rollout_windows(
                     for b, wy, wx in (wins[i] for i in batch)
                 ]
             )
-            # Only core cells update: a halo cell's update would not be written back (padding windows: none).
-            m = torch.zeros((len(batch), wys[0].size, wxs[0].size), dtype=torch.bool)
-            for j, (b, wy, wx) in enumerate(wins[i] for i in chunk):
-                core = (b, slice(wy.lo, wy.hi), slice(wx.lo, wx.hi))
-                m[j, wy.lo - wy.origin : wy.hi - wy.origin, wx.lo - wx.origin : wx.hi - wx.origin] = mask[core]
-            z = z.to(device).permute(0, 3, 1, 2)
-            out = backend.step(z, m[:, None].to(device=device, dtype=z.dtype)).permute(0, 2, 3, 1).cpu()
-            for j, i in enumerate(chunk):
-                b, wy, wx = wins[i]
-                nxt[b, wy.lo : wy.hi, wx.lo : wx.hi] = out[
-                    j, wy.lo - wy.origin : wy.hi - wy.origin, wx.lo - wx.origin : wx.hi - wx.origin
-                ]
+            key = tuple(chunk)
+            if key not in cores:
+                cores[key] = core_indices([wins[i] for i in chunk], (h, w))
+            local, grid = cores[key]
+            chosen = mask[grid]
+            only, dest = local[chosen], grid[chosen]
+            rows = _step_rows(backend, z.to(device), only.to(device)).cpu()
+            if settled is not None:
+                change = (rows[:, out_ch] - flat[dest][:, out_ch]).abs().amax(-1)
+                quiet[dest] = torch.where(change < settle, quiet[dest] + 1, 0).to(torch.uint8)
+            updates.append((dest, rows))
             result.computed += len(batch) * area
         result.skipped += (len(wins) - len(todo)) * area
+        for dest, rows in updates:
+            flat.index_copy_(0, dest, rows)
         if settled is not None:
-            change = (nxt[..., out_ch] - state[..., out_ch]).abs().amax(-1)
-            quiet = torch.where(mask, torch.where(change < settle, quiet + 1, 0).to(torch.uint8), quiet)
             settled |= quiet >= PATIENCE
-            todo = [i for i in todo if not _core_settled(settled, wins[i])]
-        state = nxt
+            grid_settled = settled.view(n, h, w)
+            todo = [i for i in todo if not _core_settled(grid_settled, wins[i])]
         result.steps_run = t + 1
         if t + 1 in record:
-            result.frames.append(output_image(cfg, state.permute(0, 3, 1, 2)).float().cpu())
+            result.frames.append(output_image(cfg, state.permute(0, 3, 1, 2)).to("cpu", torch.float32, copy=True))
         if on_step is not None:
             on_step(t + 1)
     result.skipped += len(wins) * area * (steps - result.steps_run)
     result.cells = state.permute(0, 3, 1, 2)
     return result
+
+
+def core_indices(wins: list, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For windows ``(b, AxisWindow, AxisWindow)`` stacked in this order: the flat index of each core cell in the
+    stack ``(len(wins), wy.size, wx.size)`` and in the grids ``(N, H, W)``, in the same order."""
+    h, w = grid
+    local, flat = [], []
+    for j, (b, wy, wx) in enumerate(wins):
+        ys = torch.arange(wy.lo, wy.hi)[:, None]
+        xs = torch.arange(wx.lo, wx.hi)[None, :]
+        local.append(((j * wy.size + ys - wy.origin) * wx.size + xs - wx.origin).reshape(-1))
+        flat.append(((b * h + ys) * w + xs).reshape(-1))
+    return torch.cat(local), torch.cat(flat)
+
+
+def _step_rows(backend, z: torch.Tensor, only: torch.Tensor) -> torch.Tensor:
+    """The new values of the cells ``only`` (flat indices) of the windows ``z`` ``(B, H, W, C)``, each updated: the
+    backend's own ``step_rows`` where it has one, else its whole-window ``step`` with a mask of those cells."""
+    if hasattr(backend, "step_rows"):
+        return backend.step_rows(z, only)
+    m = torch.zeros(z.shape[:3].numel(), dtype=z.dtype, device=z.device)
+    m[only] = 1
+    out = backend.step(z.permute(0, 3, 1, 2), m.view(z.shape[0], 1, *z.shape[1:3]))
+    return out.permute(0, 2, 3, 1).reshape(-1, z.shape[-1]).index_select(0, only).float()
 
 
 def _core_settled(settled: torch.Tensor, win) -> bool:
