@@ -223,27 +223,34 @@ def seed_cells(
     kp = None
     if known is not None:
         kp = patchify(known.to(x.dtype).expand(b, 1, -1, -1), cfg.patch_size)  # b p² h w
+    out: torch.Tensor | float = 0.5
+    hidden: torch.Tensor | float = 0.0
     if cfg.cell_init == "random":
         out = torch.rand(shape_out, generator=generator, device=x.device).to(x.dtype)
         hidden = (torch.rand(shape_hidden, generator=generator, device=x.device) * 2 - 1).to(x.dtype)
-    else:
-        hidden = torch.zeros(shape_hidden, dtype=x.dtype, device=x.device)
-        if cfg.cell_init == "input":
-            kx = None if kp is None else kp.repeat_interleave(cfg.channels, dim=1)  # b (p1 p2 c) h w
-            out = x.clone() if kx is None else x * kx + 0.5 * (1 - kx)
-        else:
-            out = torch.full(shape_out, 0.5, dtype=x.dtype, device=x.device)
-    parts = [x, out, hidden]
-    if cfg.mask_channel:
-        parts.insert(
-            1, kp if kp is not None else torch.ones(b, cfg.known_channels, h, w, dtype=x.dtype, device=x.device)
-        )
+    elif cfg.cell_init == "input":
+        kx = None if kp is None else kp.repeat_interleave(cfg.channels, dim=1)  # b (p1 p2 c) h w
+        out = x if kx is None else x * kx + 0.5 * (1 - kx)
+    layout: list[tuple[int, torch.Tensor | float]] = []  # (channels, values or a constant), in cell order
     if cfg.pos_encoding == "nerf":
         pe = nerf_position_channels(h, w, cfg.nerf_freqs, device=x.device).to(x.dtype)
-        parts.insert(0, pe.expand(b, -1, -1, -1))
+        layout.append((pe.shape[0], pe.expand(b, -1, -1, -1)))
+    layout.append((x.shape[1], x))
+    if cfg.mask_channel:
+        layout.append((cfg.known_channels, 1.0 if kp is None else kp))
+    layout += [(cfg.pixel_channels, out), (cfg.hidden, hidden)]
     # Channels-last memory: each cell's channels are contiguous, so the per-cell linear layers read the grid
-    # without a transposing copy, and the step's output keeps the layout.
-    return torch.cat(parts, dim=1).contiguous(memory_format=torch.channels_last)
+    # without a transposing copy, and the step's output keeps the layout. Written part by part into one grid.
+    cells = torch.empty(b, h, w, sum(c for c, _ in layout), dtype=x.dtype, device=x.device)
+    start = 0
+    for count, part in layout:
+        target = cells[..., start : start + count]
+        if isinstance(part, float):
+            target.fill_(part)
+        else:
+            target.copy_(part.permute(0, 2, 3, 1))
+        start += count
+    return cells.permute(0, 3, 1, 2)
 
 
 def output_image(cfg: CAConfig, z: torch.Tensor) -> torch.Tensor:

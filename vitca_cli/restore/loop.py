@@ -57,13 +57,10 @@ class TorchBackend:
     def __init__(
         self, model, name: str = "model", meta: dict | None = None, precision: str = "fp32", compile: str = "off"
     ):
-        from vitca_cli.runtime import tune_allocator
-
         if precision not in PRECISIONS:
             raise SettingError("precision", f"{precision!r}: expected one of {', '.join(PRECISIONS)}")
         if compile not in COMPILE:
             raise SettingError("compile", f"{compile!r}: expected one of {', '.join(COMPILE)}")
-        tune_allocator()  # the rollout reallocates the same large activations every step
         self.model = model.eval()
         self.cfg: CAConfig = model.cfg
         self.name = name

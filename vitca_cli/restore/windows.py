@@ -96,7 +96,8 @@ def rollout_windows(
 ) -> Rollout:
     """Run ``masks.shape[0]`` steps of ``backend`` on ``cells`` ``(N, C, H, W)`` (N independent grids) with update
     masks ``masks`` ``(T, N, H, W)`` (bool), window by window, settling cells when ``settle`` > 0. Outputs after the
-    steps in ``record`` (1-based) are returned as frames. ``on_step(t)`` is called after each step.
+    steps in ``record`` (1-based) are returned as frames. ``on_step(t)`` is called after each step. A channels-last
+    ``cells`` (as ``seed_cells`` makes them) is used up: the rollout runs in its memory.
 
     Each call computes the new values of its windows' updating core cells only; they are written into the grid
     when the step's last window has read its neighbours, so a step needs no second copy of the grid."""
@@ -104,7 +105,7 @@ def rollout_windows(
     device = getattr(backend, "tensor_device", torch.device("cpu"))
     steps = masks.shape[0]
     n, c, h, w = cells.shape
-    state = cells.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format)  # n h w c, written in place
+    state = cells.permute(0, 2, 3, 1).contiguous()  # n h w c, updated in place (a channels-last grid's own memory)
     flat = state.view(-1, c)
     wys, wxs = window_plan(cfg, (h, w), window or WINDOW)
     wins = [(b, wy, wx) for b in range(n) for wy in wys for wx in wxs]
