@@ -101,12 +101,15 @@ def cpu_has_native_bf16() -> bool | None:
 _tuned = False
 
 
-def tune_allocator() -> None:
-    """Keep large CPU buffers in the heap instead of fresh mmaps (glibc only).
+def tune_allocator(heap_below: int = 1 << 30) -> None:
+    """Keep CPU buffers smaller than ``heap_below`` bytes in the heap instead of fresh mmaps (glibc only).
 
-    A CA rollout allocates the same tens-of-MB activations every step; glibc serves blocks above 32 MB with mmap
-    and returns them on free, so each step pays page faults for memory it just released. Raising the mmap and trim
-    thresholds lets the heap reuse them.
+    A CA rollout allocates the same activations every step; glibc serves large blocks with mmap (and, once one is
+    freed, shrinks the heap whenever its free top outgrows twice the largest such block), so each step pays page
+    faults for memory it just released. Raising the mmap threshold to ``heap_below`` and the trim threshold to
+    twice that lets the heap reuse them; buffers above it (a large image's cell grid) are still returned to the
+    system when freed. Training and evaluation step whole batches (the default: up to 1 GB); the windowed
+    restore's activations are a few MB, its grids hundreds (``vitca_cli.restore``: 64 MB).
     """
     global _tuned
     if _tuned or not sys.platform.startswith("linux"):
@@ -115,7 +118,7 @@ def tune_allocator() -> None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, 1 << 30)
-        libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+        libc.mallopt(m_mmap_threshold, heap_below)
+        libc.mallopt(m_trim_threshold, min(2 * heap_below, (1 << 31) - 1))
     except (OSError, AttributeError):  # not glibc: nothing to tune
         log.log.debug("allocator tuning unavailable")

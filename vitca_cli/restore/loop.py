@@ -37,6 +37,7 @@ FAST_WORK = 8_000_000  # cell-steps from which the auto settings take the fast s
 # (bench/denoise.py --call-cells compares).
 MAX_CELLS = {"cpu": 1 << 13, "cuda": 1 << 20}
 MAX_FRAME_BYTES = 512 << 20  # animation frames held in memory
+HEAP_BELOW = 64 << 20  # buffers the allocator keeps for reuse: a call's activations, not a tile's cell grid
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -61,6 +62,9 @@ class TorchBackend:
             raise SettingError("precision", f"{precision!r}: expected one of {', '.join(PRECISIONS)}")
         if compile not in COMPILE:
             raise SettingError("compile", f"{compile!r}: expected one of {', '.join(COMPILE)}")
+        from vitca_cli.runtime import tune_allocator
+
+        tune_allocator(HEAP_BELOW)
         self.model = model.eval()
         self.cfg: CAConfig = model.cfg
         self.name = name
