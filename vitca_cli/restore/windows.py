@@ -1,7 +1,8 @@
 """One tile's rollout, step by step, window by window, skipping cells that have settled.
 
-A step of a large grid is computed on *windows*: squares of ``WINDOW`` cells whose *core* is written back and
-whose ``halo`` (how far one step reads: depth · NH//2 cells for ViTCA) is only read. A window's core cells see
+A step of a large grid is computed on *windows*: squares of ``WINDOW`` cells whose *core* cells are updated and
+whose ``halo`` (how far one step reads: depth · NH//2 cells for ViTCA) is only read. The new values of a step's
+updating cells are written into the grid once every window of the step has been read. A window's core cells see
 exactly the neighbours they see in the whole grid, so a windowed step equals the whole-grid step (up to float
 rounding), while the memory a step needs is bounded by ``max_cells`` whatever the grid's size. All windows have
 the same shape (the first and last of a row take the extra halo as core), so a backend sees a few fixed shapes.
