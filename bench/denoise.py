@@ -11,7 +11,9 @@ dense run, PSNR against the clean image and its difference from the dense run. M
 - ``compiled``: the step compiled into fused kernels (``--compile on``), fp32;
 - ``fast``: compiled with bf16 products where the CPU has them: what ``vitca denoise`` runs on a large image;
 - ``onnx`` / ``onnx int8``: ONNX Runtime with the fp32 and the int8-quantised step graph;
-- ``all``: ``fast`` and settling.
+- ``all``: ``fast`` and settling;
+- ``fused``: ``fast`` with fusion and mitosis (``--fusion``: the middle steps on the half-resolution grid), with
+  ``--fused-weights`` (default: the same weights; a model trained with fusion is what it is for).
 Compiled modes first compile on one batch of windows (timed apart, ``compile s``: once per process).
 It also times the model's own step on one batch of windows and prints ``dense cs/s ÷ step cs/s``: the share of the
 step's throughput that the whole restore keeps (tiling, windows, masks, blending included).
@@ -42,7 +44,7 @@ from vitca_cli.restore.loop import MAX_CELLS, TorchBackend, restore  # noqa: E40
 from vitca_cli.restore.windows import WINDOW, window_plan  # noqa: E402
 from vitca_cli.runtime import cpu_has_native_bf16  # noqa: E402
 
-MODES = ("dense", "former tiles", "settle", "bf16", "compiled", "fast", "onnx", "onnx int8", "all")
+MODES = ("dense", "former tiles", "settle", "bf16", "compiled", "fast", "onnx", "onnx int8", "all", "fused")
 FORMER_CALL_CELLS = 1 << 16  # cells per backend call then
 FORMER_TILE = 264  # cells: the former automatic tile side at 64 iterations (256, grown to fit 2 × 64-cell margins)
 
@@ -59,7 +61,7 @@ def photo(megapixels: float) -> np.ndarray:
     return np.asarray(img, dtype=np.float32) / 255
 
 
-def backends(name: str, modes: list[str], force_bf16: bool) -> dict:
+def backends(name: str, modes: list[str], force_bf16: bool, fused_weights: str | None = None) -> dict:
     """The backend each mode runs (None where this machine cannot run it)."""
     from vitca_cli.onnx.backend import OnnxBackend
 
@@ -74,6 +76,8 @@ def backends(name: str, modes: list[str], force_bf16: bool) -> dict:
     out["bf16"] = TorchBackend.from_file(ref.path, precision="bf16") if bf16 else None
     out["compiled"] = TorchBackend.from_file(ref.path, compile="on")
     out["fast"] = TorchBackend.from_file(ref.path, precision="bf16" if bf16 else "fp32", compile="on")
+    fused = weights.resolve(fused_weights).path if fused_weights else ref.path
+    out["fused"] = TorchBackend.from_file(fused, precision="bf16" if bf16 else "fp32", compile="on")
     if any(m.startswith("onnx") or m == "all" for m in modes):
         out["onnx"] = OnnxBackend.from_file(onnx if onnx.is_file() else ref.path, "cpu", torch.get_num_threads())
         out["onnx int8"] = OnnxBackend.from_file(
@@ -111,7 +115,7 @@ def compile_time(backend, image: np.ndarray, settle: float = 0.0) -> float:
 
 
 def run_case(label: str, clean: np.ndarray, noisy: np.ndarray, name: str, args) -> None:
-    bks = backends(name, args.modes, args.force_bf16)
+    bks = backends(name, args.modes, args.force_bf16, args.fused_weights if name == "photo" else None)
     rows, dense = [], None
     for mode in sorted(args.modes, key=lambda m: m != "dense"):  # dense first: the others are compared with it
         backend = bks.get("fast" if mode == "all" else mode)
@@ -125,13 +129,16 @@ def run_case(label: str, clean: np.ndarray, noisy: np.ndarray, name: str, args) 
         if backend is None:
             rows.append(f"{label:>14} {mode:>13}  (not run: no bfloat16 instructions on this CPU; --force-bf16)")
             continue
+        if mode == "fused" and backend.cfg.size_dependent:
+            print(f"{label:>14} {mode:>13}  (not run: a position encoding tied to the grid size cannot fuse)")
+            continue
         if mode == "former tiles" and backend.cfg.size_dependent:
             print(f"{label:>14} {mode:>13}  (the same plan as dense: a fixed-size model runs on its training size)")
             continue
         tile = FORMER_TILE if mode == "former tiles" else None
         cells = FORMER_CALL_CELLS if mode == "former tiles" else args.call_cells
         t = time.perf_counter()
-        out = restore(backend, noisy, args.iters, tile=tile, settle=settle, max_cells=cells)
+        out = restore(backend, noisy, args.iters, tile=tile, settle=settle, max_cells=cells, fusion=mode == "fused")
         wall = time.perf_counter() - t
         quality = psnr(out.image, clean)
         if mode == "dense":
@@ -161,6 +168,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--call-cells", type=int, default=None, help="cells per backend call (default: the CLI's)")
     ap.add_argument("--force-bf16", action="store_true", help="run bf16 even where the CPU emulates it")
+    ap.add_argument("--fused-weights", default=None, help="weights NAME or PATH for the fused mode on photos")
     args = ap.parse_args()
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = set(args.modes) - set(MODES)

@@ -114,11 +114,23 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--settle", type=float, default=0.0, help="vitca's --settle (0: every step on every cell)")
     ap.add_argument("--precision", default="auto", help="vitca's --precision: fp32, bf16 or auto")
     ap.add_argument("--compile", default="auto", help="vitca's --compile: off, on or auto")
+    ap.add_argument(
+        "--fusion", choices=("on", "off", "auto"), default="auto", help="vitca's --fusion (auto: as trained)"
+    )
     return ap.parse_args()
 
 
 def damage_and_restore(
-    backend, clean, spec, inpainting: bool, gen, mask_type: str, iters: int, seed: int, settle: float = 0.0
+    backend,
+    clean,
+    spec,
+    inpainting: bool,
+    gen,
+    mask_type: str,
+    iters: int,
+    seed: int,
+    settle: float = 0.0,
+    fusion: bool = False,
 ) -> dict:
     """One photo damaged by ``spec`` (or with the pixels it marks missing), restored by the CA and the classic
     methods: method → (image, seconds); ``input`` is the damaged photo itself."""
@@ -133,7 +145,8 @@ def damage_and_restore(
         ca_input = damaged
     results = {"input": (damaged, 0.0)}
     start = time.perf_counter()
-    out = restore(backend, ca_input.astype(np.float32), iters, seed=seed, known=known, settle=settle).image
+    out = restore(backend, ca_input.astype(np.float32), iters, seed=seed, known=known, settle=settle, fusion=fusion)
+    out = out.image
     results["vitca"] = (out, time.perf_counter() - start)
     keep = torch.from_numpy((known if known is not None else np.ones((h, w), bool)).astype(np.float32))
     for name in INPAINTERS if inpainting else DENOISERS:
@@ -148,7 +161,8 @@ def print_table(rows: dict, n_photos: int, args: argparse.Namespace, backend, it
     table = {}
     print(
         f"\n{n_photos} held-out photos, short side {args.size} px; vitca {backend.name} ({backend.device}), "
-        f"{iters} steps, seed {args.seed}, settle {args.settle}. PSNR dB / SSIM, means over photos; seconds per photo."
+        f"{iters} steps, seed {args.seed}, settle {args.settle}, fusion {args.fusion}. "
+        "PSNR dB / SSIM, means over photos; seconds per photo."
     )
     header = f"{'damage':<16}{'input':>13}{'vitca':>13}{'best classic':>26}{'vitca − best':>14}{'vitca s':>9}"
     print(header)
@@ -188,7 +202,9 @@ def main() -> None:
     backend = make_backend(
         args.weights, args.backend, "cpu", channels=3, precision=args.precision, compile=args.compile
     )
-    iters = args.iters or int((getattr(backend, "meta", None) or {}).get("default_iters", 64))
+    meta = getattr(backend, "meta", None) or {}
+    iters = args.iters or int(meta.get("default_iters", 64))
+    fusion = bool(meta.get("default_fusion")) if args.fusion == "auto" else args.fusion == "on"
     mask_type = backend_mask_type(backend)
     kinds = list(KINDS) if not args.kinds else [k.strip() for k in args.kinds.split(",")]
     photos = held_out_photos(args.photos)[: args.limit]
@@ -200,7 +216,7 @@ def main() -> None:
             spec, inpainting = KINDS[kind]
             gen = torch.Generator().manual_seed(args.seed * 1000 + n * 31 + kinds.index(kind))
             results = damage_and_restore(
-                backend, clean, spec, inpainting, gen, mask_type, iters, args.seed, args.settle
+                backend, clean, spec, inpainting, gen, mask_type, iters, args.seed, args.settle, fusion
             )
             for name, (image, seconds) in results.items():
                 p, s = score(image, clean)

@@ -85,6 +85,7 @@ def ship(
     mask_type: str | None = None,
     notes: str | None = None,
     default_iters: int | None = None,
+    default_fusion: bool = False,
 ) -> dict:
     """Write ``weights_dir/NAME.pt`` from ``checkpoint`` and its manifest entry; returns the entry."""
     checkpoint = Path(checkpoint)
@@ -122,6 +123,8 @@ def ship(
     }
     if default_iters:
         entry["default_iters"] = default_iters
+    if default_fusion:
+        entry["default_fusion"] = True
     if notes:
         entry["notes"] = notes
     entry = {k: _plain(v) for k, v in entry.items()}
@@ -153,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mask-type", choices=["dropout", "noise"])
     ap.add_argument("--notes")
     ap.add_argument("--default-iters", type=int, help="CA steps `vitca denoise` runs by default with these weights")
+    ap.add_argument(
+        "--default-fusion", action="store_true", help="`vitca denoise` runs fused by default (trained with fusion)"
+    )
     args = ap.parse_args(argv)
     try:
         entry = ship(
@@ -167,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             args.mask_type,
             args.notes,
             args.default_iters,
+            args.default_fusion,
         )
     except VitcaError as exc:
         print(f"error: {exc}", file=sys.stderr)

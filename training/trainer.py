@@ -155,8 +155,9 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict:
-        """PSNR and SSIM of clipped outputs after ``val_steps`` CA steps on the fixed corrupted validation subset
-        (per-image means; ``val_psnr_batch`` is the reference's per-batch PSNR, averaged over batches)."""
+        """PSNR and SSIM of clipped outputs after ``val_steps`` CA steps (with fusion/mitosis when the run trains with
+        it) on the fixed corrupted validation subset (per-image means; ``val_psnr_batch`` is the reference's per-batch
+        PSNR, averaged over batches)."""
         from training.metrics import psnr_batch, psnr_per_image, ssim_per_image
 
         if self._val_batches is None:
@@ -165,7 +166,12 @@ class Trainer:
         self.ca.eval()
         psnr, ssim, batch_psnr, l1 = [], [], [], []
         for masked, known, x in self._val_batches:
-            z = self.ca(self.ca.seed(masked, gen, known), self.tcfg.val_steps, generator=gen)
+            z = self.ca(
+                self.ca.seed(masked, gen, known),
+                self.tcfg.val_steps,
+                generator=gen,
+                fusion_mitosis=self.tcfg.fusion_mitosis,
+            )
             out = self.ca.output(z)
             psnr.append(psnr_per_image(out, x))
             if min(x.shape[-2:]) >= 11:

@@ -422,3 +422,17 @@ def test_the_log_names_the_step_and_the_compiled_step_writes_what_the_exact_one_
     assert np.abs(exact - compiled).max() <= 1  # float rounding may move a value by one 8-bit level
     bad = run("denoise", src, "-o", tmp_path / "x.png", "-w", photo, "--backend", "onnx", "--compile", "on")
     assert bad.exit_code == 2 and "--compile" in bad.output and not (tmp_path / "x.png").exists()
+
+
+def test_fusion_on_and_off_from_the_command_line(tmp_path, ckpt):
+    src = png(tmp_path / "in.png", 20, 18, channels=3)
+    plain, fused = tmp_path / "plain.png", tmp_path / "fused.png"
+    a = run("denoise", src, "-o", plain, "-w", ckpt[3], "--iters", "8", "--no-fusion")
+    b = run("denoise", src, "-o", fused, "-w", ckpt[3], "--iters", "8", "--fusion")
+    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+    assert "fused" in b.output and "fused" not in a.output
+    pa, pb = np.asarray(Image.open(plain)), np.asarray(Image.open(fused))
+    assert pa.shape == pb.shape == (20, 18, 3) and not np.array_equal(pa, pb)
+    short = run("denoise", src, "-o", tmp_path / "short.png", "-w", ckpt[3], "--iters", "3", "--fusion")
+    assert short.exit_code == 2 and len(error_lines(short)) == 1 and "at least 4" in short.stderr
+    assert not (tmp_path / "short.png").exists()

@@ -14,6 +14,7 @@ from vitca_cli.nca.config import CAConfig, preset
 from vitca_cli.nca.model import (
     CellularAutomaton,
     count_parameters,
+    divide_cells,
     patchify,
     unpatchify,
     vit_position_encoding,
@@ -193,6 +194,17 @@ def test_fusion_and_mitosis_shapes_and_reinjection():
     assert torch.equal(grown[:, hs, 1, 1], fused[:, hs, 0, 0] + 1.0)  # bottom-right copy
     out = ca.fusion_mitosis_rollout(ca.seed(image), 8, generator=torch.Generator().manual_seed(0))
     assert out.shape == z.shape
+
+
+def test_mitosis_in_place_equals_the_training_mitosis():
+    cfg = preset("celeba", image_size=(16, 16))
+    ca = randomise(CellularAutomaton(cfg))
+    z = ca(ca.seed(torch.rand(2, 3, 16, 16)), 2).contiguous(memory_format=torch.channels_last)
+    fused, stash = ca.fusion(z)
+    fused = fused * 1.5 - 0.2  # as if the fused grid had been stepped
+    expected = ca.mitosis(fused, stash)
+    grown = divide_cells(cfg, fused, z.clone(memory_format=torch.channels_last))
+    assert torch.equal(grown, expected)
 
 
 def test_same_seed_same_result_and_different_seed_differs():

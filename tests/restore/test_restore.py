@@ -97,6 +97,39 @@ def test_tiled_equals_untiled_for_a_size_agnostic_model(patch):
     np.testing.assert_allclose(tiled.image, untiled.image, atol=1e-5)
 
 
+@pytest.mark.parametrize("patch", [1, 2])
+def test_fused_tiles_equal_the_fused_untiled_run(patch):
+    backend = small_backend(pos_encoding="none", patch_size=patch)
+    img = rand_image(45 * patch + 1, 39 * patch, seed=patch)  # odd cell counts: padded to even for fusion
+    untiled = restore(backend, img, iters=6, tile=0, fusion=True)
+    tiled = restore(backend, img, iters=6, tile=25 * patch, fusion=True)
+    assert tiled.plan.count >= 4 and tiled.plan.exact
+    assert all(o % 2 == 0 for o in tiled.plan.ys + tiled.plan.xs) and tiled.plan.tile[0] % 2 == 0
+    np.testing.assert_allclose(tiled.image, untiled.image, atol=1e-5)
+    assert untiled.image.shape == img.shape
+
+
+def test_fusion_runs_the_middle_steps_on_the_fused_grid():
+    backend = small_backend(pos_encoding="none")
+    img = rand_image(32, 32)
+    plain = restore(backend, img, iters=12, tile=0, frames=12)
+    fused = restore(backend, img, iters=12, tile=0, frames=12, fusion=True)
+    # 2 + 2 full steps and 8 at a quarter of the cells: a third of the dense run's cell-steps.
+    assert fused.computed == 32 * 32 * 4 + 16 * 16 * 8 and plain.computed == 32 * 32 * 12
+    np.testing.assert_allclose(fused.frames[1], plain.frames[1], atol=1e-6)  # the same first two steps
+    middle = fused.frames[6]  # on the fused grid: shown with each 2×2 group of pixels alike
+    assert np.array_equal(middle[0::2, 0::2], middle[1::2, 1::2]) and not np.allclose(middle, plain.frames[6])
+    np.testing.assert_array_equal(fused.frames[-1], fused.image)
+    assert len(fused.frames) == 12 and not np.allclose(fused.image, plain.image)
+
+
+def test_fusion_refused_where_it_cannot_run():
+    with pytest.raises(UsageError, match="at least 4"):
+        restore(small_backend(pos_encoding="none"), rand_image(8, 8), iters=3, fusion=True)
+    with pytest.raises(UsageError, match="position encoding"):
+        restore(small_backend(pos_encoding="vit", image_size=(8, 8)), rand_image(8, 8), iters=6, fusion=True)
+
+
 def test_too_small_a_margin_would_show_the_tile_edges(monkeypatch):
     """The exactness above is not vacuous: tiles without the margin differ from the untiled run."""
     import vitca_cli.restore.tiles as r

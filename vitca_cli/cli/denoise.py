@@ -173,6 +173,11 @@ COMPILE_HELP = (
     "seconds to start, once per process). auto: for large images only. off with --precision fp32: the exact "
     "step, the same bytes on every CPU."
 )
+FUSION_HELP = (
+    "Run the middle steps on a grid of half the resolution (appendix A.1 fusion and mitosis: 2 steps, 2x2 cells "
+    "fused, the rest but 2, cells divided, 2 steps): about 3x faster and a wider reach. Default: as the weights "
+    "were trained (on for photo)."
+)
 QUANTIZE_HELP = "ONNX backend: int8 matrix products (the step graph is quantised once, then cached)."
 
 
@@ -213,6 +218,7 @@ def denoise(
     compare: Optional[str] = typer.Option(None, "--compare", help="Write input | output side by side as PNG."),
     threads: Optional[int] = opt.threads_option(),
     settle: float = typer.Option(BatchSettings.settle, "--settle", min=0.0, help=SETTLE_HELP),
+    fusion: Optional[bool] = typer.Option(None, "--fusion/--no-fusion", help=FUSION_HELP, show_default=False),
     precision: Precision = typer.Option(Precision.auto, "--precision", help=PRECISION_HELP),
     compile: CompileStep = typer.Option(CompileStep.auto, "--compile", help=COMPILE_HELP),
     quantize: bool = typer.Option(False, "--quantize", help=QUANTIZE_HELP),
@@ -244,6 +250,7 @@ def denoise(
         ext=ext,
         threads=threads,
         settle=settle,
+        fusion=fusion,
         precision=precision.value,
         compile=compile.value,
         quantize=quantize,
@@ -282,6 +289,7 @@ def inpaint(
     compare: Optional[str] = typer.Option(None, "--compare", help="Write input | masked | output side by side."),
     threads: Optional[int] = opt.threads_option(),
     settle: float = typer.Option(BatchSettings.settle, "--settle", min=0.0, help=SETTLE_HELP),
+    fusion: Optional[bool] = typer.Option(None, "--fusion/--no-fusion", help=FUSION_HELP, show_default=False),
     precision: Precision = typer.Option(Precision.auto, "--precision", help=PRECISION_HELP),
     compile: CompileStep = typer.Option(CompileStep.auto, "--compile", help=COMPILE_HELP),
     quantize: bool = typer.Option(False, "--quantize", help=QUANTIZE_HELP),
@@ -314,6 +322,7 @@ def inpaint(
         mask_type=mask_type.value if mask_type else None,
         threads=threads,
         settle=settle,
+        fusion=fusion,
         precision=precision.value,
         compile=compile.value,
         quantize=quantize,

@@ -253,6 +253,24 @@ def seed_cells(
     return cells.permute(0, 3, 1, 2)
 
 
+def fuse_cells(z: torch.Tensor) -> torch.Tensor:
+    """Fusion (appendix A.1): each 2×2 group of cells of ``z`` ``(B, C, H, W)`` (H, W even) averaged into one cell,
+    in channels-last memory as ``seed_cells`` makes grids."""
+    return F.avg_pool2d(z, 2).contiguous(memory_format=torch.channels_last)
+
+
+def divide_cells(cfg: CAConfig, fused: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """Mitosis (appendix A.1) into ``cells`` ``(B, C, 2H, 2W)``, the grid that was fused: every cell of a 2×2 group
+    takes its fused cell's output and hidden channels, and keeps its own static channels (the input is re-injected).
+    Written in place, with no full-size temporary; returns ``cells``. (``CellularAutomaton.mitosis`` is the same
+    for training, out of place so that gradients flow.)"""
+    b, c, h, w = cells.shape
+    s = cfg.static_channels
+    groups = cells.view(b, c, h // 2, 2, w // 2, 2)
+    groups[:, s:] = fused[:, s:, :, None, :, None]
+    return cells
+
+
 def output_image(cfg: CAConfig, z: torch.Tensor) -> torch.Tensor:
     """The image held by the output channels ``(B, Co, H·P, W·P)`` (not clipped)."""
     return unpatchify(z[:, cfg.output_slice], cfg.patch_size)
@@ -405,7 +423,7 @@ class CellularAutomaton(nn.Module):
         """Average 2×2 groups of cells into one; returns the fused grid and the stashed input (and position)
         channels for re-injection after mitosis."""
         stash = z[:, : self.cfg.static_channels]
-        return F.avg_pool2d(z, 2), stash
+        return fuse_cells(z), stash
 
     def mitosis(self, z: torch.Tensor, stash: torch.Tensor) -> torch.Tensor:
         """Duplicate every cell to its right, bottom and bottom-right, then re-inject the stashed channels."""

@@ -73,20 +73,22 @@ class GeneratorMasks:
         return masks.view(steps, b, 1, h, w).to(z.device, z.dtype)
 
 
-def _block_seed(seed: int, by: int, bx: int) -> int:
-    digest = hashlib.blake2b(f"vitca:{seed}:{by}:{bx}".encode(), digest_size=8).digest()
+def _block_seed(seed: int, by: int, bx: int, level: int = 0) -> int:
+    key = f"vitca:{seed}:{by}:{bx}" if level == 0 else f"vitca:{seed}:fused{level}:{by}:{bx}"
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 class UpdateMasks:
-    """Per-step update masks for any window of the global cell grid, reproducible for a seed."""
+    """Per-step update masks for any window of the global cell grid, reproducible for a seed. ``level`` 1 is the
+    grid after fusion (half the resolution), whose masks are drawn apart from the full grid's."""
 
-    def __init__(self, seed: int, steps: int, rate: float, cache_blocks: int = 256):
-        self.seed, self.steps, self.rate = seed, steps, rate
+    def __init__(self, seed: int, steps: int, rate: float, cache_blocks: int = 256, level: int = 0):
+        self.seed, self.steps, self.rate, self.level = seed, steps, rate, level
         self._block = functools.lru_cache(maxsize=cache_blocks)(self._draw_block)
 
     def _draw_block(self, by: int, bx: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(_block_seed(self.seed, by, bx))
+        gen = torch.Generator().manual_seed(_block_seed(self.seed, by, bx, self.level))
         return draw_update_mask(self.steps, MASK_BLOCK, MASK_BLOCK, self.rate, gen).bool()  # (T, 1, S, S)
 
     def window(self, y0: int, x0: int, h: int, w: int) -> torch.Tensor:

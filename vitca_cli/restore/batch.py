@@ -54,6 +54,7 @@ class BatchSettings:
     mask_type: Optional[str] = None  # None: as the model was trained
     threads: Optional[int] = None
     settle: float = 0.0  # skip cells whose output changed less than this on 2 updates in a row; 0: dense
+    fusion: Optional[bool] = None  # the middle steps on a half-resolution grid; None: as the weights say
     precision: str = (
         "auto"  # torch backend: fp32, bf16 products, or auto (bf16 for large jobs where the hardware has it)
     )
@@ -256,7 +257,9 @@ def process(
         log.info(f"{pic.source}: {note}")
     backend = backends.get(pic.channels)
     clean, pixels, known = _damaged_input(job, pic, backend, settings, inpaint)
-    iters = settings.iters or int((getattr(backend, "meta", None) or {}).get("default_iters") or DEFAULT_ITERS)
+    meta = getattr(backend, "meta", None) or {}
+    iters = settings.iters or int(meta.get("default_iters") or DEFAULT_ITERS)
+    fusion = bool(meta.get("default_fusion")) if settings.fusion is None else settings.fusion
     step = None if progress is None else (lambda done, total: progress(job, done, total))
     result = restore(
         backend,
@@ -269,6 +272,7 @@ def process(
         progress=step,
         known=known,
         settle=settings.settle,
+        fusion=fusion,
     )
     fmt = images.output_format(job.output, pic.format, settings.ext)
     images.write_image(job.output, result.image, pic, fmt)
@@ -280,7 +284,7 @@ def process(
         panels = ([clean] if settings.corrupt or inpaint else []) + [pixels, result.image]
         images.write_bytes(extras["compare"], images.encode_image(images.side_by_side(panels), "PNG"))
     h, w = pic.size
-    tiles = f", {result.plan.count} tiles" if result.plan.count > 1 else ""
+    tiles = (", fused" if fusion else "") + (f", {result.plan.count} tiles" if result.plan.count > 1 else "")
     if settings.settle > 0:
         share = result.skipped / max(1, result.computed + result.skipped)
         tiles += f", {share:.0%} of {result.computed + result.skipped:,} cell-steps skipped as settled"

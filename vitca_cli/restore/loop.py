@@ -9,7 +9,9 @@ the same run for the same seed.
 Update masks are drawn per fixed 64×64 block of *global* cell coordinates, each block from its own generator
 seeded by (seed, block row, block column). A tile therefore sees the same masks as the whole image would, which is
 what makes tiled output equal untiled output for a size-agnostic model (``vitca_cli.restore.tiles``). Each tile's
-rollout runs window by window and may skip settled cells (``vitca_cli.restore.windows``).
+rollout runs window by window and may skip settled cells (``vitca_cli.restore.windows``). With fusion (appendix
+A.1) the middle steps run on the half-resolution grid, whose masks are drawn alike at its own coordinates; tiles
+then start at even cells, so that they fuse as the whole grid does.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from vitca_cli.nca.masking import apply_mask, patch_keep_mask
 from vitca_cli.nca.model import output_image, seed_cells
 from vitca_cli.nca.rollout import MASK_BLOCK, UpdateMasks
 from vitca_cli.restore.tiles import TilePlan, plan_tiles
-from vitca_cli.restore.windows import rollout_windows
+from vitca_cli.restore.windows import FUSED_OUTER, rollout_fused, rollout_windows
 
 PRECISIONS = ("fp32", "bf16", "auto")
 COMPILE = ("off", "on", "auto")
@@ -310,6 +312,7 @@ def restore(
     progress: Callable[[int, int], None] | None = None,
     known: np.ndarray | None = None,
     settle: float = 0.0,
+    fusion: bool = False,
 ) -> Restored:
     """Run the CA on ``image`` ``(H, W, C)`` (C = the model's channels, values as the model expects: masked
     image in [0, 1] plus any noise) for ``iters`` steps and return the output channels.
@@ -322,12 +325,20 @@ def restore(
 
     ``known`` ``(H, W)`` (True = the pixel is given; inpainting) is shown to a mask-aware model, and every known
     pixel of the result (and of each frame) is the input's own value: only missing pixels come from the cells.
+
+    ``fusion`` runs appendix A.1's schedule: 2 steps, the grid fused 2×2, ``iters - 4`` steps at half resolution,
+    mitosis (the input re-injected), 2 steps: about a quarter of the cell-steps, for models trained with it. The
+    grid is padded to even cells for it.
     """
     cfg: CAConfig = backend.cfg
     if iters < 1:
         raise SettingError("iters", f"must be at least 1, got {iters}")
     if settle < 0:
         raise SettingError("settle", f"must be at least 0, got {settle}")
+    if fusion and iters < 2 * FUSED_OUTER:
+        raise SettingError("iters", f"{iters}: fusion needs at least {2 * FUSED_OUTER} steps")
+    if fusion and (cfg.size_dependent or cfg.arch != "vitca"):
+        raise SettingError("fusion", "needs a ViTCA model without a position encoding tied to its training size")
     h, w, c = image.shape
     if c != cfg.channels:
         raise ValueError(f"image has {c} channels, the model expects {cfg.channels}")
@@ -336,8 +347,9 @@ def restore(
     rate = cfg.update_rate if update_rate is None else update_rate
     p = cfg.patch_size
     tile = _check_tile(cfg, tile)
-    x, k, (ph, pw) = _padded(cfg, image, known)
-    plan = plan_tiles(cfg, (ph // p, pw // p), iters, tile)
+    x, k, (ph, pw) = _padded(cfg, image, known, 2 if fusion else 1)
+    reach = 2 * iters - 2 * FUSED_OUTER if fusion else iters  # full-resolution steps a cell's state can see across
+    plan = plan_tiles(cfg, (ph // p, pw // p), reach, tile, align=2 if fusion else 1)
     if plan.count > 1:
         note = "" if plan.exact else ", blended" if cfg.size_dependent else ", approximate beyond the margin cap"
         log.debug(f"tiling {ph}×{pw} px into {plan.count} tiles of {plan.tile[0] * p}×{plan.tile[1] * p} px{note}")
@@ -345,6 +357,7 @@ def restore(
     if hasattr(backend, "prepare"):
         backend.prepare((ph // p) * (pw // p) * iters, settle)
     masks = UpdateMasks(seed, iters, rate)
+    fused = UpdateMasks(seed, iters - 2 * FUSED_OUTER, rate, level=1) if fusion else None
     record = _recorded_steps(iters, frames, ph * pw * c * 4)
     acc = torch.zeros(len(record) + 1, c, ph, pw)  # running blend for each frame, the final output last
     weight_sum = torch.zeros(1, 1, ph, pw)
@@ -362,7 +375,9 @@ def restore(
             if progress is not None:
                 progress(start + t, total)
 
-        run, outputs = _run_tiles(backend, x, k, masks, batch, plan.tile, settle, tuple(record), max_cells, on_step)
+        run, outputs = _run_tiles(
+            backend, x, k, (masks, fused), batch, plan.tile, settle, tuple(record), max_cells, on_step
+        )
         computed, skipped = computed + run.computed, skipped + run.skipped
         done = start + iters
         if progress is not None and run.steps_run < iters:
@@ -373,11 +388,12 @@ def restore(
     return Restored(result[-1], result[:-1], record, plan, computed, skipped, dense)
 
 
-def _padded(cfg: CAConfig, image: np.ndarray, known: np.ndarray | None):
-    """The image as a ``(1, C, H', W')`` tensor padded (edge replicate) to the patch grid, and up to the training size
-    for size-dependent models; the known mask ``(1, 1, H', W')`` padded alike (or None); and ``(H', W')``."""
+def _padded(cfg: CAConfig, image: np.ndarray, known: np.ndarray | None, cells: int = 1):
+    """The image as a ``(1, C, H', W')`` tensor padded (edge replicate) to a multiple of ``cells`` cells, and up to
+    the training size for size-dependent models; the known mask ``(1, 1, H', W')`` padded alike (or None); and
+    ``(H', W')``."""
     h, w, _ = image.shape
-    p = cfg.patch_size
+    p = cfg.patch_size * cells
     ph, pw = -(-h // p) * p, -(-w // p) * p
     if cfg.size_dependent:
         ph, pw = max(ph, cfg.image_size[0]), max(pw, cfg.image_size[1])
@@ -400,19 +416,25 @@ def _recorded_steps(iters: int, frames: int, frame_bytes: int) -> list[int]:
     return record
 
 
-def _run_tiles(backend, x, k, masks: UpdateMasks, batch, tile, settle, record, max_cells, on_step):
-    """Run the tiles at cell origins ``batch`` (each ``tile`` cells) together. Returns the windowed run and, per
-    recorded step and then the final step, the output images ``(len(batch), C, th·p, tw·p)``."""
+def _run_tiles(backend, x, k, masks: tuple, batch, tile, settle, record, max_cells, on_step):
+    """Run the tiles at cell origins ``batch`` (each ``tile`` cells) together, with ``masks`` = (the full grid's
+    ``UpdateMasks``, the fused grid's or None). Returns the windowed run and, per recorded step and then the final
+    step, the output images ``(len(batch), C, th·p, tw·p)``."""
     cfg: CAConfig = backend.cfg
     p = cfg.patch_size
     th, tw = tile
     windows = [(..., slice(y * p, (y + th) * p), slice(xx * p, (xx + tw) * p)) for y, xx in batch]
     tiles = torch.cat([x[win] for win in windows])
     tile_known = None if k is None else torch.cat([k[win] for win in windows])
-    tile_masks = torch.stack([masks.window(y, xx, th, tw)[:, 0] for y, xx in batch], dim=1)  # T b th tw
-    run = rollout_windows(
-        backend, seed_cells(cfg, tiles, known=tile_known), tile_masks, settle, record, max_cells, on_step
-    )
+    full, fused = masks
+    tile_masks = torch.stack([full.window(y, xx, th, tw)[:, 0] for y, xx in batch], dim=1)  # T b th tw
+    cells = seed_cells(cfg, tiles, known=tile_known)
+    if fused is None:
+        run = rollout_windows(backend, cells, tile_masks, settle, record, max_cells, on_step)
+    else:
+        outer = torch.cat([tile_masks[:FUSED_OUTER], tile_masks[-FUSED_OUTER:]])
+        inner = torch.stack([fused.window(y // 2, xx // 2, th // 2, tw // 2)[:, 0] for y, xx in batch], dim=1)
+        run = rollout_fused(backend, cells, outer, inner, settle, record, max_cells, on_step)
     final = output_image(cfg, run.cells).float().cpu()
     outputs = run.frames + [final] * (len(record) - len(run.frames)) + [final]  # settled early: final frames
     return run, outputs

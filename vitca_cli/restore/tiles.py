@@ -89,11 +89,17 @@ def _split_side(length: int, parts: int, overlap: int) -> int:
 
 
 def plan_tiles(
-    cfg: CAConfig, grid: tuple[int, int], iters: int, tile: int | None = None, max_cells: int = TILE_CELLS
+    cfg: CAConfig,
+    grid: tuple[int, int],
+    iters: int,
+    tile: int | None = None,
+    max_cells: int = TILE_CELLS,
+    align: int = 1,
 ) -> TilePlan:
     """Choose tiles for a grid of ``grid`` cells (already padded to at least the training size for a
-    size-dependent model). ``tile``: None = automatic (as few tiles of at most ``max_cells`` as cover the grid),
-    0 = never tile, N = tile side in cells."""
+    size-dependent model) for ``iters`` steps of reach. ``tile``: None = automatic (as few tiles of at most
+    ``max_cells`` as cover the grid), 0 = never tile, N = tile side in cells. ``align``: tile sides and origins are
+    multiples of it (the grid must be), so that fused tiles fuse as the whole grid does."""
     gh, gw = grid
     if cfg.size_dependent:
         th, tw = (s // cfg.patch_size for s in cfg.image_size)
@@ -105,29 +111,34 @@ def plan_tiles(
         return TilePlan(grid, (gh, gw), (0,), (0,))
     want = iters * step_radius(cfg)
     margin = min(want, MAX_MARGIN)
-    overlap = 2 * margin + BLEND_BAND
+    overlap = _aligned(2 * margin + BLEND_BAND, align)
     exact = margin >= want and cfg.arch == "vitca"
     if tile is not None:
-        side = max(tile, overlap + 1)  # room for at least one blended cell per tile
+        side = _aligned(max(tile, overlap + 1), align)  # room for at least one blended cell per tile
         th, tw = min(side, gh), min(side, gw)
     else:
-        th, tw = _fewest_cells_split(gh, gw, overlap, max_cells)
+        th, tw = _fewest_cells_split(gh, gw, overlap, max_cells, align)
     ys, xs = axis_origins(gh, th, th - overlap), axis_origins(gw, tw, tw - overlap)
     return TilePlan(grid, (th, tw), ys, xs, margin, BLEND_BAND, exact)
 
 
-def _fewest_cells_split(gh: int, gw: int, overlap: int, max_cells: int) -> tuple[int, int]:
+def _aligned(n: int, align: int) -> int:
+    return -(-n // align) * align
+
+
+def _fewest_cells_split(gh: int, gw: int, overlap: int, max_cells: int, align: int = 1) -> tuple[int, int]:
     """The tile size of the split (rows × columns of tiles) that computes the fewest cells within the budget."""
     best = None
     for ny in range(1, MAX_SPLIT + 1):
         for nx in range(1, MAX_SPLIT + 1):
-            th, tw = _split_side(gh, ny, overlap), _split_side(gw, nx, overlap)
+            th = min(_aligned(_split_side(gh, ny, overlap), align), gh)
+            tw = min(_aligned(_split_side(gw, nx, overlap), align), gw)
             if th * tw > max_cells or (ny > 1 and th <= overlap) or (nx > 1 and tw <= overlap):
                 continue
             cost = ny * nx * th * tw
             if best is None or cost < best[0]:
                 best = (cost, th, tw)
     if best is None:  # a grid beyond MAX_SPLIT² tiles: tiles of the budget's side
-        side = max(math.isqrt(max_cells), overlap + 1)
+        side = _aligned(max(math.isqrt(max_cells), overlap + 1), align)
         return min(side, gh), min(side, gw)
     return best[1], best[2]

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from vitca_cli.nca.config import CAConfig
-from vitca_cli.nca.model import output_image
+from vitca_cli.nca.model import divide_cells, fuse_cells, output_image
 from vitca_cli.restore.tiles import axis_origins
 
 WINDOW = 64  # cells per side of a step window at most, halo included
@@ -159,6 +159,45 @@ def rollout_windows(
     result.skipped += len(wins) * area * (steps - result.steps_run)
     result.cells = state.permute(0, 3, 1, 2)
     return result
+
+
+FUSED_OUTER = 2  # steps at full resolution before fusion and after mitosis (appendix A.1)
+
+
+def rollout_fused(
+    backend,
+    cells: torch.Tensor,
+    masks: torch.Tensor,
+    fused_masks: torch.Tensor,
+    settle: float = 0.0,
+    record: tuple[int, ...] = (),
+    max_cells: int = 1 << 16,
+    on_step: Callable[[int], None] | None = None,
+) -> Rollout:
+    """Appendix A.1's schedule, each phase run by :func:`rollout_windows`: 2 steps on ``cells`` ``(N, C, H, W)``
+    (H, W even) with ``masks[:2]``, fusion, ``len(fused_masks)`` steps on the half-resolution grid with
+    ``fused_masks`` ``(T - 4, N, H/2, W/2)``, mitosis (each cell keeps its own input channels), 2 steps with
+    ``masks[2:]``. ``masks`` ``(4, N, H, W)``. Frames recorded on the fused grid are shown at full size; settling
+    works within each phase."""
+    cfg: CAConfig = backend.cfg
+    n, _, h, w = cells.shape
+    steps = len(fused_masks) + 2 * FUSED_OUTER
+    total = Rollout(cells, dense=n * h * w * steps, steps_run=steps)
+
+    def phase(grid: torch.Tensor, phase_masks: torch.Tensor, before: int) -> torch.Tensor:
+        wanted = tuple(t - before for t in record if before < t <= before + len(phase_masks))
+        ticks = None if on_step is None else (lambda t: on_step(before + t))
+        run = rollout_windows(backend, grid, phase_masks, settle, wanted, max_cells, ticks)
+        total.computed, total.skipped = total.computed + run.computed, total.skipped + run.skipped
+        frames = run.frames + [output_image(cfg, run.cells).float().cpu()] * (len(wanted) - len(run.frames))
+        scale = h // grid.shape[-2]
+        total.frames += [f.repeat_interleave(scale, -2).repeat_interleave(scale, -1) for f in frames]
+        return run.cells
+
+    first = phase(cells, masks[:FUSED_OUTER], 0)
+    fused = phase(fuse_cells(first), fused_masks, FUSED_OUTER)
+    total.cells = phase(divide_cells(cfg, fused, first), masks[FUSED_OUTER:], steps - FUSED_OUTER)
+    return total
 
 
 def core_indices(wins: list, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
