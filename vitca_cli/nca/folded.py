@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitca_cli.nca.attention import run_kernel
-from vitca_cli.nca.model import ViTCAUpdate, embed_product
+from vitca_cli.nca.model import ViTCAUpdate
 
 
 def foldable(rule: nn.Module) -> bool:
@@ -97,14 +97,14 @@ class FoldedUpdate(nn.Module):
         block = rule.blocks[0]
         attn = block.attn
         e, inner = self.embed_dim, self.inner
-        every = embed_product(cells, self.all_weight, rule.exact_cells)
+        every = F.linear(cells, self.all_weight)
         dtype = every.dtype  # q, k and v stay in the products' precision (bfloat16 under autocast), as in the rule
         centred, kv = (every + self.all_bias).split([e, 2 * inner], dim=-1)
         inv_dev = torch.rsqrt(centred.float().square().mean(-1, keepdim=True) + self.eps)  # 1 / s
         kv = (kv * inv_dev + self.kv_shift).to(dtype).flatten(0, 2)
         kv = torch.cat([kv, kv.new_zeros(1, 2 * inner)])  # the ghost neighbour beyond the border: k = v = 0
         k, v = (t.unflatten(-1, (attn.heads, attn.head_dim)) for t in kv.split(inner, dim=-1))
-        chosen = embed_product(cells.flatten(0, 2).index_select(0, only), self.sel_weight, rule.exact_cells)
+        chosen = F.linear(cells.flatten(0, 2).index_select(0, only), self.sel_weight)
         embedded, q = (chosen + self.sel_bias).split([e, inner], dim=-1)
         q = (q * inv_dev.flatten(0, 2).index_select(0, only) + self.q_shift).to(dtype)
         q = q.unflatten(-1, (attn.heads, attn.head_dim))

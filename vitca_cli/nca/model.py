@@ -72,19 +72,6 @@ def vit_position_encoding(height: int, width: int, dim: int, device=None, dtype=
     return vit_position_encoding_at(rows, cols, width, dim).to(dtype)
 
 
-def embed_product(cells: torch.Tensor, weight: torch.Tensor, exact: bool = False) -> torch.Tensor:
-    """The embedding's product; with ``exact``, in float32 even under bfloat16 autocast (``--precision bf16``).
-
-    The cells carried from step to step are float32; rounded to bfloat16 (8 bits of mantissa: steps of 2^-9 at a
-    value of 0.5), a cell sees its own output move by a rounding step whenever it changes by less, and a converged
-    cell keeps changing by about 10^-3 per update, so settling (``--settle``) would never stop it. Reading them in
-    float32 costs a float32 product and a float32 activation per cell, so only settling runs ask for it."""
-    if not exact or not torch.is_autocast_enabled(cells.device.type):
-        return F.linear(cells, weight)
-    with torch.autocast(cells.device.type, enabled=False):
-        return F.linear(cells.float(), weight.float())
-
-
 def nerf_position_channels(height: int, width: int, freqs: int, device=None) -> torch.Tensor:
     """NeRF-style xy encoding ``(4L, H, W)``: [sin(2^l π x)]_l, [sin(2^l π y)]_l, [cos(2^l π x)]_l, [cos(2^l π y)]_l."""
     y, x = torch.meshgrid(
@@ -146,7 +133,6 @@ class ViTCAUpdate(nn.Module):
             nn.init.zeros_(self.head[1].weight)
             nn.init.zeros_(self.head[1].bias)
         self._pe_cache: dict = {}
-        self.exact_cells = False  # read the cells in float32 under bf16 autocast (see embed_product)
         self.last_attention: list[torch.Tensor] | None = None
 
     def position_encoding(self, height: int, width: int, x: torch.Tensor) -> torch.Tensor | None:
@@ -192,7 +178,7 @@ class ViTCAUpdate(nn.Module):
         ``attention`` the blocks' attention (:func:`vitca_cli.nca.attention.attend`, same signature).
         """
         b, h, w, _ = cells.shape
-        x = embed_product(cells, self.embed.weight, self.exact_cells)  # b h w e
+        x = F.linear(cells, self.embed.weight)  # b h w e
         pe = self.position_encoding(h, w, x) if position is None else position
         x = x + self.embed.bias if pe is None else run_kernel("bias_add", x, self.embed.bias, pe)
         maps = []
@@ -379,7 +365,7 @@ class CellularAutomaton(nn.Module):
     def apply_update_at(self, cells: torch.Tensor, only: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """Cells ``(B, H, W, C)`` plus ``delta`` ``(S, Co·P² + Ch)`` at the flat cell indices ``only``."""
         flat = cells.reshape(-1, cells.shape[-1])
-        return flat.index_add(0, only, F.pad(delta, (self.cfg.static_channels, 0))).view(cells.shape)
+        return flat.index_add(0, only, F.pad(delta.to(flat.dtype), (self.cfg.static_channels, 0))).view(cells.shape)
 
     def update_masks(
         self, z: torch.Tensor, steps: int, update_rate: float | None = None, generator: torch.Generator | None = None

@@ -103,8 +103,8 @@ class TorchBackend:
 
     def prepare(self, work: int, settle: float = 0.0) -> None:
         """Choose the step for a job of ``work`` cell-steps (the ``auto`` settings take the fast one when the job is
-        large); a job that settles cells (``settle`` > 0) has the rule read the cells in float32 under bf16, so
-        converged cells can settle (``vitca_cli.nca.model.embed_product``)."""
+        large). A job that settles cells (``settle`` > 0) runs float32 products: under bfloat16 a converged cell's
+        update stays at the rounding floor of the products (about 10^-3) and never falls below the threshold."""
         from vitca_cli.runtime import cpu_has_native_bf16, has_cxx_compiler
 
         large = work >= FAST_WORK
@@ -114,11 +114,13 @@ class TorchBackend:
             self.use_bf16 = large and native
         else:
             self.use_bf16 = self.precision == "bf16"
+        if settle > 0 and self.use_bf16:
+            if self.precision == "bf16":
+                log.info("--settle runs float32 products (bfloat16's rounding keeps settled cells moving)")
+            self.use_bf16 = False
         compiler = self.tensor_device.type == "cuda" or has_cxx_compiler()
         wanted = self.compile == "on" or (self.compile == "auto" and large and compiler)
         self.use_compiled = wanted and self._compiled is not False
-        if hasattr(self.model.rule, "exact_cells"):
-            self.model.rule.exact_cells = settle > 0
 
     def step(self, z: torch.Tensor, update_mask: torch.Tensor) -> torch.Tensor:
         update = self._guarded_update if self.use_compiled else None
