@@ -411,3 +411,29 @@ def test_the_compiled_step_compiles_once_for_windows_of_one_shape(photo_backend)
     restore(compiled, img, iters=12, seed=3)
     assert compiled.use_compiled
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_a_fused_run_compiles_once_though_its_grids_differ_in_size(photo_backend):
+    """The full-size and the fused grid (and tiles of any size) are stepped in windows of one shape, and the
+    updating cells' indices reach the compiled update as the same kind of tensor: one compile for the whole run."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = TorchBackend(photo_backend.model, "photo", compile="on")
+    restore(compiled, smooth_noisy(150, 202), iters=8, fusion=True)  # grids 150×202 and 75×101
+    assert compiled.use_compiled
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_windows_have_one_size_and_their_cores_partition_the_axis():
+    from vitca_cli.restore.windows import axis_windows
+
+    for length in (64, 65, 100, 127, 1000, 1562):
+        wins = axis_windows(length, 64, 1)
+        assert {w.size for w in wins} == {64}
+        assert [w.lo for w in wins[1:]] == [w.hi for w in wins[:-1]] and wins[0].lo == 0 and wins[-1].hi == length
+        assert all(w.origin >= 0 and w.origin + w.size <= length for w in wins)
+        inner = [(w.lo - w.origin, w.origin + w.size - w.hi) for w in wins]
+        assert all(a >= 1 for a, _ in inner[1:]) and all(b >= 1 for _, b in inner[:-1])
+    assert axis_windows(40, 64, 1)[0].size == 40

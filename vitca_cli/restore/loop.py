@@ -139,6 +139,7 @@ class TorchBackend:
         if self.use_compiled and cells.shape[0] == 1:  # torch.compile specialises a batch of 1: recompiles
             cells = torch.cat([cells, cells])
         with torch.inference_mode(), torch.autocast(self.tensor_device.type, torch.bfloat16, enabled=self.use_bf16):
+            only = only.clone()  # an inference tensor whoever made it: the compiled update guards on which it is
             return self.model.update_rows(cells, only, update=update)
 
     def _guarded_update(self, *args, **kwargs):

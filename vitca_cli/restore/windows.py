@@ -5,7 +5,8 @@ whose ``halo`` (how far one step reads: depth · NH//2 cells for ViTCA) is only 
 updating cells are written into the grid once every window of the step has been read. A window's core cells see
 exactly the neighbours they see in the whole grid, so a windowed step equals the whole-grid step (up to float
 rounding), while the memory a step needs is bounded by ``max_cells`` whatever the grid's size. All windows have
-the same shape (the first and last of a row take the extra halo as core), so a backend sees a few fixed shapes.
+the same shape, ``WINDOW`` cells a side on grids at least that large (the first and last of a row take the extra
+halo as core), so a backend sees one fixed shape.
 
 Settling (``settle`` > 0): a cell whose output changed by less than ``settle`` (largest change over its output
 channels) on ``PATIENCE`` consecutive updates is *settled*: it is no longer updated, but it still serves as a
@@ -39,12 +40,13 @@ class AxisWindow:
 
 
 def axis_windows(length: int, window: int, halo: int) -> list[AxisWindow]:
-    """Equal windows of at most ``window`` cells covering ``length``: cores partition the axis, each core has
-    ``halo`` cells of window on every inner side. ``window`` ≥ length gives one window, the whole axis."""
+    """Windows of exactly ``window`` cells covering ``length`` (one window, the whole axis, if it is shorter):
+    cores partition the axis, each core has ``halo`` cells of window on every inner side. The last window sits
+    flush with the far edge, so it may overlap its neighbour by more than the halo: its core starts where the
+    previous one ends. One window size for every grid keeps the compiled step to one shape (each new shape is a
+    recompile, and the recompiled kernels take any size and run slower)."""
     if length <= window:
         return [AxisWindow(0, length, 0, length)]
-    count = -(-(length - 2 * halo) // (window - 2 * halo))
-    window = -(-(length - 2 * halo) // count) + 2 * halo  # the smallest equal windows: the least overlap
     origins = axis_origins(length, window, window - 2 * halo)
     out, lo = [], 0
     for i, origin in enumerate(origins):
