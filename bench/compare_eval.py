@@ -9,7 +9,7 @@ either report's own interval (which is mostly the spread between mask combos).
     python bench/compare_eval.py a.json b.json
 
 Reports of ``bench/photo_quality.py --json`` made alike (same photos, size, kinds and seed: the same damage) are
-compared photo by photo, per damage kind and over all of them.
+compared photo by photo, per damage kind and over all of them, whatever else differs (weights, steps, precision).
 """
 
 from __future__ import annotations
@@ -58,11 +58,15 @@ def verdict(diff: float, half: float) -> str:
 
 def compare_photos(a: dict, b: dict) -> None:
     """Paired per-photo PSNR differences of vitca in two ``bench/photo_quality.py`` reports."""
-    differing = [k for k in ("photos", "size", "iters") if a.get(k) != b.get(k)] + (
+    same = {"seed": 0}  # reports made before the seed was recorded used the default
+    differing = [k for k in ("photos", "size", "seed") if a.get(k, same.get(k)) != b.get(k, same.get(k))] + (
         ["kinds"] if list(a["kinds"]) != list(b["kinds"]) else []
     )
     if differing:
         sys.exit(f"the reports were not made alike (they differ in: {', '.join(differing)}): no paired comparison")
+    runs = [k for k in sorted(set(a) | set(b)) if k not in ("kinds", "photos") and a.get(k) != b.get(k)]
+    if runs:  # the same damaged photos restored two ways (other weights, steps, precision...): still paired
+        print("A and B differ in: " + ", ".join(f"{k} {a.get(k)} → {b.get(k)}" for k in runs))
     pooled = []
     for kind in a["kinds"]:
         xa, xb = (r["kinds"][kind]["vitca"].get("psnr_per_photo") for r in (a, b))

@@ -342,9 +342,9 @@ def test_two_photo_quality_reports_are_compared_photo_by_photo(tmp_path):
 
     script = Path(__file__).resolve().parents[2] / "bench" / "compare_eval.py"
 
-    def report(path, per_kind, photos=("a.png", "b.png", "c.png")):
+    def report(path, per_kind, photos=("a.png", "b.png", "c.png"), iters=32, seed=0):
         kinds = {k: {"vitca": {"psnr": sum(v) / len(v), "psnr_per_photo": v}} for k, v in per_kind.items()}
-        path.write_text(json.dumps({"iters": 32, "size": 512, "photos": list(photos), "kinds": kinds}))
+        path.write_text(json.dumps({"iters": iters, "size": 512, "seed": seed, "photos": list(photos), "kinds": kinds}))
         return str(path)
 
     a = report(tmp_path / "a.json", {"clean": [50.0, 52.0, 54.0], "gaussian 0.05": [30.0, 33.0, 36.0]})
@@ -358,3 +358,9 @@ def test_two_photo_quality_reports_are_compared_photo_by_photo(tmp_path):
     other = report(tmp_path / "d.json", {"clean": [1.0], "gaussian 0.05": [2.0]}, photos=("z.png",))
     refused = run(a, other)
     assert refused.returncode != 0 and "photos" in refused.stderr
+    other_damage = run(a, report(tmp_path / "e.json", {"clean": [1.0] * 3, "gaussian 0.05": [2.0] * 3}, seed=1))
+    assert other_damage.returncode != 0 and "seed" in other_damage.stderr
+    fewer_steps = run(
+        a, report(tmp_path / "f.json", {"clean": [51.0, 53.1, 54.9], "gaussian 0.05": [31.0] * 3}, iters=24)
+    )
+    assert fewer_steps.returncode == 0 and "differ in: iters 32 → 24" in fewer_steps.stdout
