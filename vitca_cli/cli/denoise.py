@@ -176,7 +176,8 @@ COMPILE_HELP = (
 FUSION_HELP = (
     "Run the middle steps on a grid of half the resolution (appendix A.1 fusion and mitosis: 2 steps, 2x2 cells "
     "fused, the rest but 2, cells divided, 2 steps): 2-3x fewer cell-steps, but fine detail suffers; for weights "
-    "trained with it (vitca train --fusion-mitosis). Default: as the weights say (on for photo-fused, off for the other shipped models)."
+    "trained with it (vitca train --fusion-mitosis). Default: as the weights say (on for photo-fused, off for the "
+    "other shipped models)."
 )
 QUANTIZE_HELP = "ONNX backend: int8 matrix products (the step graph is quantised once, then cached)."
 
