@@ -436,3 +436,21 @@ def test_fusion_on_and_off_from_the_command_line(tmp_path, ckpt):
     short = run("denoise", src, "-o", tmp_path / "short.png", "-w", ckpt[3], "--iters", "3", "--fusion")
     assert short.exit_code == 2 and len(error_lines(short)) == 1 and "at least 4" in short.stderr
     assert not (tmp_path / "short.png").exists()
+
+
+def test_a_large_image_on_the_default_photo_model_gets_one_hint_of_the_faster_one(tmp_path, ckpt, monkeypatch):
+    import vitca_cli.restore.batch as batch
+
+    monkeypatch.setattr(batch, "LARGE_PIXELS", 200)
+    home = Path(os.environ["VITCA_HOME"]) / "weights"
+    home.mkdir(parents=True)
+    make_checkpoint(home / "photo.pt", 3)
+    big = [png(tmp_path / f"big{i}.png", 16, 16, channels=3, seed=i) for i in range(2)]
+    small = png(tmp_path / "small.png", 12, 10, channels=3)
+    hint = "-w photo-fused restores it 2-3x faster"
+    both = run("denoise", *big, "-o", tmp_path / "out", *ITERS)
+    assert both.exit_code == 0, both.stderr
+    assert both.stderr.count(hint) == 1
+    assert hint not in run("denoise", small, "-o", tmp_path / "s.png", *ITERS).stderr
+    assert hint not in run("denoise", big[0], "-o", tmp_path / "f.png", "--iters", "4", "--fusion").stderr
+    assert hint not in run("denoise", big[0], "-o", tmp_path / "w.png", "-w", ckpt[3], *ITERS).stderr

@@ -28,6 +28,9 @@ MANIFEST_FORMAT = "vitca-weights-manifest"
 SUFFIXES = (".pt", ".onnx")
 # The shipped model used when --weights is not given, by the image's channel count.
 DEFAULT_FOR_CHANNELS = {1: "fashion-mnist", 3: "photo"}
+# A shipped model that restores large images of a default model's kind in fewer cell-steps (fused), at a cost in
+# fine detail: suggested when the default meets a large image.
+FASTER_FOR_LARGE = {"photo": "photo-fused"}
 # In a source checkout the folder is ./weights; an installed wheel has it as the vitca_cli.shipped_weights package.
 SHIPPED_DIRS = (
     Path(__file__).resolve().parents[1] / "shipped_weights",

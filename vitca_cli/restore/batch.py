@@ -25,6 +25,7 @@ from vitca_cli.restore.files import (
 )
 
 DEFAULT_ITERS = 64  # CA iterations when neither the settings nor the weights name a number
+LARGE_PIXELS = 4_000_000  # an image from this size on gets the hint of a faster shipped model, if there is one
 MAX_ITERS = 10_000
 
 
@@ -145,6 +146,7 @@ class Backends:
     def __init__(self, settings: BatchSettings):
         self.settings = settings
         self._by_key: dict = {}
+        self._suggested = False
 
     def get(self, channels: int):
         from vitca_cli.restore.loop import make_backend
@@ -156,6 +158,17 @@ class Backends:
                 s.weights, s.backend, s.device, channels, s.precision, s.quantize, s.compile
             )
         return self._by_key[key]
+
+    def suggest_faster(self, name: str) -> None:
+        """Once per batch: name the shipped model that runs a large image of default model ``name`` faster."""
+        from vitca_cli.io.weights import FASTER_FOR_LARGE
+
+        if name in FASTER_FOR_LARGE and not self._suggested:
+            self._suggested = True
+            log.info(
+                f"large image: -w {FASTER_FOR_LARGE[name]} restores it 2-3x faster, at a cost in fine detail "
+                "(best for photos smooth at the pixel scale; see the README)"
+            )
 
 
 def _prepare(inputs: list[str], settings: BatchSettings) -> tuple[list[Job], Backends]:
@@ -260,6 +273,8 @@ def process(
     meta = getattr(backend, "meta", None) or {}
     iters = settings.iters or int(meta.get("default_iters") or DEFAULT_ITERS)
     fusion = bool(meta.get("default_fusion")) if settings.fusion is None else settings.fusion
+    if settings.weights is None and not fusion and pic.size[0] * pic.size[1] >= LARGE_PIXELS:
+        backends.suggest_faster(backend.name)
     step = None if progress is None else (lambda done, total: progress(job, done, total))
     result = restore(
         backend,
