@@ -64,7 +64,7 @@ def compare_photos(a: dict, b: dict) -> None:
     )
     if differing:
         sys.exit(f"the reports were not made alike (they differ in: {', '.join(differing)}): no paired comparison")
-    runs = [k for k in sorted(set(a) | set(b)) if k not in ("kinds", "photos") and a.get(k) != b.get(k)]
+    runs = [k for k in sorted(set(a) & set(b)) if k not in ("kinds", "photos") and a[k] != b[k]]
     if runs:  # the same damaged photos restored two ways (other weights, steps, precision...): still paired
         print("A and B differ in: " + ", ".join(f"{k} {a.get(k)} → {b.get(k)}" for k in runs))
     pooled = []
