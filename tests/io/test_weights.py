@@ -176,3 +176,14 @@ def test_weights_commands(dirs, tmp_path):
     assert info["parameters"] > 0 and info["config"]["embed"] == 16 and info["manifest"]["dataset"] == "Tiny set"
     result = runner.invoke(app, ["weights", "show", "nope"])
     assert result.exit_code == 3 and "unknown weights" in result.stderr
+
+
+def test_each_shipped_checkpoint_carries_its_manifest_entry_run_settings():
+    """A run reads its default steps and fusion from the checkpoint's meta; ``vitca weights list`` from the
+    manifest: the shipped files must say the same."""
+    shipped = Path(__file__).resolve().parents[2] / "weights"
+    entries = json.loads((shipped / "manifest.json").read_text())["models"]
+    for entry in (e for e in entries if e["file"].endswith(".pt")):
+        meta = read_checkpoint(shipped / entry["file"])["meta"]
+        for key in ("default_iters", "default_fusion"):
+            assert meta.get(key) == entry.get(key), (entry["name"], key)
