@@ -166,7 +166,7 @@ class Backends:
         if name in FASTER_FOR_LARGE and not self._suggested:
             self._suggested = True
             log.info(
-                f"large image: -w {FASTER_FOR_LARGE[name]} restores it 2-3x faster, at a cost in fine detail "
+                f"large image: -w {FASTER_FOR_LARGE[name]} restores it about 3.5x faster, at a cost in fine detail "
                 "(best for photos smooth at the pixel scale; see the README)"
             )
 
