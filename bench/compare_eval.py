@@ -2,7 +2,8 @@
 
 Two evaluations with the same dataset, protocol, seed and limit see the same images, mask combos and masks, so
 their batch PSNRs can be compared batch by batch: the 95% interval of the mean difference is far narrower than
-either report's own interval (which is mostly the spread between mask combos).
+either report's own interval (which is mostly the spread between mask combos). The masks do not depend on the CA's
+steps or update rate, so two runs of one model that differ only in those are paired too (what differs is printed).
 
     vitca eval -w A ... --json > a.json
     vitca eval -w B ... --json > b.json      # the same settings
@@ -22,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.metrics import mean_interval  # noqa: E402
 
-SAME = ("images", "protocol", "iters", "mask_type", "seed", "update_rate", "combos")
+SAME = ("dataset", "split", "images", "protocol", "mask_type", "seed", "combos")  # the same damage
+RUN = ("weights", "iters", "update_rate", "step", "device")  # how it was restored
 
 
 def main() -> None:
@@ -34,6 +36,9 @@ def main() -> None:
     differing = [k for k in SAME if a.get(k) != b.get(k)]
     if differing:
         sys.exit(f"the reports were not made alike (they differ in: {', '.join(differing)}): no paired comparison")
+    runs = [k for k in RUN if k in a and k in b and a[k] != b[k]]
+    if runs:
+        print("A and B differ in: " + ", ".join(f"{k} {a[k]} → {b[k]}" for k in runs))
     xa, xb = a.get("vitca_batch_psnr"), b.get("vitca_batch_psnr")
     if not xa or not xb or len(xa) != len(xb):
         sys.exit("a report lacks the per-batch PSNRs (made by an older vitca eval?)")

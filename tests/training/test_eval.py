@@ -364,3 +364,28 @@ def test_two_photo_quality_reports_are_compared_photo_by_photo(tmp_path):
         a, report(tmp_path / "f.json", {"clean": [51.0, 53.1, 54.9], "gaussian 0.05": [31.0] * 3}, iters=24)
     )
     assert fewer_steps.returncode == 0 and "differ in: iters 32 → 24" in fewer_steps.stdout
+
+
+def test_two_eval_reports_pair_on_the_damage_whatever_the_steps(tmp_path):
+    """``bench/compare_eval.py`` on two ``vitca eval --json`` reports: batch-by-batch differences when the damage is
+    the same (even with other steps or update rate, which are printed), a refusal when the masks differ."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "compare_eval.py"
+    base = {"dataset": "fashion-mnist", "split": "test", "images": 96, "protocol": "paper", "mask_type": "noise"}
+    base |= {"combos": "nine, one per batch", "weights": "w.pt", "iters": 64, "update_rate": 0.5}
+
+    def report(name, per_batch, **over):
+        (tmp_path / name).write_text(json.dumps(base | {"seed": 0, "vitca_batch_psnr": per_batch} | over))
+        return str(tmp_path / name)
+
+    run = lambda x, y: subprocess.run([sys.executable, str(script), x, y], capture_output=True, text=True)  # noqa: E731
+    a = report("a.json", [20.0, 22.0, 24.0])
+    more = run(a, report("b.json", [20.5, 22.4, 24.6], iters=96, update_rate=1.0))
+    assert more.returncode == 0 and "differ in: iters 64 → 96, update_rate 0.5 → 1.0" in more.stdout
+    assert "B − A = +0.500" in more.stdout and "B is better beyond the noise" in more.stdout
+    other_masks = run(a, report("c.json", [20.5, 22.4, 24.6], seed=1))
+    assert other_masks.returncode != 0 and "seed" in other_masks.stderr
