@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from training.metrics import mean_interval  # noqa: E402
 
 SAME = ("dataset", "split", "images", "protocol", "mask_type", "seed", "combos")  # the same damage
-RUN = ("weights", "iters", "update_rate", "step", "device")  # how it was restored
+RUN = ("weights", "iters", "update_rate", "runs", "step", "device")  # how it was restored
 
 
 def main() -> None:
@@ -36,9 +36,9 @@ def main() -> None:
     differing = [k for k in SAME if a.get(k) != b.get(k)]
     if differing:
         sys.exit(f"the reports were not made alike (they differ in: {', '.join(differing)}): no paired comparison")
-    runs = [k for k in RUN if k in a and k in b and a[k] != b[k]]
-    if runs:
-        print("A and B differ in: " + ", ".join(f"{k} {a[k]} → {b[k]}" for k in runs))
+    how = [k for k in RUN if k in a and k in b and a[k] != b[k]]
+    if how:
+        print("A and B differ in: " + ", ".join(f"{k} {a[k]} → {b[k]}" for k in how))
     xa, xb = a.get("vitca_batch_psnr"), b.get("vitca_batch_psnr")
     if not xa or not xb or len(xa) != len(xb):
         sys.exit("a report lacks the per-batch PSNRs (made by an older vitca eval?)")
@@ -69,9 +69,9 @@ def compare_photos(a: dict, b: dict) -> None:
     )
     if differing:
         sys.exit(f"the reports were not made alike (they differ in: {', '.join(differing)}): no paired comparison")
-    runs = [k for k in sorted(set(a) & set(b)) if k not in ("kinds", "photos") and a[k] != b[k]]
-    if runs:  # the same damaged photos restored two ways (other weights, steps, precision...): still paired
-        print("A and B differ in: " + ", ".join(f"{k} {a.get(k)} → {b.get(k)}" for k in runs))
+    how = [k for k in sorted(set(a) & set(b)) if k not in ("kinds", "photos") and a[k] != b[k]]
+    if how:  # the same damaged photos restored two ways (other weights, steps, precision...): still paired
+        print("A and B differ in: " + ", ".join(f"{k} {a.get(k)} → {b.get(k)}" for k in how))
     pooled = []
     for kind in a["kinds"]:
         xa, xb = (r["kinds"][kind]["vitca"].get("psnr_per_photo") for r in (a, b))

@@ -112,6 +112,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--settle", type=float, default=0.0, help="vitca's --settle (0: every step on every cell)")
+    ap.add_argument("--runs", type=int, default=1, help="vitca's --runs: the mean of this many runs")
     ap.add_argument("--precision", default="auto", help="vitca's --precision: fp32, bf16 or auto")
     ap.add_argument("--compile", default="auto", help="vitca's --compile: off, on or auto")
     ap.add_argument(
@@ -131,6 +132,7 @@ def damage_and_restore(
     seed: int,
     settle: float = 0.0,
     fusion: bool = False,
+    runs: int = 1,
 ) -> dict:
     """One photo damaged by ``spec`` (or with the pixels it marks missing), restored by the CA and the classic
     methods: method → (image, seconds); ``input`` is the damaged photo itself."""
@@ -145,8 +147,9 @@ def damage_and_restore(
         ca_input = damaged
     results = {"input": (damaged, 0.0)}
     start = time.perf_counter()
-    out = restore(backend, ca_input.astype(np.float32), iters, seed=seed, known=known, settle=settle, fusion=fusion)
-    out = out.image
+    out = restore(
+        backend, ca_input.astype(np.float32), iters, seed=seed, known=known, settle=settle, fusion=fusion, runs=runs
+    ).image
     results["vitca"] = (out, time.perf_counter() - start)
     keep = torch.from_numpy((known if known is not None else np.ones((h, w), bool)).astype(np.float32))
     for name in INPAINTERS if inpainting else DENOISERS:
@@ -161,7 +164,7 @@ def print_table(rows: dict, n_photos: int, args: argparse.Namespace, backend, it
     table = {}
     print(
         f"\n{n_photos} held-out photos, short side {args.size} px; vitca {backend.name} ({backend.device}), "
-        f"{iters} steps, seed {args.seed}, settle {args.settle}, fusion {args.fusion}. "
+        f"{iters} steps, seed {args.seed}, settle {args.settle}, fusion {args.fusion}, runs {args.runs}. "
         "PSNR dB / SSIM, means over photos; seconds per photo."
     )
     header = f"{'damage':<16}{'input':>13}{'vitca':>13}{'best classic':>26}{'vitca − best':>14}{'vitca s':>9}"
@@ -216,7 +219,7 @@ def main() -> None:
             spec, inpainting = KINDS[kind]
             gen = torch.Generator().manual_seed(args.seed * 1000 + n * 31 + kinds.index(kind))
             results = damage_and_restore(
-                backend, clean, spec, inpainting, gen, mask_type, iters, args.seed, args.settle, fusion
+                backend, clean, spec, inpainting, gen, mask_type, iters, args.seed, args.settle, fusion, args.runs
             )
             for name, (image, seconds) in results.items():
                 p, s = score(image, clean)
@@ -241,6 +244,7 @@ def main() -> None:
                     "backend": backend.device,
                     "fusion": fusion,
                     "settle": args.settle,
+                    "runs": args.runs,
                     "kinds": table,
                 },
                 indent=2,

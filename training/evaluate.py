@@ -238,6 +238,7 @@ def evaluate(
     corruptions: str | None = None,
     protocol: str = "cycled",
     step=None,
+    runs: int = 1,
 ) -> dict:
     """Score ``model`` on batches of clean images (CPU tensors in [0, 1]) under the test masking of ``schedule``
     (default: the reference's, max patch 4), or, with ``corruptions`` (a ``vitca_cli.nca.corruptions`` mixture), one
@@ -250,8 +251,11 @@ def evaluate(
     ``protocol``: ``cycled`` (batch k uses combo k mod 9: equal shares, low variance) or ``paper`` (the reference's:
     one combo drawn at random per batch from a generator seeded with ``seed``; feed it batches of 32 with
     ``drop_last``; its headline is the batch PSNR averaged over batches). ``step`` replaces ``model.step`` (see
-    :func:`restore`).
+    :func:`restore`). ``runs`` > 1 scores the mean of that many runs of the CA per batch, run ``r`` with the update
+    masks of seed ``seed + r`` (the damage is the same whatever ``runs`` is).
     """
+    if runs < 1:
+        raise SettingError("runs", f"must be at least 1, got {runs}")
     if protocol not in PROTOCOLS:
         raise SettingError("protocol", f"{protocol!r}: choose from {', '.join(PROTOCOLS)}")
     from vitca_cli.nca.corruptions import mixture_str, parse_mixture
@@ -261,7 +265,8 @@ def evaluate(
     combos = eval_combos(schedule)
     mask_gen = torch.Generator().manual_seed(seed)
     ca_gen = torch.Generator().manual_seed(seed + 1)  # random cell init, if the model has it
-    update_masks = BlockMasks(seed, model.cfg.update_rate if update_rate is None else update_rate)
+    rate = model.cfg.update_rate if update_rate is None else update_rate
+    update_masks = [BlockMasks(seed + r, rate) for r in range(runs)]
     device = next(model.parameters()).device
     rows = {name: _Scores() for name in ["vitca", "input", *baselines]}
     mixture = parse_mixture(corruptions) if corruptions else None
@@ -278,7 +283,10 @@ def evaluate(
             prob, patch = draw.choice(combos) if protocol == "paper" else combos[k % len(combos)]
             corrupted, known, keep, kinds = _corrupt_batch(clean, prob, patch, mixture, mask_type, mask_gen)
             output, seconds = _timed(
-                device, lambda: restore(model, corrupted, iters, update_masks, ca_gen, device, known, step)
+                device,
+                lambda: torch.stack(
+                    [restore(model, corrupted, iters, m, ca_gen, device, known, step) for m in update_masks]
+                ).mean(0),
             )
             rows["vitca"].seconds += seconds
             rows["vitca"].add(output, clean, lpips)
@@ -299,7 +307,8 @@ def evaluate(
         "iters": iters,
         "mask_type": mask_type,
         "seed": seed,
-        "update_rate": model.cfg.update_rate if update_rate is None else update_rate,
+        "update_rate": rate,
+        "runs": runs,
         "combos": _describe_combos(combos, mixture_str(mixture) if mixture else None, protocol, seed),
         "corruptions": mixture_str(mixture) if mixture else "patch",
         "methods": {name: scores.summary() for name, scores in rows.items()},
@@ -397,7 +406,9 @@ def format_report(report: dict) -> str:
         )
     out = [
         f"{report.get('dataset', '?')} {report.get('split', '')}: {report['images']} images, {report['iters']} CA "
-        f"steps at σ={report['update_rate']:g}, {report['mask_type']} masking, seed {report['seed']}",
+        f"steps at σ={report['update_rate']:g}"
+        + (f", the mean of {report['runs']} runs" if report.get("runs", 1) > 1 else "")
+        + f", {report['mask_type']} masking, seed {report['seed']}",
         f"corruption: {report['combos']}; protocol {report.get('protocol', 'cycled')}, headline: "
         f"{report.get('headline', 'per-image PSNR')}",
         tables.format_table(header, lines),

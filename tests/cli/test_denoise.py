@@ -78,6 +78,19 @@ def test_png_in_png_out_same_seed_same_bytes(tmp_path, ckpt):
     assert "seed 0" in r1.stderr and r1.stdout == ""  # logs on stderr only
 
 
+def test_runs_write_the_mean_of_the_seeds_runs(tmp_path, ckpt):
+    src = png(tmp_path / "in.png")
+    for name, extra in (("s0", []), ("s1", ["--seed", "1"]), ("mean", ["--runs", "2"])):
+        r = run("denoise", src, "-o", tmp_path / f"{name}.png", "--weights", ckpt[1], *ITERS, *extra)
+        assert r.exit_code == 0, r.stderr
+    s0, s1, mean = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.float64) for n in ("s0", "s1", "mean"))
+    assert not np.array_equal(s0, s1)
+    # the mean of the two runs, clipped and rounded: between the two runs' outputs, and equal to neither
+    assert (mean >= np.minimum(s0, s1) - 1).all() and (mean <= np.maximum(s0, s1) + 1).all()
+    assert not np.array_equal(mean, s0) and not np.array_equal(mean, s1)
+    assert "3 steps × 2 runs" in r.stderr
+
+
 def test_stdin_to_stdout(tmp_path, ckpt):
     data = png(tmp_path / "in.png", 9, 7).read_bytes()
     result = CliRunner().invoke(app, ["denoise", "-", "-o", "-", "--weights", ckpt[1], *ITERS], input=data)
@@ -297,6 +310,8 @@ def test_unreadable_mask(tmp_path, ckpt):
         ["--iters", "0"],
         ["--iters", "-3"],
         ["--update-rate", "0"],
+        ["--runs", "0"],
+        ["--runs", "65"],
         ["--corrupt", "p=2"],
         ["--tile", "-1"],
         ["--ext", "xyz"],

@@ -63,6 +63,20 @@ def test_same_seed_same_output_other_seed_differs():
     assert not np.allclose(a, c)
 
 
+def test_runs_average_the_runs_of_consecutive_seeds_tiled_or_not():
+    backend = small_backend(pos_encoding="none")
+    img = rand_image(12, 12)
+    one = [restore(backend, img, iters=4, seed=s).image for s in (3, 4, 5)]
+    mean = restore(backend, img, iters=4, seed=3, runs=3)
+    assert np.allclose(mean.image, np.mean(one, axis=0), atol=1e-6)
+    assert not np.allclose(mean.image, one[0], atol=1e-3)
+    assert mean.dense == 3 * restore(backend, img, iters=4, seed=3).dense
+    tiled = restore(backend, img, iters=4, seed=3, runs=3, tile=8)
+    assert np.allclose(tiled.image, mean.image, atol=1e-5)
+    with pytest.raises(UsageError, match="runs"):
+        restore(backend, img, iters=4, runs=0)
+
+
 def test_restore_matches_a_plain_rollout_with_the_same_masks():
     backend = small_backend(pos_encoding="none")
     img = rand_image(9, 10)

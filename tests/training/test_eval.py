@@ -83,6 +83,23 @@ def test_eval_runs_the_ca_with_the_update_masks_of_denoise(model):
     other = restore(backend, corrupted[0].permute(1, 2, 0).numpy(), iters=iters, seed=seed + 1).image
     assert not np.allclose(other, denoised[0].permute(1, 2, 0).numpy())  # the seed matters
 
+    # --runs: the mean of the runs `vitca denoise --runs` averages, on the same damage
+    averaged = evaluate(model, batches(TensorDataset(clean), 3), iters=iters, seed=seed, runs=2)
+    means = torch.stack(
+        [
+            torch.from_numpy(
+                restore(backend, img.permute(1, 2, 0).numpy(), iters=iters, seed=seed, runs=2).image
+            ).permute(2, 0, 1)
+            for img in corrupted
+        ]
+    )
+    assert averaged["runs"] == 2 and report["runs"] == 1
+    assert averaged["methods"]["input"]["psnr"] == report["methods"]["input"]["psnr"]
+    expected = psnr_per_image(means, clean).mean().item()
+    assert averaged["methods"]["vitca"]["psnr"]["mean"] == pytest.approx(expected, abs=1e-3)
+    assert averaged["methods"]["vitca"]["psnr"]["mean"] != pytest.approx(report["methods"]["vitca"]["psnr"]["mean"])
+    assert "the mean of 2 runs" in format_report(averaged)
+
 
 def test_corrupted_input_row_matches_the_masking(model):
     # dropout with p=0.25..0.75 zeroes pixels of an all-ones image: input PSNR is -10·log10(fraction dropped)
@@ -260,7 +277,9 @@ def test_eval_command_errors(files, tmp_path):
     assert missing.exit_code == 3 and "not found" in missing.output
     bad_patch = _cli("eval", "-w", ckpt, "-d", f"folder:{folder}", "--max-patch", 3, "--device", "cpu")
     assert bad_patch.exit_code == 2 and "do not divide" in bad_patch.output
-    assert "Traceback" not in missing.output + bad_patch.output
+    no_runs = _cli("eval", "-w", ckpt, "-d", f"folder:{folder}", "--runs", 0)
+    assert no_runs.exit_code == 2 and "--runs 0" in no_runs.output
+    assert "Traceback" not in missing.output + bad_patch.output + no_runs.output
 
 
 def test_analyze_command_writes_figure_and_table(files, tmp_path):

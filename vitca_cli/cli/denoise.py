@@ -192,6 +192,7 @@ def denoise(
     output: Optional[str] = _output(),
     iters: Optional[int] = opt.iters_option(None, ITERS_HELP, show_default=False),
     update_rate: Optional[float] = opt.update_rate_option(),
+    runs: int = opt.runs_option(),
     seed: int = opt.seed_option("Seed for update masks and corruption (same seed, same output)."),
     weights: Optional[str] = opt.weights_option(
         "Weights NAME or PATH (default: the shipped model for the image's channels: fashion-mnist or photo)."
@@ -235,6 +236,7 @@ def denoise(
         recursive=recursive,
         iters=iters,
         update_rate=update_rate,
+        runs=runs,
         seed=seed,
         weights=weights,
         device=device,
@@ -274,6 +276,7 @@ def inpaint(
     ),
     iters: Optional[int] = opt.iters_option(None, ITERS_HELP, show_default=False),
     update_rate: Optional[float] = opt.update_rate_option(),
+    runs: int = opt.runs_option(),
     seed: int = opt.seed_option("Seed for update masks and noise (same seed, same output)."),
     weights: Optional[str] = opt.weights_option(),
     device: str = opt.device_option(),
@@ -306,6 +309,7 @@ def inpaint(
         recursive=recursive,
         iters=iters,
         update_rate=update_rate,
+        runs=runs,
         seed=seed,
         weights=weights,
         device=device,

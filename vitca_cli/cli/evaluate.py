@@ -96,6 +96,7 @@ def eval_command(
         None, "--max-patch", min=1, help="Largest test mask patch: sizes 1, max/2, max (default: as trained, else 4)."
     ),
     update_rate: Optional[float] = opt.update_rate_option(),
+    runs: int = opt.runs_option(),
     baselines: bool = typer.Option(
         False, "--baselines", help="Also run classic restorers (needs the 'baselines' extra)."
     ),
@@ -130,7 +131,7 @@ def eval_command(
     from training import evaluate as ev
     from training.baselines import BASELINES
 
-    _check_eval_options(update_rate, baselines, corruptions)
+    _check_eval_options(update_rate, baselines, corruptions, runs)
     model, meta, path = _load(weights, device, threads)
     ds = ev.open_eval_dataset(dataset, split, model.cfg, data_dir)
     schedule = ev.schedule_for(meta, max_patch)
@@ -142,7 +143,11 @@ def eval_command(
             raise UsageError(f"--protocol paper needs at least {batch_size} images (one full batch), got {n}")
     mtype = _mask_type(mask_type, meta)
     lpips, lpips_status = ev.load_lpips(next(model.parameters()).device)
-    log.info(f"evaluating {n} {split} images of {dataset}: {iters} steps, {mtype} masking, seed {seed}")
+    log.info(
+        f"evaluating {n} {split} images of {dataset}: {iters} steps"
+        + (f" × {runs} runs" if runs > 1 else "")
+        + f", {mtype} masking, seed {seed}"
+    )
     step, step_name = _step(model, fast)
     report = ev.evaluate(
         model,
@@ -158,6 +163,7 @@ def eval_command(
         corruptions=corruptions,
         protocol=protocol,
         step=step,
+        runs=runs,
     )
     report = _with_run(report, model, str(path), dataset, split, batch_size, lpips_status, baselines)
     report["step"] = step_name
@@ -197,10 +203,16 @@ def _with_run(report: dict, model, path: str, dataset, split, batch_size, lpips_
     return report
 
 
-def _check_eval_options(update_rate: Optional[float], baselines: bool, corruptions: Optional[str]) -> None:
-    """``vitca eval``'s checks before the model is loaded: the update rate, the baselines' libraries and the mixture."""
+def _check_eval_options(
+    update_rate: Optional[float], baselines: bool, corruptions: Optional[str], runs: int = 1
+) -> None:
+    """``vitca eval``'s checks before the model is loaded: the update rate, the runs, the baselines' libraries and
+    the mixture."""
     from training.baselines import check_available
+    from vitca_cli.restore.batch import MAX_RUNS
 
+    if not 1 <= runs <= MAX_RUNS:
+        raise UsageError(f"--runs {runs}: choose from 1 to {MAX_RUNS}")
     if update_rate is not None and not 0 < update_rate <= 1:
         raise UsageError(f"--update-rate must be in (0, 1], got {update_rate}")
     if baselines:

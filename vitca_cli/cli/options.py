@@ -32,6 +32,10 @@ DEVICE_HELP = "auto, cpu, cuda or cuda:N."
 THREADS_HELP = "CPU threads (default: the cores not already busy; 1 is fastest on a loaded machine)."
 SET_THREADS_HELP = "CPU threads (1 is fastest on a busy machine: no waiting at OpenMP barriers)."
 UPDATE_RATE_HELP = "Per-cell update probability σ (default: as the model was trained)."
+RUNS_HELP = (
+    "Average this many runs, each with its own update masks (seeds SEED, SEED+1, …): cancels part of what the "
+    "random asynchronous updates leave, at RUNS times the work."
+)
 
 
 def _option(default, *names, help: str, panel: str | None = None, **kw):
@@ -62,6 +66,10 @@ def iters_option(default, help: str, **kw):
 
 def update_rate_option(help: str = UPDATE_RATE_HELP, **kw):
     return _option(None, "--update-rate", help=help, **kw)
+
+
+def runs_option(help: str = RUNS_HELP, **kw):
+    return _option(1, "--runs", help=help, **kw)
 
 
 def backend_option(**kw):

@@ -27,6 +27,7 @@ from vitca_cli.restore.files import (
 DEFAULT_ITERS = 64  # CA iterations when neither the settings nor the weights name a number
 LARGE_PIXELS = 4_000_000  # an image from this size on gets the hint of a faster shipped model, if there is one
 MAX_ITERS = 10_000
+MAX_RUNS = 64
 
 
 @dataclass
@@ -37,6 +38,7 @@ class BatchSettings:
     recursive: bool = False
     iters: Optional[int] = None  # None: the weights' default_iters, else DEFAULT_ITERS
     update_rate: Optional[float] = None  # None: as the model was trained
+    runs: int = 1  # the mean of this many runs, seeds seed, seed+1, …
     seed: int = 0
     weights: Optional[str] = None  # None: the shipped default for each image's channels
     device: str = "auto"
@@ -76,6 +78,8 @@ class BatchSettings:
             raise SettingError("tile", f"must be 0 (off) or a positive size in pixels, got {self.tile}")
         if self.settle < 0:
             raise SettingError("settle", f"must be at least 0, got {self.settle}")
+        if not 1 <= self.runs <= MAX_RUNS:
+            raise SettingError("runs", f"{self.runs}: choose from 1 to {MAX_RUNS}")
         if self.frames < 1:
             raise SettingError("frames", f"must be at least 1, got {self.frames}")
         if self.overwrite and self.skip_existing:
@@ -288,6 +292,7 @@ def process(
         known=known,
         settle=settings.settle,
         fusion=fusion,
+        runs=settings.runs,
     )
     fmt = images.output_format(job.output, pic.format, settings.ext)
     images.write_image(job.output, result.image, pic, fmt)
@@ -299,7 +304,8 @@ def process(
         panels = ([clean] if settings.corrupt or inpaint else []) + [pixels, result.image]
         images.write_bytes(extras["compare"], images.encode_image(images.side_by_side(panels), "PNG"))
     h, w = pic.size
-    tiles = (", fused" if fusion else "") + (f", {result.plan.count} tiles" if result.plan.count > 1 else "")
+    tiles = (f" × {settings.runs} runs" if settings.runs > 1 else "") + (", fused" if fusion else "")
+    tiles += f", {result.plan.count} tiles" if result.plan.count > 1 else ""
     if settings.settle > 0:
         share = result.skipped / max(1, result.computed + result.skipped)
         tiles += f", {share:.0%} of {result.computed + result.skipped:,} cell-steps skipped as settled"

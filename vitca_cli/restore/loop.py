@@ -267,7 +267,7 @@ def mask_missing(image: np.ndarray, missing: np.ndarray, mask_type: str = "noise
 class Restored:
     """The restored image ``(H, W, C)`` (not clipped), animation frames (output after each recorded step),
     the steps they were taken at, the tile plan used, and the work: ``computed`` cell-steps (windows, halos and
-    tile margins included), ``skipped`` (left out as settled) and ``dense`` (the image's cells × iterations)."""
+    tile margins included), ``skipped`` (left out as settled) and ``dense`` (the image's cells × iterations × runs)."""
 
     image: np.ndarray
     frames: list[np.ndarray] = field(default_factory=list)
@@ -316,6 +316,7 @@ def restore(
     known: np.ndarray | None = None,
     settle: float = 0.0,
     fusion: bool = False,
+    runs: int = 1,
 ) -> Restored:
     """Run the CA on ``image`` ``(H, W, C)`` (C = the model's channels, values as the model expects: masked
     image in [0, 1] plus any noise) for ``iters`` steps and return the output channels.
@@ -332,12 +333,18 @@ def restore(
     ``fusion`` runs appendix A.1's schedule: 2 steps, the grid fused 2×2, ``iters - 4`` steps at half resolution,
     mitosis (the input re-injected), 2 steps: about a quarter of the cell-steps, for models trained with it. The
     grid is padded to even cells for it.
+
+    ``runs`` > 1 averages that many runs, run ``r`` with the update masks of seed ``seed + r`` (so ``runs=2`` at
+    seed 0 is the mean of seeds 0 and 1): each run's asynchronous updates leave their own error, and the mean
+    cancels part of it, at ``runs`` times the work.
     """
     cfg: CAConfig = backend.cfg
     if iters < 1:
         raise SettingError("iters", f"must be at least 1, got {iters}")
     if settle < 0:
         raise SettingError("settle", f"must be at least 0, got {settle}")
+    if runs < 1:
+        raise SettingError("runs", f"must be at least 1, got {runs}")
     if fusion and iters < 2 * FUSED_OUTER:
         raise SettingError("iters", f"{iters}: fusion needs at least {2 * FUSED_OUTER} steps")
     if fusion and (cfg.size_dependent or cfg.arch != "vitca"):
@@ -359,35 +366,36 @@ def restore(
 
     if hasattr(backend, "prepare"):
         backend.prepare((ph // p) * (pw // p) * iters, settle)
-    masks = UpdateMasks(seed, iters, rate)
-    fused = UpdateMasks(seed, iters - 2 * FUSED_OUTER, rate, level=1) if fusion else None
     record = _recorded_steps(iters, frames, ph * pw * c * 4)
     acc = torch.zeros(len(record) + 1, c, ph, pw)  # running blend for each frame, the final output last
-    weight_sum = torch.zeros(1, 1, ph, pw)
+    weight_sum = torch.zeros(1, 1, ph, pw)  # every run adds its weights: the blend is the mean over runs
 
     th, tw = plan.tile
     # Tiles run together when several fit one call (small size-dependent tiles); large ones one at a time.
     per_batch = max(1, max_cells // (th * tw))
     origins = plan.origins
     batches = [origins[i : i + per_batch] for i in range(0, len(origins), per_batch)]
-    done, total, computed, skipped = 0, len(batches) * iters, 0, 0
-    for batch in batches:
-        start = done
+    done, total, computed, skipped = 0, runs * len(batches) * iters, 0, 0
+    for r in range(runs):
+        masks = UpdateMasks(seed + r, iters, rate)
+        fused = UpdateMasks(seed + r, iters - 2 * FUSED_OUTER, rate, level=1) if fusion else None
+        for batch in batches:
+            start = done
 
-        def on_step(t: int, start: int = start) -> None:
-            if progress is not None:
-                progress(start + t, total)
+            def on_step(t: int, start: int = start) -> None:
+                if progress is not None:
+                    progress(start + t, total)
 
-        run, outputs = _run_tiles(
-            backend, x, k, (masks, fused), batch, plan.tile, settle, tuple(record), max_cells, on_step
-        )
-        computed, skipped = computed + run.computed, skipped + run.skipped
-        done = start + iters
-        if progress is not None and run.steps_run < iters:
-            progress(done, total)
-        _blend(acc, weight_sum, plan, batch, outputs, p)
+            run, outputs = _run_tiles(
+                backend, x, k, (masks, fused), batch, plan.tile, settle, tuple(record), max_cells, on_step
+            )
+            computed, skipped = computed + run.computed, skipped + run.skipped
+            done = start + iters
+            if progress is not None and run.steps_run < iters:
+                progress(done, total)
+            _blend(acc, weight_sum, plan, batch, outputs, p)
     result = _blended_images(acc, weight_sum, x, k, (h, w))
-    dense = (ph // p) * (pw // p) * iters
+    dense = (ph // p) * (pw // p) * iters * runs
     return Restored(result[-1], result[:-1], record, plan, computed, skipped, dense)
 
 
