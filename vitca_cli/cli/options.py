@@ -33,7 +33,7 @@ THREADS_HELP = "CPU threads (default: the cores not already busy; 1 is fastest o
 SET_THREADS_HELP = "CPU threads (1 is fastest on a busy machine: no waiting at OpenMP barriers)."
 UPDATE_RATE_HELP = "Per-cell update probability σ (default: as the model was trained)."
 RUNS_HELP = (
-    "Average this many runs, each with its own update masks (seeds SEED, SEED+1, …): cancels part of what the "
+    "Average this many runs, each with its own update masks (seeds SEED, SEED+1 and so on): cancels part of what the "
     "random asynchronous updates leave, at RUNS times the work."
 )
 
