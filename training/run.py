@@ -63,7 +63,7 @@ def check_new_run_dir(out_dir: Path) -> None:
     if (Path(out_dir) / LAST).exists():
         raise SettingError(
             "run_dir",
-            "{0} " + f"{out_dir} already holds a run; resume it ({{1}} {out_dir}) or choose another folder",
+            f"{out_dir} already holds a run; resume it ({{1}} {out_dir}) or choose another folder",
             "resume",
         )
 

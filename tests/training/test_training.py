@@ -363,7 +363,7 @@ def test_cli_train_and_resume_on_png_folder(tmp_path, monkeypatch):
     res = runner.invoke(app, ["train", "--resume", str(run), "--lr", "0.1"])
     assert res.exit_code == 2 and "cannot change --lr" in res.output
     res = runner.invoke(app, ["train", "--dataset", f"folder:{photos}", "--image-size", "8", "-o", str(run)])
-    assert res.exit_code == 2 and "already holds a run" in res.output
+    assert res.exit_code == 2 and f"--run-dir {run} already holds a run; resume it (--resume {run})" in res.output
     monkeypatch.setattr("vitca_cli.runtime.cpu_has_native_bf16", lambda: False)  # an AVX2-only CPU
     res = runner.invoke(app, ["train", "--resume", str(run), "--precision", "bf16"])  # speed knobs may change
     assert res.exit_code == 0, res.output
