@@ -1,7 +1,7 @@
 """Is model B better than model A beyond the noise? The paired difference of two ``vitca eval --json`` reports.
 
-Two evaluations with the same dataset, protocol, seed and limit see the same images, mask combos and masks, so
-their batch PSNRs can be compared batch by batch: the 95% interval of the mean difference is far narrower than
+Two evaluations with the same dataset, protocol, seed and batch size see the same images, mask combos and masks
+(one with ``--limit`` sees the first of them), so their batch PSNRs can be compared batch by batch: the 95% interval of the mean difference is far narrower than
 either report's own interval (which is mostly the spread between mask combos). The masks do not depend on the CA's
 steps or update rate, so two runs of one model that differ only in those are paired too (what differs is printed).
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.metrics import mean_interval  # noqa: E402
 
-SAME = ("dataset", "split", "images", "protocol", "mask_type", "seed", "combos")  # the same damage
+SAME = ("dataset", "split", "protocol", "mask_type", "seed", "combos", "batch_size")  # the same damage
 RUN = ("weights", "iters", "update_rate", "runs", "step", "device")  # how it was restored
 
 
@@ -40,8 +40,9 @@ def main() -> None:
     if how:
         print("A and B differ in: " + ", ".join(f"{k} {a[k]} → {b[k]}" for k in how))
     xa, xb = a.get("vitca_batch_psnr"), b.get("vitca_batch_psnr")
-    if not xa or not xb or len(xa) != len(xb):
+    if not xa or not xb:
         sys.exit("a report lacks the per-batch PSNRs (made by an older vitca eval?)")
+    xa, xb = common_batches(a, b, xa, xb)
     diff, half = mean_interval([q - p for p, q in zip(xa, xb)])
     better = sum(q > p for p, q in zip(xa, xb))
     print(
@@ -49,6 +50,25 @@ def main() -> None:
         f"B − A = {diff:+.3f} ± {half:.3f} dB (95%, paired over {len(xa)} batches; B ahead in {better})"
     )
     print(verdict(diff, half))
+
+
+def common_batches(a: dict, b: dict, xa: list, xb: list) -> tuple[list, list]:
+    """The batches both reports scored. Batches are drawn and damaged in order, so an evaluation with ``--limit N``
+    sees exactly the first N images' damage of a longer one: the two pair over the shorter's batches, provided
+    those are all whole (N a multiple of the batch size)."""
+    if a.get("images") == b.get("images") and len(xa) == len(xb):
+        return xa, xb
+    short = min((a, b), key=lambda r: r.get("images", 0))
+    size = short.get("batch_size")
+    whole = isinstance(size, int) and size > 0 and short.get("images", 0) == size * len(short["vitca_batch_psnr"])
+    if not whole:
+        sys.exit(
+            f"the reports scored {a.get('images')} and {b.get('images')} images and the shorter's batches are not "
+            "all whole (or its batch size is unknown): no paired comparison"
+        )
+    n = min(len(xa), len(xb))
+    print(f"paired over the first {n} batches ({short['images']} images) that both reports scored")
+    return xa[:n], xb[:n]
 
 
 def verdict(diff: float, half: float) -> str:

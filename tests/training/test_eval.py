@@ -408,3 +408,21 @@ def test_two_eval_reports_pair_on_the_damage_whatever_the_steps(tmp_path):
     assert "B − A = +0.500" in more.stdout and "B is better beyond the noise" in more.stdout
     other_masks = run(a, report("c.json", [20.5, 22.4, 24.6], seed=1))
     assert other_masks.returncode != 0 and "seed" in other_masks.stderr
+    # an evaluation with --limit pairs with the first batches of a longer one, if its batches are all whole
+    whole = run(report("d.json", [20.5, 22.4], images=64, batch_size=32), report("e.json", [20.0, 22.0, 24.0],
+                                                                                 batch_size=32))  # fmt: skip
+    assert whole.returncode == 0 and "paired over the first 2 batches (64 images)" in whole.stdout
+    assert "B − A = -0.450" in whole.stdout
+    ragged = run(a, report("f.json", [20.5, 22.4], images=50))
+    assert ragged.returncode != 0 and "not all whole" in ragged.stderr
+
+
+def test_a_limited_evaluation_scores_the_first_batches_of_a_longer_one_exactly(model):
+    """What lets ``bench/compare_eval.py`` pair a ``--limit`` report with a whole-split one: damage, combos and
+    update masks are drawn batch by batch in order, so the first batches come out the same."""
+    data = TensorDataset(_images(96, seed=3))
+    short, long = (
+        evaluate(model, batches(data, 32, limit=n, drop_last=True), iters=3, protocol="paper")["vitca_batch_psnr"]
+        for n in (64, 96)
+    )
+    assert len(short) == 2 and len(long) == 3 and short == long[:2]
