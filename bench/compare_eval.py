@@ -1,9 +1,10 @@
 """Is model B better than model A beyond the noise? The paired difference of two ``vitca eval --json`` reports.
 
 Two evaluations with the same dataset, protocol, seed and batch size see the same images, mask combos and masks
-(one with ``--limit`` sees the first of them), so their batch PSNRs can be compared batch by batch: the 95% interval of the mean difference is far narrower than
-either report's own interval (which is mostly the spread between mask combos). The masks do not depend on the CA's
-steps or update rate, so two runs of one model that differ only in those are paired too (what differs is printed).
+(one with ``--limit`` sees the first of them), so their batch PSNRs can be compared batch by batch: the 95% interval
+of the mean difference is far narrower than either report's own interval (which is mostly the spread between mask
+combos). The masks do not depend on the CA's steps or update rate, so two runs of one model that differ only in
+those are paired too (what differs is printed).
 
     vitca eval -w A ... --json > a.json
     vitca eval -w B ... --json > b.json      # the same settings
