@@ -173,6 +173,8 @@ def _start_run(trainer: Trainer, run_dir: Path, device, resume_from, init_state,
         if world.main:
             _trim_metrics(run_dir / METRICS_FILE, trainer.iteration)
         log.info(f"resuming {run_dir} at iteration {trainer.iteration} of {tcfg.iterations}")
+        if not any(len(pool) for pool in trainer.pools.values()):
+            log.info("its checkpoint holds no pool (a carried run): the pool refills from fresh batches")
     elif init_state is not None:
         trainer.ca.load_state_dict(init_state)
     config = {

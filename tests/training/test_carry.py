@@ -1,0 +1,95 @@
+"""Carrying a run between machines (``python -m training.carry``): the run folder without the pool, whole or not
+at all, resumable by `vitca train --resume` with the same schedule and weights."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.training.test_training import CFG, tcfg, tiny_dataset
+from training.carry import carry, main
+from training.run import read_run
+from training.train import train
+from vitca_cli.io.checkpoint import read_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def stopped_run(tmp_path):
+    """A 12-iteration run stopped at iteration 6 (validation every 3, so it has a best.pt)."""
+    run = tmp_path / "run"
+    t = tcfg(iterations=12, val_every=3, pool_size=16)
+    train(CFG, t, run, train_ds=tiny_dataset(), val_ds=tiny_dataset(8, seed=1), progress=False, stop_at=6)
+    (run / "command.txt").write_text("vitca train --iterations 12\n")  # what the CLI appends to it
+    return run
+
+
+def test_the_carried_copy_keeps_the_resumable_state_without_the_pool(stopped_run, tmp_path):
+    dest = tmp_path / "carried"
+    carry(stopped_run, dest)
+    src, got = read_checkpoint(stopped_run / "last.pt"), read_checkpoint(dest / "last.pt")
+    assert src["pool"]["z"].shape[0] > 4 and got["pool"] == {}
+    assert got["iteration"] == src["iteration"] == 6
+    assert all(torch.equal(src["model"][k], got["model"][k]) for k in src["model"])
+    moments = lambda c: [s["exp_avg_sq"] for s in c["optimizer"]["state"].values()]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(moments(src), moments(got)))
+    assert got["scheduler"] == src["scheduler"] and got["best"] == src["best"]
+    assert torch.equal(got["rng"]["device"], src["rng"]["device"])
+    assert {p.name for p in dest.iterdir()} == {"last.pt", "best.pt", "config.json", "command.txt", "metrics.jsonl"}
+    assert (dest / "metrics.jsonl").read_text() == (stopped_run / "metrics.jsonl").read_text()
+    pool_bytes = sum(t.numel() * t.element_size() for t in src["pool"].values())
+    assert (stopped_run / "last.pt").stat().st_size - (dest / "last.pt").stat().st_size >= 0.9 * pool_bytes
+
+
+def test_a_carried_run_resumes_on_the_same_schedule_and_refills_its_pool(stopped_run, tmp_path):
+    dest = tmp_path / "carried"
+    carry(stopped_run, dest)
+    cfg, t, ckpt = read_run(dest)
+    out = train(cfg, t, dest, train_ds=tiny_dataset(), val_ds=tiny_dataset(8, seed=1), progress=False,
+                resume_from=ckpt)  # fmt: skip
+    assert out["status"] == "done" and out["iteration"] == 12
+    trainer = out["trainer"]
+    assert len(trainer.pool) > t.batch_size  # refilled from fresh batches
+    uninterrupted = train(CFG, t, tmp_path / "whole", train_ds=tiny_dataset(), val_ds=tiny_dataset(8, seed=1),
+                          progress=False)["trainer"]  # fmt: skip
+    assert trainer.sched.state_dict()["last_epoch"] == uninterrupted.sched.state_dict()["last_epoch"]
+    assert math.isclose(trainer.opt.param_groups[0]["lr"], uninterrupted.opt.param_groups[0]["lr"])
+    assert all(torch.isfinite(p).all() for p in trainer.ca.parameters())
+
+
+def test_an_existing_destination_is_kept_unless_overwrite(stopped_run, tmp_path):
+    dest = tmp_path / "carried"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("mine")
+    assert main([str(stopped_run), str(dest)]) == 2
+    assert (dest / "keep.txt").read_text() == "mine" and not (dest / "last.pt").exists()
+    assert main([str(stopped_run), str(dest), "--overwrite"]) == 0
+    assert not (dest / "keep.txt").exists() and read_checkpoint(dest / "last.pt")["pool"] == {}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folders left
+
+
+def test_the_run_folder_itself_and_folders_without_a_run_are_refused(stopped_run, tmp_path):
+    assert main([str(stopped_run), str(stopped_run), "--overwrite"]) == 2
+    assert read_checkpoint(stopped_run / "last.pt")["pool"] != {}
+    weights_only = tmp_path / "weights-only"
+    weights_only.mkdir()
+    (weights_only / "last.pt").write_bytes((stopped_run / "best.pt").read_bytes())
+    assert main([str(weights_only), str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_command_line_reports_a_missing_run_in_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.carry", str(tmp_path / "nowhere"), str(tmp_path / "dest")],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere'}: no last.pt there (not a vitca run "
+                                                "folder, or it never saved)"]  # fmt: skip
+    assert not (tmp_path / "dest").exists()
