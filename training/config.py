@@ -90,7 +90,7 @@ class TrainConfig:
         "fashion-mnist", "fashion-mnist | mnist | mnist-5k | cifar10 | celeba | folder:PATH.", DATA, option=False
     )
     data_dir: str | None = setting(
-        None, "Dataset root (default: $VITCA_DATA, then the user cache).", DATA, option=False
+        None, "Dataset root (default: $VITCA_DATA, then the user cache).", DATA, resumable=True, option=False
     )
     iterations: int = setting(100_000, "Total iterations I.", resumable=True)
     batch_size: int = setting(32, "Batch size b.", flags=("-b",))

@@ -93,3 +93,33 @@ def test_the_command_line_reports_a_missing_run_in_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere'}: no last.pt there (not a vitca run "
                                                 "folder, or it never saved)"]  # fmt: skip
     assert not (tmp_path / "dest").exists()
+
+
+def test_a_run_resumes_with_its_dataset_found_under_another_root(tmp_path):
+    """On another machine the same dataset may live elsewhere: --data-dir may change on --resume, the dataset may
+    not."""
+    from typer.testing import CliRunner
+
+    from tests.training.test_data import write_mnist_like
+    from vitca_cli.cli import app
+
+    write_mnist_like(tmp_path / "here" / "mnist", n_train=40, n_test=8)
+    run = tmp_path / "run"
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--dataset", "mnist", "--data-dir", str(tmp_path / "here"), "--image-size",
+                              "8", "--embed", "16", "--heads", "2", "--mlp", "16", "--hidden", "4", "-b", "2",
+                              "--t-min", "2", "--t-max", "2", "--mask-max-patch", "2", "--val-every", "0",
+                              "--no-compile", "--iterations", "4", "--stop-at", "2", "-o", str(run)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    carry(run, tmp_path / "carried")
+    (tmp_path / "here").rename(tmp_path / "there")
+    res = runner.invoke(app, ["train", "--resume", str(tmp_path / "carried")])
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    res = runner.invoke(app, ["train", "--resume", str(tmp_path / "carried"), "--data-dir", str(tmp_path / "there")])
+    assert res.exit_code == 0, res.output
+    assert "the pool refills from fresh batches" in res.output
+    ckpt = read_checkpoint(tmp_path / "carried" / "last.pt")
+    assert ckpt["iteration"] == 4 and ckpt["train"]["data_dir"] == str(tmp_path / "there")
+    res = runner.invoke(app, ["train", "--resume", str(tmp_path / "carried"), "--dataset", "fashion-mnist",
+                              "--iterations", "6"])  # fmt: skip
+    assert res.exit_code == 2 and "cannot change --dataset" in res.output

@@ -206,8 +206,9 @@ def _plan(o: dict, train_opts: dict, model_opts: dict, world):
         init = run.read_init(o["init_weights"])
         train_opts["init_weights"] = init[2]
     if o["resume"] is not None:
-        fixed = sorted(model_opts) + [n for n in ("dataset", "image_size", "data_dir", "run_dir") if o[n]]
-        cfg, tcfg, ckpt = run.resume_run(o["resume"], train_opts, fixed)
+        fixed = sorted(model_opts) + [n for n in ("dataset", "image_size", "run_dir") if o[n]]
+        moved = {"data_dir": str(o["data_dir"])} if o["data_dir"] else {}  # the same data, found elsewhere
+        cfg, tcfg, ckpt = run.resume_run(o["resume"], {**train_opts, **moved}, fixed)
         return cfg, tcfg, o["resume"], ckpt, None
     spec = o["dataset"] or TrainConfig.dataset
     data_dir = str(o["data_dir"]) if o["data_dir"] else None
