@@ -123,3 +123,23 @@ def test_a_run_resumes_with_its_dataset_found_under_another_root(tmp_path):
     res = runner.invoke(app, ["train", "--resume", str(tmp_path / "carried"), "--dataset", "fashion-mnist",
                               "--iterations", "6"])  # fmt: skip
     assert res.exit_code == 2 and "cannot change --dataset" in res.output
+
+
+def test_each_rank_state_of_a_distributed_run_is_carried_without_its_pool(stopped_run, tmp_path):
+    from training.trainer import shard_path
+    from vitca_cli.io.checkpoint import save_checkpoint
+    from vitca_cli.nca.config import CAConfig
+
+    last = stopped_run / "last.pt"
+    ckpt = read_checkpoint(last)
+    cfg = CAConfig.from_dict(ckpt["config"])
+    rest = {k: v for k, v in ckpt.items() if k not in ("format", "version", "config", "model", "meta", "world_size")}
+    save_checkpoint(last, cfg, ckpt["model"], ckpt["meta"], world_size=2, **rest)  # as rank 0 of two writes it
+    shard = shard_path(last, 1, 6)
+    save_checkpoint(shard, cfg, {}, {}, iteration=6, world_size=2, pool=ckpt["pool"], rng=ckpt["rng"])
+    carry(stopped_run, tmp_path / "carried")
+    got = read_checkpoint(shard_path(tmp_path / "carried" / "last.pt", 1, 6))
+    assert got["pool"] == {} and torch.equal(got["rng"]["data"], ckpt["rng"]["data"])
+    shard.unlink()  # a folder missing a rank's state is refused, and nothing is written
+    assert main([str(stopped_run), str(tmp_path / "again")]) != 0
+    assert not (tmp_path / "again").exists()
