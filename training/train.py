@@ -127,6 +127,15 @@ def train(
     display = _Progress(progress and world.main, trainer.iteration, end)
     metrics_file = open(metrics_path, "a") if world.main else open(os.devnull, "w")
     with _StopFlag() as flag, display, metrics_file as metrics:
+        if init_state is not None and resume_from is None and val_ds is not None and tcfg.val_every:
+            # The learning curve's origin: the weights it starts from, on this run's validation damage.
+            if world.main:
+                last_val = _validate(trainer, run_dir, metrics)
+                log.info(
+                    f"iteration 0 (the initial weights): validation PSNR {last_val['val_psnr']:.2f} dB per image, "
+                    f"{last_val['val_psnr_batch']:.2f} dB per batch"
+                )
+            barrier(world)
         while trainer.iteration < end:
             try:
                 rec = trainer.step()

@@ -15,6 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from training.config import TrainConfig
+from training.data import open_dataset
 from training.dataset import ImageDataset
 from training.pool import Pool
 from training.run import read_run
@@ -462,3 +463,39 @@ def test_cpu_bf16_detection_reads_the_cpu_flags():
     flags = open("/proc/cpuinfo").read() if sys.platform.startswith("linux") else ""
     expected = ("avx512_bf16" in flags or "amx_bf16" in flags) if " flags" in flags or "flags\t" in flags else None
     assert cpu_has_native_bf16() is expected
+
+
+def test_a_warm_started_run_validates_its_initial_weights_first(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.RandomState(2)
+    for k in range(12):
+        Image.fromarray(rng.randint(0, 256, (12, 12, 3), dtype=np.uint8)).save(photos / f"p{k}.png")
+    common = ["--dataset", f"folder:{photos}", "--t-min", "2", "--t-max", "2", "-b", "2", "--mask-max-patch", "2",
+              "--val-size", "2", "--val-steps", "2", "--no-compile"]  # fmt: skip
+    runner = CliRunner()
+    first = tmp_path / "first"
+    res = runner.invoke(app, ["train", *common, "--image-size", "8", "--embed", "16", "--heads", "2", "--mlp", "16",
+                              "--hidden", "4", "--iterations", "2", "--val-every", "2", "-o", str(first)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+
+    def vals(run):
+        return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_psnr" in r]
+
+    assert [r["iteration"] for r in vals(first)] == [2]  # a fresh initialisation has no origin worth scoring
+    second = tmp_path / "second"
+    res = runner.invoke(app, ["train", *common, "--init-weights", str(first / "last.pt"), "--iterations", "4",
+                              "--val-every", "2", "--lr", "1e-2", "--stop-at", "2", "-o", str(second)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "iteration 0 (the initial weights): validation PSNR" in res.output
+    origin = vals(second)[0]
+    assert origin["iteration"] == 0
+    # The origin is the initial weights on the second run's own validation damage.
+    cfg, tcfg = CAConfig.from_dict(read_checkpoint(first / "last.pt")["config"]), read_run(second)[1]
+    val = open_dataset(tcfg.dataset, "val", tcfg.data_dir, tuple(cfg.image_size))
+    probe = Trainer(cfg, tcfg, val, val)
+    probe.ca.load_state_dict(read_checkpoint(first / "last.pt")["model"])
+    assert probe.validate()["val_psnr"] == pytest.approx(origin["val_psnr"], abs=1e-5)
+    res = runner.invoke(app, ["train", "--resume", str(second)])  # resuming does not score the origin again
+    assert res.exit_code == 0, res.output
+    assert [r["iteration"] for r in vals(second)] == [0, 2, 4]
