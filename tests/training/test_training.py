@@ -32,6 +32,16 @@ SIZE = 8
 CFG = preset("mnist", image_size=(SIZE, SIZE), embed=16, heads=2, mlp=16, hidden=4)
 
 
+def photo_folder(tmp_path, n: int, shape: tuple, seed: int):
+    """A folder of ``n`` random PNG photos of ``shape`` (H, W) or (H, W, 3), for ``--dataset folder:DIR``."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.RandomState(seed)
+    for k in range(n):
+        Image.fromarray(rng.randint(0, 256, shape, dtype=np.uint8)).save(photos / f"p{k}.png")
+    return photos
+
+
 def tiny_dataset(n=16, seed=0) -> ImageDataset:
     rng = np.random.RandomState(seed)
     images = np.zeros((n, 1, SIZE, SIZE), np.uint8)
@@ -188,11 +198,7 @@ def flatten_masking(last) -> None:
 
 
 def test_cli_resumes_a_run_folder_saved_with_flat_masking_keys(tmp_path):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    rng = np.random.RandomState(3)
-    for k in range(6):
-        Image.fromarray(rng.randint(0, 256, (12, 12), dtype=np.uint8)).save(photos / f"p{k}.png")
+    photos = photo_folder(tmp_path, 6, (12, 12), seed=3)
     run = tmp_path / "run"
     args = [
         "train",
@@ -348,11 +354,7 @@ def test_bf16_rollout_keeps_an_fp32_grid_and_matches_fp32_gradients():
 
 
 def test_cli_train_and_resume_on_png_folder(tmp_path, monkeypatch):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    rng = np.random.RandomState(0)
-    for k in range(12):
-        Image.fromarray(rng.randint(0, 256, (20, 24, 3), dtype=np.uint8)).save(photos / f"p{k}.png")
+    photos = photo_folder(tmp_path, 12, (20, 24, 3), seed=0)
     run = tmp_path / "run"
     common = ["--t-min", "2", "--t-max", "3", "--val-size", "2", "--val-steps", "2", "--embed", "16", "--heads",
               "2", "--mlp", "16", "--hidden", "4", "-b", "2", "--mask-max-patch", "2", "--no-compile"]  # fmt: skip
@@ -386,11 +388,7 @@ def test_cli_train_and_resume_on_png_folder(tmp_path, monkeypatch):
 
 
 def test_cli_init_weights_starts_a_new_run_from_trained_weights(tmp_path):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    rng = np.random.RandomState(1)
-    for k in range(6):
-        Image.fromarray(rng.randint(0, 256, (12, 12, 3), dtype=np.uint8)).save(photos / f"p{k}.png")
+    photos = photo_folder(tmp_path, 6, (12, 12, 3), seed=1)
     common = ["--dataset", f"folder:{photos}", "--t-min", "2", "--t-max", "2", "-b", "2", "--mask-max-patch", "2",
               "--val-every", "0", "--no-compile"]  # fmt: skip
     runner = CliRunner()
@@ -418,11 +416,7 @@ def test_cli_init_weights_starts_a_new_run_from_trained_weights(tmp_path):
 
 
 def test_cli_init_weights_moves_a_fixed_position_encoding_to_another_size_but_not_a_learned_one(tmp_path):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    rng = np.random.RandomState(2)
-    for k in range(6):
-        Image.fromarray(rng.randint(0, 256, (12, 12, 3), dtype=np.uint8)).save(photos / f"p{k}.png")
+    photos = photo_folder(tmp_path, 6, (12, 12, 3), seed=2)
     common = ["--dataset", f"folder:{photos}", "--t-min", "2", "--t-max", "2", "-b", "2", "--mask-max-patch", "2",
               "--val-every", "0", "--no-compile", "--iterations", "1"]  # fmt: skip
     small = ["--image-size", "8", "--embed", "16", "--heads", "2", "--mlp", "16", "--hidden", "4"]
@@ -466,11 +460,7 @@ def test_cpu_bf16_detection_reads_the_cpu_flags():
 
 
 def test_a_warm_started_run_validates_its_initial_weights_first(tmp_path):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    rng = np.random.RandomState(2)
-    for k in range(12):
-        Image.fromarray(rng.randint(0, 256, (12, 12, 3), dtype=np.uint8)).save(photos / f"p{k}.png")
+    photos = photo_folder(tmp_path, 12, (12, 12, 3), seed=2)
     common = ["--dataset", f"folder:{photos}", "--t-min", "2", "--t-max", "2", "-b", "2", "--mask-max-patch", "2",
               "--val-size", "2", "--val-steps", "2", "--no-compile"]  # fmt: skip
     runner = CliRunner()
