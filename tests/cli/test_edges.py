@@ -303,6 +303,18 @@ def test_quick_start_uses_two_fresh_environments_and_leaves_the_checkout_clean()
         assert any(out.startswith(i.strip("/")) for i in ignored), out
 
 
+def test_the_readme_and_docs_link_only_to_files_that_exist():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    links = 0
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            links += 1
+            assert (page.parent / target.split("#")[0]).exists(), f"{page.name} links to {target}, which is missing"
+    assert links >= 1  # the README links to the training history in docs/
+
+
 # 15. the update rate a model was trained at -------------------------------------------------------------------------
 def test_a_model_trained_at_another_update_rate_runs_at_its_own_rate_by_default(capsys, tmp_path):
     import json
