@@ -21,13 +21,13 @@ import shutil
 import sys
 from pathlib import Path
 
-from training.run import BEST, CONFIG_FILE, LAST, read_run
+from training.run import AVERAGE, BEST, CONFIG_FILE, LAST, read_run
 from training.trainer import shard_path
 from vitca_cli.errors import UsageError, VitcaError
 from vitca_cli.io.checkpoint import read_checkpoint, save_checkpoint
 from vitca_cli.nca.config import CAConfig
 
-COPIED = (CONFIG_FILE, "command.txt", "metrics.jsonl", BEST)
+COPIED = (CONFIG_FILE, "command.txt", "metrics.jsonl", BEST, AVERAGE)
 
 
 def _without_pool(src: Path, dest: Path) -> None:

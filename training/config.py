@@ -114,6 +114,14 @@ class TrainConfig:
     )
     weight_decay: float = setting(0.01, "AdamW weight decay.")
     grad_norm: bool = setting(True, "Per-tensor gradient normalisation.", shown="on")
+    ema: float = setting(
+        0.0,
+        "Also keep an exponential moving average of the weights with this decay per iteration (e.g. 0.999; 0: "
+        "none), from the weights at the start or at the resume that turns it on; validated beside the weights, "
+        "saved as ema.pt, and written to best.pt when it validates better.",
+        resumable=True,
+        shown="none",
+    )
     checkpointing: bool = setting(False, "Gradient checkpointing, ⌊T/2⌋ segments.", shown="off")
     fusion_mitosis: bool = setting(False, "Appendix A.1 fusion/mitosis schedule.", shown="off")
     masking: MaskingConfig = setting(MaskingConfig(), "The paper's masking curriculum.", option=False)
@@ -175,6 +183,8 @@ class TrainConfig:
         problems += self.masking.problems()
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {PRECISIONS}")
+        if not 0.0 <= self.ema < 1.0:
+            problems.append(f"the weight average's decay must be in [0, 1), got {self.ema}")
         if self.warmup < 0:
             problems.append("warm-up must be ≥ 0 iterations")
         if self.lr <= 0 or self.val_steps < 1 or self.val_every < 0 or self.log_every < 1:

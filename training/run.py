@@ -1,8 +1,8 @@
 """Run folders: where a new run goes, what a resumed run may change, fine-tuning's starting weights, and the model
 configuration a run trains. The rules `vitca train` applies before the loop (``training.train.train``) starts.
 
-A run folder holds ``config.json``, ``command.txt``, ``metrics.jsonl``, ``last.pt`` (the resumable state) and
-``best.pt``; see ``training/train.py``.
+A run folder holds ``config.json``, ``command.txt``, ``metrics.jsonl``, ``last.pt`` (the resumable state),
+``best.pt`` and, with ``--ema``, ``ema.pt`` (the weight average); see ``training/train.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from training.config import TrainConfig, resumable
 from vitca_cli.errors import SettingError, UsageError, WeightsError, placeholders
 from vitca_cli.nca.config import PRESETS, CAConfig
 
-CONFIG_FILE, LAST, BEST = "config.json", "last.pt", "best.pt"
+CONFIG_FILE, LAST, BEST, AVERAGE = "config.json", "last.pt", "best.pt", "ema.pt"
 
 
 def read_run(run_dir: Path) -> tuple[CAConfig, TrainConfig, dict]:

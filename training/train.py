@@ -13,7 +13,9 @@ One iteration ``i`` (1-based):
 
 A run folder holds ``config.json`` (model and training configuration, seed, command line), ``command.txt``,
 ``metrics.jsonl``, ``last.pt`` (everything needed to resume exactly: weights, optimizer, scheduler, pool, RNG
-states, iteration) and ``best.pt`` (weights of the best validation PSNR at ``val_steps`` CA steps).
+states, iteration; with ``--ema``, the weight average too), ``best.pt`` (weights of the best validation PSNR at
+``val_steps`` CA steps: the weights, or their average where that validated better) and, with ``--ema``, ``ema.pt``
+(the weight average as of ``last.pt``, in ``best.pt``'s format).
 
 The trainer (model, optimizer, pools, generators, checkpoints) is in ``training/trainer.py``, the pieces of one
 iteration in ``training/step.py`` and the pool in ``training/pool.py``; this module runs the loop.
@@ -31,7 +33,7 @@ from pathlib import Path
 
 from training.config import TrainConfig
 from training.distributed import SINGLE, World, any_rank, barrier
-from training.run import BEST, CONFIG_FILE, LAST
+from training.run import AVERAGE, BEST, CONFIG_FILE, LAST
 from training.trainer import NonFiniteLoss, Trainer
 from vitca_cli import log as logmod
 from vitca_cli.errors import VitcaError
@@ -154,6 +156,8 @@ def train(
             stop = any_rank(world, flag.stop, trainer.device)  # a signal to any rank stops them all here
             if i % save_every == 0 or i == end or stop:
                 trainer.save(run_dir / LAST)
+                if trainer.average is not None and world.main:
+                    trainer.save_best(run_dir / AVERAGE, average=True)
             rate = (i - start_iter) / max(time.perf_counter() - start_time, 1e-9)
             display.update(i, rec["loss"], last_val, rate, validated)
             if stop:
@@ -186,6 +190,7 @@ def _start_run(trainer: Trainer, run_dir: Path, device, resume_from, init_state,
             log.info("its checkpoint holds no pool (a carried run): the pool refills from fresh batches")
     elif init_state is not None:
         trainer.ca.load_state_dict(init_state)
+        trainer.reset_average()
     config = {
         "model": cfg.to_dict(),
         "train": tcfg.to_dict(),
@@ -227,14 +232,18 @@ def _validate(trainer: Trainer, run_dir: Path, metrics) -> dict:
     """Validate, write ``best.pt`` when the selection figure improves, and log the figures; returns them."""
     i = trainer.iteration
     last_val = trainer.validate()
-    if last_val[trainer.selection] > trainer.best["val_psnr"]:
+    sel = trainer.selection
+    # The weights, or their moving average where it validates better.
+    prefix = "ema_" if last_val.get(f"ema_{sel}", -math.inf) > last_val[sel] else ""
+    if last_val[prefix + sel] > trainer.best["val_psnr"]:
         trainer.best = {
-            "val_psnr": last_val[trainer.selection],
-            "val_ssim": last_val["val_ssim"],
+            "val_psnr": last_val[prefix + sel],
+            "val_ssim": last_val[prefix + "val_ssim"],
             "iteration": i,
-            "metric": trainer.selection,
+            "metric": sel,
+            "weights": "moving average" if prefix else "weights",
         }
-        trainer.save_best(run_dir / BEST)
+        trainer.save_best(run_dir / BEST, average=bool(prefix))
     metrics.write(json.dumps({"iteration": i, **last_val}) + "\n")
     metrics.flush()
     return last_val
@@ -268,6 +277,8 @@ class _Progress:
 
     def update(self, i, loss, val, rate, validated):
         psnr = f"{val['val_psnr']:.2f} dB" if val else "-"
+        if val and "ema_val_psnr" in val:
+            psnr += f" (average {val['ema_val_psnr']:.2f})"
         if self.bar is not None:
             self.bar.update(self.task, completed=i, loss=f"{loss:.3f}", psnr=psnr, rate=f"{rate:.2f}")
         elif self.enabled and (validated or time.monotonic() - self._last_line > 30 or i == self.end):

@@ -9,6 +9,7 @@ so validating (or not) never changes the training trajectory.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import random
@@ -54,6 +55,7 @@ class Trainer:
         self.best = {"val_psnr": -math.inf, "val_ssim": None, "iteration": 0}
         self.schedule = tcfg.schedule
         self._val_batches = None
+        self.reset_average()
         if tcfg.compile:
             # Fuse the memory-bound localised attention and bias epilogues into compiled kernels; the matrix
             # products, rollout loop, checkpointing and fusion/mitosis stay eager.
@@ -133,7 +135,23 @@ class Trainer:
         lr = self.opt.param_groups[0]["lr"]
         self.opt.step()
         self.sched.step()
+        if self.average is not None:
+            self._update_average()
         return z, {"loss": value, "l1": rec.item(), "overflow": overflow.item(), "lr": lr}
+
+    # -- the weight average -------------------------------------------------------------------------------------
+    def reset_average(self) -> None:
+        """Start the exponential moving average of the weights (``tcfg.ema``) at the present weights; None without
+        one."""
+        self.average = copy.deepcopy(self.ca).eval().requires_grad_(False) if self.tcfg.ema else None
+        self.average_updates = 0
+
+    @torch.no_grad()
+    def _update_average(self) -> None:
+        """average ← decay · average + (1 − decay) · weights, after each optimizer step."""
+        for a, w in zip(self.average.parameters(), self.ca.parameters()):
+            a.lerp_(w, 1.0 - self.tcfg.ema)
+        self.average_updates += 1
 
     # -- validation ---------------------------------------------------------------------------------------------
     def _prepare_validation(self):
@@ -153,32 +171,40 @@ class Trainer:
                 batches.append((damaged, known, x))
         return batches
 
-    @torch.no_grad()
     def validate(self) -> dict:
         """PSNR and SSIM of clipped outputs after ``val_steps`` CA steps (with fusion/mitosis when the run trains with
         it) on the fixed corrupted validation subset (per-image means; ``val_psnr_batch`` is the reference's per-batch
-        PSNR, averaged over batches)."""
+        PSNR, averaged over batches). With a weight average, its figures too, as ``ema_val_psnr`` and so on."""
+        figures = self._score(self.ca)
+        if self.average is not None:
+            figures.update({f"ema_{k}": v for k, v in self._score(self.average).items()})
+        return figures
+
+    @torch.no_grad()
+    def _score(self, model: CellularAutomaton) -> dict:
+        """:meth:`validate`'s figures for ``model`` (the run's weights or their average)."""
         from training.metrics import psnr_batch, psnr_per_image, ssim_per_image
 
         if self._val_batches is None:
             self._val_batches = self._prepare_validation()
         gen = torch.Generator(self.device).manual_seed(20_000 + self.tcfg.seed)
-        self.ca.eval()
+        training = model.training
+        model.eval()
         psnr, ssim, batch_psnr, l1 = [], [], [], []
         for masked, known, x in self._val_batches:
-            z = self.ca(
-                self.ca.seed(masked, gen, known),
+            z = model(
+                model.seed(masked, gen, known),
                 self.tcfg.val_steps,
                 generator=gen,
                 fusion_mitosis=self.tcfg.fusion_mitosis,
             )
-            out = self.ca.output(z)
+            out = model.output(z)
             psnr.append(psnr_per_image(out, x))
             if min(x.shape[-2:]) >= 11:
                 ssim.append(ssim_per_image(out, x))
             batch_psnr.append(psnr_batch(out, x))
             l1.append(float((out.clamp(0, 1) - x).abs().mean()))
-        self.ca.train()
+        model.train(training)
         return {
             "val_psnr": float(torch.cat(psnr).mean()),
             "val_ssim": float(torch.cat(ssim).mean()) if ssim else None,
@@ -211,8 +237,15 @@ class Trainer:
             "seed": t.seed,
         }
 
-    def state_dict_model(self) -> dict:
-        return {k: v.detach().cpu() for k, v in self.ca.state_dict().items()}
+    def state_dict_model(self, average: bool = False) -> dict:
+        """The weights (or, with ``average``, the weight average) on the CPU."""
+        model = self.average if average else self.ca
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+    def _average_state(self) -> dict:
+        if self.average is None:
+            return {}
+        return {"ema": self.state_dict_model(average=True), "ema_updates": self.average_updates}
 
     def _rank_state(self) -> dict:
         """What differs between ranks: the pool and the random generators."""
@@ -250,6 +283,7 @@ class Trainer:
                 scheduler=self.sched.state_dict(),
                 best=dict(self.best),
                 world_size=self.world.size,
+                **self._average_state(),
                 **self._rank_state(),
             )
         barrier(self.world)
@@ -263,9 +297,13 @@ class Trainer:
             return self.pools[None].state()
         return {"sizes": {str(size): pool.state() for size, pool in self.pools.items()}}
 
-    def save_best(self, path: Path) -> None:
-        """Weights and meta only (no optimizer or pool): what gets shipped."""
-        save_checkpoint(path, self.cfg, self.state_dict_model(), self.meta(), train=self.tcfg.to_dict())
+    def save_best(self, path: Path, average: bool = False) -> None:
+        """Weights (or, with ``average``, the weight average) and meta only (no optimizer or pool): what gets
+        shipped."""
+        meta = self.meta()
+        if average:
+            meta["weights"] = f"moving average (decay {self.tcfg.ema}, {self.average_updates} iterations)"
+        save_checkpoint(path, self.cfg, self.state_dict_model(average), meta, train=self.tcfg.to_dict())
 
     def load(self, ckpt: dict, path: Path | None = None) -> None:
         """Restore a ``last.pt`` written by :meth:`save` (``path``: where it is, to find this rank's shard)."""
@@ -279,6 +317,10 @@ class Trainer:
                 settings=("nproc",),
             )
         self.ca.load_state_dict(ckpt["model"])
+        self.reset_average()  # a resume that turns the average on starts it at the resumed weights
+        if self.average is not None and "ema" in ckpt:
+            self.average.load_state_dict(ckpt["ema"])
+            self.average_updates = int(ckpt["ema_updates"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
         if self.world.rank > 0:

@@ -63,6 +63,16 @@ def test_a_carried_run_resumes_on_the_same_schedule_and_refills_its_pool(stopped
     assert all(torch.isfinite(p).all() for p in trainer.ca.parameters())
 
 
+def test_a_run_with_a_weight_average_carries_it(tmp_path):
+    run, dest = tmp_path / "run", tmp_path / "carried"
+    t = tcfg(iterations=8, val_every=4, pool_size=16, ema=0.9)
+    train(CFG, t, run, train_ds=tiny_dataset(), val_ds=tiny_dataset(8, seed=1), progress=False, stop_at=4)
+    carry(run, dest)
+    src, got = read_checkpoint(run / "last.pt"), read_checkpoint(dest / "last.pt")
+    assert got["ema_updates"] == 4 and all(torch.equal(src["ema"][k], got["ema"][k]) for k in src["ema"])
+    assert (dest / "ema.pt").read_bytes() == (run / "ema.pt").read_bytes()
+
+
 def test_an_existing_destination_is_kept_unless_overwrite(stopped_run, tmp_path):
     dest = tmp_path / "carried"
     dest.mkdir()

@@ -489,3 +489,81 @@ def test_a_warm_started_run_validates_its_initial_weights_first(tmp_path):
     res = runner.invoke(app, ["train", "--resume", str(second)])  # resuming does not score the origin again
     assert res.exit_code == 0, res.output
     assert [r["iteration"] for r in vals(second)] == [0, 2, 4]
+
+
+def test_the_weight_average_follows_its_recurrence_and_starts_where_it_is_turned_on(tmp_path):
+    ds = tiny_dataset()
+    trainer = Trainer(CFG, tcfg(ema=0.75, lr=1e-2), ds)
+    expected = {k: v.clone() for k, v in trainer.state_dict_model().items()}  # the average starts at the weights
+    for _ in range(3):
+        trainer.step()
+        weights = trainer.state_dict_model()
+        expected = {k: 0.75 * expected[k] + 0.25 * weights[k] for k in weights}
+        average = trainer.state_dict_model(average=True)
+        for k in weights:
+            assert torch.allclose(average[k], expected[k], atol=1e-6), k
+    assert trainer.average_updates == 3
+    assert not all(torch.equal(average[k], weights[k]) for k in weights)
+    # A run saved without an average and resumed with one starts it at the resumed weights.
+    train(CFG, tcfg(iterations=4, val_every=0), tmp_path / "run", train_ds=ds, progress=False)
+    _, t, ckpt = read_run(tmp_path / "run")
+    assert "ema" not in ckpt and not (tmp_path / "run" / "ema.pt").exists()
+    resumed = Trainer(CFG, t.replace(ema=0.5, iterations=6), ds)
+    resumed.load(ckpt)
+    for k, v in resumed.state_dict_model(average=True).items():
+        assert torch.equal(v, ckpt["model"][k]), k
+    assert TrainConfig.from_dict({**t.to_dict(), "ema": 0.999}).ema == 0.999
+    with pytest.raises(UsageError, match="decay must be in"):
+        tcfg(ema=1.0)
+
+
+def test_a_run_with_a_weight_average_resumes_it_exactly_and_saves_it(tmp_path):
+    ds, val = tiny_dataset(), tiny_dataset(8, seed=1)
+    t = tcfg(iterations=20, val_every=5, ema=0.9)
+    train(CFG, t, tmp_path / "a", train_ds=ds, val_ds=val, progress=False)
+    train(CFG, t, tmp_path / "b", train_ds=ds, val_ds=val, progress=False, stop_at=10)
+    cfg2, t2, ckpt = read_run(tmp_path / "b")
+    assert t2.ema == 0.9 and ckpt["ema_updates"] == 10
+    train(cfg2, t2, tmp_path / "b", train_ds=ds, val_ds=val, progress=False, resume_from=ckpt)
+    a, b = read_checkpoint(tmp_path / "a" / "ema.pt"), read_checkpoint(tmp_path / "b" / "ema.pt")
+    assert read_checkpoint(tmp_path / "a" / "last.pt")["ema_updates"] == 20
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert not all(torch.equal(a["model"][k], read_checkpoint(tmp_path / "a" / "last.pt")["model"][k]) for k in a["model"])
+    assert a["meta"]["weights"] == "moving average (decay 0.9, 20 iterations)"
+    model, _ = load_model(tmp_path / "a" / "ema.pt")  # what `vitca eval -w RUN/ema.pt` and ship read
+    assert isinstance(model, CellularAutomaton)
+    lines = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]  # noqa: E741
+    vals = [r for r in lines if "val_psnr" in r]
+    assert [r["iteration"] for r in vals] == [5, 10, 15, 20]
+    assert all({"ema_val_psnr", "ema_val_psnr_batch", "ema_val_l1"} <= set(r) for r in vals)
+    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "time"} for l in p.read_text().splitlines()]  # noqa
+    assert strip(tmp_path / "a" / "metrics.jsonl") == strip(tmp_path / "b" / "metrics.jsonl")
+    # best.pt holds whichever of the two validated best, and says which.
+    best = max((r[p + "val_psnr"], p) for r in vals for p in ("", "ema_"))
+    ckpt = read_checkpoint(tmp_path / "a" / "best.pt")
+    assert ckpt["meta"]["best_val_psnr"] == pytest.approx(best[0])
+    assert ("weights" in ckpt["meta"]) == (best[1] == "ema_")
+
+
+def test_best_pt_takes_the_weight_average_when_it_validates_better(tmp_path, monkeypatch):
+    import training.train as loop
+
+    trainer = Trainer(CFG, tcfg(ema=0.5, lr=1e-2), tiny_dataset(), tiny_dataset(8, seed=1))
+    for _ in range(2):
+        trainer.step()
+    figures = {"val_psnr": 10.0, "val_ssim": None, "val_psnr_batch": 9.0, "val_l1": 0.2}
+    better = {**figures, **{f"ema_{k}": (v + 2 if v else v) for k, v in figures.items()}}
+    monkeypatch.setattr(trainer, "validate", lambda: better)
+    with open(tmp_path / "metrics.jsonl", "w") as metrics:
+        loop._validate(trainer, tmp_path, metrics)
+    saved = read_checkpoint(tmp_path / "best.pt")
+    average = trainer.state_dict_model(average=True)
+    assert all(torch.equal(saved["model"][k], average[k]) for k in average)
+    assert trainer.best["weights"] == "moving average" and saved["meta"]["best_val_psnr"] == 12.0
+    monkeypatch.setattr(trainer, "validate", lambda: {**better, "val_psnr": 13.0})  # now the weights lead
+    with open(tmp_path / "metrics.jsonl", "a") as metrics:
+        loop._validate(trainer, tmp_path, metrics)
+    saved, weights = read_checkpoint(tmp_path / "best.pt"), trainer.state_dict_model()
+    assert all(torch.equal(saved["model"][k], weights[k]) for k in weights)
+    assert trainer.best["weights"] == "weights" and "weights" not in saved["meta"]
