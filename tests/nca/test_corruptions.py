@@ -120,7 +120,7 @@ def test_restore_keeps_known_pixels_exactly_also_tiled(randomise_model):
     missing[10:20, 5:30] = True
     damaged = np.where(missing[..., None], 0.0, img).astype(np.float32)
     whole = restore(backend, damaged, 4, seed=3, known=~missing)
-    tiled = restore(backend, damaged, 4, seed=3, known=~missing, tile=24)
+    tiled = restore(backend, damaged, 4, seed=3, known=~missing, tile=24, holes_only=False)
     assert tiled.plan.count > 1
     assert np.array_equal(whole.image[~missing], img[~missing])
     assert not np.allclose(whole.image[missing], 0)  # the holes were filled

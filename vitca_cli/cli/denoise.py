@@ -20,7 +20,7 @@ from vitca_cli.cli import options as opt
 from vitca_cli.cli.options import Backend, MaskType, handle_errors
 from vitca_cli.errors import EXIT_FAILED, VitcaError
 from vitca_cli.log import log
-from vitca_cli.restore.batch import DEFAULT_ITERS, BatchSettings  # torch-free: --help stays fast
+from vitca_cli.restore.batch import DEFAULT_ITERS, MAX_HOLE_ITERS, BatchSettings  # torch-free: --help stays fast
 
 PROGRESS_EVERY_S = 5.0  # a log line this often when stderr is not a terminal
 
@@ -118,6 +118,11 @@ OUTPUT_HELP = (
     "each input as NAME.restored.EXT; stdin goes to stdout)."
 )
 ITERS_HELP = f"CA iterations (default: the weights' own, else {DEFAULT_ITERS})."
+INPAINT_ITERS_HELP = (
+    f"CA iterations (default: the weights' own, else {DEFAULT_ITERS}; more where the holes are deeper than those "
+    "reach: content moves update-rate × radius cells a step (twice that on the fused grid), so a hole D pixels deep "
+    f"(the farthest missing pixel from a known one) gets D ÷ (rate × radius) steps, at most {MAX_HOLE_ITERS})."
+)
 
 
 def _inputs():
@@ -274,7 +279,7 @@ def inpaint(
     mask_type: Optional[MaskType] = typer.Option(
         None, "--mask-type", help="How missing pixels are shown to the model (default: as it was trained)."
     ),
-    iters: Optional[int] = opt.iters_option(None, ITERS_HELP, show_default=False),
+    iters: Optional[int] = opt.iters_option(None, INPAINT_ITERS_HELP, show_default=False),
     update_rate: Optional[float] = opt.update_rate_option(),
     runs: int = opt.runs_option(),
     seed: int = opt.seed_option("Seed for update masks and noise (same seed, same output)."),
@@ -297,6 +302,12 @@ def inpaint(
     precision: Precision = typer.Option(Precision.auto, "--precision", help=PRECISION_HELP),
     compile: CompileStep = typer.Option(CompileStep.auto, "--compile", help=COMPILE_HELP),
     quantize: bool = typer.Option(False, "--quantize", help=QUANTIZE_HELP),
+    holes_only: bool = typer.Option(
+        True,
+        "--holes-only/--whole-grid",
+        hidden=True,
+        help="Compute only the cells that can reach a missing pixel (the default), or every cell: the same output.",
+    ),
 ) -> None:
     """Fill in the pixels a mask marks white, masked the way the model was trained (dropout or noise).
 
@@ -331,6 +342,7 @@ def inpaint(
         precision=precision.value,
         compile=compile.value,
         quantize=quantize,
+        holes_only=holes_only,
     )
 
 

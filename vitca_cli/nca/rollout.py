@@ -91,14 +91,21 @@ class UpdateMasks:
         gen = torch.Generator().manual_seed(_block_seed(self.seed, by, bx, self.level))
         return draw_update_mask(self.steps, MASK_BLOCK, MASK_BLOCK, self.rate, gen).bool()  # (T, 1, S, S)
 
-    def window(self, y0: int, x0: int, h: int, w: int) -> torch.Tensor:
-        """Masks ``(T, 1, h, w)`` (bool) for cells [y0, y0+h) × [x0, x0+w)."""
-        out = torch.empty(self.steps, 1, h, w, dtype=torch.bool)
+    def window(self, y0: int, x0: int, h: int, w: int, needed: torch.Tensor | None = None) -> torch.Tensor:
+        """Masks ``(T, 1, h, w)`` (bool) for cells [y0, y0+h) × [x0, x0+w). ``needed`` ``(h, w)`` (bool): the
+        blocks that hold none of these cells are not drawn and stay False (no update)."""
+        out = (
+            torch.empty(self.steps, 1, h, w, dtype=torch.bool)
+            if needed is None
+            else torch.zeros(self.steps, 1, h, w, dtype=torch.bool)
+        )
         for by in range(y0 // MASK_BLOCK, (y0 + h - 1) // MASK_BLOCK + 1):
             for bx in range(x0 // MASK_BLOCK, (x0 + w - 1) // MASK_BLOCK + 1):
                 top, left = by * MASK_BLOCK, bx * MASK_BLOCK
                 ys, ye = max(y0, top), min(y0 + h, top + MASK_BLOCK)
                 xs, xe = max(x0, left), min(x0 + w, left + MASK_BLOCK)
+                if needed is not None and not bool(needed[ys - y0 : ye - y0, xs - x0 : xe - x0].any()):
+                    continue
                 out[..., ys - y0 : ye - y0, xs - x0 : xe - x0] = self._block(by, bx)[
                     ..., ys - top : ye - top, xs - left : xe - left
                 ]

@@ -27,6 +27,7 @@ from vitca_cli.restore.files import (
 DEFAULT_ITERS = 64  # CA iterations when neither the settings nor the weights name a number
 LARGE_PIXELS = 4_000_000  # an image from this size on gets the hint of a faster shipped model, if there is one
 MAX_ITERS = 10_000
+MAX_HOLE_ITERS = 256  # the most steps the depth of the holes asks for (--iters goes further)
 MAX_RUNS = 64
 
 
@@ -62,6 +63,7 @@ class BatchSettings:
         "auto"  # torch backend: fp32, bf16 products, or auto (bf16 for large jobs where the hardware has it)
     )
     compile: str = "auto"  # torch backend: the compiled step on, off, or auto (for large jobs)
+    holes_only: bool = True  # inpainting: compute only the cells that can reach a missing pixel (same output)
     quantize: bool = False  # ONNX backend: the int8-quantised step graph
     damage: Optional[tuple] = field(default=None, init=False)  # ``corrupt`` parsed
 
@@ -277,6 +279,8 @@ def process(
     meta = getattr(backend, "meta", None) or {}
     iters = settings.iters or int(meta.get("default_iters") or DEFAULT_ITERS)
     fusion = bool(meta.get("default_fusion")) if settings.fusion is None else settings.fusion
+    if known is not None and settings.iters is None:
+        iters = _hole_iters(pic.source, ~known, iters, backend.cfg, settings, fusion)
     if settings.weights is None and not fusion and pic.size[0] * pic.size[1] >= LARGE_PIXELS:
         backends.suggest_faster(backend.name)
     step = None if progress is None else (lambda done, total: progress(job, done, total))
@@ -293,6 +297,7 @@ def process(
         settle=settings.settle,
         fusion=fusion,
         runs=settings.runs,
+        holes_only=settings.holes_only,
     )
     fmt = images.output_format(job.output, pic.format, settings.ext)
     images.write_image(job.output, result.image, pic, fmt)
@@ -305,7 +310,7 @@ def process(
         images.write_bytes(extras["compare"], images.encode_image(images.side_by_side(panels), "PNG"))
     h, w = pic.size
     tiles = (f" × {settings.runs} runs" if settings.runs > 1 else "") + (", fused" if fusion else "")
-    tiles += f", {result.plan.count} tiles" if result.plan.count > 1 else ""
+    tiles += f", {result.plan.count} tiles" if result.plan is not None and result.plan.count > 1 else ""
     if settings.settle > 0:
         share = result.skipped / max(1, result.computed + result.skipped)
         tiles += f", {share:.0%} of {result.computed + result.skipped:,} cell-steps skipped as settled"
@@ -315,6 +320,18 @@ def process(
         f"{time.perf_counter() - start:.2f}s)"
     )
     return True
+
+
+def _hole_iters(source: str, missing, default: int, cfg, settings: BatchSettings, fusion: bool) -> int:
+    """The steps for the holes ``missing`` to fill from their borders (``vitca_cli.restore.holes.hole_steps``)."""
+    from vitca_cli.restore.holes import hole_depth, hole_steps
+
+    depth = hole_depth(missing)
+    rate = cfg.update_rate if settings.update_rate is None else settings.update_rate
+    iters = hole_steps(depth, default, cfg, rate, fusion, MAX_HOLE_ITERS)
+    deep = "no pixel known" if depth is None else f"holes up to {depth:.1f} px deep"
+    (log.info if iters != default else log.debug)(f"{source}: {deep}: {iters} steps (the weights' default {default})")
+    return iters
 
 
 def _damaged_input(job: Job, pic, backend, settings: BatchSettings, inpaint: bool):

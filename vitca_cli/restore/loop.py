@@ -16,21 +16,31 @@ then start at even cells, so that they fuse as the whole grid does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vitca_cli.errors import SettingError
 from vitca_cli.log import log
 from vitca_cli.nca.config import CAConfig
 from vitca_cli.nca.masking import apply_mask, patch_keep_mask
-from vitca_cli.nca.model import output_image, seed_cells
 from vitca_cli.nca.rollout import MASK_BLOCK, UpdateMasks
+from vitca_cli.restore.grid import (
+    Restored,
+    Stepping,
+    blended_images,
+    draw_masks,
+    frame_schedule,
+    padded,
+    recorded_steps,
+    run_rects,
+)
+from vitca_cli.restore.grid import hwc_to_tensor as _hwc_to_tensor
+from vitca_cli.restore.grid import tensor_to_hwc as _tensor_to_hwc
+from vitca_cli.restore.holes import restore_holes
 from vitca_cli.restore.tiles import TilePlan, plan_tiles
-from vitca_cli.restore.windows import FUSED_OUTER, rollout_fused, rollout_windows
+from vitca_cli.restore.windows import FUSED_OUTER
 
 PRECISIONS = ("fp32", "bf16", "auto")
 COMPILE = ("off", "on", "auto")
@@ -38,7 +48,6 @@ FAST_WORK = 8_000_000  # cell-steps from which the auto settings take the fast s
 # Cells per backend call: bounds a step's activations; on CPU, two 64×64 windows, whose activations stay in cache
 # (bench/denoise.py --call-cells compares).
 MAX_CELLS = {"cpu": 1 << 13, "cuda": 1 << 20}
-MAX_FRAME_BYTES = 512 << 20  # animation frames held in memory
 HEAP_BELOW = 64 << 20  # buffers the allocator keeps for reuse: a call's activations, not a tile's cell grid
 
 
@@ -226,14 +235,6 @@ def backend_mask_type(backend) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 # Randomness: update masks by global block, corruption
 # ---------------------------------------------------------------------------------------------------------------------
-def _hwc_to_tensor(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
-
-
-def _tensor_to_hwc(x: torch.Tensor) -> np.ndarray:
-    return x[0].permute(1, 2, 0).contiguous().numpy()
-
-
 def corrupt(image: np.ndarray, prob: float, patch: int, mask_type: str = "noise", seed: int = 0) -> np.ndarray:
     """The paper's masking on a clean ``(H, W, C)`` image: each ``patch``×``patch`` block is dropped with
     probability ``prob`` (zeros, or one N(0,1) value per block). Sizes not divisible by ``patch`` are covered by
@@ -263,29 +264,6 @@ def mask_missing(image: np.ndarray, missing: np.ndarray, mask_type: str = "noise
 # ---------------------------------------------------------------------------------------------------------------------
 # The rollout
 # ---------------------------------------------------------------------------------------------------------------------
-@dataclass
-class Restored:
-    """The restored image ``(H, W, C)`` (not clipped), animation frames (output after each recorded step),
-    the steps they were taken at, the tile plan used, and the work: ``computed`` cell-steps (windows, halos and
-    tile margins included), ``skipped`` (left out as settled) and ``dense`` (the image's cells × iterations × runs)."""
-
-    image: np.ndarray
-    frames: list[np.ndarray] = field(default_factory=list)
-    frame_steps: list[int] = field(default_factory=list)
-    plan: TilePlan | None = None
-    computed: int = 0
-    skipped: int = 0
-    dense: int = 0
-
-
-def frame_schedule(iters: int, frames: int) -> list[int]:
-    """The steps (1..iters) at which to record ``frames`` evenly spaced frames; the last is always ``iters``."""
-    if frames <= 0:
-        return []
-    frames = min(frames, iters)
-    return sorted({max(1, round(iters * (k + 1) / frames)) for k in range(frames)})
-
-
 def _check_tile(cfg: CAConfig, tile: int | None) -> int | None:
     """The tile side in pixels → cells (None = automatic, 0 = off), refused where the model's encoding forbids it."""
     if tile is not None and tile > 0:
@@ -317,6 +295,7 @@ def restore(
     settle: float = 0.0,
     fusion: bool = False,
     runs: int = 1,
+    holes_only: bool = True,
 ) -> Restored:
     """Run the CA on ``image`` ``(H, W, C)`` (C = the model's channels, values as the model expects: masked
     image in [0, 1] plus any noise) for ``iters`` steps and return the output channels.
@@ -329,6 +308,9 @@ def restore(
 
     ``known`` ``(H, W)`` (True = the pixel is given; inpainting) is shown to a mask-aware model, and every known
     pixel of the result (and of each frame) is the input's own value: only missing pixels come from the cells.
+    With ``holes_only`` (and a ViTCA model free of position encodings) only the cells that can reach a missing
+    pixel are computed, crop by crop (``vitca_cli.restore.holes``; ``tile`` does not apply): the same missing
+    pixels as the whole grid's computation, at a fraction of the work for a few holes.
 
     ``fusion`` runs appendix A.1's schedule: 2 steps, the grid fused 2×2, ``iters - 4`` steps at half resolution,
     mitosis (the input re-injected), 2 steps: about a quarter of the cell-steps, for models trained with it. The
@@ -357,7 +339,14 @@ def restore(
     rate = cfg.update_rate if update_rate is None else update_rate
     p = cfg.patch_size
     tile = _check_tile(cfg, tile)
-    x, k, (ph, pw) = _padded(cfg, image, known, 2 if fusion else 1)
+    x, k, (ph, pw) = padded(cfg, image, known, 2 if fusion else 1)
+    record = recorded_steps(iters, frames, ph * pw * c * 4)
+    stepping = Stepping(settle, tuple(record), max_cells)
+    if known is not None and holes_only and cfg.arch == "vitca" and not cfg.size_dependent:
+        args = (iters, rate, seed, runs, fusion, stepping, progress)
+        result = restore_holes(backend, x, k, (h, w), *args)
+        if result is not None:
+            return result
     reach = 2 * iters - 2 * FUSED_OUTER if fusion else iters  # full-resolution steps a cell's state can see across
     plan = plan_tiles(cfg, (ph // p, pw // p), reach, tile, align=2 if fusion else 1)
     if plan.count > 1:
@@ -366,7 +355,6 @@ def restore(
 
     if hasattr(backend, "prepare"):
         backend.prepare((ph // p) * (pw // p) * iters, settle)
-    record = _recorded_steps(iters, frames, ph * pw * c * 4)
     acc = torch.zeros(len(record) + 1, c, ph, pw)  # running blend for each frame, the final output last
     weight_sum = torch.zeros(1, 1, ph, pw)  # every run adds its weights: the blend is the mean over runs
 
@@ -386,69 +374,16 @@ def restore(
                 if progress is not None:
                     progress(start + t, total)
 
-            run, outputs = _run_tiles(
-                backend, x, k, (masks, fused), batch, plan.tile, settle, tuple(record), max_cells, on_step
-            )
+            drawn = draw_masks((masks, fused), batch, plan.tile)
+            run, outputs = run_rects(backend, x, k, batch, plan.tile, drawn, stepping, on_step)
             computed, skipped = computed + run.computed, skipped + run.skipped
             done = start + iters
             if progress is not None and run.steps_run < iters:
                 progress(done, total)
             _blend(acc, weight_sum, plan, batch, outputs, p)
-    result = _blended_images(acc, weight_sum, x, k, (h, w))
+    result = blended_images(acc, weight_sum, x, k, (h, w))
     dense = (ph // p) * (pw // p) * iters * runs
     return Restored(result[-1], result[:-1], record, plan, computed, skipped, dense)
-
-
-def _padded(cfg: CAConfig, image: np.ndarray, known: np.ndarray | None, cells: int = 1):
-    """The image as a ``(1, C, H', W')`` tensor padded (edge replicate) to a multiple of ``cells`` cells, and up to
-    the training size for size-dependent models; the known mask ``(1, 1, H', W')`` padded alike (or None); and
-    ``(H', W')``."""
-    h, w, _ = image.shape
-    p = cfg.patch_size * cells
-    ph, pw = -(-h // p) * p, -(-w // p) * p
-    if cfg.size_dependent:
-        ph, pw = max(ph, cfg.image_size[0]), max(pw, cfg.image_size[1])
-    x = _hwc_to_tensor(image)
-    k = None if known is None else torch.from_numpy(np.asarray(known, dtype=np.float32))[None, None]
-    if k is not None and k.shape[-2:] != (h, w):
-        raise ValueError(f"known mask is {tuple(k.shape[-2:])}, the image {h}×{w}")
-    if (ph, pw) != (h, w):
-        x = F.pad(x, (0, pw - w, 0, ph - h), mode="replicate")
-        k = None if k is None else F.pad(k, (0, pw - w, 0, ph - h), mode="replicate")
-    return x, k, (ph, pw)
-
-
-def _recorded_steps(iters: int, frames: int, frame_bytes: int) -> list[int]:
-    """The steps whose outputs become animation frames, fewer when ``frames`` of ``frame_bytes`` would not fit."""
-    record = frame_schedule(iters, frames)
-    if record and len(record) * frame_bytes > MAX_FRAME_BYTES:
-        record = frame_schedule(iters, max(1, MAX_FRAME_BYTES // frame_bytes))
-        log.info(f"large image: animation limited to {len(record)} frames")
-    return record
-
-
-def _run_tiles(backend, x, k, masks: tuple, batch, tile, settle, record, max_cells, on_step):
-    """Run the tiles at cell origins ``batch`` (each ``tile`` cells) together, with ``masks`` = (the full grid's
-    ``UpdateMasks``, the fused grid's or None). Returns the windowed run and, per recorded step and then the final
-    step, the output images ``(len(batch), C, th·p, tw·p)``."""
-    cfg: CAConfig = backend.cfg
-    p = cfg.patch_size
-    th, tw = tile
-    windows = [(..., slice(y * p, (y + th) * p), slice(xx * p, (xx + tw) * p)) for y, xx in batch]
-    tiles = torch.cat([x[win] for win in windows])
-    tile_known = None if k is None else torch.cat([k[win] for win in windows])
-    full, fused = masks
-    tile_masks = torch.stack([full.window(y, xx, th, tw)[:, 0] for y, xx in batch], dim=1)  # T b th tw
-    cells = seed_cells(cfg, tiles, known=tile_known)
-    if fused is None:
-        run = rollout_windows(backend, cells, tile_masks, settle, record, max_cells, on_step)
-    else:
-        outer = torch.cat([tile_masks[:FUSED_OUTER], tile_masks[-FUSED_OUTER:]])
-        inner = torch.stack([fused.window(y // 2, xx // 2, th // 2, tw // 2)[:, 0] for y, xx in batch], dim=1)
-        run = rollout_fused(backend, cells, outer, inner, settle, record, max_cells, on_step)
-    final = output_image(cfg, run.cells).float().cpu()
-    outputs = run.frames + [final] * (len(record) - len(run.frames)) + [final]  # settled early: final frames
-    return run, outputs
 
 
 def _blend(acc: torch.Tensor, weight_sum: torch.Tensor, plan: TilePlan, batch, outputs, p: int) -> None:
@@ -460,17 +395,6 @@ def _blend(acc: torch.Tensor, weight_sum: torch.Tensor, plan: TilePlan, batch, o
         weight_sum[region] += wgt
         for f, out in enumerate(outputs):
             acc[f][region] += out[i] * wgt
-
-
-def _blended_images(acc, weight_sum, x, k, size: tuple[int, int]) -> list[np.ndarray]:
-    """The blends normalised, known pixels put back as given, cropped to ``size``: ``(H, W, C)`` arrays."""
-    h, w = size
-    if not bool((weight_sum > 0).all()):  # a bug in the plan, never a user error
-        raise AssertionError("tile plan leaves cells uncovered")
-    blended = acc / weight_sum[0]
-    if k is not None:  # known pixels exactly as given
-        blended = torch.where(k[0].bool(), x[0], blended)
-    return [b[:, :h, :w].permute(1, 2, 0).contiguous().numpy() for b in blended]
 
 
 __all__ = [

@@ -12,6 +12,11 @@ Settling (``settle`` > 0): a cell whose output changed by less than ``settle`` (
 channels) on ``PATIENCE`` consecutive updates is *settled*: it is no longer updated, but it still serves as a
 neighbour. A window whose core holds only settled cells is not computed; the rollout ends when every cell has
 settled. Settling is decided per cell from that cell's own history, so tiles still equal the untiled run.
+
+Reach (``until``): a cell may be given the last step at which it is computed; after it, the cell keeps its value
+and still serves as a neighbour. A caller that wants some cells exact and computes each other cell only while its
+value can still reach them (``vitca_cli.restore.holes``) gets those cells exactly as the full rollout would. A
+window whose core holds no cell still computed at a step is left out of it.
 """
 
 from __future__ import annotations
@@ -96,11 +101,13 @@ def rollout_windows(
     max_cells: int = 1 << 16,
     on_step: Callable[[int], None] | None = None,
     window: int | None = None,
+    until: torch.Tensor | None = None,
 ) -> Rollout:
     """Run ``masks.shape[0]`` steps of ``backend`` on ``cells`` ``(N, C, H, W)`` (N independent grids) with update
     masks ``masks`` ``(T, N, H, W)`` (bool), window by window, settling cells when ``settle`` > 0. Outputs after the
     steps in ``record`` (1-based) are returned as frames. ``on_step(t)`` is called after each step. A channels-last
-    ``cells`` (as ``seed_cells`` makes them) is used up: the rollout runs in its memory.
+    ``cells`` (as ``seed_cells`` makes them) is used up: the rollout runs in its memory. ``until`` ``(N, H, W)``
+    (int): each cell's last computed step (1-based; below 1: never), None: every step.
 
     Each call computes the new values of its windows' updating core cells only; they are written into the grid
     when the step's last window has read its neighbours, so a step needs no second copy of the grid."""
@@ -120,13 +127,17 @@ def rollout_windows(
     quiet = torch.zeros(n * h * w, dtype=torch.uint8) if settle > 0 else None
     result = Rollout(cells, dense=n * h * w * steps)
     todo = list(range(len(wins)))
-    cores: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+    last = None if until is None else [int(until[b, wy.lo : wy.hi, wx.lo : wx.hi].max()) for b, wy, wx in wins]
+    cores: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for t in range(steps):
         if not todo:
             break
         mask = masks[t].reshape(-1) if settled is None else masks[t].reshape(-1) & ~settled
+        if until is not None:
+            mask = mask & (until.reshape(-1) > t)
+        live = todo if last is None else [i for i in todo if last[i] > t]
         updates = []
-        for chunk in _chunks(todo, per_call):
+        for chunk in _chunks(live, per_call):
             batch = chunk + chunk[:1] * ((1 << (len(chunk) - 1).bit_length()) - len(chunk)) if fixed else chunk
             z = torch.stack(
                 [
@@ -134,10 +145,7 @@ def rollout_windows(
                     for b, wy, wx in (wins[i] for i in batch)
                 ]
             )
-            key = tuple(chunk)
-            if key not in cores:
-                cores[key] = core_indices([wins[i] for i in chunk], (h, w))
-            local, grid = cores[key]
+            local, grid = _stacked_cores(cores, wins, chunk, (h, w), area)
             chosen = mask[grid]
             only, dest = local[chosen], grid[chosen]
             rows = _step_rows(backend, z.to(device), only.to(device)).cpu()
@@ -175,30 +183,33 @@ def rollout_fused(
     record: tuple[int, ...] = (),
     max_cells: int = 1 << 16,
     on_step: Callable[[int], None] | None = None,
+    window: int | None = None,
+    until: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> Rollout:
     """Appendix A.1's schedule, each phase run by :func:`rollout_windows`: 2 steps on ``cells`` ``(N, C, H, W)``
     (H, W even) with ``masks[:2]``, fusion, ``len(fused_masks)`` steps on the half-resolution grid with
     ``fused_masks`` ``(T - 4, N, H/2, W/2)``, mitosis (each cell keeps its own input channels), 2 steps with
     ``masks[2:]``. ``masks`` ``(4, N, H, W)``. Frames recorded on the fused grid are shown at full size; settling
-    works within each phase."""
+    works within each phase. ``until``: each phase's (counted from the phase's first step), or None."""
     cfg: CAConfig = backend.cfg
     n, _, h, w = cells.shape
     steps = len(fused_masks) + 2 * FUSED_OUTER
     total = Rollout(cells, dense=n * h * w * steps, steps_run=steps)
 
-    def phase(grid: torch.Tensor, phase_masks: torch.Tensor, before: int) -> torch.Tensor:
+    def phase(grid: torch.Tensor, phase_masks: torch.Tensor, before: int, index: int) -> torch.Tensor:
         wanted = tuple(t - before for t in record if before < t <= before + len(phase_masks))
         ticks = None if on_step is None else (lambda t: on_step(before + t))
-        run = rollout_windows(backend, grid, phase_masks, settle, wanted, max_cells, ticks)
+        last = None if until is None else until[index]
+        run = rollout_windows(backend, grid, phase_masks, settle, wanted, max_cells, ticks, window, last)
         total.computed, total.skipped = total.computed + run.computed, total.skipped + run.skipped
         frames = run.frames + [output_image(cfg, run.cells).float().cpu()] * (len(wanted) - len(run.frames))
         scale = h // grid.shape[-2]
         total.frames += [f.repeat_interleave(scale, -2).repeat_interleave(scale, -1) for f in frames]
         return run.cells
 
-    first = phase(cells, masks[:FUSED_OUTER], 0)
-    fused = phase(fuse_cells(first), fused_masks, FUSED_OUTER)
-    total.cells = phase(divide_cells(cfg, fused, first), masks[FUSED_OUTER:], steps - FUSED_OUTER)
+    first = phase(cells, masks[:FUSED_OUTER], 0, 0)
+    fused = phase(fuse_cells(first), fused_masks, FUSED_OUTER, 1)
+    total.cells = phase(divide_cells(cfg, fused, first), masks[FUSED_OUTER:], steps - FUSED_OUTER, 2)
     return total
 
 
@@ -213,6 +224,19 @@ def core_indices(wins: list, grid: tuple[int, int]) -> tuple[torch.Tensor, torch
         local.append(((j * wy.size + ys - wy.origin) * wx.size + xs - wx.origin).reshape(-1))
         flat.append(((b * h + ys) * w + xs).reshape(-1))
     return torch.cat(local), torch.cat(flat)
+
+
+def _stacked_cores(cache: dict, wins: list, chunk: list[int], grid: tuple[int, int], area: int):
+    """:func:`core_indices` of the windows ``chunk`` stacked in this order, from a cache of each window's own."""
+    parts = []
+    for j, i in enumerate(chunk):
+        if i not in cache:
+            cache[i] = core_indices([wins[i]], grid)
+        local, flat = cache[i]
+        parts.append((local + j * area, flat))
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([local for local, _ in parts]), torch.cat([flat for _, flat in parts])
 
 
 def _step_rows(backend, z: torch.Tensor, only: torch.Tensor) -> torch.Tensor:
