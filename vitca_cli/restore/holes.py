@@ -13,13 +13,13 @@ inpainting job depend only on the cells within that *reach* of a hole, and only 
 
 Each missing pixel then comes out as the whole grid's computation makes it, to the bit: update masks are drawn by
 global block, and the exact step computes each cell's row independently of the other rows of its window. Known
-pixels are the input's, as always. Where the crops would cover most of the grid, the whole grid runs instead.
+pixels are the input's, as always. Where the reach covers most of the grid, the whole grid runs instead.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -31,10 +31,13 @@ from vitca_cli.nca.config import CAConfig
 from vitca_cli.nca.rollout import UpdateMasks
 from vitca_cli.restore.grid import Restored, Stepping, blended_images, draw_masks, run_rects
 from vitca_cli.restore.tiles import step_radius
-from vitca_cli.restore.windows import FUSED_OUTER, WINDOW
+from vitca_cli.restore.windows import FUSED_OUTER
 
 CORE = 512  # cells per side of the squares of the global grid that share the holes out among crops
-WHOLE_GRID_SHARE = 0.5  # crops holding this share of the grid's cells or more: the whole grid runs instead
+# Cells per side of a step window in a crop: smaller than the whole grid's, so that the windows follow the narrow
+# light cone of a thin hole more closely (bench/inpaint_reach.py); each window has the same one-step halo.
+HOLE_WINDOW = 24
+WHOLE_GRID_SHARE = 0.5  # the holes' reach holding this share of the grid's cells or more: the whole grid runs
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -101,10 +104,14 @@ def reach_cells(cfg: CAConfig, iters: int, fusion: bool) -> int:
     return r * (2 * iters - 2 * FUSED_OUTER) + 2 if fusion else r * iters
 
 
-def plan_crops(missing: np.ndarray, margin: int, align: int = 1, min_side: int = WINDOW, core: int = CORE) -> list:
-    """The crops for the missing cells ``missing`` ``(gh, gw)`` (bool) of a grid: one per ``core`` square with a
-    missing cell, its holes' bounding box widened by ``margin`` cells, clamped to the grid, its sides at least
-    ``min_side`` (where the grid allows) and its edges on multiples of ``align`` (as the grid's sides are)."""
+def plan_crops(
+    missing: np.ndarray, margin: int, align: int = 1, min_side: int | None = None, core: int | None = None
+) -> list[Crop]:
+    """The crops for the missing cells ``missing`` ``(gh, gw)`` (bool) of a grid: one per ``core`` square (default
+    ``CORE``) with a missing cell, its holes' bounding box widened by ``margin`` cells, clamped to the grid, its
+    sides at least ``min_side`` (default ``HOLE_WINDOW``, where the grid allows) and its edges on multiples of
+    ``align`` (as the grid's sides are)."""
+    core, min_side = core or CORE, min_side or HOLE_WINDOW
     gh, gw = missing.shape
     crops = []
     for cy in range(0, gh, core):
@@ -185,6 +192,7 @@ def restore_holes(backend, x, k, size, iters, rate, seed, runs, fusion, stepping
     if hasattr(backend, "prepare"):  # the work: each cell's steps up to its last
         backend.prepare(sum(int(np.clip(u, 0, None).sum()) for until in maps for u in until), stepping.settle)
     record = stepping.record
+    stepping = replace(stepping, window=HOLE_WINDOW)
     acc = torch.zeros(len(record) + 1, c, ph, pw)
     sources = [
         (UpdateMasks(seed + r, iters, rate), UpdateMasks(seed + r, iters - 2 * FUSED_OUTER, rate, level=1))
