@@ -119,9 +119,9 @@ OUTPUT_HELP = (
 )
 ITERS_HELP = f"CA iterations (default: the weights' own, else {DEFAULT_ITERS})."
 INPAINT_ITERS_HELP = (
-    f"CA iterations (default: the weights' own, else {DEFAULT_ITERS}; more where the holes are deeper than those "
-    "reach: content moves update-rate × radius cells a step (twice that on the fused grid), so a hole D pixels deep "
-    f"(the farthest missing pixel from a known one) gets D ÷ (rate × radius) steps, at most {MAX_HOLE_ITERS})."
+    f"CA iterations. Default: the weights' own (else {DEFAULT_ITERS}), raised for deep holes to D ÷ (update rate × "
+    "step radius) steps, D the largest distance in pixels from a missing pixel to a known one (content spreads one "
+    f"radius per update; fused steps count twice), at most {MAX_HOLE_ITERS}."
 )
 
 

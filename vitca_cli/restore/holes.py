@@ -185,7 +185,7 @@ def restore_holes(backend, x, k, size, iters, rate, seed, runs, fusion, stepping
     for crop, until in zip(crops, maps):
         (h, w), (y0, x0) = crop.size, (crop.y0, crop.x0)
         reached[y0 : y0 + h, x0 : x0 + w] |= np.logical_or.reduce([_full_size(u >= 1, h) for u in until])
-    share = reached.sum() / grid_cells
+    share = float(reached.sum() / grid_cells)
     if share >= WHOLE_GRID_SHARE:
         log.debug(f"holes' reach: {share:.0%} of the grid; computing every cell")
         return None
