@@ -196,7 +196,9 @@ def steps_run(log: str) -> int:
     return int(found.group(1))
 
 
-def test_inpaint_steps_follow_the_holes_depth_unless_iters_is_given(tmp_path):
+def test_inpaint_steps_follow_the_holes_depth_up_to_the_weights_ceiling_unless_iters_is_given(tmp_path):
+    from vitca_cli.io.checkpoint import save_checkpoint
+
     photo = tmp_path / "photo.png"
     Image.open(ROOT / "samples" / "fruits.png").convert("RGB").resize((96, 90)).save(photo)
     scribble, blob = np.zeros((90, 96), np.uint8), np.zeros((90, 96), np.uint8)
@@ -204,12 +206,28 @@ def test_inpaint_steps_follow_the_holes_depth_unless_iters_is_given(tmp_path):
     blob[25:65, 28:68] = 255
     Image.fromarray(scribble).save(tmp_path / "scribble.png")
     Image.fromarray(blob).save(tmp_path / "blob.png")
-    counts = {}
-    for name, extra in (("scribble", []), ("blob", []), ("blob", ["--iters", "3"])):
+    long_lived = tmp_path / "long.pt"  # weights known to improve up to 64 steps
+    model = tiny_backend().model
+    save_checkpoint(
+        long_lived, model.cfg, model.state_dict(), {"mask_type": "dropout", "default_iters": 8, "max_iters": 64}
+    )
+    counts, logs = {}, {}
+    runs = [("long.pt", "scribble", []), ("long.pt", "blob", []), ("long.pt", "blob", ["--iters", "3"])]
+    runs += [("photo", "scribble", []), ("photo", "blob", [])]  # trained on short rollouts: no max_iters
+    for weights, mask, extra in runs:
+        w = str(long_lived) if weights == "long.pt" else weights
         result = cli(
-            "inpaint", photo, "--mask", tmp_path / f"{name}.png", "-o", tmp_path / "o.png", "--overwrite", "-w",
-            "photo", *EXACT, *extra,
+            "inpaint", photo, "--mask", tmp_path / f"{mask}.png", "-o", tmp_path / "o.png", "--overwrite", "-w", w,
+            *EXACT, *extra,
         )  # fmt: skip
         assert result.exit_code == 0, result.stderr
-        counts[name + "".join(extra)] = steps_run(result.stderr)
-    assert counts == {"scribble": 32, "blob": 40, "blob--iters3": 3}
+        key = " ".join([weights, mask, *extra])
+        counts[key], logs[key] = steps_run(result.stderr), result.stderr
+    assert counts == {
+        "long.pt scribble": 8,  # 2 px deep: 4 steps, fewer than the default
+        "long.pt blob": 40,  # 20 px deep: 20 px ÷ 0.5 px a step
+        "long.pt blob --iters 3": 3,
+        "photo scribble": 32,
+        "photo blob": 32,  # held at the default, and the log says so
+    }
+    assert "would take 40 steps" in logs["photo blob"] and "--iters runs more" in logs["photo blob"]

@@ -121,7 +121,8 @@ ITERS_HELP = f"CA iterations (default: the weights' own, else {DEFAULT_ITERS})."
 INPAINT_ITERS_HELP = (
     f"CA iterations. Default: the weights' own (else {DEFAULT_ITERS}), raised for deep holes to D ÷ (update rate × "
     "step radius) steps, D the largest distance in pixels from a missing pixel to a known one (content spreads one "
-    f"radius per update; fused steps count twice), at most {MAX_HOLE_ITERS}."
+    "radius per update; fused steps count twice), up to the most steps the weights are known to improve with "
+    f"(max_iters in their meta, else their default) and at most {MAX_HOLE_ITERS}."
 )
 
 

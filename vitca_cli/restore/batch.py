@@ -27,7 +27,7 @@ from vitca_cli.restore.files import (
 DEFAULT_ITERS = 64  # CA iterations when neither the settings nor the weights name a number
 LARGE_PIXELS = 4_000_000  # an image from this size on gets the hint of a faster shipped model, if there is one
 MAX_ITERS = 10_000
-MAX_HOLE_ITERS = 256  # the most steps the depth of the holes asks for (--iters goes further)
+MAX_HOLE_ITERS = 256  # the most steps the depth of the holes may ask for (--iters goes further)
 MAX_RUNS = 64
 
 
@@ -280,7 +280,7 @@ def process(
     iters = settings.iters or int(meta.get("default_iters") or DEFAULT_ITERS)
     fusion = bool(meta.get("default_fusion")) if settings.fusion is None else settings.fusion
     if known is not None and settings.iters is None:
-        iters = _hole_iters(pic.source, ~known, iters, backend.cfg, settings, fusion)
+        iters = _hole_iters(pic.source, ~known, iters, backend, settings, fusion)
     if settings.weights is None and not fusion and pic.size[0] * pic.size[1] >= LARGE_PIXELS:
         backends.suggest_faster(backend.name)
     step = None if progress is None else (lambda done, total: progress(job, done, total))
@@ -322,15 +322,30 @@ def process(
     return True
 
 
-def _hole_iters(source: str, missing, default: int, cfg, settings: BatchSettings, fusion: bool) -> int:
-    """The steps for the holes ``missing`` to fill from their borders (``vitca_cli.restore.holes.hole_steps``)."""
+def _hole_iters(source: str, missing, default: int, backend, settings: BatchSettings, fusion: bool) -> int:
+    """The steps for the holes ``missing`` to fill from their borders (``vitca_cli.restore.holes.hole_steps``), at
+    least the weights' ``default`` and at most the most steps they are known to improve with: their meta's
+    ``max_iters`` (without one, their default: a model trained on short rollouts can degrade on longer ones) and
+    ``MAX_HOLE_ITERS``."""
     from vitca_cli.restore.holes import hole_depth, hole_steps
 
+    meta = getattr(backend, "meta", None) or {}
     depth = hole_depth(missing)
-    rate = cfg.update_rate if settings.update_rate is None else settings.update_rate
-    iters = hole_steps(depth, default, cfg, rate, fusion, MAX_HOLE_ITERS)
+    rate = backend.cfg.update_rate if settings.update_rate is None else settings.update_rate
+    wanted = hole_steps(depth, default, backend.cfg, rate, fusion, MAX_ITERS)
+    ceiling = min(MAX_HOLE_ITERS, max(default, int(meta.get("max_iters") or default)))
+    iters = min(wanted, ceiling)
     deep = "no pixel known" if depth is None else f"holes up to {depth:.1f} px deep"
-    (log.info if iters != default else log.debug)(f"{source}: {deep}: {iters} steps (the weights' default {default})")
+    if wanted > iters:
+        held = "its max_iters" if meta.get("max_iters") else "its default; no max_iters in its meta"
+        log.info(
+            f"{source}: {deep} would take {wanted} steps to fill from their borders; {backend.name} is known to "
+            f"improve up to {ceiling} steps ({held}): {iters} steps (--iters runs more)"
+        )
+    else:
+        (log.info if iters != default else log.debug)(
+            f"{source}: {deep}: {iters} steps (the weights' default {default})"
+        )
     return iters
 
 
