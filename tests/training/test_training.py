@@ -141,11 +141,26 @@ def test_tiny_run_lowers_the_loss_on_a_fixed_batch():
     assert after < 0.8 * before, (before, after)
 
 
-def test_fusion_mitosis_training_step():
-    trainer = Trainer(CFG, tcfg(fusion_mitosis=True, t_min=6, t_max=6), tiny_dataset(), None, "cpu")
+@pytest.mark.parametrize("schedule", ["", "1,1:1,1"])
+def test_fusion_mitosis_training_step(schedule):
+    config = tcfg(fusion_mitosis=not schedule, fusion_schedule=schedule, t_min=6, t_max=6)
+    trainer = Trainer(CFG, config, tiny_dataset(), None, "cpu")
     rec = trainer.step()
     assert math.isfinite(rec["loss"]) and rec["T"] == 6
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.ca.parameters())
+    assert trainer.meta()["fusion_schedule"] == (schedule or "2:2")
+
+
+def test_a_fusion_schedule_is_checked_against_the_steps_and_crop_sizes():
+    from vitca_cli.errors import UsageError
+
+    assert tcfg(fusion_schedule="2,2:2,4", t_min=11, t_max=16).fusion_mitosis
+    with pytest.raises(UsageError, match="t_min > 10"):
+        tcfg(fusion_schedule="2,2:2,4", t_min=10, t_max=16)
+    with pytest.raises(UsageError, match="multiples of 4"):
+        tcfg(fusion_schedule="2,2:2,4", t_min=12, t_max=16, crop_sizes=(32, 30))
+    with pytest.raises(UsageError, match="bad fusion schedule"):
+        tcfg(fusion_schedule="2,2")
 
 
 def test_exact_resume_10_plus_10_equals_20(tmp_path):
