@@ -187,8 +187,8 @@ class TrainConfig:
                 object.__setattr__(self, "fusion_mitosis", True)
             except ValueError as exc:
                 problems.append(str(exc))
-        if self.fusion_mitosis and not problems and self.t_min <= self.fusion.outer_steps:
-            problems.append(f"fusion schedule {self.fusion} needs t_min > {self.fusion.outer_steps}")
+        if self.fusion_mitosis and not problems and self.t_min < self.fusion.outer_steps:
+            problems.append(f"fusion schedule {self.fusion} needs t_min ≥ {self.fusion.outer_steps}")
         side = 1 << self.fusion.levels if self.fusion_mitosis and not problems else 1
         if any(int(v) % side for v in self.crop_sizes):
             problems.append(f"fusion over {self.fusion.levels} levels needs crop sizes that are multiples of {side}")

@@ -125,6 +125,8 @@ def ship(
         entry["default_iters"] = default_iters
     if default_fusion:
         entry["default_fusion"] = True
+        if meta.get("fusion_schedule"):
+            entry["fusion_schedule"] = meta["fusion_schedule"]
     if notes:
         entry["notes"] = notes
     entry = {k: _plain(v) for k, v in entry.items()}

@@ -321,8 +321,9 @@ def test_a_fusion_schedule_parses_runs_its_levels_in_order_and_reaches_further()
     for bad in ("2,2", "2,2:2", "a:b", "-1:2"):
         with pytest.raises(ValueError):
             FusionSchedule.parse(bad)
-    with pytest.raises(ValueError, match="more than 10"):
-        two.segments(10)
+    assert two.level_steps(16) == [6, 4, 6]
+    with pytest.raises(ValueError, match="at least 10"):
+        two.segments(9)
 
 
 def test_a_two_level_rollout_is_the_composition_of_its_phases():

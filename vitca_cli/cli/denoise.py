@@ -174,10 +174,10 @@ COMPILE_HELP = (
     "step, the same bytes on every CPU."
 )
 FUSION_HELP = (
-    "Run the middle steps on a grid of half the resolution (appendix A.1 fusion and mitosis: 2 steps, 2x2 cells "
-    "fused, the rest but 2, cells divided, 2 steps): 2-3x fewer cell-steps, but fine detail suffers; for weights "
-    "trained with it (vitca train --fusion-mitosis). Default: as the weights say (on for photo-fused, off for the "
-    "other shipped models)."
+    "Run the middle steps on coarser grids (appendix A.1 fusion and mitosis: 2x2 cells fused into one, later "
+    "divided again), by the schedule the weights were trained with (vitca train --fusion-schedule; A.1's 2:2 if "
+    "they record none): fewer cell-steps and a longer reach, for weights trained with it. Default: as the "
+    "weights say."
 )
 QUANTIZE_HELP = "ONNX backend: int8 matrix products (the step graph is quantised once, then cached)."
 

@@ -181,13 +181,20 @@ class FusionSchedule:
 
     @property
     def outer_steps(self) -> int:
-        """Steps outside the coarsest level: a rollout needs more than these."""
+        """Steps outside the coarsest level: a rollout needs at least these."""
         return sum(self.down) + sum(self.up)
 
     def coarse_steps(self, steps: int) -> int:
-        if steps <= self.outer_steps:
-            raise ValueError(f"fusion schedule {self} needs more than {self.outer_steps} steps, got {steps}")
+        if steps < self.outer_steps:
+            raise ValueError(f"fusion schedule {self} needs at least {self.outer_steps} steps, got {steps}")
         return steps - self.outer_steps
+
+    def level_steps(self, steps: int) -> list[int]:
+        """Steps run on each level, full resolution first."""
+        counts = [0] * (self.levels + 1)
+        for level, n in self.segments(steps):
+            counts[level] += n
+        return counts
 
     def segments(self, steps: int) -> list[tuple[int, int]]:
         """(level, steps) in the order they run."""

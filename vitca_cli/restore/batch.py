@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 from vitca_cli.errors import SettingError, UsageError, WeightsError
 from vitca_cli.log import log
+from vitca_cli.nca.config import APPENDIX_A1, FusionSchedule
 from vitca_cli.restore.files import (
     STDIO,
     Job,
@@ -57,7 +58,7 @@ class BatchSettings:
     mask_type: Optional[str] = None  # None: as the model was trained
     threads: Optional[int] = None
     settle: float = 0.0  # skip cells whose output changed less than this on 2 updates in a row; 0: dense
-    fusion: Optional[bool] = None  # the middle steps on a half-resolution grid; None: as the weights say
+    fusion: Optional[bool] = None  # the middle steps on coarser grids, by the weights' schedule; None: as they say
     precision: str = (
         "auto"  # torch backend: fp32, bf16 products, or auto (bf16 for large jobs where the hardware has it)
     )
@@ -276,7 +277,7 @@ def process(
     clean, pixels, known = _damaged_input(job, pic, backend, settings, inpaint)
     meta = getattr(backend, "meta", None) or {}
     iters = settings.iters or int(meta.get("default_iters") or DEFAULT_ITERS)
-    fusion = bool(meta.get("default_fusion")) if settings.fusion is None else settings.fusion
+    fusion = fusion_schedule(meta, settings.fusion)
     if settings.weights is None and not fusion and pic.size[0] * pic.size[1] >= LARGE_PIXELS:
         backends.suggest_faster(backend.name)
     step = None if progress is None else (lambda done, total: progress(job, done, total))
@@ -304,7 +305,7 @@ def process(
         panels = ([clean] if settings.corrupt or inpaint else []) + [pixels, result.image]
         images.write_bytes(extras["compare"], images.encode_image(images.side_by_side(panels), "PNG"))
     h, w = pic.size
-    tiles = (f" × {settings.runs} runs" if settings.runs > 1 else "") + (", fused" if fusion else "")
+    tiles = (f" × {settings.runs} runs" if settings.runs > 1 else "") + (f", fused {fusion}" if fusion else "")
     tiles += f", {result.plan.count} tiles" if result.plan.count > 1 else ""
     if settings.settle > 0:
         share = result.skipped / max(1, result.computed + result.skipped)
@@ -342,3 +343,12 @@ def _damaged_input(job: Job, pic, backend, settings: BatchSettings, inpaint: boo
     elif settings.damage:
         pixels = damage(pixels, settings.damage, settings.seed, backend_mask_type(backend))
     return clean, pixels, known
+
+
+def fusion_schedule(meta: dict, wanted: bool | None) -> FusionSchedule | None:
+    """The fusion schedule a restore runs: the one the weights were trained with (appendix A.1's when they
+    record none), by default when they were trained or shipped to run fused; ``wanted`` True/False overrides."""
+    fused = bool(meta.get("default_fusion") or meta.get("fusion_mitosis")) if wanted is None else wanted
+    if not fused:
+        return None
+    return FusionSchedule.parse(meta["fusion_schedule"]) if meta.get("fusion_schedule") else APPENDIX_A1

@@ -25,12 +25,12 @@ import torch.nn.functional as F
 
 from vitca_cli.errors import SettingError
 from vitca_cli.log import log
-from vitca_cli.nca.config import CAConfig
+from vitca_cli.nca.config import APPENDIX_A1, CAConfig, FusionSchedule
 from vitca_cli.nca.masking import apply_mask, patch_keep_mask
 from vitca_cli.nca.model import output_image, seed_cells
 from vitca_cli.nca.rollout import MASK_BLOCK, UpdateMasks
 from vitca_cli.restore.tiles import TilePlan, plan_tiles
-from vitca_cli.restore.windows import FUSED_OUTER, rollout_fused, rollout_windows
+from vitca_cli.restore.windows import rollout_levels, rollout_windows
 
 PRECISIONS = ("fp32", "bf16", "auto")
 COMPILE = ("off", "on", "auto")
@@ -315,7 +315,7 @@ def restore(
     progress: Callable[[int, int], None] | None = None,
     known: np.ndarray | None = None,
     settle: float = 0.0,
-    fusion: bool = False,
+    fusion: FusionSchedule | bool | None = None,
     runs: int = 1,
 ) -> Restored:
     """Run the CA on ``image`` ``(H, W, C)`` (C = the model's channels, values as the model expects: masked
@@ -330,9 +330,10 @@ def restore(
     ``known`` ``(H, W)`` (True = the pixel is given; inpainting) is shown to a mask-aware model, and every known
     pixel of the result (and of each frame) is the input's own value: only missing pixels come from the cells.
 
-    ``fusion`` runs appendix A.1's schedule: 2 steps, the grid fused 2×2, ``iters - 4`` steps at half resolution,
-    mitosis (the input re-injected), 2 steps: about a quarter of the cell-steps, for models trained with it. The
-    grid is padded to even cells for it.
+    ``fusion`` (a ``FusionSchedule``, or True for appendix A.1's) runs the steps on several levels: e.g. A.1's
+    2 steps, the grid fused 2×2, ``iters - 4`` steps at half resolution, mitosis (the input re-injected), 2 steps:
+    about a quarter of the cell-steps, for models trained with it. The grid is padded to a multiple of
+    2^levels cells for it.
 
     ``runs`` > 1 averages that many runs, run ``r`` with the update masks of seed ``seed + r`` (so ``runs=2`` at
     seed 0 is the mean of seeds 0 and 1): each run's asynchronous updates leave their own error, and the mean
@@ -345,8 +346,9 @@ def restore(
         raise SettingError("settle", f"must be at least 0, got {settle}")
     if runs < 1:
         raise SettingError("runs", f"must be at least 1, got {runs}")
-    if fusion and iters < 2 * FUSED_OUTER:
-        raise SettingError("iters", f"{iters}: fusion needs at least {2 * FUSED_OUTER} steps")
+    fusion = APPENDIX_A1 if fusion is True else fusion or None
+    if fusion and iters < fusion.outer_steps:
+        raise SettingError("iters", f"{iters}: fusion schedule {fusion} needs at least {fusion.outer_steps} steps")
     if fusion and (cfg.size_dependent or cfg.arch != "vitca"):
         raise SettingError("fusion", "needs a ViTCA model without a position encoding tied to its training size")
     h, w, c = image.shape
@@ -357,9 +359,10 @@ def restore(
     rate = cfg.update_rate if update_rate is None else update_rate
     p = cfg.patch_size
     tile = _check_tile(cfg, tile)
-    x, k, (ph, pw) = _padded(cfg, image, known, 2 if fusion else 1)
-    reach = 2 * iters - 2 * FUSED_OUTER if fusion else iters  # full-resolution steps a cell's state can see across
-    plan = plan_tiles(cfg, (ph // p, pw // p), reach, tile, align=2 if fusion else 1)
+    align = 1 << fusion.levels if fusion else 1
+    x, k, (ph, pw) = _padded(cfg, image, known, align)
+    reach = fusion.reach(iters) if fusion else iters  # full-resolution cells a cell's state can come from
+    plan = plan_tiles(cfg, (ph // p, pw // p), reach, tile, align=align)
     if plan.count > 1:
         note = "" if plan.exact else ", blended" if cfg.size_dependent else ", approximate beyond the margin cap"
         log.debug(f"tiling {ph}×{pw} px into {plan.count} tiles of {plan.tile[0] * p}×{plan.tile[1] * p} px{note}")
@@ -377,8 +380,7 @@ def restore(
     batches = [origins[i : i + per_batch] for i in range(0, len(origins), per_batch)]
     done, total, computed, skipped = 0, runs * len(batches) * iters, 0, 0
     for r in range(runs):
-        masks = UpdateMasks(seed + r, iters, rate)
-        fused = UpdateMasks(seed + r, iters - 2 * FUSED_OUTER, rate, level=1) if fusion else None
+        masks = _level_masks(seed + r, iters, rate, fusion)
         for batch in batches:
             start = done
 
@@ -387,7 +389,7 @@ def restore(
                     progress(start + t, total)
 
             run, outputs = _run_tiles(
-                backend, x, k, (masks, fused), batch, plan.tile, settle, tuple(record), max_cells, on_step
+                backend, x, k, masks, batch, plan.tile, settle, tuple(record), max_cells, on_step, fusion
             )
             computed, skipped = computed + run.computed, skipped + run.skipped
             done = start + iters
@@ -427,25 +429,47 @@ def _recorded_steps(iters: int, frames: int, frame_bytes: int) -> list[int]:
     return record
 
 
-def _run_tiles(backend, x, k, masks: tuple, batch, tile, settle, record, max_cells, on_step):
-    """Run the tiles at cell origins ``batch`` (each ``tile`` cells) together, with ``masks`` = (the full grid's
-    ``UpdateMasks``, the fused grid's or None). Returns the windowed run and, per recorded step and then the final
-    step, the output images ``(len(batch), C, th·p, tw·p)``."""
+def _level_masks(seed: int, iters: int, rate: float, fusion: FusionSchedule | None) -> list[UpdateMasks]:
+    """The update masks of each level: full resolution as an unfused run draws them (a phase there takes the first
+    or the last steps), each fused level drawn apart at its own coordinates for the steps it runs."""
+    if fusion is None:
+        return [UpdateMasks(seed, iters, rate)]
+    counts = fusion.level_steps(iters)
+    return [UpdateMasks(seed, iters, rate)] + [
+        UpdateMasks(seed, n, rate, level=level) for level, n in enumerate(counts) if level > 0
+    ]
+
+
+def _run_tiles(backend, x, k, masks, batch, tile, settle, record, max_cells, on_step, fusion=None):
+    """Run the tiles at cell origins ``batch`` (each ``tile`` cells) together, with ``masks`` from
+    :func:`_level_masks` and the ``fusion`` schedule (or None). Returns the windowed run and, per recorded step
+    and then the final step, the output images ``(len(batch), C, th·p, tw·p)``."""
     cfg: CAConfig = backend.cfg
     p = cfg.patch_size
     th, tw = tile
     windows = [(..., slice(y * p, (y + th) * p), slice(xx * p, (xx + tw) * p)) for y, xx in batch]
     tiles = torch.cat([x[win] for win in windows])
     tile_known = None if k is None else torch.cat([k[win] for win in windows])
-    full, fused = masks
-    tile_masks = torch.stack([full.window(y, xx, th, tw)[:, 0] for y, xx in batch], dim=1)  # T b th tw
     cells = seed_cells(cfg, tiles, known=tile_known)
-    if fused is None:
-        run = rollout_windows(backend, cells, tile_masks, settle, record, max_cells, on_step)
+
+    def window(level: int) -> torch.Tensor:  # (T, b, th / 2^level, tw / 2^level)
+        return torch.stack(
+            [masks[level].window(y >> level, xx >> level, th >> level, tw >> level)[:, 0] for y, xx in batch], dim=1
+        )
+
+    if fusion is None:
+        run = rollout_windows(backend, cells, window(0), settle, record, max_cells, on_step)
     else:
-        outer = torch.cat([tile_masks[:FUSED_OUTER], tile_masks[-FUSED_OUTER:]])
-        inner = torch.stack([fused.window(y // 2, xx // 2, th // 2, tw // 2)[:, 0] for y, xx in batch], dim=1)
-        run = rollout_fused(backend, cells, outer, inner, settle, record, max_cells, on_step)
+        drawn = [window(level) for level in range(fusion.levels + 1)]
+        used = [0] * len(drawn)  # steps of each level taken so far: a level's phases take its masks in order
+        phases = []
+        for i, (level, n) in enumerate(fusion.segments(len(drawn[0]))):
+            if level == 0:  # full resolution: the first steps of an unfused run's masks, then the last
+                phases.append((0, drawn[0][:n] if i == 0 else drawn[0][len(drawn[0]) - n :]))
+            else:
+                phases.append((level, drawn[level][used[level] : used[level] + n]))
+            used[level] += n
+        run = rollout_levels(backend, cells, phases, settle, record, max_cells, on_step)
     final = output_image(cfg, run.cells).float().cpu()
     outputs = run.frames + [final] * (len(record) - len(run.frames)) + [final]  # settled early: final frames
     return run, outputs
