@@ -191,7 +191,7 @@ def test_a_mask_of_another_shape_is_stretched_with_a_warning(capsys, tmp_path, m
 
 
 # 8. threads -----------------------------------------------------------------------------------------------------------
-def test_threads_option_and_a_busy_machine_default(capsys, tmp_path, model_file, monkeypatch):
+def test_threads_option_and_every_usable_core_by_default_whatever_the_load(capsys, tmp_path, model_file, monkeypatch):
     from vitca_cli import runtime
 
     code, _, _ = cli(
@@ -209,10 +209,38 @@ def test_threads_option_and_a_busy_machine_default(capsys, tmp_path, model_file,
     )
     assert code == 0 and torch.get_num_threads() == 1
     monkeypatch.setattr(runtime, "usable_cores", lambda: 4)
-    monkeypatch.setattr(os, "getloadavg", lambda: (2.2, 2.0, 2.0))
-    assert runtime.choose_threads() == 2
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.2, 2.0, 2.0))  # the last run's load: not a reason to hold back
     assert runtime.choose_threads() == 4 and runtime.choose_threads(3) == 3
+
+
+def test_passive_openmp_leaves_a_users_wait_setting_alone():
+    from vitca_cli.runtime import passive_openmp
+
+    env = {}
+    assert passive_openmp(env) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"):
+        env = {name: "ACTIVE" if name == "OMP_WAIT_POLICY" else "1000"}
+        assert not passive_openmp(env) and list(env) == [name]
+
+
+@pytest.mark.parametrize("given", [None, "ACTIVE"])
+def test_a_fresh_vitca_process_runs_passive_openmp_unless_the_user_chose(tmp_path, model_file, given):
+    """The policy must be in the environment before torch loads OpenMP: checked in a new process, where the
+    ``vitca`` entry point runs first and torch is imported later."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = (
+        "import sys\nfrom vitca_cli.cli import main\nassert 'torch' not in sys.modules\nsys.argv[0] = 'vitca'\n"
+        "try:\n    main()\nfinally:\n    import os\n    print('POLICY', os.environ.get('OMP_WAIT_POLICY'))\n"
+    )
+    args = ["denoise", photo(tmp_path / "in.png"), "-o", tmp_path / "o.png", "-w", model_file, "--iters", "1", "-vv"]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env, timeout=120
+    )
+    want = given or "PASSIVE"
+    assert proc.returncode == 0, proc.stderr
+    assert f"POLICY {want}" in proc.stdout and f"OpenMP wait policy {want}" in proc.stderr
 
 
 # 9. progress in logs ------------------------------------------------------------------------------------------------
