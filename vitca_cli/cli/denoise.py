@@ -20,7 +20,8 @@ from vitca_cli.cli import options as opt
 from vitca_cli.cli.options import Backend, MaskType, handle_errors
 from vitca_cli.errors import EXIT_FAILED, VitcaError
 from vitca_cli.log import log
-from vitca_cli.restore.batch import DEFAULT_ITERS, BatchSettings  # torch-free: --help stays fast
+from vitca_cli.restore.batch import BatchSettings  # torch-free: --help stays fast
+from vitca_cli.restore.defaults import DEFAULT_ITERS
 
 PROGRESS_EVERY_S = 5.0  # a log line this often when stderr is not a terminal
 

@@ -29,6 +29,7 @@ from vitca_cli.nca.config import APPENDIX_A1, CAConfig, FusionSchedule
 from vitca_cli.nca.masking import apply_mask, patch_keep_mask
 from vitca_cli.nca.model import output_image, seed_cells
 from vitca_cli.nca.rollout import MASK_BLOCK, UpdateMasks
+from vitca_cli.restore.defaults import default_iters, fusion_schedule
 from vitca_cli.restore.tiles import TilePlan, plan_tiles
 from vitca_cli.restore.windows import rollout_levels, rollout_windows
 
@@ -306,7 +307,7 @@ def _check_tile(cfg: CAConfig, tile: int | None) -> int | None:
 def restore(
     backend,
     image: np.ndarray,
-    iters: int = 64,
+    iters: int | None = None,
     update_rate: float | None = None,
     seed: int = 0,
     tile: int | None = None,
@@ -319,7 +320,8 @@ def restore(
     runs: int = 1,
 ) -> Restored:
     """Run the CA on ``image`` ``(H, W, C)`` (C = the model's channels, values as the model expects: masked
-    image in [0, 1] plus any noise) for ``iters`` steps and return the output channels.
+    image in [0, 1] plus any noise) for ``iters`` steps and return the output channels. ``iters`` and ``fusion``
+    left None are the weights' own (``vitca_cli.restore.defaults``).
 
     Padding: H and W are padded (edge replicate) to a multiple of the patch size, and for a size-dependent model
     to at least its training size; the result is cropped back. ``tile`` is in pixels (None = automatic, 0 = off).
@@ -340,13 +342,14 @@ def restore(
     cancels part of it, at ``runs`` times the work.
     """
     cfg: CAConfig = backend.cfg
+    iters = default_iters(backend) if iters is None else iters
+    fusion = fusion_schedule(backend) if fusion is None else APPENDIX_A1 if fusion is True else fusion or None
     if iters < 1:
         raise SettingError("iters", f"must be at least 1, got {iters}")
     if settle < 0:
         raise SettingError("settle", f"must be at least 0, got {settle}")
     if runs < 1:
         raise SettingError("runs", f"must be at least 1, got {runs}")
-    fusion = APPENDIX_A1 if fusion is True else fusion or None
     if fusion and iters < fusion.outer_steps:
         raise SettingError("iters", f"{iters}: fusion schedule {fusion} needs at least {fusion.outer_steps} steps")
     if fusion and (cfg.size_dependent or cfg.arch != "vitca"):
