@@ -172,24 +172,6 @@ def test_ext_that_contradicts_the_output_name_is_refused(capsys, tmp_path, model
     assert code == 2 and "different formats" in one_error_line(err) and not (tmp_path / "q7.webp").exists()
 
 
-def test_a_mask_of_another_shape_is_stretched_with_a_warning(capsys, tmp_path, model_file):
-    Image.fromarray(np.full((4, 8), 255, np.uint8)).save(tmp_path / "mask.png")
-    code, _, err = cli(
-        capsys,
-        "inpaint",
-        photo(tmp_path / "in.png"),
-        "--mask",
-        tmp_path / "mask.png",
-        "-o",
-        tmp_path / "o.png",
-        "-w",
-        model_file,
-        "--iters",
-        "1",
-    )
-    assert code == 0 and "stretched" in err and "nearest-neighbour" in err and "aspect ratio NOT kept" in err
-
-
 # 8. threads -----------------------------------------------------------------------------------------------------------
 def test_threads_option_and_every_usable_core_by_default_whatever_the_load(capsys, tmp_path, model_file, monkeypatch):
     from vitca_cli import runtime
@@ -272,38 +254,6 @@ def test_probe_validation_is_large_enough_to_mean_something():
     x, y = torch.randn(64, 5, generator=g), torch.arange(64) % 4
     result = train_linear(x, y, x[:8], y[:8], classes=4, max_iter=5)
     assert result["val_images"] == 16
-
-
-# 12. weights list -----------------------------------------------------------------------------------------------------
-def test_weights_list_wraps_long_descriptions(capsys, weights_dirs):
-    import json
-
-    from vitca_cli.io.weights import sha256_file
-
-    shipped, _ = weights_dirs
-    torch.manual_seed(0)
-    cfg = CAConfig(channels=3, **TINY)
-    save_checkpoint(shipped / "long.pt", cfg, CellularAutomaton(cfg).state_dict(), {})
-    text = "a long dataset description that will not fit in its column of twenty-four"
-    (shipped / "manifest.json").write_text(
-        json.dumps(
-            {
-                "format": "vitca-weights-manifest",
-                "version": 1,
-                "models": [
-                    {"name": "long", "file": "long.pt", "dataset": text, "sha256": sha256_file(shipped / "long.pt")}
-                ],
-            }
-        )
-    )
-    code, out, _ = cli(capsys, "weights", "list")
-    assert code == 0
-    assert (
-        " ".join(w for line in out.splitlines()[1:] for w in line.split() if w.isalpha() or "-" in w).count(
-            "twenty-four"
-        )
-        == 1
-    )
 
 
 # 13. a default output -----------------------------------------------------------------------------------------------

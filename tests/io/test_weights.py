@@ -165,8 +165,8 @@ def test_weights_commands(dirs, tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["weights", "list"])
     assert result.exit_code == 0
-    assert "tiny" in result.stdout and "Tiny set" in result.stdout and "19.00" in result.stdout
-    assert "mine" in result.stdout and "cache" in result.stdout
+    assert "tiny" in result.stdout and "19.00" in result.stdout and "shipped" in result.stdout
+    assert "mine" in result.stdout and "cached" in result.stdout
     rows = json.loads(runner.invoke(app, ["weights", "list", "--json"]).stdout)
     assert {r["name"]: r["status"] for r in rows} == {"tiny": "ok", "mine": "ok"}
     result = runner.invoke(app, ["weights", "path", "tiny"])

@@ -133,6 +133,15 @@ def _recursive():
     return typer.Option(False, "--recursive", "-r", help="Descend into sub-folders.")
 
 
+def _include_outputs():
+    return typer.Option(
+        False,
+        "--include-outputs",
+        help="Folders and quoted globs: also restore files named like vitca's outputs (NAME.restored.EXT, "
+        "NAME.input.EXT), which are left out by default.",
+    )
+
+
 def _ext():
     return typer.Option(None, "--ext", help="Output format by extension (default: the input's).")
 
@@ -202,6 +211,7 @@ def denoise(
     backend: Backend = opt.backend_option(),
     tile: Optional[int] = opt.tile_option(),
     recursive: bool = _recursive(),
+    include_outputs: bool = _include_outputs(),
     ext: Optional[str] = _ext(),
     overwrite: bool = _overwrite(),
     skip_existing: bool = _skip_existing(),
@@ -235,6 +245,7 @@ def denoise(
         False,
         output=output,
         recursive=recursive,
+        include_outputs=include_outputs,
         iters=iters,
         update_rate=update_rate,
         runs=runs,
@@ -272,6 +283,12 @@ def inpaint(
         show_default=False,
     ),
     output: Optional[str] = _output(),
+    stretch_mask: bool = typer.Option(
+        False,
+        "--stretch-mask",
+        help="Stretch a mask of another aspect ratio than the image's to fit (refused by default: it is almost "
+        "surely the wrong mask). One of the same aspect ratio is resized either way.",
+    ),
     mask_type: Optional[MaskType] = typer.Option(
         None, "--mask-type", help="How missing pixels are shown to the model (default: as it was trained)."
     ),
@@ -284,6 +301,7 @@ def inpaint(
     backend: Backend = opt.backend_option(),
     tile: Optional[int] = opt.tile_option(),
     recursive: bool = _recursive(),
+    include_outputs: bool = _include_outputs(),
     ext: Optional[str] = _ext(),
     overwrite: bool = _overwrite(),
     skip_existing: bool = _skip_existing(),
@@ -308,6 +326,7 @@ def inpaint(
         True,
         output=output,
         recursive=recursive,
+        include_outputs=include_outputs,
         iters=iters,
         update_rate=update_rate,
         runs=runs,
@@ -325,6 +344,7 @@ def inpaint(
         fail_fast=fail_fast,
         ext=ext,
         mask=mask,
+        stretch_mask=stretch_mask,
         mask_type=mask_type.value if mask_type else None,
         threads=threads,
         settle=settle,

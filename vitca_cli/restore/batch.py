@@ -58,6 +58,8 @@ class BatchSettings:
     ext: Optional[str] = None
     mask: Optional[str] = None  # inpainting: one mask, or a folder of masks matched by file stem
     mask_type: Optional[str] = None  # None: as the model was trained
+    stretch_mask: bool = False  # a mask of another aspect ratio than the image's: stretched, not refused
+    include_outputs: bool = False  # folders and globs: also the files vitca names as its outputs
     threads: Optional[int] = None
     settle: float = 0.0  # skip cells whose output changed less than this on 2 updates in a row; 0: dense
     fusion: Optional[bool] = None  # the middle steps on coarser grids, by the weights' schedule; None: as they say
@@ -190,7 +192,7 @@ def _prepare(inputs: list[str], settings: BatchSettings) -> tuple[list[Job], Bac
     backends = Backends(settings)
     if settings.weights is not None:
         backends.get(0)  # missing or unknown weights: raise now, not once per file
-    jobs = collect_inputs(inputs, settings.recursive, skip_restored=settings.output is None)
+    jobs = collect_inputs(inputs, settings.recursive, skip_outputs=not settings.include_outputs)
     if not jobs:
         raise UsageError("no inputs given")
     assign_outputs(jobs, settings.output, settings.ext)
@@ -277,7 +279,7 @@ def process(
     for note in pic.notes:
         log.info(f"{pic.source}: {note}")
     backend = backends.get(pic.channels)
-    missing = read_job_mask(settings.mask, job, pic.size) if inpaint else None
+    missing = read_job_mask(settings.mask, job, pic.size, settings.stretch_mask) if inpaint else None
     step = None if progress is None else (lambda done, total: progress(job, done, total))
     done = restore_pixels(pic.pixels, backend, settings, missing, step, pic.source, large_hint=backends.suggest_faster)
     clean, pixels, result, iters, fusion = done.clean, done.shown, done.result, done.iters, done.fusion
