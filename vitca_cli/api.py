@@ -40,9 +40,10 @@ from PIL import Image
 from vitca_cli.restore.batch import Backends, BatchSettings, restore_pixels
 
 if "torch" not in sys.modules:
-    from vitca_cli.runtime import passive_openmp
+    from vitca_cli.runtime import passive_openmp, persistent_compile_cache
 
     passive_openmp()
+    persistent_compile_cache()
 
 ImageLike = Union[np.ndarray, Image.Image]
 Progress = Optional[Callable[[int, int], None]]  # (steps done, total)

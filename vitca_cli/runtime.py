@@ -90,6 +90,23 @@ def passive_openmp(environ=None) -> bool:
     return True
 
 
+COMPILE_CACHE = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def persistent_compile_cache(environ=None) -> bool:
+    """Keep ``torch.compile``'s generated kernels under vitca's cache folder (``$VITCA_HOME`` or the user
+    cache folder: ``torch-compile/``) rather than in ``/tmp``, which many systems clear at boot, so that later processes load the
+    fast step's kernels instead of generating them again. Left alone when the environment names a folder. Call it
+    before ``import torch``. Returns whether it set the folder."""
+    environ = os.environ if environ is None else environ
+    if COMPILE_CACHE in environ:
+        return False
+    from vitca_cli.io.weights import home_dir
+
+    environ[COMPILE_CACHE] = str(home_dir() / "torch-compile")
+    return True
+
+
 def has_cxx_compiler() -> bool:
     """Whether a C++ compiler is on the PATH (``$CXX``, g++, clang++ or c++): torch.compile needs one on CPU."""
     import shutil

@@ -205,6 +205,16 @@ def test_passive_openmp_leaves_a_users_wait_setting_alone():
         assert not passive_openmp(env) and list(env) == [name]
 
 
+def test_compiled_kernels_are_kept_in_vitcas_cache_folder_unless_the_user_chose(tmp_path, monkeypatch):
+    from vitca_cli.runtime import persistent_compile_cache
+
+    monkeypatch.setenv("VITCA_HOME", str(tmp_path))
+    env = {}
+    assert persistent_compile_cache(env) and env == {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "torch-compile")}
+    env = {"TORCHINDUCTOR_CACHE_DIR": "/elsewhere"}
+    assert not persistent_compile_cache(env) and env == {"TORCHINDUCTOR_CACHE_DIR": "/elsewhere"}
+
+
 @pytest.mark.parametrize("given", [None, "ACTIVE"])
 def test_a_fresh_vitca_process_runs_passive_openmp_unless_the_user_chose(tmp_path, model_file, given):
     """The policy must be in the environment before torch loads OpenMP: checked in a new process, where the
