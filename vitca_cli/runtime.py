@@ -94,10 +94,10 @@ COMPILE_CACHE = "TORCHINDUCTOR_CACHE_DIR"
 
 
 def persistent_compile_cache(environ=None) -> bool:
-    """Keep ``torch.compile``'s generated kernels under vitca's cache folder (``$VITCA_HOME`` or the user
-    cache folder: ``torch-compile/``) rather than in ``/tmp``, which many systems clear at boot, so that later processes load the
-    fast step's kernels instead of generating them again. Left alone when the environment names a folder. Call it
-    before ``import torch``. Returns whether it set the folder."""
+    """Keep ``torch.compile``'s generated kernels under vitca's cache folder (``$VITCA_HOME`` or the user cache
+    folder: ``torch-compile/``) rather than in ``/tmp``, which many systems clear at boot, so that later processes
+    load the fast step's kernels instead of generating them again. Left alone when the environment names a folder.
+    Call it before ``import torch``. Returns whether it set the folder."""
     environ = os.environ if environ is None else environ
     if COMPILE_CACHE in environ:
         return False
