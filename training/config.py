@@ -124,6 +124,13 @@ class TrainConfig:
     )
     checkpointing: bool = setting(False, "Gradient checkpointing, ⌊T/2⌋ segments.", shown="off")
     fusion_mitosis: bool = setting(False, "Appendix A.1 fusion/mitosis schedule.", shown="off")
+    fusion_schedule: str = setting(
+        "",
+        "Fusion over several levels, as steps down:steps up, e.g. 2,2:2,4: 2 steps, fuse 2x2, 2 steps, fuse "
+        "again, the rest of the T steps at 1/4 resolution, divide, 2 steps, divide, 4 steps (implies "
+        "--fusion-mitosis, which alone is 2:2).",
+        shown="2:2 with --fusion-mitosis",
+    )
     masking: MaskingConfig = setting(MaskingConfig(), "The paper's masking curriculum.", option=False)
     val_every: int = setting(500, "Validate every N iterations (0: never).", RUN, resumable=True)
     val_size: int = setting(256, "Validation images.", RUN)
@@ -174,8 +181,17 @@ class TrainConfig:
             problems.append("pool size must be ≥ 0")
         if not 1 <= self.t_min <= self.t_max:
             problems.append(f"need 1 ≤ t_min ≤ t_max, got {self.t_min}..{self.t_max}")
-        if self.fusion_mitosis and self.t_min < 4:
-            problems.append("fusion/mitosis needs t_min ≥ 4")
+        if self.fusion_schedule:
+            try:
+                object.__setattr__(self, "fusion_schedule", str(self.fusion))
+                object.__setattr__(self, "fusion_mitosis", True)
+            except ValueError as exc:
+                problems.append(str(exc))
+        if self.fusion_mitosis and not problems and self.t_min < self.fusion.outer_steps:
+            problems.append(f"fusion schedule {self.fusion} needs t_min ≥ {self.fusion.outer_steps}")
+        side = 1 << self.fusion.levels if self.fusion_mitosis and not problems else 1
+        if any(int(v) % side for v in self.crop_sizes):
+            problems.append(f"fusion over {self.fusion.levels} levels needs crop sizes that are multiples of {side}")
         if self.fusion_mitosis and self.checkpointing:
             problems.append("checkpointing and fusion/mitosis exclude each other: choose one, not both")
         if isinstance(self.masking, dict):
@@ -198,6 +214,15 @@ class TrainConfig:
             problems.append(str(exc))
         if problems:
             raise UsageError("; ".join(problems))
+
+    @property
+    def fusion(self):
+        """The fusion schedule (``vitca_cli.nca.config.FusionSchedule``) the rollouts run, or None."""
+        from vitca_cli.nca.config import APPENDIX_A1, FusionSchedule
+
+        if self.fusion_schedule:
+            return FusionSchedule.parse(self.fusion_schedule)
+        return APPENDIX_A1 if self.fusion_mitosis else None
 
     @property
     def mixture(self):

@@ -6,6 +6,15 @@ Sources: scikit-image's bundled samples (offline loaders only) and Debian's ``op
     python -m training.photos OUT_DIR      # writes OUT_DIR/train/*.png and OUT_DIR/test/*.png
                                            # and OUT_DIR/crops/test/*.png (16 random 32×32 crops per test photo)
     python -m training.photos OUT_DIR --upscale 2,4   # and training photos enlarged 2× and 4×
+    python -m training.photos OUT_DIR --native        # and multi-megapixel photos at their own scale, 1/2 and 1/4
+
+With ``--native``, real camera photos from Debian's wallpaper packages (``apt-get install plasma-workspace-wallpapers
+lomiri-wallpapers-16.04 lomiri-wallpapers-20.04``; ``WALLPAPER_TRAIN``) are written at their own pixel scale and at
+1/2 and 1/4 (``*-native.png``, ``*-d2.png``, ``*-d4.png``): at a camera's scale a photo is smooth from pixel to
+pixel and its noise must be averaged over large areas, which the small photos never show. Two of them
+(``WALLPAPER_VAL``) are held out for validation: 64×64 crops at native scale and at 1/2 go to ``OUT_DIR/val``.
+Never used here: Debian's ``mate-backgrounds``, matplotlib's and scikit-learn's sample photos, kept for independent
+checks (``bench/photo_quality.py --native`` tests on them).
 
 Training photos are written at full size and, when their short side is at least 256 px, also at half size
 (``*-half.png``), so random crops see both fine texture and coarser structure. With ``--upscale 2,4`` they are also
@@ -50,6 +59,38 @@ OPENCV_TRAIN = [
 ]
 OPENCV_VAL = ["butterfly.jpg", "messi5.jpg"]  # validation during training: random crops, never trained on
 OPENCV_TEST = ["baboon.jpg", "fruits.jpg", "building.jpg", "smarties.png", "squirrel_cls.jpg", "orange.jpg"]
+WALLPAPERS = Path("/usr/share/wallpapers")  # plasma-workspace-wallpapers: NAME/contents/images/WxH.jpg
+BACKGROUNDS = Path("/usr/share/backgrounds")  # lomiri-wallpapers-16.04 and -20.04: NAME.jpg
+# The real camera photos among the wallpapers (the rest is artwork), 1.5 to 20 MP each.
+WALLPAPER_TRAIN = [
+    "plasma:BytheWater",
+    "plasma:ColdRipple",
+    "plasma:ColorfulCups",
+    "plasma:DarkestHour",
+    "plasma:EveningGlow",
+    "plasma:Grey",
+    "plasma:Kite",
+    "plasma:OneStandsOut",
+    "plasma:Path",
+    "plasma:summer_1am",
+    "lomiri:Dragonfly_by_Bolly",
+    "lomiri:Infinite-Sea_by_Aury88",
+    "lomiri:Kleiber_by_Lukas_Baubkus",
+    "lomiri:Picture_0B_by_freespace",
+    "lomiri:Picture_1A_by_freespace",
+    "lomiri:Wine_by_Jakkub_Mede",
+    "lomiri:aitzgorri_by_Aitzol_Berasategi",
+    "lomiri:analogpattern_by_Peter_Nerlich",
+    "lomiri:free_by_Peter_Nerlich",
+    "lomiri:friends_by_Aitzol_Berasategi",
+    "lomiri:greentock_by_Peter_Nerlich",
+    "lomiri:life_by_Aitzol_Berasategi",
+    "lomiri:picosdeeuropa_by_Aitzol_Berasategi",
+    "lomiri:seeding_by_Clements_Engelhardt",
+    "lomiri:sunset_by_Aitzol_Berasategi",
+]
+WALLPAPER_VAL = ["plasma:FallenLeaf", "lomiri:Bridge_by_Sander_Klootwijk"]
+NATIVE_SCALES = (1, 2, 4)  # written at 1/f of the native size
 SKIMAGE_TRAIN = ["astronaut", "coffee", "chelsea", "rocket", "camera", "brick", "grass", "gravel", "hubble_deep_field"]
 
 
@@ -87,8 +128,50 @@ def collect(out: Path, upscale: tuple[int, ...] = ()) -> dict[str, int]:
     return counts
 
 
+def wallpaper_path(entry: str) -> Path | None:
+    """The file of a ``WALLPAPER_*`` entry (the largest size a plasma wallpaper ships), or None if not installed."""
+    source, _, name = entry.partition(":")
+    if source == "lomiri":
+        path = BACKGROUNDS / f"{name}.jpg"
+        return path if path.is_file() else None
+    sizes = [p for p in (WALLPAPERS / name / "contents" / "images").glob("*") if p.suffix in (".jpg", ".png")]
+    return max(sizes, key=_pixels, default=None)
+
+
+def _pixels(path: Path) -> int:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.width * im.height
+
+
+def collect_native(out: Path) -> dict[str, int]:
+    """Write the wallpaper photos at 1/f of their size for f in ``NATIVE_SCALES``: training ones into
+    ``out/train``, validation ones into ``out/val-native``; returns how many files went where (0 when the
+    packages are missing)."""
+    from PIL import Image
+
+    counts = {"train": 0, "val-native": 0}
+    for split, names in (("train", WALLPAPER_TRAIN), ("val-native", WALLPAPER_VAL)):
+        (out / split).mkdir(parents=True, exist_ok=True)
+        for entry in names:
+            path = wallpaper_path(entry)
+            if path is None:
+                continue
+            image = Image.open(path).convert("RGB")
+            stem = entry.replace(":", "-")
+            for f in NATIVE_SCALES:
+                small = (
+                    image if f == 1 else image.resize((image.width // f, image.height // f), Image.Resampling.LANCZOS)
+                )
+                small.save(out / split / f"{stem}-{'native' if f == 1 else f'd{f}'}.png")
+                counts[split] += 1
+    return counts
+
+
 def _val_sources(out: Path, split: str) -> list[Path]:
-    return sorted((out / ("val-photos" if split == "val" else split)).glob("*.png"))
+    folder = {"val": "val-photos", "native": "val-native"}.get(split, split)
+    return sorted((out / folder).glob("*.png"))
 
 
 def _save(image, stem: Path, half: bool, upscale: tuple[int, ...] = ()) -> int:
@@ -146,6 +229,8 @@ def test_crops(
 
 if __name__ == "__main__":
     args = sys.argv[1:]
+    native = "--native" in args
+    args = [a for a in args if a != "--native"]
     factors: tuple[int, ...] = ()
     if len(args) == 3 and args[1] == "--upscale" and all(f.isdigit() and int(f) > 1 for f in args[2].split(",")):
         factors = tuple(int(f) for f in args[2].split(","))
@@ -161,3 +246,12 @@ if __name__ == "__main__":
         "validation crops:",
         test_crops(root, per_image=per_val, seed=1, split="val", dest=root / "val", scales=(1, *factors)),
     )
+    if native:
+        counts = collect_native(root)
+        if not counts["train"]:
+            sys.exit(
+                "no wallpaper photos found: apt-get install plasma-workspace-wallpapers lomiri-wallpapers-16.04 "
+                "lomiri-wallpapers-20.04"
+            )
+        crops = test_crops(root, size=64, per_image=16, seed=2, split="native", dest=root / "val")
+        print("native-scale photos:", counts, "native validation crops:", crops)

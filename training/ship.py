@@ -86,8 +86,11 @@ def ship(
     notes: str | None = None,
     default_iters: int | None = None,
     default_fusion: bool = False,
+    max_iters: int | None = None,
 ) -> dict:
-    """Write ``weights_dir/NAME.pt`` from ``checkpoint`` and its manifest entry; returns the entry."""
+    """Write ``weights_dir/NAME.pt`` from ``checkpoint`` and its manifest entry; returns the entry. ``max_iters``:
+    the most steps the weights are known to improve with (``vitca inpaint`` runs up to that many for deep holes;
+    without it, no more than ``default_iters``)."""
     checkpoint = Path(checkpoint)
     weights_dir = Path(weights_dir or shipped_dir())
     obj = read_checkpoint(checkpoint)
@@ -123,8 +126,12 @@ def ship(
     }
     if default_iters:
         entry["default_iters"] = default_iters
+    if max_iters:
+        entry["max_iters"] = max_iters
     if default_fusion:
         entry["default_fusion"] = True
+        if meta.get("fusion_schedule"):
+            entry["fusion_schedule"] = meta["fusion_schedule"]
     if notes:
         entry["notes"] = notes
     entry = {k: _plain(v) for k, v in entry.items()}
@@ -157,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--notes")
     ap.add_argument("--default-iters", type=int, help="CA steps `vitca denoise` runs by default with these weights")
     ap.add_argument(
+        "--max-iters",
+        type=int,
+        help="the most CA steps these weights are known to improve with (`vitca inpaint` runs up to that many for "
+        "deep holes; default: no more than --default-iters)",
+    )
+    ap.add_argument(
         "--default-fusion", action="store_true", help="`vitca denoise` runs fused by default (trained with fusion)"
     )
     args = ap.parse_args(argv)
@@ -174,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             args.notes,
             args.default_iters,
             args.default_fusion,
+            args.max_iters,
         )
     except VitcaError as exc:
         print(f"error: {exc}", file=sys.stderr)

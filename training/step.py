@@ -31,15 +31,16 @@ def normalize_gradients(params) -> None:
 def rollout(
     ca, z: torch.Tensor, steps: int, tcfg: TrainConfig, generator: torch.Generator, masks: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The T training steps: plain, gradient-checkpointed (⌊T/2⌋ segments), or fusion/mitosis (appendix A.1).
+    """The T training steps: plain, gradient-checkpointed (⌊T/2⌋ segments), or with fusion and mitosis
+    (appendix A.1, over ``tcfg.fusion``'s levels).
 
     With ``precision="bf16"`` the steps run under autocast: the linear layers multiply in bfloat16 (AMX/AVX512-BF16
     on recent CPUs, tensor cores on GPUs) while the cell grid, LayerNorms, residual sums and the returned grid stay
     fp32, so the state carried from step to step (and into the pool) is not rounded to bfloat16."""
     autocast = tcfg.precision == "bf16"
     with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=autocast):
-        if tcfg.fusion_mitosis:
-            z = ca(z, steps, generator=generator, fusion_mitosis=True)
+        if tcfg.fusion is not None:
+            z = ca(z, steps, generator=generator, fusion=tcfg.fusion)
         else:
             segments = steps // 2 if tcfg.checkpointing and steps > 1 else 0
             z = ca(z, steps, generator=generator, masks=masks, checkpoint_segments=segments)

@@ -196,7 +196,7 @@ class Trainer:
                 model.seed(masked, gen, known),
                 self.tcfg.val_steps,
                 generator=gen,
-                fusion_mitosis=self.tcfg.fusion_mitosis,
+                fusion=self.tcfg.fusion,
             )
             out = model.output(z)
             psnr.append(psnr_per_image(out, x))
@@ -234,6 +234,7 @@ class Trainer:
             "t_range": [t.t_min, t.t_max],
             "checkpointing": t.checkpointing,
             "fusion_mitosis": t.fusion_mitosis,
+            "fusion_schedule": str(t.fusion) if t.fusion else None,
             "seed": t.seed,
         }
 

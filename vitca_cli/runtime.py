@@ -50,27 +50,61 @@ def usable_cores() -> int:
 
 
 def choose_threads(requested: int | None = None) -> int:
-    """Set the CPU threads of torch (and of ONNX Runtime sessions made later): ``requested``, else the usable cores
-    less the load already on them (the 1-minute load average, rounded), at least 1. On a busy machine one thread
-    avoids OpenMP threads waiting for a core at every barrier."""
+    """Set the CPU threads of torch (and of ONNX Runtime sessions made later): ``requested``, else every usable
+    core. Whether other work holds some of them is left to the OpenMP wait policy (:func:`passive_openmp`): a
+    thread that waits at a barrier sleeps instead of spinning a core another process needs, so a default run
+    on a busy machine loses little to a one-thread run, and one on an idle machine takes every core."""
     import torch
 
-    cores = usable_cores()
     if requested is None:
-        try:
-            load = os.getloadavg()[0]
-        except (AttributeError, OSError):
-            load = 0.0
-        n = max(1, min(cores, round(cores - load)))
-        if n < cores:
-            log.log.info(f"{n} CPU thread(s): the machine is busy (load {load:.1f} on {cores} cores); set --threads")
+        n = usable_cores()
     else:
         if requested < 1:
             raise SettingError("threads", f"must be ≥ 1, got {requested}")
         n = requested
     torch.set_num_threads(n)
     _chosen_threads["n"] = n
+    log.log.debug(f"{n} CPU thread(s), OpenMP wait policy {os.environ.get(WAIT_POLICY, 'not set')}")
     return n
+
+
+WAIT_POLICY = "OMP_WAIT_POLICY"
+# Variables that already say how OpenMP threads wait (GNU libgomp's spin count, Intel's block time): a user who set
+# one chose, and it is left alone.
+WAIT_SETTINGS = (WAIT_POLICY, "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+
+
+def passive_openmp(environ=None) -> bool:
+    """Ask OpenMP threads to sleep, not spin, while they wait at a barrier (``OMP_WAIT_POLICY=PASSIVE``), unless
+    the environment already sets a wait policy. Spinning threads hold their cores between parallel regions: with
+    another process on one of them, every barrier waits for a thread the scheduler has put aside.
+
+    OpenMP reads its environment once, when torch loads it: call this before ``import torch`` (the ``vitca`` entry
+    point and ``vitca_cli.api`` do). Returns whether it set the policy."""
+    environ = os.environ if environ is None else environ
+    if any(name in environ for name in WAIT_SETTINGS):
+        return False
+    if "torch" in sys.modules:
+        log.log.debug("torch is already imported: its OpenMP wait policy stays as it was")
+    environ[WAIT_POLICY] = "PASSIVE"
+    return True
+
+
+COMPILE_CACHE = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def persistent_compile_cache(environ=None) -> bool:
+    """Keep ``torch.compile``'s generated kernels under vitca's cache folder (``$VITCA_HOME`` or the user cache
+    folder: ``torch-compile/``) rather than in ``/tmp``, which many systems clear at boot, so that later processes
+    load the fast step's kernels instead of generating them again. Left alone when the environment names a folder.
+    Call it before ``import torch``. Returns whether it set the folder."""
+    environ = os.environ if environ is None else environ
+    if COMPILE_CACHE in environ:
+        return False
+    from vitca_cli.io.weights import home_dir
+
+    environ[COMPILE_CACHE] = str(home_dir() / "torch-compile")
+    return True
 
 
 def has_cxx_compiler() -> bool:

@@ -176,7 +176,7 @@ def test_inpaint_single_mask_resized_and_masks_by_stem(tmp_path, ckpt):
         "inpaint", src, "--mask", tmp_path / "mask.png", "-o", tmp_path / "o.png", "-w", ckpt[1], *ITERS, "--save-input"
     )
     assert result.exit_code == 0, result.stderr
-    assert "stretched" in result.stderr and "nearest-neighbour" in result.stderr
+    assert "resized" in result.stderr and "same aspect ratio" in result.stderr
     masked = np.asarray(Image.open(tmp_path / "o.input.png"))
     assert (masked[:4] == 0).all()  # dropout, as the checkpoint says it was trained
     assert np.array_equal(masked[4:], np.asarray(Image.open(src))[4:])

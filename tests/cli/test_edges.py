@@ -172,26 +172,8 @@ def test_ext_that_contradicts_the_output_name_is_refused(capsys, tmp_path, model
     assert code == 2 and "different formats" in one_error_line(err) and not (tmp_path / "q7.webp").exists()
 
 
-def test_a_mask_of_another_shape_is_stretched_with_a_warning(capsys, tmp_path, model_file):
-    Image.fromarray(np.full((4, 8), 255, np.uint8)).save(tmp_path / "mask.png")
-    code, _, err = cli(
-        capsys,
-        "inpaint",
-        photo(tmp_path / "in.png"),
-        "--mask",
-        tmp_path / "mask.png",
-        "-o",
-        tmp_path / "o.png",
-        "-w",
-        model_file,
-        "--iters",
-        "1",
-    )
-    assert code == 0 and "stretched" in err and "nearest-neighbour" in err and "aspect ratio NOT kept" in err
-
-
 # 8. threads -----------------------------------------------------------------------------------------------------------
-def test_threads_option_and_a_busy_machine_default(capsys, tmp_path, model_file, monkeypatch):
+def test_threads_option_and_every_usable_core_by_default_whatever_the_load(capsys, tmp_path, model_file, monkeypatch):
     from vitca_cli import runtime
 
     code, _, _ = cli(
@@ -209,10 +191,48 @@ def test_threads_option_and_a_busy_machine_default(capsys, tmp_path, model_file,
     )
     assert code == 0 and torch.get_num_threads() == 1
     monkeypatch.setattr(runtime, "usable_cores", lambda: 4)
-    monkeypatch.setattr(os, "getloadavg", lambda: (2.2, 2.0, 2.0))
-    assert runtime.choose_threads() == 2
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.2, 2.0, 2.0))  # the last run's load: not a reason to hold back
     assert runtime.choose_threads() == 4 and runtime.choose_threads(3) == 3
+
+
+def test_passive_openmp_leaves_a_users_wait_setting_alone():
+    from vitca_cli.runtime import passive_openmp
+
+    env = {}
+    assert passive_openmp(env) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"):
+        env = {name: "ACTIVE" if name == "OMP_WAIT_POLICY" else "1000"}
+        assert not passive_openmp(env) and list(env) == [name]
+
+
+def test_compiled_kernels_are_kept_in_vitcas_cache_folder_unless_the_user_chose(tmp_path, monkeypatch):
+    from vitca_cli.runtime import persistent_compile_cache
+
+    monkeypatch.setenv("VITCA_HOME", str(tmp_path))
+    env = {}
+    assert persistent_compile_cache(env) and env == {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "torch-compile")}
+    env = {"TORCHINDUCTOR_CACHE_DIR": "/elsewhere"}
+    assert not persistent_compile_cache(env) and env == {"TORCHINDUCTOR_CACHE_DIR": "/elsewhere"}
+
+
+@pytest.mark.parametrize("given", [None, "ACTIVE"])
+def test_a_fresh_vitca_process_runs_passive_openmp_unless_the_user_chose(tmp_path, model_file, given):
+    """The policy must be in the environment before torch loads OpenMP: checked in a new process, where the
+    ``vitca`` entry point runs first and torch is imported later."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = (
+        "import sys\nfrom vitca_cli.cli import main\nassert 'torch' not in sys.modules\nsys.argv[0] = 'vitca'\n"
+        "try:\n    main()\nfinally:\n    import os\n    print('POLICY', os.environ.get('OMP_WAIT_POLICY'))\n"
+    )
+    args = ["denoise", photo(tmp_path / "in.png"), "-o", tmp_path / "o.png", "-w", model_file, "--iters", "1", "-vv"]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env, timeout=120
+    )
+    want = given or "PASSIVE"
+    assert proc.returncode == 0, proc.stderr
+    assert f"POLICY {want}" in proc.stdout and f"OpenMP wait policy {want}" in proc.stderr
 
 
 # 9. progress in logs ------------------------------------------------------------------------------------------------
@@ -244,38 +264,6 @@ def test_probe_validation_is_large_enough_to_mean_something():
     x, y = torch.randn(64, 5, generator=g), torch.arange(64) % 4
     result = train_linear(x, y, x[:8], y[:8], classes=4, max_iter=5)
     assert result["val_images"] == 16
-
-
-# 12. weights list -----------------------------------------------------------------------------------------------------
-def test_weights_list_wraps_long_descriptions(capsys, weights_dirs):
-    import json
-
-    from vitca_cli.io.weights import sha256_file
-
-    shipped, _ = weights_dirs
-    torch.manual_seed(0)
-    cfg = CAConfig(channels=3, **TINY)
-    save_checkpoint(shipped / "long.pt", cfg, CellularAutomaton(cfg).state_dict(), {})
-    text = "a long dataset description that will not fit in its column of twenty-four"
-    (shipped / "manifest.json").write_text(
-        json.dumps(
-            {
-                "format": "vitca-weights-manifest",
-                "version": 1,
-                "models": [
-                    {"name": "long", "file": "long.pt", "dataset": text, "sha256": sha256_file(shipped / "long.pt")}
-                ],
-            }
-        )
-    )
-    code, out, _ = cli(capsys, "weights", "list")
-    assert code == 0
-    assert (
-        " ".join(w for line in out.splitlines()[1:] for w in line.split() if w.isalpha() or "-" in w).count(
-            "twenty-four"
-        )
-        == 1
-    )
 
 
 # 13. a default output -----------------------------------------------------------------------------------------------

@@ -106,10 +106,13 @@ def test_ship_strips_training_state_and_writes_a_checked_manifest_entry(dirs, tm
     assert ref.source == "shipped" and ref.entry["sha256"] == entry["sha256"]
     same = read_checkpoint(ck)["model"]
     assert all(torch.equal(obj["model"][k], same[k]) for k in same)
-    # shipping again replaces the entry instead of duplicating it
-    ship(ck, "tiny", weights_dir=shipped, val_psnr=20.0)
+    assert "max_iters" not in entry and "max_iters" not in obj["meta"]
+    # shipping again replaces the entry instead of duplicating it; max_iters goes into the entry and the meta
+    ship(ck, "tiny", weights_dir=shipped, val_psnr=20.0, default_iters=16, max_iters=48)
     manifest = json.loads((shipped / "manifest.json").read_text())
     assert len(manifest["models"]) == 1 and manifest["models"][0]["val_psnr"] == 20.0
+    assert manifest["models"][0]["max_iters"] == 48 and manifest["models"][0]["default_iters"] == 16
+    assert read_checkpoint(shipped / "tiny.pt")["meta"]["max_iters"] == 48  # what `vitca inpaint` reads
 
 
 def test_checksum_mismatch_is_a_clear_error(dirs, tmp_path):
@@ -165,8 +168,8 @@ def test_weights_commands(dirs, tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["weights", "list"])
     assert result.exit_code == 0
-    assert "tiny" in result.stdout and "Tiny set" in result.stdout and "19.00" in result.stdout
-    assert "mine" in result.stdout and "cache" in result.stdout
+    assert "tiny" in result.stdout and "19.00" in result.stdout and "shipped" in result.stdout
+    assert "mine" in result.stdout and "cached" in result.stdout
     rows = json.loads(runner.invoke(app, ["weights", "list", "--json"]).stdout)
     assert {r["name"]: r["status"] for r in rows} == {"tiny": "ok", "mine": "ok"}
     result = runner.invoke(app, ["weights", "path", "tiny"])
@@ -185,5 +188,5 @@ def test_each_shipped_checkpoint_carries_its_manifest_entry_run_settings():
     entries = json.loads((shipped / "manifest.json").read_text())["models"]
     for entry in (e for e in entries if e["file"].endswith(".pt")):
         meta = read_checkpoint(shipped / entry["file"])["meta"]
-        for key in ("default_iters", "default_fusion"):
+        for key in ("default_iters", "default_fusion", "max_iters"):
             assert meta.get(key) == entry.get(key), (entry["name"], key)

@@ -281,3 +281,30 @@ def test_photo_collection_can_add_enlarged_copies_and_crops_at_those_scales(tmp_
         for tag, group in (("1", (tmp_path / "val").glob("v-0*.png")), ("4", (tmp_path / "val").glob("v-x4-*.png")))
     }
     assert roughness["4"] < roughness["1"] / 2
+
+
+def test_camera_noise_is_signal_dependent_and_correlated_across_pixels_and_channels():
+    from vitca_cli.nca.corruptions import camera_noise, srgb_to_linear
+
+    gen = torch.Generator().manual_seed(0)
+    dark, bright = torch.full((3, 64, 64), 0.2), torch.full((3, 64, 64), 0.8)
+    linear = {
+        name: srgb_to_linear(camera_noise(x, 0.05, 0.0, gen)) - srgb_to_linear(x)
+        for name, x in (("dark", dark), ("bright", bright))
+    }
+    # shot noise: in linear light its variance grows with the signal
+    assert linear["bright"].std() > 2 * linear["dark"].std() > 0
+    n = camera_noise(bright, 0.05, 0.0, gen) - bright
+    across = np.corrcoef(n.reshape(3, -1).numpy())[0, 1]
+    sideways = np.corrcoef(n[1, :, 1:].flatten().numpy(), n[1, :, :-1].flatten().numpy())[0, 1]
+    assert across > 0.2 and sideways > 0.2  # demosaicking spreads each site's noise
+
+
+def test_noise_saved_as_a_4_2_0_jpeg_keeps_its_luminance_and_loses_its_chroma():
+    c = parse_mixture("gaussjpeg=0.08-0.08")[0]
+    x = torch.full((3, 64, 64), 0.5)
+    noisy, known = corrupt_one(x, c, torch.Generator().manual_seed(1))
+    n = (noisy - x).reshape(3, -1).numpy()
+    assert known.all() and n.std() > 0.02
+    assert np.corrcoef(n)[0, 2] > 0.5  # what is left is mostly the same in R, G and B
+    assert str(parse_mixture("camera, gaussjpeg")[0]) == "camera=0.02-0.2:1"

@@ -192,7 +192,7 @@ def test_fusion_and_mitosis_shapes_and_reinjection():
     assert torch.equal(grown[:, cfg.input_slice], image)  # stashed input re-injected exactly
     hs = cfg.hidden_slice
     assert torch.equal(grown[:, hs, 1, 1], fused[:, hs, 0, 0] + 1.0)  # bottom-right copy
-    out = ca.fusion_mitosis_rollout(ca.seed(image), 8, generator=torch.Generator().manual_seed(0))
+    out = ca.fusion_rollout(ca.seed(image), 8, generator=torch.Generator().manual_seed(0))
     assert out.shape == z.shape
 
 
@@ -308,3 +308,43 @@ def test_compiled_kernels_match_eager_values_and_gradients():
     assert (compiled_inference - eager_inference).abs().max().item() < 1e-5
     for g_c, g_e in zip(compiled_grads, eager_grads):
         assert torch.allclose(g_c, g_e, atol=1e-6, rtol=1e-4)
+
+
+def test_a_fusion_schedule_parses_runs_its_levels_in_order_and_reaches_further():
+    from vitca_cli.nca.config import APPENDIX_A1, FusionSchedule
+
+    two = FusionSchedule.parse("2,1:3,4")
+    assert str(two) == "2,1:3,4" and two.levels == 2 and two.outer_steps == 10
+    assert two.segments(16) == [(0, 2), (1, 1), (2, 6), (1, 3), (0, 4)]
+    assert FusionSchedule.parse("2:2") == APPENDIX_A1
+    assert two.reach(16) > APPENDIX_A1.reach(16) > 16
+    for bad in ("2,2", "2,2:2", "a:b", "-1:2"):
+        with pytest.raises(ValueError):
+            FusionSchedule.parse(bad)
+    assert two.level_steps(16) == [6, 4, 6]
+    with pytest.raises(ValueError, match="at least 10"):
+        two.segments(9)
+
+
+def test_a_two_level_rollout_is_the_composition_of_its_phases():
+    from vitca_cli.nca.config import FusionSchedule
+    from vitca_cli.nca.rollout import GeneratorMasks, rollout
+
+    cfg = preset("celeba", image_size=(16, 16))
+    ca = CellularAutomaton(cfg).eval()
+    image = torch.rand(2, cfg.channels, 16, 16)
+    schedule = FusionSchedule.parse("1,1:1,2")
+    with torch.no_grad():
+        out = ca.fusion_rollout(ca.seed(image), 8, generator=torch.Generator().manual_seed(3), schedule=schedule)
+        masks = GeneratorMasks(cfg.update_rate, torch.Generator().manual_seed(3))
+        z = rollout(ca.step, ca.seed(image), 1, masks)
+        z1, stash0 = ca.fusion(z)
+        z1 = rollout(ca.step, z1, 1, masks)
+        z2, stash1 = ca.fusion(z1)
+        assert z2.shape[-2:] == (4, 4)
+        z2 = rollout(ca.step, z2, 3, masks)
+        z1 = rollout(ca.step, ca.mitosis(z2, stash1), 1, masks)
+        expected = rollout(ca.step, ca.mitosis(z1, stash0), 2, masks)
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        ca.fusion_rollout(ca.seed(torch.rand(1, cfg.channels, 10, 10)), 8, schedule=schedule)

@@ -416,3 +416,12 @@ def test_cli_quantize_runs_with_onnx_and_is_refused_without(exported, tmp_path):
         ["denoise", str(src), "-o", str(tmp_path / "p.png"), "-w", str(exported["ckpt"]), "--quantize", "--iters", "4"],
     )
     assert bad.exit_code == 2 and "--backend onnx" in bad.output and not (tmp_path / "p.png").exists()
+
+
+def test_session_threads_sleep_while_waiting_unless_openmp_was_asked_to_spin(monkeypatch):
+    from vitca_cli.onnx.session import session_options
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert session_options(1).get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")
+    assert session_options(1).get_session_config_entry("session.intra_op.allow_spinning") == "1"

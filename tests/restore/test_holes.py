@@ -14,7 +14,7 @@ from scipy import ndimage
 from typer.testing import CliRunner
 
 from vitca_cli.cli import app
-from vitca_cli.nca.config import CAConfig
+from vitca_cli.nca.config import APPENDIX_A1, CAConfig, FusionSchedule
 from vitca_cli.nca.model import CellularAutomaton
 from vitca_cli.restore import holes
 from vitca_cli.restore.loop import TorchBackend, restore
@@ -95,25 +95,84 @@ def damaged(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize(
-    "patch, settings",
+    "patch, size, settings",
     [
-        (1, dict(iters=6)),
-        (1, dict(iters=6, runs=2, frames=3)),
-        (1, dict(iters=8, fusion=True, frames=4)),
-        (2, dict(iters=6, fusion=True, runs=2)),
-        (1, dict(iters=6, settle=0.02)),
+        (1, (211, 243), dict(iters=6)),
+        (1, (211, 243), dict(iters=6, runs=2, frames=3)),
+        (1, (211, 243), dict(iters=8, fusion=True, frames=4)),
+        (2, (259, 271), dict(iters=6, fusion=True, runs=2)),  # the fused grid at least a window (64 cells) a side
+        (1, (211, 243), dict(iters=6, settle=0.02)),
     ],
 )
-def test_holes_only_equals_the_whole_grid_to_the_bit(monkeypatch, patch, settings):
+def test_holes_only_equals_the_whole_grid_to_the_bit(monkeypatch, patch, size, settings):
     monkeypatch.setattr(holes, "CORE", 64)
     backend = tiny_backend(patch)
-    img, known = damaged(211, 243)  # odd sizes: padded to whole (and, with fusion, even) cells
+    img, known = damaged(*size)  # odd sizes: padded to whole (and, with fusion, even) cells
     reach = restore(backend, img, known=known, seed=3, **settings)
     whole = restore(backend, img, known=known, seed=3, holes_only=False, tile=0, **settings)
     assert reach.crops > 1 and reach.plan is None and reach.computed < whole.computed
     assert np.array_equal(reach.image, whole.image)
     assert len(reach.frames) == len(whole.frames) == settings.get("frames", 0)
     assert all(np.array_equal(a, b) for a, b in zip(reach.frames, whole.frames))
+
+
+TWO_LEVELS = FusionSchedule.parse("1,1:1,2")  # 1 step, fused, 1 step, fused again, the rest, divided, 1, 2
+
+
+@pytest.mark.parametrize(
+    "patch, size, settings",
+    [
+        (1, (259, 271), dict(iters=9, frames=4)),
+        (2, (515, 530), dict(iters=6, runs=2)),
+        (1, (259, 271), dict(iters=5)),  # no step on the coarsest level
+    ],
+)
+def test_holes_only_equals_the_whole_grid_over_two_fusion_levels(monkeypatch, patch, size, settings):
+    """A schedule over two levels: each phase's cone on its own level's grid, crops on multiples of 4 cells, the
+    update masks of each level drawn as the whole grid's. (Grids of at least 64 cells a side on the coarsest
+    level: a smaller one runs whole, below.)"""
+    monkeypatch.setattr(holes, "CORE", 64)
+    backend = tiny_backend(patch)
+    img, known = damaged(*size)  # padded to multiples of 4 cells
+    reach = restore(backend, img, known=known, seed=5, fusion=TWO_LEVELS, **settings)
+    whole = restore(backend, img, known=known, seed=5, fusion=TWO_LEVELS, holes_only=False, tile=0, **settings)
+    assert reach.crops > 1 and reach.plan is None and reach.computed < whole.computed
+    assert np.array_equal(reach.image, whole.image)
+    assert all(np.array_equal(a, b) for a, b in zip(reach.frames, whole.frames))
+    assert len(reach.frames) == settings.get("frames", 0)
+
+
+def test_a_coarsest_level_narrower_than_a_window_runs_the_whole_grid(monkeypatch):
+    """211×243 cells fused twice: 53×61 cells, one window smaller than 64, whose scalar kernel tails round some
+    cells otherwise than the crops' full windows would: the whole grid runs, and the bytes are its own."""
+    monkeypatch.setattr(holes, "CORE", 64)
+    backend = tiny_backend()
+    img, known = damaged(211, 243)
+    result = restore(backend, img, known=known, iters=6, fusion=TWO_LEVELS)
+    whole = restore(backend, img, known=known, iters=6, fusion=TWO_LEVELS, holes_only=False, tile=0)
+    assert result.crops == 0 and result.plan is not None
+    assert np.array_equal(result.image, whole.image)
+    assert restore(backend, img, known=known, iters=6, fusion=True).crops > 1  # fused once: 106×122 cells
+
+
+def test_two_level_cones_a_step_short_would_change_the_holes(monkeypatch):
+    monkeypatch.setattr(holes, "CORE", 64)
+    backend = tiny_backend()
+    img, known = damaged(259, 271)
+    whole = restore(backend, img, known=known, iters=8, fusion=TWO_LEVELS, holes_only=False, tile=0).image
+    last_steps = holes._last_steps
+    monkeypatch.setattr(holes, "_last_steps", lambda *a: last_steps(*a) - 1)
+    assert not np.array_equal(restore(backend, img, known=known, iters=8, fusion=TWO_LEVELS).image, whole)
+
+
+def test_crops_of_a_two_level_schedule_reach_as_far_as_the_schedule():
+    cfg = CAConfig(channels=3, pos_encoding="none")
+    assert holes.reach_cells(cfg, 9, TWO_LEVELS) == TWO_LEVELS.reach(9) == 1 + 2 + 4 * 4 + 2 + 2 + 2 * (1 + 2)
+    assert holes.reach_cells(cfg, 9, APPENDIX_A1) == APPENDIX_A1.reach(9) == 2 * 9 - 2
+    assert holes.reach_cells(cfg, 9, None) == 9
+    maps = holes.until_maps(np.pad(np.ones((4, 4), bool), 14), 9, 1, TWO_LEVELS)
+    assert [m.shape for m in maps] == [(32, 32), (16, 16), (8, 8), (16, 16), (32, 32)]
+    assert [int(m.max()) for m in maps] == [1, 1, 4, 1, 2]  # each phase's steps, at the holes
 
 
 def test_a_reach_one_step_short_would_change_the_holes(monkeypatch):
@@ -188,6 +247,9 @@ def test_hole_steps_keep_the_default_for_a_scribble_and_grow_with_a_blob():
     assert holes.hole_steps(1000.0, 300, cfg, 0.5, False, 256) == 300
     assert holes.hole_steps(None, 32, cfg, 0.5, False, 256) == 32
     assert holes.hole_steps(20.0, 8, CAConfig(channels=3, pos_encoding="none", patch_size=2), 0.5, False, 256) == 20
+    assert holes.hole_steps(40.0, 24, cfg, 0.5, APPENDIX_A1, 256) == 42  # a schedule, as True
+    # the 5 fixed steps: 0.5 px, 1 px, then 1 px, 2 × 0.5 px on the way up; then 2 px a step on the coarsest level
+    assert holes.hole_steps(40.0, 8, cfg, 0.5, TWO_LEVELS, 256) == 5 + 19  # 5 + ⌈(40 - 3.5) / 2⌉
 
 
 def steps_run(log: str) -> int:
@@ -231,3 +293,36 @@ def test_inpaint_steps_follow_the_holes_depth_up_to_the_weights_ceiling_unless_i
         "photo blob": 32,  # held at the default, and the log says so
     }
     assert "would take 40 steps" in logs["photo blob"] and "--iters runs more" in logs["photo blob"]
+
+
+def test_the_api_computes_the_holes_reach_with_the_holes_depth_steps_as_the_cli(tmp_path, monkeypatch):
+    """``vitca_cli.inpaint`` runs the CLI's per-image path: as many steps as the holes are deep (up to the weights'
+    max_iters), only the holes' reach computed, and the CLI's bytes."""
+    from vitca_cli import api
+    from vitca_cli.io.checkpoint import save_checkpoint
+    from vitca_cli.restore import loop
+
+    photo = tmp_path / "photo.png"
+    Image.open(ROOT / "samples" / "fruits.png").convert("RGB").resize((200, 190)).save(photo)
+    blob = np.zeros((190, 200), bool)
+    blob[75:115, 80:120] = True  # 20 px deep: 40 steps at half a pixel a step
+    Image.fromarray(np.where(blob, 255, 0).astype(np.uint8)).save(tmp_path / "blob.png")
+    weights = tmp_path / "long.pt"
+    model = tiny_backend().model
+    save_checkpoint(
+        weights, model.cfg, model.state_dict(), {"mask_type": "dropout", "default_iters": 8, "max_iters": 64}
+    )
+    runs = []
+
+    def spy(backend, x, k, size, iters, *rest):
+        result = restore_holes(backend, x, k, size, iters, *rest)
+        runs.append((iters, None if result is None else result.crops))
+        return result
+
+    restore_holes = loop.restore_holes
+    monkeypatch.setattr(loop, "restore_holes", spy)
+    out = api.inpaint(np.asarray(Image.open(photo)), blob, weights=weights, compile="off", precision="fp32", threads=1)
+    result = cli("inpaint", photo, "--mask", tmp_path / "blob.png", "-o", tmp_path / "o.png", "-w", weights, *EXACT)
+    assert result.exit_code == 0, result.stderr
+    assert runs == [(40, 1), (40, 1)]  # the API's run, then the CLI's
+    assert np.array_equal(out, np.asarray(Image.open(tmp_path / "o.png")))

@@ -451,3 +451,22 @@ def test_windows_have_one_size_and_their_cores_partition_the_axis():
         inner = [(w.lo - w.origin, w.origin + w.size - w.hi) for w in wins]
         assert all(a >= 1 for a, _ in inner[1:]) and all(b >= 1 for _, b in inner[:-1])
     assert axis_windows(40, 64, 1)[0].size == 40
+
+
+def test_two_level_fused_tiles_equal_the_untiled_run_and_run_each_level():
+    from vitca_cli.nca.config import FusionSchedule
+
+    schedule = FusionSchedule.parse("1,1:1,2")
+    backend = small_backend(pos_encoding="none")
+    img = rand_image(150, 129, seed=3)  # padded to multiples of 4 cells
+    untiled = restore(backend, img, iters=9, tile=0, fusion=schedule)
+    tiled = restore(backend, img, iters=9, tile=72, fusion=schedule)
+    assert tiled.plan.count >= 4 and tiled.plan.exact
+    assert all(o % 4 == 0 for o in tiled.plan.ys + tiled.plan.xs)
+    np.testing.assert_allclose(tiled.image, untiled.image, atol=1e-5)
+    plain = restore(backend, img, iters=9, tile=0)
+    # 3 steps at full resolution, 2 at a quarter of the cells, 4 at a sixteenth
+    assert untiled.computed / plain.computed == pytest.approx((3 + 2 / 4 + 4 / 16) / 9, rel=0.1)
+    assert untiled.image.shape == img.shape
+    with pytest.raises(UsageError, match="at least 5"):
+        restore(backend, img, iters=4, fusion=schedule)

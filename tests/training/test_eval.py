@@ -428,18 +428,22 @@ def test_a_limited_evaluation_scores_the_first_batches_of_a_longer_one_exactly(m
     assert len(short) == 2 and len(long) == 3 and short == long[:2]
 
 
-def test_the_learning_curve_fit_reads_the_readme_table_and_recovers_a_known_line():
-    """``bench/learning_curve.py``: every measured row of the README's FashionMNIST 32×32 learning curve is read (the
-    paper's row, whose images are unknown, is not), and the fit gives back a line's slope and zero residual."""
+def test_the_learning_curve_fit_reads_its_data_file_and_recovers_a_known_line():
+    """``bench/learning_curve.py``: every measured row of the FashionMNIST 32×32 learning curve is read from its data
+    file (the paper's row, whose images are unknown, is not), the docs show that file's table as ``--markdown``
+    renders it, and the fit gives back a line's slope and zero residual."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "bench" / "learning_curve.py"
-    spec = importlib.util.spec_from_file_location("learning_curve", path)
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("learning_curve", root / "bench" / "learning_curve.py")
     curve = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(curve)
-    rows = curve.read_curve(curve.README.read_text(encoding="utf-8"))
+    data = curve.load_rows()
+    rows = curve.read_curve(data)
     assert len(rows) >= 10 and all(not label.startswith("paper") for label, _, _ in rows)
     assert rows[0][1] < rows[-1][1] and all(15 < psnr < 30 for _, _, psnr in rows)
+    assert all(r["images"] is None or r["images"] >= r["iterations"] for r in data)
+    assert curve.markdown(data) in (root / "docs" / "fashion-mnist-32-runs.md").read_text(encoding="utf-8")
     intercept, slope, sd = curve.fit([(10**x, 3.0 + 0.5 * x) for x in (4, 5, 6, 7)])
     assert abs(slope - 0.5) < 1e-9 and abs(intercept - 3.0) < 1e-9 and sd < 1e-9

@@ -141,11 +141,26 @@ def test_tiny_run_lowers_the_loss_on_a_fixed_batch():
     assert after < 0.8 * before, (before, after)
 
 
-def test_fusion_mitosis_training_step():
-    trainer = Trainer(CFG, tcfg(fusion_mitosis=True, t_min=6, t_max=6), tiny_dataset(), None, "cpu")
+@pytest.mark.parametrize("schedule", ["", "1,1:1,1"])
+def test_fusion_mitosis_training_step(schedule):
+    config = tcfg(fusion_mitosis=not schedule, fusion_schedule=schedule, t_min=6, t_max=6)
+    trainer = Trainer(CFG, config, tiny_dataset(), None, "cpu")
     rec = trainer.step()
     assert math.isfinite(rec["loss"]) and rec["T"] == 6
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.ca.parameters())
+    assert trainer.meta()["fusion_schedule"] == (schedule or "2:2")
+
+
+def test_a_fusion_schedule_is_checked_against_the_steps_and_crop_sizes():
+    from vitca_cli.errors import UsageError
+
+    assert tcfg(fusion_schedule="2,2:2,4", t_min=10, t_max=16).fusion_mitosis
+    with pytest.raises(UsageError, match="t_min ≥ 10"):
+        tcfg(fusion_schedule="2,2:2,4", t_min=9, t_max=16)
+    with pytest.raises(UsageError, match="multiples of 4"):
+        tcfg(fusion_schedule="2,2:2,4", t_min=12, t_max=16, crop_sizes=(32, 30))
+    with pytest.raises(UsageError, match="bad fusion schedule"):
+        tcfg(fusion_schedule="2,2")
 
 
 def test_exact_resume_10_plus_10_equals_20(tmp_path):
@@ -568,3 +583,23 @@ def test_best_pt_takes_the_weight_average_when_it_validates_better(tmp_path, mon
     saved, weights = read_checkpoint(tmp_path / "best.pt"), trainer.state_dict_model()
     assert all(torch.equal(saved["model"][k], weights[k]) for k in weights)
     assert trainer.best["weights"] == "weights" and "weights" not in saved["meta"]
+
+
+def test_a_run_trained_with_a_fusion_schedule_is_replayed_by_denoise(tmp_path):
+    photos = photo_folder(tmp_path, 6, (16, 16, 3), seed=4)
+    run = tmp_path / "fused"
+    res = CliRunner().invoke(app, [
+        "train", "--dataset", f"folder:{photos}", "--image-size", "8", "--embed", "16", "--heads", "2", "--mlp", "16",
+        "--hidden", "4", "--pos-encoding", "none", "--t-min", "5", "--t-max", "6", "-b", "2", "--mask-max-patch", "2",
+        "--val-every", "0", "--no-compile", "--iterations", "2", "--fusion-schedule", "1,1:1,2", "-o", str(run),
+    ])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert read_checkpoint(run / "best.pt")["meta"]["fusion_schedule"] == "1,1:1,2"
+    out = tmp_path / "out.png"
+    res = CliRunner().invoke(app, ["-v", "denoise", str(photos / "p0.png"), "-w", str(run / "best.pt"), "-o", str(out),
+                                   "--iters", "8"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "fused 1,1:1,2" in res.output and Image.open(out).size == (16, 16)
+    res = CliRunner().invoke(app, ["denoise", str(photos / "p0.png"), "-w", str(run / "best.pt"), "-o", "-",
+                                   "--iters", "4"])  # fmt: skip
+    assert res.exit_code == 2 and "at least 5" in res.output

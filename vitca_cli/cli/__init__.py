@@ -112,6 +112,10 @@ def _click_exceptions():
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: every error is one ``error:`` line on stderr with its exit code (usage errors 2);
     tracebacks only with -vv."""
+    from vitca_cli.runtime import passive_openmp, persistent_compile_cache
+
+    passive_openmp()  # before any command imports torch, which reads it once
+    persistent_compile_cache()
     click = _click_exceptions()
     args = hoist_global_flags(list(sys.argv[1:] if argv is None else argv))
     try:

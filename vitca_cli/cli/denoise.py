@@ -20,7 +20,8 @@ from vitca_cli.cli import options as opt
 from vitca_cli.cli.options import Backend, MaskType, handle_errors
 from vitca_cli.errors import EXIT_FAILED, VitcaError
 from vitca_cli.log import log
-from vitca_cli.restore.batch import DEFAULT_ITERS, MAX_HOLE_ITERS, BatchSettings  # torch-free: --help stays fast
+from vitca_cli.restore.batch import MAX_HOLE_ITERS, BatchSettings  # torch-free: --help stays fast
+from vitca_cli.restore.defaults import DEFAULT_ITERS
 
 PROGRESS_EVERY_S = 5.0  # a log line this often when stderr is not a terminal
 
@@ -138,6 +139,15 @@ def _recursive():
     return typer.Option(False, "--recursive", "-r", help="Descend into sub-folders.")
 
 
+def _include_outputs():
+    return typer.Option(
+        False,
+        "--include-outputs",
+        help="Folders and quoted globs: also restore files named like vitca's outputs (NAME.restored.EXT, "
+        "NAME.input.EXT), which are left out by default.",
+    )
+
+
 def _ext():
     return typer.Option(None, "--ext", help="Output format by extension (default: the input's).")
 
@@ -180,10 +190,10 @@ COMPILE_HELP = (
     "step, the same bytes on every CPU."
 )
 FUSION_HELP = (
-    "Run the middle steps on a grid of half the resolution (appendix A.1 fusion and mitosis: 2 steps, 2x2 cells "
-    "fused, the rest but 2, cells divided, 2 steps): 2-3x fewer cell-steps, but fine detail suffers; for weights "
-    "trained with it (vitca train --fusion-mitosis). Default: as the weights say (on for photo-fused, off for the "
-    "other shipped models)."
+    "Run the middle steps on coarser grids (appendix A.1 fusion and mitosis: 2x2 cells fused into one, later "
+    "divided again), by the schedule the weights were trained with (vitca train --fusion-schedule; A.1's 2:2 if "
+    "they record none): fewer cell-steps and a longer reach, for weights trained with it. Default: as the "
+    "weights say."
 )
 QUANTIZE_HELP = "ONNX backend: int8 matrix products (the step graph is quantised once, then cached)."
 
@@ -207,6 +217,7 @@ def denoise(
     backend: Backend = opt.backend_option(),
     tile: Optional[int] = opt.tile_option(),
     recursive: bool = _recursive(),
+    include_outputs: bool = _include_outputs(),
     ext: Optional[str] = _ext(),
     overwrite: bool = _overwrite(),
     skip_existing: bool = _skip_existing(),
@@ -240,6 +251,7 @@ def denoise(
         False,
         output=output,
         recursive=recursive,
+        include_outputs=include_outputs,
         iters=iters,
         update_rate=update_rate,
         runs=runs,
@@ -277,6 +289,12 @@ def inpaint(
         show_default=False,
     ),
     output: Optional[str] = _output(),
+    stretch_mask: bool = typer.Option(
+        False,
+        "--stretch-mask",
+        help="Stretch a mask of another aspect ratio than the image's to fit (refused by default: it is almost "
+        "surely the wrong mask). One of the same aspect ratio is resized either way.",
+    ),
     mask_type: Optional[MaskType] = typer.Option(
         None, "--mask-type", help="How missing pixels are shown to the model (default: as it was trained)."
     ),
@@ -289,6 +307,7 @@ def inpaint(
     backend: Backend = opt.backend_option(),
     tile: Optional[int] = opt.tile_option(),
     recursive: bool = _recursive(),
+    include_outputs: bool = _include_outputs(),
     ext: Optional[str] = _ext(),
     overwrite: bool = _overwrite(),
     skip_existing: bool = _skip_existing(),
@@ -319,6 +338,7 @@ def inpaint(
         True,
         output=output,
         recursive=recursive,
+        include_outputs=include_outputs,
         iters=iters,
         update_rate=update_rate,
         runs=runs,
@@ -336,6 +356,7 @@ def inpaint(
         fail_fast=fail_fast,
         ext=ext,
         mask=mask,
+        stretch_mask=stretch_mask,
         mask_type=mask_type.value if mask_type else None,
         threads=threads,
         settle=settle,

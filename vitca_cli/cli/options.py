@@ -29,7 +29,7 @@ class Backend(str, Enum):
 # Option groups several commands share, declared once (``panel``: the --help section, for `vitca train`)
 # ---------------------------------------------------------------------------------------------------------------------
 DEVICE_HELP = "auto, cpu, cuda or cuda:N."
-THREADS_HELP = "CPU threads (default: the cores not already busy; 1 is fastest on a loaded machine)."
+THREADS_HELP = "CPU threads (default: every usable core; waiting threads sleep, so a busy core costs little)."
 SET_THREADS_HELP = "CPU threads (1 is fastest on a busy machine: no waiting at OpenMP barriers)."
 UPDATE_RATE_HELP = "Per-cell update probability σ (default: as the model was trained)."
 RUNS_HELP = (

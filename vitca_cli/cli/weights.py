@@ -21,37 +21,59 @@ def _fmt(value, spec: str = "") -> str:
     return format(value, spec) if spec else str(value)
 
 
+WIDTH = 80  # the table fits a terminal of this many columns
+NAME_WIDTH = 18
+STATUS = {"ok": None, "downloadable": "to fetch"}  # the status column: where it is, or what is wrong
+KINDS = {1: "grey", 3: "colour"}  # what DEFAULT_FOR_CHANNELS' channel counts are called in the list
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 @weights_app.command("list")
 @handle_errors
-def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """List shipped and cached weights with their dataset, size and validation quality."""
-    from vitca_cli.io.weights import cache_dir, list_weights
+def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON (every field, dataset included).")) -> None:
+    """List shipped and cached weights: channels, training size and iterations, default steps, validation quality,
+    and which one denoise, inpaint and export-onnx use for grey and for colour images."""
+    from vitca_cli.io.weights import DEFAULT_FOR_CHANNELS, cache_dir, list_weights
+    from vitca_cli.restore.defaults import DEFAULT_ITERS
 
     rows = list_weights()
+    for r in rows:
+        r["default_for"] = [KINDS[ch] for ch, name in DEFAULT_FOR_CHANNELS.items() if name == r["name"]]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
     from vitca_cli.tables import format_table
 
-    header = ("name", "source", "status", "dataset", "ch", "size", "iters", "PSNR", "SSIM")
+    header = ("name", "default", "ch", "size", "trained", "steps", "PSNR", "SSIM", "status")
     body = [
         (
-            r["name"],
-            r["source"],
-            r["status"],
-            _fmt(r.get("dataset")),
+            _short(r["name"], NAME_WIDTH),
+            ", ".join(r["default_for"]) or "",
             _fmt(r.get("channels")),
             "×".join(str(s) for s in r.get("image_size", [])) or "-",
             _fmt(r.get("iterations")),
+            _fmt(r.get("default_iters") or (DEFAULT_ITERS if r["source"] == "shipped" else None)),
             _fmt(r.get("val_psnr"), ".2f"),
             _fmt(r.get("val_ssim"), ".3f"),
+            STATUS.get(r["status"], r["status"]) or ("shipped" if r["source"] == "shipped" else "cached"),
         )
         for r in rows
     ]
-    # long descriptions wrap in their column
-    print(format_table(header, body, align="llllrrrrr", rule=False, wrap={3: 24}, sep=" "))
+    table = format_table(header, body, align="llrrrrrrl", rule=False)
+    if max(map(len, table.splitlines())) > WIDTH:
+        table = format_table(header, body, align="llrrrrrrl", rule=False, sep=" ")
+    print(table)
     if not rows:
         print(f"(no weights yet: train with `vitca train`, or put NAME.pt files in {cache_dir()})")
+        return
+    print(
+        "default: what denoise, inpaint and export-onnx run without -w, by image colour.\n"
+        "trained: training iterations. steps: what a run takes unless --iters is given.\n"
+        "Dataset and training of a model: vitca weights show NAME"
+    )
 
 
 @weights_app.command("show")

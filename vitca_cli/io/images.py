@@ -201,18 +201,27 @@ def to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
     return np.repeat(pixels, 3, axis=2)
 
 
-def read_mask(source: str | Path, size: tuple[int, int]) -> np.ndarray:
+def read_mask(source: str | Path, size: tuple[int, int], stretch: bool = False) -> np.ndarray:
     """A boolean ``(H, W)`` array, True where the mask image is white (missing pixels), resized with nearest
-    neighbour to ``size`` = (height, width) when it differs."""
+    neighbour to ``size`` = (height, width) when it differs. A mask of another aspect ratio is almost surely the
+    wrong mask: a ``UsageError`` unless ``stretch``."""
+    from vitca_cli.errors import UsageError
+
     pic = read_image(source)
     grey = to_channels(pic.pixels, 1)[..., 0]
     if pic.size != tuple(size):
         (mh, mw), (h, w) = pic.size, size
-        kept = abs(mw / mh - w / h) < 0.01
+        kept = abs((mw / mh) / (w / h) - 1) < 0.01
+        if not kept and not stretch:
+            raise UsageError(
+                f"mask {pic.source} is {mw}×{mh}, a different aspect ratio from the image's {w}×{h}: give its own "
+                "mask, or add {0} to stretch this one",
+                settings=("stretch_mask",),
+            )
         say = log.info if kept else log.warning
         say(
-            f"mask {pic.source}: {mw}×{mh} stretched to the image's {w}×{h} with nearest-neighbour sampling "
-            f"({'same aspect ratio' if kept else 'aspect ratio NOT kept: check that it is the right mask'})"
+            f"mask {pic.source}: {mw}×{mh} resized to the image's {w}×{h} with nearest-neighbour sampling "
+            f"({'same aspect ratio' if kept else 'stretched: aspect ratio NOT kept'})"
         )
         img = Image.fromarray(grey.astype(np.float32), mode="F")
         grey = np.asarray(img.resize((size[1], size[0]), Image.Resampling.NEAREST))

@@ -149,3 +149,64 @@ def preset(name: str, **overrides) -> CAConfig:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     changes = {k: v for k, v in overrides.items() if v is not None}
     return dataclasses.replace(PRESETS[name], **changes)
+
+
+@dataclass(frozen=True)
+class FusionSchedule:
+    """Fusion and mitosis over several levels (appendix A.1, generalised): ``down[l]`` steps on level ``l`` before
+    its cells are fused 2×2 into level ``l + 1``; the rest of the steps on the coarsest level ``len(down)``; then,
+    for each division back up, ``up[k]`` steps on the level reached (``up[0]`` on level ``len(down) - 1``, the last
+    on full resolution). Spelled ``"2,2:2,4"`` (down:up); appendix A.1 is ``"2:2"``."""
+
+    down: tuple[int, ...]
+    up: tuple[int, ...]
+
+    @classmethod
+    def parse(cls, spec: str) -> FusionSchedule:
+        down, sep, up = spec.partition(":")
+        try:
+            schedule = cls(tuple(int(v) for v in down.split(",")), tuple(int(v) for v in up.split(",")))
+        except ValueError:
+            raise ValueError(f"bad fusion schedule {spec!r}: expected steps down:steps up, e.g. 2,2:2,4") from None
+        if not sep or len(schedule.down) != len(schedule.up) or min(schedule.down + schedule.up) < 0:
+            raise ValueError(f"bad fusion schedule {spec!r}: as many down as up levels, e.g. 2,2:2,4 (two levels)")
+        return schedule
+
+    def __str__(self) -> str:
+        return f"{','.join(map(str, self.down))}:{','.join(map(str, self.up))}"
+
+    @property
+    def levels(self) -> int:
+        return len(self.down)
+
+    @property
+    def outer_steps(self) -> int:
+        """Steps outside the coarsest level: a rollout needs at least these."""
+        return sum(self.down) + sum(self.up)
+
+    def coarse_steps(self, steps: int) -> int:
+        if steps < self.outer_steps:
+            raise ValueError(f"fusion schedule {self} needs at least {self.outer_steps} steps, got {steps}")
+        return steps - self.outer_steps
+
+    def level_steps(self, steps: int) -> list[int]:
+        """Steps run on each level, full resolution first."""
+        counts = [0] * (self.levels + 1)
+        for level, n in self.segments(steps):
+            counts[level] += n
+        return counts
+
+    def segments(self, steps: int) -> list[tuple[int, int]]:
+        """(level, steps) in the order they run."""
+        down = list(enumerate(self.down))
+        up = [(self.levels - 1 - k, n) for k, n in enumerate(self.up)]
+        return [*down, (self.levels, self.coarse_steps(steps)), *up]
+
+    def reach(self, steps: int) -> int:
+        """How many full-resolution cells away a cell's state can come from after ``steps`` steps: a step on level
+        ``l`` reaches 2^l cells, and each fusion or division shifts by up to one group."""
+        shifts = 2 * sum(1 << level for level in range(self.levels))
+        return sum(n << level for level, n in self.segments(steps)) + shifts
+
+
+APPENDIX_A1 = FusionSchedule((2,), (2,))

@@ -10,6 +10,11 @@ Each comma-separated entry is ``NAME[=LO-HI][:WEIGHT]``: the kind, the range its
 - ``gaussian``: additive N(0, σ²) noise, σ ~ U[LO, HI], clipped to [0, 1] (as a saved noisy photo is);
 - ``saltpepper``: a share p ~ U[LO, HI] of pixels set to 0 or 1 (all channels), half each;
 - ``jpeg``: re-encoded through Pillow at quality q ~ U{LO..HI};
+- ``gaussjpeg``: ``gaussian`` noise of σ ~ U[LO, HI], then a JPEG at quality 70–95 with 4:2:0 chroma subsampling
+  (a noisy photo saved as a JPEG: the chroma noise is averaged away, the luminance noise stays);
+- ``camera``: a camera's noise (:func:`camera_noise`): in linear light, shot noise of variance s²·x and read noise
+  on a Bayer mosaic, s ~ U[LO, HI], spread by bilinear demosaicking over neighbouring pixels and channels, then the
+  sRGB curve, clipping and (three times in four) a JPEG at quality 70–95, 4:2:0;
 - ``strokes``: LO..HI free-form brush strokes (random walks, 2–9 px wide) drawn as missing pixels;
 - ``rects``: LO..HI rectangles (each side 6–30% of the image's) drawn as missing pixels;
 - ``patch``: the paper's masking, p × patch combos from the curriculum (``vitca_cli.nca.masking``);
@@ -35,6 +40,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "gaussian": (0.01, 0.25),
     "saltpepper": (0.02, 0.2),
     "jpeg": (10, 60),
+    "gaussjpeg": (0.01, 0.15),
+    "camera": (0.02, 0.2),
     "strokes": (1, 6),
     "rects": (1, 4),
     "patch": (0, 0),
@@ -85,7 +92,12 @@ def parse_mixture(spec: str) -> tuple[Corruption, ...]:
             raise ValueError(f"bad corruption entry {part!r}: {kind} takes no range")
         if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi) or not (math.isfinite(w) and w > 0):
             raise ValueError(f"bad corruption entry {part!r}: need 0 ≤ LO ≤ HI and WEIGHT > 0")
-        if kind in ("gaussian", "saltpepper") and hi > 1 or kind == "jpeg" and not 1 <= lo <= hi <= 95:
+        if (
+            kind in ("gaussian", "saltpepper", "gaussjpeg", "camera")
+            and hi > 1
+            or kind == "jpeg"
+            and not 1 <= lo <= hi <= 95
+        ):
             raise ValueError(f"bad corruption entry {part!r}: out of range for {kind}")
         out.append(Corruption(kind, lo, hi, w))
     if not out:
@@ -153,6 +165,57 @@ def jpeg(image: torch.Tensor, quality: int) -> torch.Tensor:
     return torch.from_numpy(out.reshape(arr.shape).copy()).permute(2, 0, 1)
 
 
+SAVED_JPEG = (70, 95)  # the qualities a camera or phone saves at
+
+
+def srgb_to_linear(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
+
+
+def linear_to_srgb(x: torch.Tensor) -> torch.Tensor:
+    x = x.clamp(0, 1)
+    return torch.where(x <= 0.0031308, 12.92 * x, 1.055 * x ** (1 / 2.4) - 0.055)
+
+
+_DEMOSAIC = {  # bilinear interpolation of a Bayer plane: green from 4 neighbours, red and blue from 2 or 4
+    "g": torch.tensor([[0, 1, 0], [1, 4, 1], [0, 1, 0]], dtype=torch.float32) / 4,
+    "rb": torch.tensor([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=torch.float32) / 4,
+}
+
+
+def bayer_sites(h: int, w: int, dy: int = 0, dx: int = 0) -> torch.Tensor:
+    """The RGGB Bayer pattern shifted by (dy, dx) as one-hot channel sites ``(3, H, W)``."""
+    yy = (torch.arange(h)[:, None] + dy) % 2
+    xx = (torch.arange(w)[None, :] + dx) % 2
+    red, blue = (yy == 0) & (xx == 0), (yy == 1) & (xx == 1)
+    return torch.stack([red, ~(red | blue), blue]).float()
+
+
+def _interpolate(plane: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    return F.conv2d(F.pad(plane[None], (1, 1, 1, 1), mode="reflect"), kernel[None, None])[0]
+
+
+def camera_noise(x: torch.Tensor, s: float, read: float, gen: torch.Generator) -> torch.Tensor:
+    """Noise as a camera makes it, for an sRGB image ``x`` ``(3, H, W)`` in [0, 1]: each pixel of an RGGB mosaic
+    records one channel, with shot noise of variance ``s²·x`` and read noise of std ``read`` in linear light;
+    demosaicking (bilinear green, then red and blue by colour difference) spreads that noise over neighbouring
+    pixels and channels (the signal is kept, so only the noise is interpolated); the result goes back through the
+    sRGB curve, clipped. Returns the noisy sRGB image."""
+    _, h, w = x.shape
+    lin = srgb_to_linear(x)
+    sites = bayer_sites(h, w, _randint(gen, 0, 1), _randint(gen, 0, 1))
+    sampled = (lin * sites).sum(0, keepdim=True)  # the one channel each pixel records
+    noise = torch.randn(1, h, w, generator=gen) * (s * s * sampled + read * read).sqrt()
+    green = _interpolate(noise * sites[1], _DEMOSAIC["g"])
+    # red and blue as green plus their interpolated difference from it (colour-difference demosaicking), which
+    # carries green's noise into them, as cameras' demosaickers do
+    red, blue = (green + _interpolate((noise - green) * sites[c], _DEMOSAIC["rb"]) for c in (0, 2))
+    spread = torch.cat([red, green, blue])
+    return linear_to_srgb(lin + spread)
+
+
 def corrupt_one(
     x: torch.Tensor,
     c: Corruption,
@@ -179,6 +242,14 @@ def corrupt_one(
         return torch.where((u >= p / 2) & (u < p), torch.ones_like(out), out), known
     if kind == "jpeg":
         return jpeg(x, _randint(gen, c.lo, c.hi)), known
+    if kind == "gaussjpeg":
+        noisy = (x + _uniform(gen, c.lo, c.hi) * torch.randn(x.shape, generator=gen)).clamp_(0, 1)
+        return jpeg(noisy, _randint(gen, *SAVED_JPEG)), known
+    if kind == "camera":
+        s = _uniform(gen, c.lo, c.hi)
+        noisy = camera_noise(x if ch == 3 else x.expand(3, h, w), s, s * _uniform(gen, 0.05, 0.5), gen)
+        noisy = noisy if ch == 3 else noisy.mean(0, keepdim=True)
+        return (jpeg(noisy, _randint(gen, *SAVED_JPEG)) if _uniform(gen, 0, 1) < 0.75 else noisy), known
     if kind == "patch":
         prob, patch = combo
         ph, pw = -(-h // patch) * patch, -(-w // patch) * patch

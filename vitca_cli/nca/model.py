@@ -21,7 +21,7 @@ from torch import nn
 
 from vitca_cli.nca.attention import LocalSelfAttention, run_kernel
 from vitca_cli.nca.config import CAConfig
-from vitca_cli.nca.rollout import GeneratorMasks, GivenMasks, fusion_mitosis_rollout, rollout
+from vitca_cli.nca.rollout import APPENDIX_A1, FusionSchedule, GeneratorMasks, GivenMasks, fusion_rollout, rollout
 from vitca_cli.nca.unet import UNetUpdate
 
 
@@ -387,15 +387,15 @@ class CellularAutomaton(nn.Module):
         checkpoint_segments: int = 0,
         head_mask: torch.Tensor | None = None,
         keep_attention: bool = False,
-        fusion_mitosis: bool = False,
+        fusion: FusionSchedule | None = None,
     ) -> torch.Tensor:
         """Apply ``steps`` CA steps (:func:`vitca_cli.nca.rollout.rollout`) with the given ``masks``
         ``(T, B|1, 1, H, W)``, else masks drawn from ``generator``. ``checkpoint_segments`` > 1 splits the rollout
-        into that many gradient-checkpointed segments. ``fusion_mitosis`` runs :meth:`fusion_mitosis_rollout`
+        into that many gradient-checkpointed segments. ``fusion`` runs :meth:`fusion_rollout` with that schedule
         instead (through ``forward``, so a ``DistributedDataParallel`` wrapper sees it).
         """
-        if fusion_mitosis:
-            return self.fusion_mitosis_rollout(z, steps, update_rate, generator)
+        if fusion is not None:
+            return self.fusion_rollout(z, steps, update_rate, generator, fusion)
         source = GivenMasks(masks) if masks is not None else self.mask_source(update_rate, generator)
         return rollout(self.step, z, steps, source, head_mask, keep_attention, checkpoint_segments)
 
@@ -417,11 +417,17 @@ class CellularAutomaton(nn.Module):
         z = z[..., : stash.shape[-2], : stash.shape[-1]]
         return torch.cat([stash, z[:, self.cfg.static_channels :]], dim=1)
 
-    def fusion_mitosis_rollout(
-        self, z: torch.Tensor, steps: int, update_rate: float | None = None, generator: torch.Generator | None = None
+    def fusion_rollout(
+        self,
+        z: torch.Tensor,
+        steps: int,
+        update_rate: float | None = None,
+        generator: torch.Generator | None = None,
+        schedule: FusionSchedule = APPENDIX_A1,
     ) -> torch.Tensor:
-        """Appendix A.1: 2 steps, fusion, ``steps - 4`` steps at half resolution, mitosis with re-injection, 2 steps."""
-        return fusion_mitosis_rollout(self, z, steps, self.mask_source(update_rate, generator))
+        """``steps`` steps with fusion and mitosis by ``schedule`` (appendix A.1 by default: 2 steps, fusion,
+        ``steps - 4`` steps at half resolution, mitosis with re-injection, 2 steps)."""
+        return fusion_rollout(self, z, steps, self.mask_source(update_rate, generator), schedule)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -26,6 +26,7 @@ from typing import Callable, Protocol
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from vitca_cli.nca.config import APPENDIX_A1, FusionSchedule
 from vitca_cli.nca.masking import bernoulli
 
 MASK_BLOCK = 64  # cells per side of one update-mask block
@@ -174,14 +175,24 @@ def rollout(
     return z
 
 
-def fusion_mitosis_rollout(ca, z: torch.Tensor, steps: int, masks: MaskSource) -> torch.Tensor:
-    """Appendix A.1 for a ``CellularAutomaton`` ``ca``: 2 steps, fusion, ``steps - 4`` steps at half resolution,
-    mitosis with re-injection of the input channels, 2 steps. Each phase draws its masks from ``masks``."""
-    if steps < 4:
-        raise ValueError(f"fusion/mitosis needs at least 4 steps, got {steps}")
+def fusion_rollout(
+    ca, z: torch.Tensor, steps: int, masks: MaskSource, schedule: FusionSchedule = APPENDIX_A1
+) -> torch.Tensor:
+    """``steps`` steps of ``ca`` (a ``CellularAutomaton``) by ``schedule``: each fusion averages 2×2 groups of cells
+    (:meth:`CellularAutomaton.fusion`); each division (mitosis) gives every cell of a group its fused cell's state
+    and re-injects its own input channels. Each phase draws its masks from ``masks``. The grid's height and width
+    must be multiples of ``2 ** levels``."""
     if isinstance(masks, GivenMasks):
         raise ValueError("fusion/mitosis changes the grid size: give it a mask source that draws, not masks")
-    z = rollout(ca.step, z, 2, masks)
-    fused, stash = ca.fusion(z)
-    fused = rollout(ca.step, fused, steps - 4, masks)
-    return rollout(ca.step, ca.mitosis(fused, stash), 2, masks)
+    side = 1 << schedule.levels
+    if z.shape[-2] % side or z.shape[-1] % side:
+        raise ValueError(f"fusion over {schedule.levels} levels needs a grid whose sides are multiples of {side}")
+    stashes = []
+    for level, n in schedule.segments(steps):
+        while level > len(stashes):
+            z, stash = ca.fusion(z)
+            stashes.append(stash)
+        while level < len(stashes):
+            z = ca.mitosis(z, stashes.pop())
+        z = rollout(ca.step, z, n, masks)
+    return z

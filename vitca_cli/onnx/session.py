@@ -14,6 +14,7 @@ CUDA and cuDNN libraries of the versions it was built for: system-wide, or ``pip
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 
 from vitca_cli.errors import UsageError
@@ -100,6 +101,10 @@ def session_options(threads: int | None = None, dims: dict[str, int] | None = No
     # denormals-are-zero) on the thread that calls run(); it only changes values below 1.2e-38. Every session
     # must set it: a session created without it slows down the sessions created after it in the same process.
     options.add_session_config_entry("session.set_denormal_as_zero", "1")
+    # Threads that wait sleep rather than spin, as torch's OpenMP threads do (``runtime.passive_openmp``), unless
+    # the user asked OpenMP for an active wait.
+    active = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "ACTIVE"
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if active else "0")
     for name, size in (dims or {}).items():
         options.add_free_dimension_override_by_name(name, size)
     return options

@@ -10,10 +10,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from vitca_cli.errors import SettingError, UsageError, WeightsError
 from vitca_cli.log import log
+from vitca_cli.restore.defaults import default_iters, fusion_schedule
 from vitca_cli.restore.files import (
     STDIO,
     Job,
@@ -24,7 +25,9 @@ from vitca_cli.restore.files import (
     read_job_mask,
 )
 
-DEFAULT_ITERS = 64  # CA iterations when neither the settings nor the weights name a number
+if TYPE_CHECKING:
+    import numpy as np
+
 LARGE_PIXELS = 4_000_000  # an image from this size on gets the hint of a faster shipped model, if there is one
 MAX_ITERS = 10_000
 MAX_HOLE_ITERS = 256  # the most steps the depth of the holes may ask for (--iters goes further)
@@ -37,7 +40,7 @@ class BatchSettings:
 
     output: Optional[str] = None  # a file, a folder, "-" (stdout); None: beside each input
     recursive: bool = False
-    iters: Optional[int] = None  # None: the weights' default_iters, else DEFAULT_ITERS
+    iters: Optional[int] = None  # None: the weights' own (``vitca_cli.restore.defaults``)
     update_rate: Optional[float] = None  # None: as the model was trained
     runs: int = 1  # the mean of this many runs, seeds seed, seed+1, …
     seed: int = 0
@@ -56,9 +59,11 @@ class BatchSettings:
     ext: Optional[str] = None
     mask: Optional[str] = None  # inpainting: one mask, or a folder of masks matched by file stem
     mask_type: Optional[str] = None  # None: as the model was trained
+    stretch_mask: bool = False  # a mask of another aspect ratio than the image's: stretched, not refused
+    include_outputs: bool = False  # folders and globs: also the files vitca names as its outputs
     threads: Optional[int] = None
     settle: float = 0.0  # skip cells whose output changed less than this on 2 updates in a row; 0: dense
-    fusion: Optional[bool] = None  # the middle steps on a half-resolution grid; None: as the weights say
+    fusion: Optional[bool] = None  # the middle steps on coarser grids, by the weights' schedule; None: as they say
     precision: str = (
         "auto"  # torch backend: fp32, bf16 products, or auto (bf16 for large jobs where the hardware has it)
     )
@@ -92,6 +97,8 @@ class BatchSettings:
             raise SettingError("save_input", "writes beside the output file; it cannot be used with {1} -", "output")
         if self.corrupt:
             self.damage = parse_damage(self.corrupt)
+        if self.mask_type not in (None, "noise", "dropout"):
+            raise SettingError("mask_type", f"{self.mask_type!r}: expected noise or dropout")
         if self.mask is not None and not Path(self.mask).exists():
             raise SettingError("mask", f"{self.mask}: no such file or folder")
 
@@ -187,7 +194,7 @@ def _prepare(inputs: list[str], settings: BatchSettings) -> tuple[list[Job], Bac
     backends = Backends(settings)
     if settings.weights is not None:
         backends.get(0)  # missing or unknown weights: raise now, not once per file
-    jobs = collect_inputs(inputs, settings.recursive, skip_restored=settings.output is None)
+    jobs = collect_inputs(inputs, settings.recursive, skip_outputs=not settings.include_outputs)
     if not jobs:
         raise UsageError("no inputs given")
     assign_outputs(jobs, settings.output, settings.ext)
@@ -259,7 +266,6 @@ def process(
 ) -> bool:
     """Restore one image and write its outputs (all through temporary files); False when skipped."""
     from vitca_cli.io import images
-    from vitca_cli.restore.loop import restore
 
     sources = [job.source] + ([settings.mask] if settings.mask else [])
     images.check_readable(job.source)  # an unreadable input is reported as such, not as an output problem
@@ -275,30 +281,10 @@ def process(
     for note in pic.notes:
         log.info(f"{pic.source}: {note}")
     backend = backends.get(pic.channels)
-    clean, pixels, known = _damaged_input(job, pic, backend, settings, inpaint)
-    meta = getattr(backend, "meta", None) or {}
-    iters = settings.iters or int(meta.get("default_iters") or DEFAULT_ITERS)
-    fusion = bool(meta.get("default_fusion")) if settings.fusion is None else settings.fusion
-    if known is not None and settings.iters is None:
-        iters = _hole_iters(pic.source, ~known, iters, backend, settings, fusion)
-    if settings.weights is None and not fusion and pic.size[0] * pic.size[1] >= LARGE_PIXELS:
-        backends.suggest_faster(backend.name)
+    missing = read_job_mask(settings.mask, job, pic.size, settings.stretch_mask) if inpaint else None
     step = None if progress is None else (lambda done, total: progress(job, done, total))
-    result = restore(
-        backend,
-        pixels,
-        iters,
-        settings.update_rate,
-        settings.seed,
-        settings.tile,
-        frames=settings.frames if settings.animate else 0,
-        progress=step,
-        known=known,
-        settle=settings.settle,
-        fusion=fusion,
-        runs=settings.runs,
-        holes_only=settings.holes_only,
-    )
+    done = restore_pixels(pic.pixels, backend, settings, missing, step, pic.source, large_hint=backends.suggest_faster)
+    clean, pixels, result, iters, fusion = done.clean, done.shown, done.result, done.iters, done.fusion
     fmt = images.output_format(job.output, pic.format, settings.ext)
     images.write_image(job.output, result.image, pic, fmt)
     if "input" in extras:
@@ -309,7 +295,7 @@ def process(
         panels = ([clean] if settings.corrupt or inpaint else []) + [pixels, result.image]
         images.write_bytes(extras["compare"], images.encode_image(images.side_by_side(panels), "PNG"))
     h, w = pic.size
-    tiles = (f" × {settings.runs} runs" if settings.runs > 1 else "") + (", fused" if fusion else "")
+    tiles = (f" × {settings.runs} runs" if settings.runs > 1 else "") + (f", fused {fusion}" if fusion else "")
     tiles += f", {result.plan.count} tiles" if result.plan is not None and result.plan.count > 1 else ""
     if settings.settle > 0:
         share = result.skipped / max(1, result.computed + result.skipped)
@@ -322,11 +308,81 @@ def process(
     return True
 
 
-def _hole_iters(source: str, missing, default: int, backend, settings: BatchSettings, fusion: bool) -> int:
-    """The steps for the holes ``missing`` to fill from their borders (``vitca_cli.restore.holes.hole_steps``), at
-    least the weights' ``default`` and at most the most steps they are known to improve with: their meta's
-    ``max_iters`` (without one, their default: a model trained on short rollouts can degrade on longer ones) and
-    ``MAX_HOLE_ITERS``."""
+@dataclass
+class Restoration:
+    """One image restored: its pixels in the model's channels (``clean``), what the cells were shown (``shown``:
+    masked or corrupted), the ``result`` (a ``vitca_cli.restore.loop.Restored``) and the steps and fusion it ran."""
+
+    clean: np.ndarray
+    shown: np.ndarray
+    result: object
+    iters: int
+    fusion: object  # a ``FusionSchedule``, or None
+
+
+def restore_pixels(
+    pixels: np.ndarray,
+    backend,
+    settings: BatchSettings,
+    missing: Optional[np.ndarray] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+    source: str = "image",
+    large_hint: Optional[Callable[[str], None]] = None,
+) -> Restoration:
+    """Restore float pixels ``(H, W, C)`` in [0, 1] with ``backend`` as ``settings`` say: the one path of both the
+    CLI and the Python API (``vitca_cli.api``). The pixels are converted to the model's channels; those ``missing``
+    ``(H, W)`` marks (inpainting; True = missing) are masked the way the model was trained and every other pixel
+    comes back exactly as given; ``settings.corrupt`` damages the input first; the steps and fusion are the weights'
+    own unless ``settings`` names them. ``large_hint(name)`` hears of a large image run by a default model."""
+    from vitca_cli.io import images
+    from vitca_cli.restore.loop import backend_mask_type, corrupt, damage, mask_missing, restore
+
+    cfg = backend.cfg
+    if pixels.shape[2] != cfg.channels:
+        log.info(f"{source}: {pixels.shape[2]}-channel image converted to the model's {cfg.channels} channel(s)")
+        pixels = images.to_channels(pixels, cfg.channels)
+    clean = pixels
+    known = None
+    if missing is not None:
+        kind = settings.mask_type or backend_mask_type(backend)
+        pixels = mask_missing(pixels, missing, kind, settings.seed)
+        known = ~missing
+        log.debug(f"{source}: {int(missing.sum())} missing pixels, masked as {kind}")
+    if settings.damage and isinstance(settings.damage[0], float):
+        prob, patch, kind = settings.damage
+        pixels = corrupt(pixels, prob, patch, kind, settings.seed)
+    elif settings.damage:
+        pixels = damage(pixels, settings.damage, settings.seed, backend_mask_type(backend))
+    iters = settings.iters or default_iters(backend)
+    fusion = fusion_schedule(backend, settings.fusion)
+    if known is not None and settings.iters is None:
+        iters = _hole_iters(source, missing, iters, backend, settings, fusion)
+    h, w = pixels.shape[:2]
+    if large_hint is not None and settings.weights is None and not fusion and h * w >= LARGE_PIXELS:
+        large_hint(backend.name)
+    result = restore(
+        backend,
+        pixels,
+        iters,
+        settings.update_rate,
+        settings.seed,
+        settings.tile,
+        frames=settings.frames if settings.animate else 0,
+        progress=progress,
+        known=known,
+        settle=settings.settle,
+        fusion=fusion or False,
+        runs=settings.runs,
+        holes_only=settings.holes_only,
+    )
+    return Restoration(clean, pixels, result, iters, fusion)
+
+
+def _hole_iters(source: str, missing, default: int, backend, settings: BatchSettings, fusion) -> int:
+    """The steps for the holes ``missing`` to fill from their borders (``vitca_cli.restore.holes.hole_steps``, by
+    the ``fusion`` schedule or None), at least the weights' ``default`` and at most the most steps they are known
+    to improve with: their meta's ``max_iters`` (without one, their default: a model trained on short rollouts can
+    degrade on longer ones) and ``MAX_HOLE_ITERS``."""
     from vitca_cli.restore.holes import hole_depth, hole_steps
 
     meta = getattr(backend, "meta", None) or {}
@@ -347,30 +403,3 @@ def _hole_iters(source: str, missing, default: int, backend, settings: BatchSett
             f"{source}: {deep}: {iters} steps (the weights' default {default})"
         )
     return iters
-
-
-def _damaged_input(job: Job, pic, backend, settings: BatchSettings, inpaint: bool):
-    """The clean pixels in the model's channels, what the cells are shown (masked or corrupted), and the known
-    pixels (inpainting; else None)."""
-    from vitca_cli.io import images
-    from vitca_cli.restore.loop import backend_mask_type, corrupt, damage, mask_missing
-
-    cfg = backend.cfg
-    pixels = pic.pixels
-    if pic.channels != cfg.channels:
-        log.info(f"{pic.source}: {pic.channels}-channel image converted to the model's {cfg.channels} channel(s)")
-        pixels = images.to_channels(pixels, cfg.channels)
-    clean = pixels
-    known = None
-    if inpaint:
-        missing = read_job_mask(settings.mask, job, pic.size)
-        kind = settings.mask_type or backend_mask_type(backend)
-        pixels = mask_missing(pixels, missing, kind, settings.seed)
-        known = ~missing
-        log.debug(f"{pic.source}: {int(missing.sum())} missing pixels, masked as {kind}")
-    if settings.damage and isinstance(settings.damage[0], float):
-        prob, patch, kind = settings.damage
-        pixels = corrupt(pixels, prob, patch, kind, settings.seed)
-    elif settings.damage:
-        pixels = damage(pixels, settings.damage, settings.seed, backend_mask_type(backend))
-    return clean, pixels, known

@@ -10,9 +10,12 @@ from pathlib import Path
 from typing import Optional
 
 from vitca_cli.errors import SettingError, VitcaError
+from vitca_cli.log import log
 
 STDIO = "-"
-RESTORED_TAG = "restored"
+RESTORED_TAG = "restored"  # NAME.restored.EXT: an output written beside its input
+INPUT_TAG = "input"  # NAME.input.EXT: the corrupted or masked input written beside an output (save_input)
+OUTPUT_TAGS = (RESTORED_TAG, INPUT_TAG)
 
 
 @dataclass
@@ -26,12 +29,26 @@ class Job:
     expanded: bool = False  # came from a folder or a glob: its output always goes into a folder
 
 
-def collect_inputs(specs: list[str], recursive: bool, skip_restored: bool = False) -> list[Job]:
+def is_own_output(path: Path) -> bool:
+    """Whether vitca names files like this one as its outputs (``NAME.restored.EXT``, ``NAME.input.EXT``)."""
+    return any(path.stem.endswith(f".{tag}") for tag in OUTPUT_TAGS)
+
+
+def collect_inputs(specs: list[str], recursive: bool, skip_outputs: bool = False) -> list[Job]:
     """Expand files, folders (their images; sub-folders with ``recursive``), quoted globs and ``-``. With
-    ``skip_restored``, folders leave out earlier outputs written beside their inputs (``NAME.restored.EXT``)."""
+    ``skip_outputs``, folders and globs leave out the files vitca names as its outputs (:func:`is_own_output`),
+    so that a second run does not restore the first one's results; files named one by one are always taken."""
     from vitca_cli.io.images import IMAGE_SUFFIXES, ImageError
 
     jobs: list[Job] = []
+    left_out: list[Path] = []
+
+    def keep(p: Path) -> bool:
+        if skip_outputs and is_own_output(p):
+            left_out.append(p)
+            return False
+        return True
+
     for spec in specs:
         if spec == STDIO:
             jobs.append(Job(STDIO, Path("stdin")))
@@ -39,30 +56,27 @@ def collect_inputs(specs: list[str], recursive: bool, skip_restored: bool = Fals
         path = Path(spec)
         if path.is_dir():
             walk = path.rglob("*") if recursive else path.glob("*")
-            found = sorted(
-                p
-                for p in walk
-                if p.is_file()
-                and p.suffix.lower() in IMAGE_SUFFIXES
-                and not (skip_restored and p.stem.endswith(f".{RESTORED_TAG}"))
-            )
+            before = len(left_out)
+            found = sorted(p for p in walk if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and keep(p))
             if not found:
                 hint = "" if recursive else " (add {0} for sub-folders)"
-                jobs.append(
-                    Job(
-                        spec,
-                        Path(path.name),
-                        error=ImageError(f"{spec}: no images in folder" + hint, settings=("recursive",)),
-                    )
-                )
+                if len(left_out) > before:
+                    hint = " but vitca's own outputs (add {1} to restore them)"
+                error = ImageError(f"{spec}: no images in folder" + hint, settings=("recursive", "include_outputs"))
+                jobs.append(Job(spec, Path(path.name), error=error))
             jobs.extend(Job(str(p), p.relative_to(path), expanded=True) for p in found)
         elif not path.exists() and glob.has_magic(spec):
             found = sorted(glob.glob(spec, recursive=recursive))
             if not found:
                 jobs.append(Job(spec, Path(path.name), error=ImageError(f"{spec}: no files match")))
-            jobs.extend(Job(p, Path(Path(p).name), expanded=True) for p in found if Path(p).is_file())
+            jobs.extend(Job(p, Path(Path(p).name), expanded=True) for p in found if Path(p).is_file() and keep(Path(p)))
         else:  # a file, or a missing one (reported when it is read, so the batch goes on)
             jobs.append(Job(spec, Path(path.name)))
+    if left_out:
+        log.info(
+            f"{len(left_out)} file(s) named as vitca's own outputs (*.{RESTORED_TAG}.*, *.{INPUT_TAG}.*) left out, "
+            f"e.g. {left_out[0]}; add --include-outputs to restore them too"
+        )
     return jobs
 
 
@@ -176,8 +190,10 @@ def extra_outputs(job: Job, settings, many: bool) -> dict[str, str]:
     return extras
 
 
-def read_job_mask(mask: str, job: Job, size: tuple[int, int]):
-    """One mask for all inputs, or, when ``mask`` is a folder, the mask whose file stem matches the input's."""
+def read_job_mask(mask: str, job: Job, size: tuple[int, int], stretch: bool = False):
+    """One mask for all inputs, or, when ``mask`` is a folder, the mask whose file stem matches the input's; one of
+    another aspect ratio than the image's is a ``UsageError`` unless ``stretch``."""
+    from vitca_cli.errors import UsageError
     from vitca_cli.io import images
 
     path = Path(mask)
@@ -189,6 +205,8 @@ def read_job_mask(mask: str, job: Job, size: tuple[int, int]):
             raise images.ImageError(f"{job.source}: no mask named {job.rel.stem}.* in {mask}")
         path = matches[0]
     try:
-        return images.read_mask(path, size)
+        return images.read_mask(path, size, stretch)
     except images.ImageError as exc:
         raise images.ImageError(f"mask {exc}") from None
+    except UsageError as exc:
+        raise UsageError(f"{job.source}: {exc.template}", settings=exc.settings) from None

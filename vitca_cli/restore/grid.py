@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from vitca_cli.log import log
-from vitca_cli.nca.config import CAConfig
+from vitca_cli.nca.config import CAConfig, FusionSchedule
 from vitca_cli.nca.model import output_image, seed_cells
+from vitca_cli.nca.rollout import UpdateMasks
 from vitca_cli.restore.tiles import TilePlan
-from vitca_cli.restore.windows import FUSED_OUTER, rollout_fused, rollout_windows
+from vitca_cli.restore.windows import rollout_levels, rollout_windows
 
 MAX_FRAME_BYTES = 512 << 20  # animation frames held in memory
 
@@ -86,25 +87,54 @@ def padded(cfg: CAConfig, image: np.ndarray, known: np.ndarray | None, cells: in
     return x, k, (ph, pw)
 
 
-def draw_masks(sources: tuple, origins: list, size: tuple[int, int], needed: tuple | None = None) -> tuple:
-    """The update masks of rectangles of ``size`` cells at cell ``origins`` from ``sources`` = (the full grid's
-    ``UpdateMasks``, the fused grid's or None): the full grid's ``(T, N, h, w)`` (with fusion only the steps
-    before fusion and after mitosis, ``(4, N, h, w)``) and the fused grid's ``(T - 4, N, h/2, w/2)`` or None.
-    ``needed`` (the same two, ``(N, h, w)`` and ``(N, h/2, w/2)`` bool): blocks without a needed cell are not
-    drawn and never update."""
-    full, fused = sources
+def level_masks(seed: int, iters: int, rate: float, fusion: FusionSchedule | None) -> list[UpdateMasks]:
+    """The update masks of each level: full resolution as an unfused run draws them (a phase there takes the first
+    or the last steps), each fused level drawn apart at its own coordinates for the steps it runs."""
+    if fusion is None:
+        return [UpdateMasks(seed, iters, rate)]
+    counts = fusion.level_steps(iters)
+    return [UpdateMasks(seed, iters, rate)] + [
+        UpdateMasks(seed, n, rate, level=level) for level, n in enumerate(counts) if level > 0
+    ]
+
+
+def draw_phases(
+    masks: list[UpdateMasks],
+    fusion: FusionSchedule | None,
+    origins: list,
+    size: tuple[int, int],
+    needed: list | None = None,
+) -> list[tuple[int, torch.Tensor]]:
+    """The phases ``(level, masks (T_phase, N, h / 2^level, w / 2^level))`` of rectangles of ``size`` cells at cell
+    ``origins`` (multiples of 2^levels with fusion), in the order they run, with ``masks`` from
+    :func:`level_masks`: one phase of every step without ``fusion``, else one per segment of the schedule, the
+    full-resolution ones taking the first steps of an unfused run's masks (before the first fusion) and the last
+    (after the last division), each fused level's phases its own masks in order. ``needed`` (one per level,
+    ``(N, h / 2^level, w / 2^level)`` bool, or None): blocks without a needed cell are not drawn and never update."""
     th, tw = size
-    want = (None, None) if needed is None else needed
-    outer = torch.stack(
-        [full.window(y, x, th, tw, _one(want[0], i))[:, 0] for i, (y, x) in enumerate(origins)], dim=1
-    )  # T n th tw
-    if fused is None:
-        return outer, None
-    inner = torch.stack(
-        [fused.window(y // 2, x // 2, th // 2, tw // 2, _one(want[1], i))[:, 0] for i, (y, x) in enumerate(origins)],
-        dim=1,
-    )
-    return torch.cat([outer[:FUSED_OUTER], outer[-FUSED_OUTER:]]), inner
+
+    def window(level: int) -> torch.Tensor:  # (T, N, th / 2^level, tw / 2^level)
+        want = None if needed is None else needed[level]
+        return torch.stack(
+            [
+                masks[level].window(y >> level, x >> level, th >> level, tw >> level, _one(want, i))[:, 0]
+                for i, (y, x) in enumerate(origins)
+            ],
+            dim=1,
+        )
+
+    if fusion is None:
+        return [(0, window(0))]
+    drawn = [window(level) for level in range(fusion.levels + 1)]
+    used = [0] * len(drawn)  # steps of each level taken so far: a level's phases take its masks in order
+    phases = []
+    for i, (level, n) in enumerate(fusion.segments(len(drawn[0]))):
+        if level == 0:  # full resolution: the first steps of an unfused run's masks, then the last
+            phases.append((0, drawn[0][:n] if i == 0 else drawn[0][len(drawn[0]) - n :]))
+        else:
+            phases.append((level, drawn[level][used[level] : used[level] + n]))
+        used[level] += n
+    return phases
 
 
 def _one(needed: torch.Tensor | None, i: int) -> torch.Tensor | None:
@@ -123,12 +153,12 @@ class Stepping:
 
 
 def run_rects(
-    backend, x, k, origins: list, size: tuple[int, int], masks: tuple, stepping: Stepping, on_step, until=None
+    backend, x, k, origins: list, size: tuple[int, int], phases: list, stepping: Stepping, on_step, until=None
 ):
     """Run the rectangles of ``size`` cells at cell ``origins`` of the padded image ``x`` (known mask ``k``)
-    together, with ``masks`` from :func:`draw_masks`; ``on_step(t)`` after each step. ``until``: each cell's last
-    computed step (a tensor, or one per phase with fusion; None: every step). Returns the rollout and, per recorded
-    step and then the final step, the output images ``(len(origins), C, th·p, tw·p)``."""
+    together, with ``phases`` from :func:`draw_phases`; ``on_step(t)`` after each step. ``until``: each cell's
+    last computed step, one map per phase (None: every step). Returns the rollout and, per recorded step and then
+    the final step, the output images ``(len(origins), C, th·p, tw·p)``."""
     cfg: CAConfig = backend.cfg
     p = cfg.patch_size
     th, tw = size
@@ -136,13 +166,12 @@ def run_rects(
     rects = torch.cat([x[region] for region in regions])
     rect_known = None if k is None else torch.cat([k[region] for region in regions])
     cells = seed_cells(cfg, rects, known=rect_known)
-    full, fused = masks
     s = stepping
-    common = (s.settle, s.record, s.max_cells, on_step, s.window, until)
-    if fused is None:
-        run = rollout_windows(backend, cells, full, *common)
+    if len(phases) == 1:  # no fusion
+        last = None if until is None else until[0]
+        run = rollout_windows(backend, cells, phases[0][1], s.settle, s.record, s.max_cells, on_step, s.window, last)
     else:
-        run = rollout_fused(backend, cells, full, fused, *common)
+        run = rollout_levels(backend, cells, phases, s.settle, s.record, s.max_cells, on_step, s.window, until)
     final = output_image(cfg, run.cells).float().cpu()
     outputs = run.frames + [final] * (len(s.record) - len(run.frames)) + [final]  # settled early: final frames
     return run, outputs

@@ -1,19 +1,28 @@
 """Inpainting computed only where the holes can see, with as many steps as the holes are deep.
 
 After T steps a cell's output depends only on the cells within T·r of it (r: how far one step reads,
-``step_radius``); with fusion (appendix A.1) the middle steps read twice as far. So the missing pixels of an
+``step_radius``); with fusion (a ``FusionSchedule``: appendix A.1's, or over several levels) a step on level l
+reads 2^l times as far, and each fusion or division may shift by a group. So the missing pixels of an
 inpainting job depend only on the cells within that *reach* of a hole, and only those are run:
 
 - the missing cells are shared out among *cores*, squares of ``CORE`` cells of the global grid; each core with a
-  hole runs as a *crop*: the bounding box of its holes widened by the reach (clamped to the image, aligned to the
-  fused grid with fusion), seeded from the image as the whole grid would be there;
+  hole runs as a *crop*: the bounding box of its holes widened by the reach (clamped to the image, aligned to
+  2^levels cells with fusion, so that it fuses as the whole grid does), seeded from the image as the whole grid
+  would be there;
 - in a crop a cell is computed only up to the last step whose value can still reach one of the core's holes
-  (``until``, from a chessboard distance transform: the holes' light cone, narrowing step by step), windows
-  without such a cell are left out, and update masks are drawn only for the global blocks that hold one.
+  (``until``, from a chessboard distance transform: the holes' light cone, narrowing step by step; with fusion
+  one map per phase of the schedule, traced back from the last: a division needs the fused cells above the
+  needed ones, a fusion all four cells of each needed group), windows without such a cell are left out, and
+  update masks are drawn only for the global blocks that hold one, from the same per-level draws as the whole
+  grid's (``vitca_cli.restore.grid.draw_phases``).
 
 Each missing pixel then comes out as the whole grid's computation makes it, to the bit: update masks are drawn by
-global block, and the exact step computes each cell's row independently of the other rows of its window. Known
-pixels are the input's, as always. Where the reach covers most of the grid, the whole grid runs instead.
+global block, and the exact step computes each cell's row independently of the other rows of its window, as long
+as every window, in the crops and in the whole grid, is of the full size (``HOLE_WINDOW`` and ``WINDOW`` cells a
+side): a grid that fits in one smaller window leaves some of its cells to the scalar tails of vectorised kernels,
+which round differently. So crops are at least ``HOLE_WINDOW`` cells a side on their coarsest level, and a grid
+whose coarsest level is narrower than ``WINDOW`` cells (a small image, or one fused too often for its size) runs
+whole. Known pixels are the input's, as always. Where the reach covers most of the grid, the whole grid runs too.
 """
 
 from __future__ import annotations
@@ -27,11 +36,10 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from vitca_cli.log import log
-from vitca_cli.nca.config import CAConfig
-from vitca_cli.nca.rollout import UpdateMasks
-from vitca_cli.restore.grid import Restored, Stepping, blended_images, draw_masks, run_rects
+from vitca_cli.nca.config import APPENDIX_A1, CAConfig, FusionSchedule
+from vitca_cli.restore.grid import Restored, Stepping, blended_images, draw_phases, level_masks, run_rects
 from vitca_cli.restore.tiles import step_radius
-from vitca_cli.restore.windows import FUSED_OUTER
+from vitca_cli.restore.windows import WINDOW
 
 CORE = 512  # cells per side of the squares of the global grid that share the holes out among crops
 # Cells per side of a step window in a crop: smaller than the whole grid's, so that the windows follow the narrow
@@ -63,18 +71,25 @@ def hole_depth(missing: np.ndarray) -> float | None:
     return float(ndimage.distance_transform_edt(missing[box])[deep[box]].max())
 
 
-def hole_steps(depth: float | None, default: int, cfg: CAConfig, rate: float, fusion: bool, cap: int) -> int:
+def hole_steps(
+    depth: float | None, default: int, cfg: CAConfig, rate: float, fusion: FusionSchedule | bool | None, cap: int
+) -> int:
     """Steps for the known border's content to reach a hole's middle ``depth`` pixels in, at least ``default``
     and at most ``cap`` (``default`` itself when it is more).
 
-    A step moves content ``r`` cells (``step_radius``) at full resolution, 2r on the fused grid, but a cell takes
-    its neighbours' news only on the steps it updates (a share ``rate`` of them): on average ``rate``·r cells, of
-    the patch size in pixels each, per step."""
+    A step moves content ``r`` cells (``step_radius``) at full resolution, 2^l·r on fusion level l, but a cell
+    takes its neighbours' news only on the steps it updates (a share ``rate`` of them): on average ``rate``·r
+    cells, of the patch size in pixels each, per full-resolution step. With ``fusion`` (a schedule, True: appendix
+    A.1's) the schedule's fixed steps on each level come first; the rest run on its coarsest level."""
     if not depth:
         return default
     speed = rate * step_radius(cfg) * cfg.patch_size  # pixels per full-resolution step
-    if fusion:  # 2·FUSED_OUTER steps at full resolution, the rest at twice the speed
-        steps = 2 * FUSED_OUTER + math.ceil(max(0.0, depth - 2 * FUSED_OUTER * speed) / (2 * speed))
+    fusion = APPENDIX_A1 if fusion is True else fusion or None
+    if fusion:
+        fixed = fusion.segments(fusion.outer_steps)  # the coarsest level's share 0
+        covered = sum(n * speed * (1 << level) for level, n in fixed)
+        coarse = speed * (1 << fusion.levels)
+        steps = fusion.outer_steps + math.ceil(max(0.0, depth - covered) / coarse)
     else:
         steps = math.ceil(depth / speed)
     return max(default, min(steps, cap))
@@ -97,11 +112,12 @@ class Crop:
         return self.holes.shape
 
 
-def reach_cells(cfg: CAConfig, iters: int, fusion: bool) -> int:
+def reach_cells(cfg: CAConfig, iters: int, fusion: FusionSchedule | None) -> int:
     """How far (cells) the cells a hole's output depends on lie from it: ``iters`` steps of ``step_radius``; with
-    fusion, 2r for each fused step and 2 more for the 2×2 groups of fusion and mitosis."""
+    fusion, ``step_radius`` times the schedule's reach (a step on level l reaches 2^l cells, each fusion or
+    division shifts by a group: ``FusionSchedule.reach``)."""
     r = step_radius(cfg)
-    return r * (2 * iters - 2 * FUSED_OUTER) + 2 if fusion else r * iters
+    return r * fusion.reach(iters) if fusion else r * iters
 
 
 def plan_crops(
@@ -148,17 +164,29 @@ def _last_steps(targets: np.ndarray, steps: int, radius: int) -> np.ndarray:
     return steps - (-(-d // radius))
 
 
-def until_maps(holes: np.ndarray, iters: int, radius: int, fusion: bool) -> list[np.ndarray]:
-    """Each cell's last computed step, per phase of the rollout (one phase; with fusion three: the steps before
-    fusion, on the fused grid, after mitosis), for the ``holes`` to come out exact."""
+def until_maps(holes: np.ndarray, iters: int, radius: int, fusion: FusionSchedule | None) -> list[np.ndarray]:
+    """Each cell's last computed step, per phase of the rollout (one phase; with fusion one per segment of the
+    schedule, each on its level's grid), for the ``holes`` to come out exact. Traced back from the last phase: the
+    cells a phase needs at its start (read at least once) are, one level up, the fused cells a division copies
+    from, or, one level down, all four cells of each group a fusion averages. (A division also keeps each cell's
+    own input channels, which no step changes: they are the crop's own.)"""
     if not fusion:
         return [_last_steps(holes, iters, radius)]
-    late = _last_steps(holes, FUSED_OUTER, radius)
-    h, w = late.shape
-    parents = (late >= 0).reshape(h // 2, 2, w // 2, 2).any((1, 3))  # the fused cells mitosis copies from
-    middle = _last_steps(parents, iters - 2 * FUSED_OUTER, radius)
-    children = (middle >= 0).repeat(2, 0).repeat(2, 1)  # the cells fusion averages
-    return [_last_steps(children, FUSED_OUTER, radius), middle, late]
+    segments = fusion.segments(iters)
+    maps: list[np.ndarray] = [holes] * len(segments)
+    targets = holes
+    for i in range(len(segments) - 1, -1, -1):
+        level, n = segments[i]
+        maps[i] = _last_steps(targets, n, radius)
+        if i == 0:
+            break
+        needed = maps[i] >= 0
+        if segments[i - 1][0] < level:  # fused into this level: every cell of each needed group
+            targets = needed.repeat(2, 0).repeat(2, 1)
+        else:  # divided from the level above: the fused cells the needed ones copy from
+            h, w = needed.shape
+            targets = needed.reshape(h // 2, 2, w // 2, 2).any((1, 3))
+    return maps
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -169,17 +197,24 @@ def missing_cells(k: torch.Tensor, patch: int) -> np.ndarray:
     return (F.max_pool2d(1 - k, patch)[0, 0] > 0).numpy()
 
 
-def restore_holes(backend, x, k, size, iters, rate, seed, runs, fusion, stepping: Stepping, progress=None):
-    """The inpainted image of the padded image ``x`` with known mask ``k`` (both as ``restore`` pads them),
-    cropped to ``size``: ``restore``'s result, computing only the holes' reach; None where that reach covers
-    ``WHOLE_GRID_SHARE`` of the grid or more (the whole grid's tiles are then cheaper than overlapping crops)."""
+def restore_holes(
+    backend, x, k, size, iters, rate, seed, runs, fusion: FusionSchedule | None, stepping: Stepping, progress=None
+):
+    """The inpainted image of the padded image ``x`` with known mask ``k`` (both as ``restore`` pads them, to
+    2^levels cells with ``fusion``), cropped to ``size``: ``restore``'s result, computing only the holes' reach;
+    None where that reach covers ``WHOLE_GRID_SHARE`` of the grid or more (the whole grid's tiles are then cheaper
+    than overlapping crops)."""
     cfg: CAConfig = backend.cfg
     p, c = cfg.patch_size, cfg.channels
     ph, pw = x.shape[-2:]
     grid_cells = (ph // p) * (pw // p)
     radius = step_radius(cfg)
+    align = 1 << fusion.levels if fusion else 1
+    if min(ph, pw) // p // align < WINDOW:  # the whole grid's coarsest level in one window smaller than WINDOW
+        log.debug(f"holes' reach: the grid's coarsest level is narrower than {WINDOW} cells; computing every cell")
+        return None
     missing = missing_cells(k, p)
-    crops = plan_crops(missing, reach_cells(cfg, iters, fusion), 2 if fusion else 1)
+    crops = plan_crops(missing, reach_cells(cfg, iters, fusion), align, HOLE_WINDOW * align)
     maps = [until_maps(crop.holes, iters, radius, fusion) for crop in crops]
     reached = np.zeros(missing.shape, bool)  # the cells computed at least once
     for crop, until in zip(crops, maps):
@@ -194,16 +229,11 @@ def restore_holes(backend, x, k, size, iters, rate, seed, runs, fusion, stepping
     record = stepping.record
     stepping = replace(stepping, window=HOLE_WINDOW)
     acc = torch.zeros(len(record) + 1, c, ph, pw)
-    sources = [
-        (UpdateMasks(seed + r, iters, rate), UpdateMasks(seed + r, iters - 2 * FUSED_OUTER, rate, level=1))
-        if fusion
-        else (UpdateMasks(seed + r, iters, rate), None)
-        for r in range(runs)
-    ]
+    sources = [level_masks(seed + r, iters, rate, fusion) for r in range(runs)]  # as the whole grid's
     done, total, computed, skipped = 0, runs * len(crops) * iters, 0, 0
     for crop, until in zip(crops, maps):
         (h, w), (y0, x0) = crop.size, (crop.y0, crop.x0)
-        needed = _needed(until)
+        needed = _needed(until, fusion, iters)
         limits = [torch.from_numpy(u.astype(np.int32))[None] for u in until]
         for source in sources:
             start = done
@@ -212,10 +242,8 @@ def restore_holes(backend, x, k, size, iters, rate, seed, runs, fusion, stepping
                 if progress is not None:
                     progress(start + t, total)
 
-            masks = draw_masks(source, [(y0, x0)], (h, w), needed)
-            run, outputs = run_rects(
-                backend, x, k, [(y0, x0)], (h, w), masks, stepping, on_step, limits if fusion else limits[0]
-            )
+            phases = draw_phases(source, fusion, [(y0, x0)], (h, w), needed)
+            run, outputs = run_rects(backend, x, k, [(y0, x0)], (h, w), phases, stepping, on_step, limits)
             computed, skipped, done = computed + run.computed, skipped + run.skipped, start + iters
             _add_holes(acc, outputs, crop, p)
     if progress is not None and total:
@@ -230,17 +258,19 @@ def restore_holes(backend, x, k, size, iters, rate, seed, runs, fusion, stepping
 
 
 def _full_size(cells: np.ndarray, h: int) -> np.ndarray:
-    """A fused grid's cells at full resolution (a full grid's as they are)."""
-    return cells if cells.shape[0] == h else cells.repeat(2, 0).repeat(2, 1)
+    """A fused level's cells at full resolution (a full grid's as they are)."""
+    scale = h // cells.shape[0]
+    return cells if scale == 1 else cells.repeat(scale, 0).repeat(scale, 1)
 
 
-def _needed(until: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The cells whose update masks are drawn: the full grid's (computed before fusion or after mitosis) and the
-    fused grid's, each ``(1, h, w)``."""
-    if len(until) == 1:
-        return torch.from_numpy(until[0] >= 1)[None], None
-    early, middle, late = until
-    return torch.from_numpy((early >= 1) | (late >= 1))[None], torch.from_numpy(middle >= 1)[None]
+def _needed(until: list[np.ndarray], fusion: FusionSchedule | None, iters: int) -> list[torch.Tensor]:
+    """The cells whose update masks are drawn, one ``(1, h / 2^level, w / 2^level)`` map per level: those computed
+    at least once in one of the level's phases."""
+    levels = [0] if fusion is None else [level for level, _ in fusion.segments(iters)]
+    needed: list = [None] * (max(levels) + 1)
+    for level, u in zip(levels, until):
+        needed[level] = u >= 1 if needed[level] is None else needed[level] | (u >= 1)
+    return [torch.from_numpy(m)[None] for m in needed]
 
 
 def _add_holes(acc: torch.Tensor, outputs: list[torch.Tensor], crop: Crop, p: int) -> None:

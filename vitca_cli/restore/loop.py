@@ -23,15 +23,17 @@ import torch
 
 from vitca_cli.errors import SettingError
 from vitca_cli.log import log
-from vitca_cli.nca.config import CAConfig
+from vitca_cli.nca.config import APPENDIX_A1, CAConfig, FusionSchedule
 from vitca_cli.nca.masking import apply_mask, patch_keep_mask
 from vitca_cli.nca.rollout import MASK_BLOCK, UpdateMasks
+from vitca_cli.restore.defaults import default_iters, fusion_schedule
 from vitca_cli.restore.grid import (
     Restored,
     Stepping,
     blended_images,
-    draw_masks,
+    draw_phases,
     frame_schedule,
+    level_masks,
     padded,
     recorded_steps,
     run_rects,
@@ -40,7 +42,6 @@ from vitca_cli.restore.grid import hwc_to_tensor as _hwc_to_tensor
 from vitca_cli.restore.grid import tensor_to_hwc as _tensor_to_hwc
 from vitca_cli.restore.holes import restore_holes
 from vitca_cli.restore.tiles import TilePlan, plan_tiles
-from vitca_cli.restore.windows import FUSED_OUTER
 
 PRECISIONS = ("fp32", "bf16", "auto")
 COMPILE = ("off", "on", "auto")
@@ -284,7 +285,7 @@ def _check_tile(cfg: CAConfig, tile: int | None) -> int | None:
 def restore(
     backend,
     image: np.ndarray,
-    iters: int = 64,
+    iters: int | None = None,
     update_rate: float | None = None,
     seed: int = 0,
     tile: int | None = None,
@@ -293,12 +294,13 @@ def restore(
     progress: Callable[[int, int], None] | None = None,
     known: np.ndarray | None = None,
     settle: float = 0.0,
-    fusion: bool = False,
+    fusion: FusionSchedule | bool | None = None,
     runs: int = 1,
     holes_only: bool = True,
 ) -> Restored:
     """Run the CA on ``image`` ``(H, W, C)`` (C = the model's channels, values as the model expects: masked
-    image in [0, 1] plus any noise) for ``iters`` steps and return the output channels.
+    image in [0, 1] plus any noise) for ``iters`` steps and return the output channels. ``iters`` and ``fusion``
+    left None are the weights' own (``vitca_cli.restore.defaults``).
 
     Padding: H and W are padded (edge replicate) to a multiple of the patch size, and for a size-dependent model
     to at least its training size; the result is cropped back. ``tile`` is in pixels (None = automatic, 0 = off).
@@ -312,23 +314,26 @@ def restore(
     pixel are computed, crop by crop (``vitca_cli.restore.holes``; ``tile`` does not apply): the same missing
     pixels as the whole grid's computation, at a fraction of the work for a few holes.
 
-    ``fusion`` runs appendix A.1's schedule: 2 steps, the grid fused 2×2, ``iters - 4`` steps at half resolution,
-    mitosis (the input re-injected), 2 steps: about a quarter of the cell-steps, for models trained with it. The
-    grid is padded to even cells for it.
+    ``fusion`` (a ``FusionSchedule``, or True for appendix A.1's) runs the steps on several levels: e.g. A.1's
+    2 steps, the grid fused 2×2, ``iters - 4`` steps at half resolution, mitosis (the input re-injected), 2 steps:
+    about a quarter of the cell-steps, for models trained with it. The grid is padded to a multiple of
+    2^levels cells for it.
 
     ``runs`` > 1 averages that many runs, run ``r`` with the update masks of seed ``seed + r`` (so ``runs=2`` at
     seed 0 is the mean of seeds 0 and 1): each run's asynchronous updates leave their own error, and the mean
     cancels part of it, at ``runs`` times the work.
     """
     cfg: CAConfig = backend.cfg
+    iters = default_iters(backend) if iters is None else iters
+    fusion = fusion_schedule(backend) if fusion is None else APPENDIX_A1 if fusion is True else fusion or None
     if iters < 1:
         raise SettingError("iters", f"must be at least 1, got {iters}")
     if settle < 0:
         raise SettingError("settle", f"must be at least 0, got {settle}")
     if runs < 1:
         raise SettingError("runs", f"must be at least 1, got {runs}")
-    if fusion and iters < 2 * FUSED_OUTER:
-        raise SettingError("iters", f"{iters}: fusion needs at least {2 * FUSED_OUTER} steps")
+    if fusion and iters < fusion.outer_steps:
+        raise SettingError("iters", f"{iters}: fusion schedule {fusion} needs at least {fusion.outer_steps} steps")
     if fusion and (cfg.size_dependent or cfg.arch != "vitca"):
         raise SettingError("fusion", "needs a ViTCA model without a position encoding tied to its training size")
     h, w, c = image.shape
@@ -339,7 +344,8 @@ def restore(
     rate = cfg.update_rate if update_rate is None else update_rate
     p = cfg.patch_size
     tile = _check_tile(cfg, tile)
-    x, k, (ph, pw) = padded(cfg, image, known, 2 if fusion else 1)
+    align = 1 << fusion.levels if fusion else 1
+    x, k, (ph, pw) = padded(cfg, image, known, align)
     record = recorded_steps(iters, frames, ph * pw * c * 4)
     stepping = Stepping(settle, tuple(record), max_cells)
     if known is not None and holes_only and cfg.arch == "vitca" and not cfg.size_dependent:
@@ -347,8 +353,8 @@ def restore(
         result = restore_holes(backend, x, k, (h, w), *args)
         if result is not None:
             return result
-    reach = 2 * iters - 2 * FUSED_OUTER if fusion else iters  # full-resolution steps a cell's state can see across
-    plan = plan_tiles(cfg, (ph // p, pw // p), reach, tile, align=2 if fusion else 1)
+    reach = fusion.reach(iters) if fusion else iters  # full-resolution cells a cell's state can come from
+    plan = plan_tiles(cfg, (ph // p, pw // p), reach, tile, align=align)
     if plan.count > 1:
         note = "" if plan.exact else ", blended" if cfg.size_dependent else ", approximate beyond the margin cap"
         log.debug(f"tiling {ph}×{pw} px into {plan.count} tiles of {plan.tile[0] * p}×{plan.tile[1] * p} px{note}")
@@ -365,8 +371,7 @@ def restore(
     batches = [origins[i : i + per_batch] for i in range(0, len(origins), per_batch)]
     done, total, computed, skipped = 0, runs * len(batches) * iters, 0, 0
     for r in range(runs):
-        masks = UpdateMasks(seed + r, iters, rate)
-        fused = UpdateMasks(seed + r, iters - 2 * FUSED_OUTER, rate, level=1) if fusion else None
+        masks = level_masks(seed + r, iters, rate, fusion)
         for batch in batches:
             start = done
 
@@ -374,8 +379,8 @@ def restore(
                 if progress is not None:
                     progress(start + t, total)
 
-            drawn = draw_masks((masks, fused), batch, plan.tile)
-            run, outputs = run_rects(backend, x, k, batch, plan.tile, drawn, stepping, on_step)
+            phases = draw_phases(masks, fusion, batch, plan.tile)
+            run, outputs = run_rects(backend, x, k, batch, plan.tile, phases, stepping, on_step)
             computed, skipped = computed + run.computed, skipped + run.skipped
             done = start + iters
             if progress is not None and run.steps_run < iters:

@@ -171,45 +171,47 @@ def rollout_windows(
     return result
 
 
-FUSED_OUTER = 2  # steps at full resolution before fusion and after mitosis (appendix A.1)
-
-
-def rollout_fused(
+def rollout_levels(
     backend,
     cells: torch.Tensor,
-    masks: torch.Tensor,
-    fused_masks: torch.Tensor,
+    phases: list[tuple[int, torch.Tensor]],
     settle: float = 0.0,
     record: tuple[int, ...] = (),
     max_cells: int = 1 << 16,
     on_step: Callable[[int], None] | None = None,
     window: int | None = None,
-    until: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    until: list[torch.Tensor] | None = None,
 ) -> Rollout:
-    """Appendix A.1's schedule, each phase run by :func:`rollout_windows`: 2 steps on ``cells`` ``(N, C, H, W)``
-    (H, W even) with ``masks[:2]``, fusion, ``len(fused_masks)`` steps on the half-resolution grid with
-    ``fused_masks`` ``(T - 4, N, H/2, W/2)``, mitosis (each cell keeps its own input channels), 2 steps with
-    ``masks[2:]``. ``masks`` ``(4, N, H, W)``. Frames recorded on the fused grid are shown at full size; settling
-    works within each phase. ``until``: each phase's (counted from the phase's first step), or None."""
+    """A rollout with fusion and mitosis (appendix A.1, over several levels): ``phases`` lists ``(level, masks)`` in
+    the order they run, ``masks`` ``(T_phase, N, H / 2^level, W / 2^level)``, each phase run by
+    :func:`rollout_windows`. Going down a level fuses 2×2 groups of cells; going up divides them again, each cell
+    keeping its own input channels. ``cells`` ``(N, C, H, W)`` with H and W multiples of 2^(deepest level). Frames
+    recorded on a fused grid are shown at full size; settling works within each phase. ``window`` and ``until``
+    (one map per phase, each counted from the phase's first step; None: every cell every step) go to
+    :func:`rollout_windows`."""
     cfg: CAConfig = backend.cfg
     n, _, h, w = cells.shape
-    steps = len(fused_masks) + 2 * FUSED_OUTER
+    steps = sum(len(m) for _, m in phases)
     total = Rollout(cells, dense=n * h * w * steps, steps_run=steps)
-
-    def phase(grid: torch.Tensor, phase_masks: torch.Tensor, before: int, index: int) -> torch.Tensor:
-        wanted = tuple(t - before for t in record if before < t <= before + len(phase_masks))
-        ticks = None if on_step is None else (lambda t: on_step(before + t))
-        last = None if until is None else until[index]
-        run = rollout_windows(backend, grid, phase_masks, settle, wanted, max_cells, ticks, window, last)
+    grids = [cells]  # the grid of each level reached so far, full resolution first
+    before = 0
+    for i, (level, masks) in enumerate(phases):
+        while level > len(grids) - 1:
+            grids.append(fuse_cells(grids[-1]))
+        while level < len(grids) - 1:
+            fused = grids.pop()
+            grids[-1] = divide_cells(cfg, fused, grids[-1])
+        wanted = tuple(t - before for t in record if before < t <= before + len(masks))
+        ticks = None if on_step is None else (lambda t, before=before: on_step(before + t))
+        last = None if until is None else until[i]
+        run = rollout_windows(backend, grids[-1], masks, settle, wanted, max_cells, ticks, window, last)
         total.computed, total.skipped = total.computed + run.computed, total.skipped + run.skipped
         frames = run.frames + [output_image(cfg, run.cells).float().cpu()] * (len(wanted) - len(run.frames))
-        scale = h // grid.shape[-2]
+        scale = h // run.cells.shape[-2]
         total.frames += [f.repeat_interleave(scale, -2).repeat_interleave(scale, -1) for f in frames]
-        return run.cells
-
-    first = phase(cells, masks[:FUSED_OUTER], 0, 0)
-    fused = phase(fuse_cells(first), fused_masks, FUSED_OUTER, 1)
-    total.cells = phase(divide_cells(cfg, fused, first), masks[FUSED_OUTER:], steps - FUSED_OUTER, 2)
+        grids[-1] = run.cells
+        before += len(masks)
+    total.cells = grids[0]
     return total
 
 
