@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.metrics import mean_interval  # noqa: E402
+from vitca_cli.training.metrics import mean_interval  # noqa: E402
 
 SAME = ("dataset", "split", "protocol", "mask_type", "seed", "combos", "batch_size")  # the same damage
 RUN = ("weights", "iters", "update_rate", "runs", "step", "device")  # how it was restored

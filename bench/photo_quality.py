@@ -1,6 +1,7 @@
 """Restoration quality on whole held-out photos: vitca against its input and the classic baselines, in one run.
 
-Each held-out photo (``python -m training.photos``'s test split: never trained on, nor validated on) is scaled so
+Each held-out photo (``python -m vitca_cli.training.photos``'s test split: never trained on, nor validated on) is
+scaled so
 its short side is ``--size`` px (Lanczos, then quantised to 8 bits, as a saved file), damaged in each of these ways
 and restored by vitca through ``vitca_cli.restore.loop.restore`` (the code ``vitca denoise`` / ``vitca inpaint`` run)
 and by each classic baseline that applies:
@@ -34,10 +35,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.baselines import run_baseline  # noqa: E402
-from training.metrics import psnr_per_image, ssim_per_image  # noqa: E402
 from vitca_cli.nca.corruptions import Corruption, corrupt_one, stroke_mask  # noqa: E402
 from vitca_cli.restore.loop import backend_mask_type, make_backend, mask_missing, restore  # noqa: E402
+from vitca_cli.training.baselines import run_baseline  # noqa: E402
+from vitca_cli.training.metrics import psnr_per_image, ssim_per_image  # noqa: E402
 
 DENOISERS = ("median", "tv-chambolle", "nl-means")
 INPAINTERS = ("biharmonic", "telea")
@@ -56,7 +57,7 @@ KINDS = {  # name -> (corruption or mask maker, inpainting)
 
 def held_out_photos(folder: Path | None) -> list[Path]:
     if folder is None:
-        from training.photos import collect
+        from vitca_cli.training.photos import collect
 
         folder = Path(tempfile.mkdtemp(prefix="vitca-photos-"))
         collect(folder)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training.profiling import profile_training  # noqa: E402
 from vitca_cli.nca.config import preset  # noqa: E402
+from vitca_cli.training.profiling import profile_training  # noqa: E402
 
 
 def row(name: str, r: dict) -> str:

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from training.figures import image_grid, line_chart, save_png, save_table, stack_vertically
-from training.metrics import psnr_per_image, ssim_per_image
 from vitca_cli.errors import SettingError, UsageError
 from vitca_cli.nca.masking import apply_mask, bernoulli, parse_corruption
 from vitca_cli.nca.rollout import BlockMasks, rollout
+from vitca_cli.training.figures import image_grid, line_chart, save_png, save_table, stack_vertically
+from vitca_cli.training.metrics import psnr_per_image, ssim_per_image
 
 KINDS = ("update-rate", "unseen-noise", "head-masking", "stability")
 DEFAULT_ITERS = {"update-rate": 64, "unseen-noise": 64, "head-masking": 64, "stability": 1000}

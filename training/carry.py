@@ -1,6 +1,6 @@
 """Carry a training run to another machine: its run folder without Algorithm 1's pool.
 
-    python -m training.carry RUN_DIR DEST [--overwrite]
+    python -m vitca_cli.training.carry RUN_DIR DEST [--overwrite]
 
 A run's ``last.pt`` holds the pool of partially-updated grids (1,024 grids of every cell channel: hundreds of MB
 for a 32×32 run), so a run folder is too big to keep beside the code, and a machine that goes away takes the run
@@ -21,11 +21,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from training.run import AVERAGE, BEST, CONFIG_FILE, LAST, read_run
-from training.trainer import shard_path
 from vitca_cli.errors import UsageError, VitcaError
 from vitca_cli.io.checkpoint import read_checkpoint, save_checkpoint
 from vitca_cli.nca.config import CAConfig
+from vitca_cli.training.run import AVERAGE, BEST, CONFIG_FILE, LAST, read_run
+from vitca_cli.training.trainer import shard_path
 
 COPIED = (CONFIG_FILE, "command.txt", "metrics.jsonl", BEST, AVERAGE)
 

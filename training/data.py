@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from training.dataset import ImageDataset
-from training.readers import read_cifar_batch, read_idx
 from vitca_cli.errors import SettingError, VitcaError
 from vitca_cli.io.files import md5sum
+from vitca_cli.training.dataset import ImageDataset
+from vitca_cli.training.readers import read_cifar_batch, read_idx
 
 SPLITS = ("train", "val", "test")
 DATASETS = ("fashion-mnist", "mnist", "mnist-5k", "cifar10", "celeba", "folder:PATH")

@@ -30,12 +30,12 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from training.metrics import LPIPS, mean_interval, psnr_batch, psnr_per_image, ssim_per_image
 from vitca_cli import tables
 from vitca_cli.errors import SettingError, UsageError
 from vitca_cli.io.weights import home_dir
 from vitca_cli.nca.masking import MaskingSchedule, apply_mask, patch_keep_mask
 from vitca_cli.nca.rollout import BlockMasks, MaskSource, rollout
+from vitca_cli.training.metrics import LPIPS, mean_interval, psnr_batch, psnr_per_image, ssim_per_image
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ def open_eval_dataset(spec: str, split: str, cfg, data_dir=None):
 
     Image folders are read with the model's channel count (photos become grayscale for a grayscale model).
     """
-    from training.data import open_dataset
+    from vitca_cli.training.data import open_dataset
 
     ds = open_dataset(spec, split, data_dir=data_dir, image_size=tuple(cfg.image_size), augment=False)
     if getattr(ds, "files", None) is not None:  # decoded on demand: read them as the model sees images
@@ -339,7 +339,7 @@ def _corrupt_batch(clean: torch.Tensor, prob: float, patch: int, mixture, mask_t
 
 def _score_baselines(rows: dict, baselines: list[str], corrupted, keep, clean, lpips: LPIPS | None) -> None:
     """Run each baseline on one corrupted batch, adding its time and scores to its row."""
-    from training.baselines import run_baseline
+    from vitca_cli.training.baselines import run_baseline
 
     for name in baselines:
         start = time.perf_counter()

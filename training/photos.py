@@ -3,10 +3,10 @@
 Sources: scikit-image's bundled samples (offline loaders only) and Debian's ``opencv-doc`` example images
 (``apt-get install opencv-doc``). A fixed list of photos is held out for testing and never used in training.
 
-    python -m training.photos OUT_DIR      # writes OUT_DIR/train/*.png and OUT_DIR/test/*.png
+    python -m vitca_cli.training.photos OUT_DIR      # writes OUT_DIR/train/*.png and OUT_DIR/test/*.png
                                            # and OUT_DIR/crops/test/*.png (16 random 32×32 crops per test photo)
-    python -m training.photos OUT_DIR --upscale 2,4   # and training photos enlarged 2× and 4×
-    python -m training.photos OUT_DIR --native        # and multi-megapixel photos at their own scale, 1/2 and 1/4
+    python -m vitca_cli.training.photos OUT_DIR --upscale 2,4   # and training photos enlarged 2× and 4×
+    python -m vitca_cli.training.photos OUT_DIR --native        # and multi-megapixel photos at 1, 1/2 and 1/4
 
 With ``--native``, real camera photos from Debian's wallpaper packages (``apt-get install plasma-workspace-wallpapers
 lomiri-wallpapers-16.04 lomiri-wallpapers-20.04``; ``WALLPAPER_TRAIN``) are written at their own pixel scale and at

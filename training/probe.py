@@ -14,9 +14,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from training.evaluate import batches
 from vitca_cli import tables
 from vitca_cli.nca.rollout import BlockMasks, rollout
+from vitca_cli.training.evaluate import batches
 
 VALIDATION_FRACTION = 0.1
 MIN_VALIDATION = 100

@@ -90,8 +90,8 @@ def _measure(cfg_dict: dict, batch: int, height: int, width: int, steps: int, mo
 def _passes(ca, cfg, batch, height, width, steps, mode, dev, repeats, compile, seed, precision) -> dict:
     import torch
 
-    from training.config import TrainConfig
-    from training.step import ca_loss, rollout
+    from vitca_cli.training.config import TrainConfig
+    from vitca_cli.training.step import ca_loss, rollout
 
     tcfg = TrainConfig(checkpointing=mode == "checkpointing", fusion_mitosis=mode == "fusion-mitosis",
                        t_min=steps, t_max=steps, precision=precision)  # fmt: skip
@@ -189,7 +189,10 @@ def profile_training(
     root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, "-m", "training.profiling", json.dumps(args)], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "vitca_cli.training.profiling", json.dumps(args)],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]

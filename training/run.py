@@ -10,9 +10,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from training.config import TrainConfig, resumable
 from vitca_cli.errors import SettingError, UsageError, WeightsError, placeholders
 from vitca_cli.nca.config import PRESETS, CAConfig
+from vitca_cli.training.config import TrainConfig, resumable
 
 CONFIG_FILE, LAST, BEST, AVERAGE = "config.json", "last.pt", "best.pt", "ema.pt"
 

@@ -1,6 +1,7 @@
 """Turn a training checkpoint (e.g. a run's ``best.pt``) into shipped weights with a manifest entry.
 
-    python -m training.ship runs/fmnist/best.pt --name fashion-mnist --dataset "FashionMNIST (full train split)"
+    python -m vitca_cli.training.ship runs/fmnist/best.pt --name fashion-mnist \
+        --dataset "FashionMNIST (full train split)"
         [--weights-dir weights] [--val-psnr 21.3 --val-ssim 0.80] [--iterations N] [--trained "how it was trained"]
 
 Keeps only what inference needs (config, model weights, a small meta dict) and drops the optimizer, scheduler,

@@ -7,8 +7,8 @@ import math
 
 import torch
 
-from training.config import TrainConfig
 from vitca_cli.nca.model import CellularAutomaton
+from vitca_cli.training.config import TrainConfig
 
 
 def ca_loss(ca: CellularAutomaton, z: torch.Tensor, target: torch.Tensor, alpha: float, beta: float):

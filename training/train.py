@@ -31,15 +31,15 @@ import sys
 import time
 from pathlib import Path
 
-from training.config import TrainConfig
-from training.distributed import SINGLE, World, any_rank, barrier
-from training.run import AVERAGE, BEST, CONFIG_FILE, LAST
-from training.trainer import NonFiniteLoss, Trainer
 from vitca_cli import log as logmod
 from vitca_cli.errors import VitcaError
 from vitca_cli.io.checkpoint import read_checkpoint
 from vitca_cli.io.files import atomic_write_bytes
 from vitca_cli.nca.config import CAConfig
+from vitca_cli.training.config import TrainConfig
+from vitca_cli.training.distributed import SINGLE, World, any_rank, barrier
+from vitca_cli.training.run import AVERAGE, BEST, CONFIG_FILE, LAST
+from vitca_cli.training.trainer import NonFiniteLoss, Trainer
 
 log = logmod.log
 METRICS_FILE = "metrics.jsonl"

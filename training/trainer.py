@@ -17,10 +17,6 @@ from pathlib import Path
 
 import torch
 
-from training.config import TrainConfig
-from training.distributed import SINGLE, World, any_rank, barrier, rank_seed, split_batch, wrap
-from training.pool import Pool
-from training.step import ca_loss, lr_factor, normalize_gradients, rollout
 from vitca_cli.errors import UsageError, VitcaError
 from vitca_cli.io.checkpoint import read_checkpoint, save_checkpoint
 from vitca_cli.nca.attention import use_compiled_kernels
@@ -28,6 +24,10 @@ from vitca_cli.nca.config import CAConfig
 from vitca_cli.nca.corruptions import corrupt_batch
 from vitca_cli.nca.masking import random_mask
 from vitca_cli.nca.model import CellularAutomaton
+from vitca_cli.training.config import TrainConfig
+from vitca_cli.training.distributed import SINGLE, World, any_rank, barrier, rank_seed, split_batch, wrap
+from vitca_cli.training.pool import Pool
+from vitca_cli.training.step import ca_loss, lr_factor, normalize_gradients, rollout
 
 
 class Trainer:
@@ -183,7 +183,7 @@ class Trainer:
     @torch.no_grad()
     def _score(self, model: CellularAutomaton) -> dict:
         """:meth:`validate`'s figures for ``model`` (the run's weights or their average)."""
-        from training.metrics import psnr_batch, psnr_per_image, ssim_per_image
+        from vitca_cli.training.metrics import psnr_batch, psnr_per_image, ssim_per_image
 
         if self._val_batches is None:
             self._val_batches = self._prepare_validation()

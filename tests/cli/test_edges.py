@@ -15,14 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from training.evaluate import evaluate, format_report
-from training.probe import train_linear
 from vitca_cli import log
 from vitca_cli.cli import hoist_global_flags, main
 from vitca_cli.cli.options import handle_errors
 from vitca_cli.io.checkpoint import save_checkpoint
 from vitca_cli.nca.config import CAConfig
 from vitca_cli.nca.model import CellularAutomaton
+from vitca_cli.training.evaluate import evaluate, format_report
+from vitca_cli.training.probe import train_linear
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(embed=16, heads=2, mlp=16, hidden=4, pos_encoding="none")
@@ -307,9 +307,9 @@ def test_the_readme_and_docs_link_only_to_files_that_exist():
 def test_a_model_trained_at_another_update_rate_runs_at_its_own_rate_by_default(capsys, tmp_path):
     import json
 
-    from training.config import TrainConfig
-    from training.dataset import ImageDataset
-    from training.train import train
+    from vitca_cli.training.config import TrainConfig
+    from vitca_cli.training.dataset import ImageDataset
+    from vitca_cli.training.train import train
 
     rng = np.random.RandomState(0)
     images = rng.randint(0, 256, (8, 1, 12, 12)).astype(np.uint8)

@@ -11,13 +11,13 @@ import torch
 from typer.testing import CliRunner
 
 import vitca_cli.io.weights as weights_mod
-from training.ship import ship
 from vitca_cli.cli import app
 from vitca_cli.errors import WeightsError
 from vitca_cli.io.checkpoint import read_checkpoint, save_checkpoint
 from vitca_cli.io.weights import resolve, write_manifest_entry
 from vitca_cli.nca.config import CAConfig
 from vitca_cli.nca.model import CellularAutomaton
+from vitca_cli.training.ship import ship
 
 CFG = CAConfig(embed=16, heads=2, mlp=16, hidden=4, pos_encoding="none")
 

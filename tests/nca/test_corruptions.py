@@ -9,11 +9,6 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from training.config import TrainConfig
-from training.dataset import ImageDataset
-from training.evaluate import evaluate
-from training.train import train
-from training.trainer import Trainer
 from vitca_cli.cli import app
 from vitca_cli.errors import UsageError
 from vitca_cli.io.checkpoint import read_checkpoint, save_checkpoint
@@ -21,6 +16,11 @@ from vitca_cli.nca.config import PRESETS, CAConfig, preset
 from vitca_cli.nca.corruptions import Corruption, corrupt_batch, corrupt_one, mixture_str, parse_mixture
 from vitca_cli.nca.model import CellularAutomaton, count_parameters
 from vitca_cli.restore.loop import TorchBackend, restore
+from vitca_cli.training.config import TrainConfig
+from vitca_cli.training.dataset import ImageDataset
+from vitca_cli.training.evaluate import evaluate
+from vitca_cli.training.train import train
+from vitca_cli.training.trainer import Trainer
 
 MIX = "gaussian=0.05-0.2:3, saltpepper:1, jpeg=10-30:1, strokes:2, rects:1, clean:1"
 TINY = dict(embed=16, heads=2, mlp=16, hidden=4, pos_encoding="none")
@@ -247,7 +247,7 @@ def test_cli_eval_rejects_a_bad_mixture_in_one_line(tmp_path):
 
 
 def test_photo_collection_splits_by_source_and_adds_half_size_copies(tmp_path):
-    from training.photos import OPENCV_TEST, OPENCV_TRAIN, OPENCV_VAL, SKIMAGE_TRAIN, collect
+    from vitca_cli.training.photos import OPENCV_TEST, OPENCV_TRAIN, OPENCV_VAL, SKIMAGE_TRAIN, collect
 
     names = [n.rsplit(".", 1)[0] for n in OPENCV_TRAIN + OPENCV_VAL + OPENCV_TEST] + SKIMAGE_TRAIN
     assert len(names) == len(set(names))  # no source photo in two splits
@@ -264,7 +264,7 @@ def test_photo_collection_splits_by_source_and_adds_half_size_copies(tmp_path):
 
 
 def test_photo_collection_can_add_enlarged_copies_and_crops_at_those_scales(tmp_path):
-    from training.photos import _save, test_crops
+    from vitca_cli.training.photos import _save, test_crops
 
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 260, 3), dtype=np.uint8))
     assert _save(photo, tmp_path / "p", half=True, upscale=(2, 4)) == 4

@@ -10,8 +10,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_training import CFG, tcfg, tiny_dataset  # noqa: E402
 
-from training import distributed  # noqa: E402
-from training.trainer import Trainer  # noqa: E402
+from vitca_cli.training import distributed  # noqa: E402
+from vitca_cli.training.trainer import Trainer  # noqa: E402
 
 out = Path(sys.argv[1])
 world, device = distributed.init(torch.device("cpu"))

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from training.analyses import iterations_to_converge, run_analysis, unseen_conditions
-from training.figures import format_table
 from vitca_cli.nca.config import CAConfig
 from vitca_cli.nca.model import CellularAutomaton
+from vitca_cli.training.analyses import iterations_to_converge, run_analysis, unseen_conditions
+from vitca_cli.training.figures import format_table
 
 CFG = CAConfig(channels=1, image_size=(16, 16), embed=16, heads=2, mlp=16, hidden=8)
 

@@ -1,5 +1,5 @@
-"""Carrying a run between machines (``python -m training.carry``): the run folder without the pool, whole or not
-at all, resumable by `vitca train --resume` with the same schedule and weights."""
+"""Carrying a run between machines (``python -m vitca_cli.training.carry``): the run folder without the pool, whole or
+not at all, resumable by `vitca train --resume` with the same schedule and weights."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from tests.training.test_training import CFG, tcfg, tiny_dataset
-from training.carry import carry, main
-from training.run import read_run
-from training.train import train
 from vitca_cli.io.checkpoint import read_checkpoint
+from vitca_cli.training.carry import carry, main
+from vitca_cli.training.run import read_run
+from vitca_cli.training.train import train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -96,7 +96,7 @@ def test_the_run_folder_itself_and_folders_without_a_run_are_refused(stopped_run
 
 def test_the_command_line_reports_a_missing_run_in_one_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "training.carry", str(tmp_path / "nowhere"), str(tmp_path / "dest")],
+        [sys.executable, "-m", "vitca_cli.training.carry", str(tmp_path / "nowhere"), str(tmp_path / "dest")],
         cwd=REPO, capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 2
@@ -136,9 +136,9 @@ def test_a_run_resumes_with_its_dataset_found_under_another_root(tmp_path):
 
 
 def test_each_rank_state_of_a_distributed_run_is_carried_without_its_pool(stopped_run, tmp_path):
-    from training.trainer import shard_path
     from vitca_cli.io.checkpoint import save_checkpoint
     from vitca_cli.nca.config import CAConfig
+    from vitca_cli.training.trainer import shard_path
 
     last = stopped_run / "last.pt"
     ckpt = read_checkpoint(last)

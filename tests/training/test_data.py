@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from training import data as D
-from training.data import open_dataset
-from training.readers import read_cifar_batch, read_idx
 from vitca_cli.errors import VitcaError
+from vitca_cli.training import data as D
+from vitca_cli.training.data import open_dataset
+from vitca_cli.training.readers import read_cifar_batch, read_idx
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool) -> Path:

@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 from test_training import CFG, tiny_dataset
 
-from training.config import TrainConfig
-from training.trainer import Trainer
 from vitca_cli.io.checkpoint import read_checkpoint
 from vitca_cli.nca.model import CellularAutomaton
+from vitca_cli.training.config import TrainConfig
+from vitca_cli.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 KILLED_RANK_TIMEOUT_S = 60
@@ -211,8 +211,8 @@ def test_a_killed_rank_ends_the_launch_with_an_error(tmp_path, photos):
 
 
 def test_the_global_batch_must_split_evenly():
-    from training.distributed import World, split_batch
     from vitca_cli.errors import UsageError
+    from vitca_cli.training.distributed import World, split_batch
 
     assert split_batch(32, World(0, 4)) == 8
     with pytest.raises(UsageError, match="multiple of 3"):

@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from training.evaluate import batches, eval_combos, evaluate, format_report
-from training.probe import linear_probe, train_linear
 from vitca_cli.io.checkpoint import save_checkpoint
 from vitca_cli.nca.config import CAConfig
 from vitca_cli.nca.model import CellularAutomaton
+from vitca_cli.training.evaluate import batches, eval_combos, evaluate, format_report
+from vitca_cli.training.probe import linear_probe, train_linear
 
 CFG = CAConfig(channels=1, image_size=(16, 16), embed=16, heads=2, mlp=16, hidden=8)
 
@@ -61,9 +61,9 @@ def test_evaluate_is_deterministic_and_cycles_combos(model):
 def test_eval_runs_the_ca_with_the_update_masks_of_denoise(model):
     """Same seed, same result: each image's CA output in ``vitca eval --seed S`` is what ``vitca denoise --seed S``
     (``restore.loop.restore``) gives for that corrupted image."""
-    from training.evaluate import corrupt
-    from training.metrics import psnr_per_image
     from vitca_cli.restore.loop import TorchBackend, restore
+    from vitca_cli.training.evaluate import corrupt
+    from vitca_cli.training.metrics import psnr_per_image
 
     clean, seed, iters = _images(3, seed=4), 11, 5
     report = evaluate(model, batches(TensorDataset(clean), 3), iters=iters, seed=seed)
@@ -135,8 +135,8 @@ def test_baselines_restore_better_than_the_input(model):
 def test_missing_baseline_extra_is_a_clear_usage_error(monkeypatch):
     import sys
 
-    from training.baselines import check_available
     from vitca_cli.errors import UsageError
+    from vitca_cli.training.baselines import check_available
 
     monkeypatch.setitem(sys.modules, "cv2", None)  # what Python does for a module that cannot be imported
     with pytest.raises(UsageError, match=r"pip install vitca\[baselines\]"):
@@ -310,8 +310,8 @@ def test_analyze_command_writes_figure_and_table(files, tmp_path):
 
 
 def test_schedule_follows_the_checkpoint():
-    from training.evaluate import schedule_for
     from vitca_cli.nca.masking import MaskingSchedule
+    from vitca_cli.training.evaluate import schedule_for
 
     meta = {
         "masking": {"start": 500, "end": 10000, "prob_stages": 3, "max_prob": 0.75, "patch_stages": 3, "max_patch": 8}
@@ -329,9 +329,9 @@ def test_random_cell_init_replays_with_the_seed(randomise_model):
 
 
 def test_paper_protocol_full_batches_one_random_combo_each_and_batch_psnr_headline(randomise_model):
-    from training.evaluate import batches, evaluate, format_report
     from vitca_cli.nca.config import CAConfig
     from vitca_cli.nca.model import CellularAutomaton
+    from vitca_cli.training.evaluate import batches, evaluate, format_report
 
     model = randomise_model(
         CellularAutomaton(CAConfig(channels=1, image_size=(12, 12), embed=16, heads=2, mlp=16, hidden=4))

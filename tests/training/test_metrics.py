@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.metrics import LPIPS, mean_interval, psnr_batch, psnr_per_image, ssim_per_image
+from vitca_cli.training.metrics import LPIPS, mean_interval, psnr_batch, psnr_per_image, ssim_per_image
 
 
 def _pair(seed=0, shape=(2, 3, 32, 32)):

@@ -14,19 +14,19 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from training.config import TrainConfig
-from training.data import open_dataset
-from training.dataset import ImageDataset
-from training.pool import Pool
-from training.run import read_run
-from training.step import ca_loss, lr_factor, normalize_gradients, rollout
-from training.train import train
-from training.trainer import Trainer
 from vitca_cli.cli import app
 from vitca_cli.errors import UsageError, VitcaError
 from vitca_cli.io.checkpoint import load_model, read_checkpoint
 from vitca_cli.nca.config import CAConfig, preset
 from vitca_cli.nca.model import CellularAutomaton
+from vitca_cli.training.config import TrainConfig
+from vitca_cli.training.data import open_dataset
+from vitca_cli.training.dataset import ImageDataset
+from vitca_cli.training.pool import Pool
+from vitca_cli.training.run import read_run
+from vitca_cli.training.step import ca_loss, lr_factor, normalize_gradients, rollout
+from vitca_cli.training.train import train
+from vitca_cli.training.trainer import Trainer
 
 SIZE = 8
 CFG = preset("mnist", image_size=(SIZE, SIZE), embed=16, heads=2, mlp=16, hidden=4)
@@ -450,7 +450,7 @@ def test_cli_init_weights_moves_a_fixed_position_encoding_to_another_size_but_no
 
 
 def test_profile_training_reports_times_and_checkpointing_saves_memory():
-    from training.profiling import profile_training
+    from vitca_cli.training.profiling import profile_training
 
     cfg = preset("mnist", image_size=(16, 16))
     args = dict(batch=4, height=16, width=16, steps=8, repeats=1)
@@ -563,7 +563,7 @@ def test_a_run_with_a_weight_average_resumes_it_exactly_and_saves_it(tmp_path):
 
 
 def test_best_pt_takes_the_weight_average_when_it_validates_better(tmp_path, monkeypatch):
-    import training.train as loop
+    import vitca_cli.training.train as loop
 
     trainer = Trainer(CFG, tcfg(ema=0.5, lr=1e-2), tiny_dataset(), tiny_dataset(8, seed=1))
     for _ in range(2):

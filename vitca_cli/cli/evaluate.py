@@ -128,8 +128,8 @@ def eval_command(
 
     Runs in one process (not distributed, unlike `vitca train`).
     """
-    from training import evaluate as ev
-    from training.baselines import BASELINES
+    from vitca_cli.training import evaluate as ev
+    from vitca_cli.training.baselines import BASELINES
 
     _check_eval_options(update_rate, baselines, corruptions, runs)
     model, meta, path = _load(weights, device, threads)
@@ -186,7 +186,7 @@ def _with_run(report: dict, model, path: str, dataset, split, batch_size, lpips_
     """``report`` headed by what was evaluated where: the weights, data, batch size, device, threads, LPIPS."""
     import torch
 
-    from training.baselines import BASELINES
+    from vitca_cli.training.baselines import BASELINES
 
     report = {
         "weights": path,
@@ -208,8 +208,8 @@ def _check_eval_options(
 ) -> None:
     """``vitca eval``'s checks before the model is loaded: the update rate, the runs, the baselines' libraries and
     the mixture."""
-    from training.baselines import check_available
     from vitca_cli.restore.batch import MAX_RUNS
+    from vitca_cli.training.baselines import check_available
 
     if not 1 <= runs <= MAX_RUNS:
         raise UsageError(f"--runs {runs}: choose from 1 to {MAX_RUNS}")
@@ -246,9 +246,9 @@ def analyze_command(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Appendix analyses: update rate, unseen noise, head masking, stability. Writes a PNG figure and a table."""
-    from training.analyses import run_analysis
-    from training.evaluate import batches, open_eval_dataset
-    from training.figures import format_table
+    from vitca_cli.training.analyses import run_analysis
+    from vitca_cli.training.evaluate import batches, open_eval_dataset
+    from vitca_cli.training.figures import format_table
 
     model, meta, _ = _load(weights, device, threads)
     ds = open_eval_dataset(dataset, split, model.cfg, data_dir)
@@ -292,8 +292,8 @@ def probe_command(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Linear probe: classify from the frozen CA's averaged hidden channels vs from raw pixels."""
-    from training.evaluate import open_eval_dataset
-    from training.probe import format_probe, linear_probe
+    from vitca_cli.training.evaluate import open_eval_dataset
+    from vitca_cli.training.probe import format_probe, linear_probe
 
     model, _, path = _load(weights, device, threads)
     train_set = open_eval_dataset(dataset, "train", model.cfg, data_dir)
@@ -374,9 +374,9 @@ def profile_command(
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Appendix Table 8: forward/backward ms and peak memory of a training pass, with and without checkpointing."""
-    from training.profiling import profile_training
     from vitca_cli.nca.config import preset as make_preset
     from vitca_cli.runtime import resolve_device
+    from vitca_cli.training.profiling import profile_training
 
     bad = [m for m in modes if m not in PROFILE_MODES]
     if bad:

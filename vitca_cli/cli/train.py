@@ -17,11 +17,11 @@ from typing import Optional
 
 import typer
 
-from training.config import DATA, TrainConfig, default_text  # torch-free: --help stays fast
 from vitca_cli.cli import options as opt
 from vitca_cli.cli.options import MaskType, handle_errors
 from vitca_cli.errors import SettingError, placeholders
 from vitca_cli.nca.config import ARCHES, CELL_INITS, POS_ENCODINGS, CAConfig
+from vitca_cli.training.config import DATA, TrainConfig, default_text  # torch-free: --help stays fast
 
 Arch = Enum("Arch", {n: n for n in ARCHES}, type=str)
 CellInit = Enum("CellInit", {n: n for n in CELL_INITS}, type=str)
@@ -123,7 +123,7 @@ MODEL_OPTIONS = (
 
 def _config_parameters() -> list[inspect.Parameter]:
     """One option per ``TrainConfig`` field (masking fields as ``--mask-NAME``), None unless given."""
-    from training.config import options
+    from vitca_cli.training.config import options
 
     params = []
     for name, f in options():
@@ -155,7 +155,7 @@ def _value(v):
 
 def train(**given) -> None:
     """Train a ViTCA (or UNetCA) with the paper's pool-based Algorithm 1; resume a run exactly with --resume."""
-    from training.config import options
+    from vitca_cli.training.config import options
 
     o = {k: _value(v) for k, v in given.items()}
     train_opts = {name: o[name] for name, _ in options() if o[name] is not None}
@@ -167,7 +167,7 @@ def train(**given) -> None:
     if o["stop_at"] is not None and o["stop_at"] < 1:
         raise SettingError("stop_at", "must be ≥ 1")
 
-    from training import distributed
+    from vitca_cli.training import distributed
 
     if o["nproc"] is not None and o["nproc"] > 1 and not distributed.launched():
         raise typer.Exit(distributed.launch_local(o["nproc"], _without_nproc(sys.argv[1:])))
@@ -177,9 +177,9 @@ def train(**given) -> None:
 
 def _start(device: str, threads: Optional[int]):
     """This rank's world and device; the allocator and thread count set."""
-    from training import distributed
     from vitca_cli import log as logmod
     from vitca_cli.runtime import resolve_device, tune_allocator
+    from vitca_cli.training import distributed
 
     world, dev = distributed.init(resolve_device(device))
     if not world.main:
@@ -194,7 +194,7 @@ def _start(device: str, threads: Optional[int]):
 
 def _plan(o: dict, train_opts: dict, model_opts: dict, world):
     """The run's training configuration, folder, saved state (resuming) and starting weights (fine-tuning)."""
-    from training import distributed, run
+    from vitca_cli.training import distributed, run
 
     init = None
     if o["init_weights"] is not None:
@@ -219,10 +219,10 @@ def _plan(o: dict, train_opts: dict, model_opts: dict, world):
 
 
 def _run(o: dict, train_opts: dict, model_opts: dict, world, dev) -> None:
-    from training import distributed, run
-    from training.data import dataset_channels, open_dataset
-    from training.train import train as run_training
     from vitca_cli.log import log
+    from vitca_cli.training import distributed, run
+    from vitca_cli.training.data import dataset_channels, open_dataset
+    from vitca_cli.training.train import train as run_training
 
     cfg, tcfg, out_dir, resume_from, init = _plan(o, train_opts, model_opts, world)
     if cfg is not None:
