@@ -3,6 +3,7 @@ namespace, no generic top-level name), and `vitca denoise` runs from it, outside
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import zipfile
@@ -37,6 +38,10 @@ def test_the_wheel_installs_only_the_vitca_cli_namespace_and_restores_from_it(tm
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"vitca_cli", wheel.name.split("-py")[0] + ".dist-info"}
     assert "vitca_cli/training/trainer.py" in names and "vitca_cli/shipped_weights/manifest.json" in names
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
+    imported = {"torch", "numpy", "scipy", "pillow", "typer", "rich", "platformdirs"}  # what `vitca denoise` imports
+    required = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    assert imported <= {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in required}
     site = tmp_path / "site"
     install = subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
