@@ -39,8 +39,9 @@ sys.path.insert(0, str(ROOT))
 
 from vitca_cli.io import weights  # noqa: E402
 from vitca_cli.nca.model import seed_cells  # noqa: E402
+from vitca_cli.restore.backends import TorchBackend  # noqa: E402
 from vitca_cli.restore.batch import BatchSettings  # noqa: E402
-from vitca_cli.restore.loop import MAX_CELLS, TorchBackend, restore  # noqa: E402
+from vitca_cli.restore.loop import MAX_CELLS, restore  # noqa: E402
 from vitca_cli.restore.windows import WINDOW, window_plan  # noqa: E402
 from vitca_cli.runtime import cpu_has_native_bf16  # noqa: E402
 

@@ -36,7 +36,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vitca_cli.nca.corruptions import Corruption, corrupt_one, stroke_mask  # noqa: E402
-from vitca_cli.restore.loop import backend_mask_type, make_backend, mask_missing, restore  # noqa: E402
+from vitca_cli.restore.backends import backend_mask_type, make_backend  # noqa: E402
+from vitca_cli.restore.loop import mask_missing, restore  # noqa: E402
 from vitca_cli.training.baselines import run_baseline  # noqa: E402
 from vitca_cli.training.metrics import psnr_per_image, ssim_per_image  # noqa: E402
 

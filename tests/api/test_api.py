@@ -152,11 +152,11 @@ def test_bad_options_are_setting_errors_named_as_keywords(grey_model):
 
 
 def test_a_loaded_model_is_reused(rgb_model, monkeypatch):
-    import vitca_cli.restore.loop as loop
+    import vitca_cli.restore.backends as backends
 
     built = []
-    make = loop.make_backend
-    monkeypatch.setattr(loop, "make_backend", lambda *a, **k: built.append(a) or make(*a, **k))
+    make = backends.make_backend
+    monkeypatch.setattr(backends, "make_backend", lambda *a, **k: built.append(a) or make(*a, **k))
     for seed in (0, 1):
         denoise(rgb(), weights=rgb_model, seed=seed, **FAST)
     inpaint(rgb(), np.eye(12, 10, dtype=bool), weights=rgb_model, **FAST)
@@ -167,7 +167,8 @@ def test_a_loaded_model_is_reused(rgb_model, monkeypatch):
 
 def test_the_weights_own_step_count_is_the_default_of_the_api_and_restore(tmp_path):
     """Neither the API nor ``restore()`` falls back on a fixed count when the weights name theirs."""
-    from vitca_cli.restore.loop import TorchBackend, restore
+    from vitca_cli.restore.backends import TorchBackend
+    from vitca_cli.restore.loop import restore
 
     path = checkpoint(tmp_path / "three.pt", 1, {"default_iters": 3})
     totals = []

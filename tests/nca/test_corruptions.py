@@ -15,7 +15,8 @@ from vitca_cli.io.checkpoint import read_checkpoint, save_checkpoint
 from vitca_cli.nca.config import PRESETS, CAConfig, preset
 from vitca_cli.nca.corruptions import Corruption, corrupt_batch, corrupt_one, mixture_str, parse_mixture
 from vitca_cli.nca.model import CellularAutomaton, count_parameters
-from vitca_cli.restore.loop import TorchBackend, restore
+from vitca_cli.restore.backends import TorchBackend
+from vitca_cli.restore.loop import restore
 from vitca_cli.training.config import TrainConfig
 from vitca_cli.training.dataset import ImageDataset
 from vitca_cli.training.evaluate import evaluate

@@ -17,7 +17,8 @@ from vitca_cli.cli import app
 from vitca_cli.nca.config import APPENDIX_A1, CAConfig, FusionSchedule
 from vitca_cli.nca.model import CellularAutomaton
 from vitca_cli.restore import holes
-from vitca_cli.restore.loop import TorchBackend, restore
+from vitca_cli.restore.backends import TorchBackend
+from vitca_cli.restore.loop import restore
 
 ROOT = Path(__file__).resolve().parents[2]
 EXACT = ["--compile", "off", "--precision", "fp32", "--threads", "1"]

@@ -9,9 +9,9 @@ import torch
 from vitca_cli.errors import UsageError
 from vitca_cli.nca.config import CAConfig
 from vitca_cli.nca.model import CellularAutomaton
+from vitca_cli.restore.backends import TorchBackend
 from vitca_cli.restore.loop import (
     MASK_BLOCK,
-    TorchBackend,
     UpdateMasks,
     corrupt,
     frame_schedule,
@@ -367,7 +367,7 @@ def test_auto_settings_take_the_fast_step_for_large_jobs_only_and_bf16_only_wher
     monkeypatch,
 ):
     import vitca_cli.runtime as runtime
-    from vitca_cli.restore.loop import FAST_WORK
+    from vitca_cli.restore.backends import FAST_WORK
 
     backend = TorchBackend(small_backend().model, precision="auto", compile="auto")
     monkeypatch.setattr(runtime, "has_cxx_compiler", lambda: True)

@@ -61,7 +61,8 @@ def test_evaluate_is_deterministic_and_cycles_combos(model):
 def test_eval_runs_the_ca_with_the_update_masks_of_denoise(model):
     """Same seed, same result: each image's CA output in ``vitca eval --seed S`` is what ``vitca denoise --seed S``
     (``restore.loop.restore``) gives for that corrupted image."""
-    from vitca_cli.restore.loop import TorchBackend, restore
+    from vitca_cli.restore.backends import TorchBackend
+    from vitca_cli.restore.loop import restore
     from vitca_cli.training.evaluate import corrupt
     from vitca_cli.training.metrics import psnr_per_image
 

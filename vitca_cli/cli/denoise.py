@@ -1,12 +1,14 @@
 """``vitca denoise`` and ``vitca inpaint``: restore users' images from the shell or a batch script.
 
-Parses the options, calls :func:`vitca_cli.restore.batch.run_batch` and turns its result into lines on stderr and
-an exit code: a batch goes on past a bad file (one line each) and exits 1 at the end (``--fail-fast`` stops at
-once); usage errors exit 2 and missing weights exit 3 before any file is touched.
+Parses the options (each declared once, in ``_options``, for both commands), calls
+:func:`vitca_cli.restore.batch.run_batch` and turns its result into lines on stderr and an exit code: a batch goes on
+past a bad file (one line each) and exits 1 at the end (``--fail-fast`` stops at once); usage errors exit 2 and
+missing weights exit 3 before any file is touched.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 from enum import Enum
@@ -111,7 +113,7 @@ def run(inputs: list[str], inpaint: bool, **settings) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The commands
+# The commands: every option declared once, in ``_options``; each command takes the ones its ``*_OPTIONS`` names
 # ---------------------------------------------------------------------------------------------------------------------
 INPUTS_HELP = "Image files, folders, quoted globs, or - for stdin."
 OUTPUT_HELP = (
@@ -125,43 +127,6 @@ INPAINT_ITERS_HELP = (
     "radius per update; fused steps count twice), up to the most steps the weights are known to improve with "
     f"(max_iters in their meta, else their default) and at most {MAX_HOLE_ITERS}."
 )
-
-
-def _inputs():
-    return typer.Argument(..., help=INPUTS_HELP, show_default=False)
-
-
-def _output():
-    return typer.Option(None, "--output", "-o", help=OUTPUT_HELP, show_default=False)
-
-
-def _recursive():
-    return typer.Option(False, "--recursive", "-r", help="Descend into sub-folders.")
-
-
-def _include_outputs():
-    return typer.Option(
-        False,
-        "--include-outputs",
-        help="Folders and quoted globs: also restore files named like vitca's outputs (NAME.restored.EXT, "
-        "NAME.input.EXT), which are left out by default.",
-    )
-
-
-def _ext():
-    return typer.Option(None, "--ext", help="Output format by extension (default: the input's).")
-
-
-def _overwrite():
-    return typer.Option(False, "--overwrite", help="Replace existing outputs.")
-
-
-def _skip_existing():
-    return typer.Option(False, "--skip-existing", help="Skip inputs whose output exists.")
-
-
-def _fail_fast():
-    return typer.Option(False, "--fail-fast", help="Stop at the first failed input.")
 
 
 class Precision(str, Enum):
@@ -195,179 +160,169 @@ FUSION_HELP = (
     "they record none): fewer cell-steps and a longer reach, for weights trained with it. Default: as the "
     "weights say."
 )
+DENOISE_WEIGHTS_HELP = (
+    "Weights NAME or PATH (default: the shipped model for the image's channels: fashion-mnist or photo)."
+)
 QUANTIZE_HELP = "ONNX backend: int8 matrix products (the step graph is quantised once, then cached)."
+CORRUPT_HELP = (
+    "Damage clean inputs first (to try the model): "
+    'real-world damage, e.g. "gaussian=0.1", "saltpepper=0.1", "jpeg=10", '
+    '"strokes=6", or the paper\'s masking, e.g. "p=0.5,patch=4,type=noise".'
+)
+STRETCH_MASK_HELP = (
+    "Stretch a mask of another aspect ratio than the image's to fit (refused by default: it is almost "
+    "surely the wrong mask). One of the same aspect ratio is resized either way."
+)
 
 
-def _frames():
-    return typer.Option(BatchSettings.frames, "--frames", help="Frames in the --animate GIF.")
+def _options(inpaint: bool) -> dict:
+    """Every option of ``vitca denoise`` and ``vitca inpaint`` as ``name: (type, typer option)``, each declared
+    once; ``inpaint`` picks the wording where the two commands say it differently. The names are ``BatchSettings``
+    fields, which the parsed values are passed to."""
+
+    def said(denoise_text: str, inpaint_text: str) -> str:
+        return inpaint_text if inpaint else denoise_text
+
+    return {
+        "inputs": (List[str], typer.Argument(..., help=INPUTS_HELP, show_default=False)),
+        "mask": (
+            str,
+            typer.Option(
+                ...,
+                "--mask",
+                "-m",
+                help="Mask image (white = missing) for all inputs, or a folder of masks matched by file name.",
+                show_default=False,
+            ),
+        ),
+        "output": (Optional[str], typer.Option(None, "--output", "-o", help=OUTPUT_HELP, show_default=False)),
+        "stretch_mask": (bool, typer.Option(False, "--stretch-mask", help=STRETCH_MASK_HELP)),
+        "mask_type": (
+            Optional[MaskType],
+            typer.Option(
+                None, "--mask-type", help="How missing pixels are shown to the model (default: as it was trained)."
+            ),
+        ),
+        "iters": (Optional[int], opt.iters_option(None, said(ITERS_HELP, INPAINT_ITERS_HELP), show_default=False)),
+        "update_rate": (Optional[float], opt.update_rate_option()),
+        "runs": (int, opt.runs_option()),
+        "seed": (
+            int,
+            opt.seed_option(
+                said(
+                    "Seed for update masks and corruption (same seed, same output).",
+                    "Seed for update masks and noise (same seed, same output).",
+                )
+            ),
+        ),
+        "weights": (Optional[str], opt.weights_option(said(DENOISE_WEIGHTS_HELP, opt.WEIGHTS_HELP))),
+        "device": (str, opt.device_option()),
+        "backend": (Backend, opt.backend_option()),
+        "tile": (Optional[int], opt.tile_option()),
+        "recursive": (bool, typer.Option(False, "--recursive", "-r", help="Descend into sub-folders.")),
+        "include_outputs": (
+            bool,
+            typer.Option(
+                False,
+                "--include-outputs",
+                help="Folders and quoted globs: also restore files named like vitca's outputs (NAME.restored.EXT, "
+                "NAME.input.EXT), which are left out by default.",
+            ),
+        ),
+        "ext": (Optional[str], typer.Option(None, "--ext", help="Output format by extension (default: the input's).")),
+        "overwrite": (bool, typer.Option(False, "--overwrite", help="Replace existing outputs.")),
+        "skip_existing": (bool, typer.Option(False, "--skip-existing", help="Skip inputs whose output exists.")),
+        "fail_fast": (bool, typer.Option(False, "--fail-fast", help="Stop at the first failed input.")),
+        "corrupt": (Optional[str], typer.Option(None, "--corrupt", help=CORRUPT_HELP)),
+        "save_input": (
+            bool,
+            typer.Option(
+                False, "--save-input", help=f"Also write the {said('corrupted', 'masked')} input (NAME.input.EXT)."
+            ),
+        ),
+        "animate": (
+            Optional[str],
+            typer.Option(
+                None,
+                "--animate",
+                help=said(
+                    "Write the iterations as a GIF (a folder for several inputs).", "Write the iterations as a GIF."
+                ),
+            ),
+        ),
+        "frames": (int, typer.Option(BatchSettings.frames, "--frames", help="Frames in the --animate GIF.")),
+        "compare": (
+            Optional[str],
+            typer.Option(
+                None,
+                "--compare",
+                help=said("Write input | output side by side as PNG.", "Write input | masked | output side by side."),
+            ),
+        ),
+        "threads": (Optional[int], opt.threads_option()),
+        "settle": (float, typer.Option(BatchSettings.settle, "--settle", min=0.0, help=SETTLE_HELP)),
+        "fusion": (
+            Optional[bool],
+            typer.Option(None, "--fusion/--no-fusion", help=FUSION_HELP, show_default=False),
+        ),
+        "precision": (Precision, typer.Option(Precision.auto, "--precision", help=PRECISION_HELP)),
+        "compile": (CompileStep, typer.Option(CompileStep.auto, "--compile", help=COMPILE_HELP)),
+        "quantize": (bool, typer.Option(False, "--quantize", help=QUANTIZE_HELP)),
+        "holes_only": (
+            bool,
+            typer.Option(
+                True,
+                "--holes-only/--whole-grid",
+                hidden=True,
+                help="Compute only the cells that can reach a missing pixel (the default), or every cell: the same "
+                "output.",
+            ),
+        ),
+    }
 
 
-@handle_errors
-def denoise(
-    inputs: List[str] = _inputs(),
-    output: Optional[str] = _output(),
-    iters: Optional[int] = opt.iters_option(None, ITERS_HELP, show_default=False),
-    update_rate: Optional[float] = opt.update_rate_option(),
-    runs: int = opt.runs_option(),
-    seed: int = opt.seed_option("Seed for update masks and corruption (same seed, same output)."),
-    weights: Optional[str] = opt.weights_option(
-        "Weights NAME or PATH (default: the shipped model for the image's channels: fashion-mnist or photo)."
-    ),
-    device: str = opt.device_option(),
-    backend: Backend = opt.backend_option(),
-    tile: Optional[int] = opt.tile_option(),
-    recursive: bool = _recursive(),
-    include_outputs: bool = _include_outputs(),
-    ext: Optional[str] = _ext(),
-    overwrite: bool = _overwrite(),
-    skip_existing: bool = _skip_existing(),
-    fail_fast: bool = _fail_fast(),
-    corrupt: Optional[str] = typer.Option(
-        None,
-        "--corrupt",
-        help="Damage clean inputs first (to try the model): "
-        'real-world damage, e.g. "gaussian=0.1", "saltpepper=0.1", "jpeg=10", '
-        '"strokes=6", or the paper\'s masking, e.g. "p=0.5,patch=4,type=noise".',
-    ),
-    save_input: bool = typer.Option(False, "--save-input", help="Also write the corrupted input (NAME.input.EXT)."),
-    animate: Optional[str] = typer.Option(
-        None, "--animate", help="Write the iterations as a GIF (a folder for several inputs)."
-    ),
-    frames: int = _frames(),
-    compare: Optional[str] = typer.Option(None, "--compare", help="Write input | output side by side as PNG."),
-    threads: Optional[int] = opt.threads_option(),
-    settle: float = typer.Option(BatchSettings.settle, "--settle", min=0.0, help=SETTLE_HELP),
-    fusion: Optional[bool] = typer.Option(None, "--fusion/--no-fusion", help=FUSION_HELP, show_default=False),
-    precision: Precision = typer.Option(Precision.auto, "--precision", help=PRECISION_HELP),
-    compile: CompileStep = typer.Option(CompileStep.auto, "--compile", help=COMPILE_HELP),
-    quantize: bool = typer.Option(False, "--quantize", help=QUANTIZE_HELP),
-) -> None:
+_BATCH = ("recursive", "include_outputs", "ext", "overwrite", "skip_existing", "fail_fast")
+_RUN = ("threads", "settle", "fusion", "precision", "compile", "quantize")
+_MODEL = ("update_rate", "runs", "seed", "weights", "device", "backend", "tile")
+DENOISE_OPTIONS = ("inputs", "output", "iters", *_MODEL, *_BATCH, "corrupt", "save_input", "animate", "frames",
+                   "compare", *_RUN)  # fmt: skip
+INPAINT_OPTIONS = ("inputs", "mask", "output", "stretch_mask", "mask_type", "iters", *_MODEL, *_BATCH, "save_input",
+                   "animate", "frames", "compare", *_RUN, "holes_only")  # fmt: skip
+
+
+def _command(fn, inpaint: bool, names: tuple):
+    """``fn(**options)`` as a typer command taking the options ``names`` lists (in that order), each declared once
+    in ``_options``."""
+    options = _options(inpaint)
+    params = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=options[name][1], annotation=options[name][0])
+        for name in names
+    ]
+    fn.__signature__ = inspect.Signature(params, return_annotation=None)
+    fn.__annotations__ = {p.name: p.annotation for p in params}
+    return handle_errors(fn)
+
+
+def _value(v):
+    return v.value if isinstance(v, Enum) else v
+
+
+def denoise(inputs: list[str], **options) -> None:
     """Denoise images: the image is the cells' input; the output channels after the iterations are the result.
 
     Exit codes: 0 done; 1 some inputs failed (the rest were processed); 2 usage error; 3 weights missing.
     """
-    run(
-        inputs,
-        False,
-        output=output,
-        recursive=recursive,
-        include_outputs=include_outputs,
-        iters=iters,
-        update_rate=update_rate,
-        runs=runs,
-        seed=seed,
-        weights=weights,
-        device=device,
-        backend=backend.value,
-        tile=tile,
-        corrupt=corrupt,
-        save_input=save_input,
-        animate=animate,
-        frames=frames,
-        compare=compare,
-        overwrite=overwrite,
-        skip_existing=skip_existing,
-        fail_fast=fail_fast,
-        ext=ext,
-        threads=threads,
-        settle=settle,
-        fusion=fusion,
-        precision=precision.value,
-        compile=compile.value,
-        quantize=quantize,
-    )
+    run(inputs, False, **{k: _value(v) for k, v in options.items()})
 
 
-@handle_errors
-def inpaint(
-    inputs: List[str] = _inputs(),
-    mask: str = typer.Option(
-        ...,
-        "--mask",
-        "-m",
-        help="Mask image (white = missing) for all inputs, or a folder of masks matched by file name.",
-        show_default=False,
-    ),
-    output: Optional[str] = _output(),
-    stretch_mask: bool = typer.Option(
-        False,
-        "--stretch-mask",
-        help="Stretch a mask of another aspect ratio than the image's to fit (refused by default: it is almost "
-        "surely the wrong mask). One of the same aspect ratio is resized either way.",
-    ),
-    mask_type: Optional[MaskType] = typer.Option(
-        None, "--mask-type", help="How missing pixels are shown to the model (default: as it was trained)."
-    ),
-    iters: Optional[int] = opt.iters_option(None, INPAINT_ITERS_HELP, show_default=False),
-    update_rate: Optional[float] = opt.update_rate_option(),
-    runs: int = opt.runs_option(),
-    seed: int = opt.seed_option("Seed for update masks and noise (same seed, same output)."),
-    weights: Optional[str] = opt.weights_option(),
-    device: str = opt.device_option(),
-    backend: Backend = opt.backend_option(),
-    tile: Optional[int] = opt.tile_option(),
-    recursive: bool = _recursive(),
-    include_outputs: bool = _include_outputs(),
-    ext: Optional[str] = _ext(),
-    overwrite: bool = _overwrite(),
-    skip_existing: bool = _skip_existing(),
-    fail_fast: bool = _fail_fast(),
-    save_input: bool = typer.Option(False, "--save-input", help="Also write the masked input (NAME.input.EXT)."),
-    animate: Optional[str] = typer.Option(None, "--animate", help="Write the iterations as a GIF."),
-    frames: int = _frames(),
-    compare: Optional[str] = typer.Option(None, "--compare", help="Write input | masked | output side by side."),
-    threads: Optional[int] = opt.threads_option(),
-    settle: float = typer.Option(BatchSettings.settle, "--settle", min=0.0, help=SETTLE_HELP),
-    fusion: Optional[bool] = typer.Option(None, "--fusion/--no-fusion", help=FUSION_HELP, show_default=False),
-    precision: Precision = typer.Option(Precision.auto, "--precision", help=PRECISION_HELP),
-    compile: CompileStep = typer.Option(CompileStep.auto, "--compile", help=COMPILE_HELP),
-    quantize: bool = typer.Option(False, "--quantize", help=QUANTIZE_HELP),
-    holes_only: bool = typer.Option(
-        True,
-        "--holes-only/--whole-grid",
-        hidden=True,
-        help="Compute only the cells that can reach a missing pixel (the default), or every cell: the same output.",
-    ),
-) -> None:
+def inpaint(inputs: list[str], **options) -> None:
     """Fill in the pixels a mask marks white, masked the way the model was trained (dropout or noise).
 
     Exit codes: 0 done; 1 some inputs failed (the rest were processed); 2 usage error; 3 weights missing.
     """
-    run(
-        inputs,
-        True,
-        output=output,
-        recursive=recursive,
-        include_outputs=include_outputs,
-        iters=iters,
-        update_rate=update_rate,
-        runs=runs,
-        seed=seed,
-        weights=weights,
-        device=device,
-        backend=backend.value,
-        tile=tile,
-        save_input=save_input,
-        animate=animate,
-        frames=frames,
-        compare=compare,
-        overwrite=overwrite,
-        skip_existing=skip_existing,
-        fail_fast=fail_fast,
-        ext=ext,
-        mask=mask,
-        stretch_mask=stretch_mask,
-        mask_type=mask_type.value if mask_type else None,
-        threads=threads,
-        settle=settle,
-        fusion=fusion,
-        precision=precision.value,
-        compile=compile.value,
-        quantize=quantize,
-        holes_only=holes_only,
-    )
+    run(inputs, True, **{k: _value(v) for k, v in options.items()})
 
 
 def register(app: typer.Typer) -> None:
-    app.command("denoise")(denoise)
-    app.command("inpaint")(inpaint)
+    app.command("denoise")(_command(denoise, False, DENOISE_OPTIONS))
+    app.command("inpaint")(_command(inpaint, True, INPAINT_OPTIONS))

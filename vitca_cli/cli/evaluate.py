@@ -63,7 +63,7 @@ def _mask_type(option: Optional[MaskType], meta: dict) -> str:
     """The option, else the mask type the checkpoint was trained with, else the reference's ``noise``."""
     from types import SimpleNamespace
 
-    from vitca_cli.restore.loop import backend_mask_type
+    from vitca_cli.restore.backends import backend_mask_type
 
     return option.value if option is not None else backend_mask_type(SimpleNamespace(meta=meta))
 
@@ -175,7 +175,7 @@ def _step(model, fast: bool):
     (compiled; bf16 products where native)."""
     if not fast:
         return None, "exact (eager, fp32)"
-    from vitca_cli.restore.loop import TorchBackend
+    from vitca_cli.restore.backends import TorchBackend
 
     backend = TorchBackend(model, precision="auto", compile="auto")
     backend.prepare(1 << 62)

@@ -31,6 +31,7 @@ class Backend(str, Enum):
 DEVICE_HELP = "auto, cpu, cuda or cuda:N."
 THREADS_HELP = "CPU threads (default: every usable core; waiting threads sleep, so a busy core costs little)."
 SET_THREADS_HELP = "CPU threads (1 is fastest on a busy machine: no waiting at OpenMP barriers)."
+WEIGHTS_HELP = "Weights NAME or PATH."
 UPDATE_RATE_HELP = "Per-cell update probability σ (default: as the model was trained)."
 RUNS_HELP = (
     "Average this many runs, each with its own update masks (seeds SEED, SEED+1 and so on): cancels part of what the "
@@ -44,7 +45,7 @@ def _option(default, *names, help: str, panel: str | None = None, **kw):
     return typer.Option(default, *names, help=help, **kw)
 
 
-def weights_option(help: str = "Weights NAME or PATH.", required: bool = False, **kw):
+def weights_option(help: str = WEIGHTS_HELP, required: bool = False, **kw):
     return _option(... if required else None, "--weights", "-w", help=help, **kw)
 
 

@@ -162,7 +162,7 @@ class Backends:
         self._suggested = False
 
     def get(self, channels: int):
-        from vitca_cli.restore.loop import make_backend
+        from vitca_cli.restore.backends import make_backend
 
         key = self.settings.weights or channels
         if key not in self._by_key:
@@ -335,7 +335,8 @@ def restore_pixels(
     comes back exactly as given; ``settings.corrupt`` damages the input first; the steps and fusion are the weights'
     own unless ``settings`` names them. ``large_hint(name)`` hears of a large image run by a default model."""
     from vitca_cli.io import images
-    from vitca_cli.restore.loop import backend_mask_type, corrupt, damage, mask_missing, restore
+    from vitca_cli.restore.backends import backend_mask_type
+    from vitca_cli.restore.loop import corrupt, damage, mask_missing, restore
 
     cfg = backend.cfg
     if pixels.shape[2] != cfg.channels:
