@@ -55,6 +55,8 @@ figure (PSNR, SSIM, seconds, per method; native mode also a flat ``per_image`` l
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import sys
@@ -541,36 +543,47 @@ def main_native(args: argparse.Namespace, models: list[Model]) -> None:
                 flush=True,
             )
         print(f"[{n + 1}/{len(paths)}] {path.name} crop {w}×{h} at ({top}, {left})", file=sys.stderr, flush=True)
+        if args.json and n + 1 < len(paths):  # so far: a run cut short keeps the photos it finished
+            with contextlib.redirect_stdout(io.StringIO()):
+                write_native_report(args, models, names, rows, per_image, complete=False)
 
+    write_native_report(args, models, names, rows, per_image, complete=True)
+
+
+def write_native_report(args, models: list[Model], names, rows, per_image, complete: bool) -> None:
+    """Print the native table (and the A/B differences) and write ``--json``; ``complete`` False while photos are
+    still to come."""
     table = print_native_table(rows, names, args, models)
     paired = print_paired(rows) if len(models) > 1 else None
-    if args.json:
-        report = {
-            "mode": "native",
-            "size": f"native {args.crop}",
-            "crop": args.crop,
-            "photo_dir": str(args.photos or NATIVE_PHOTOS),
-            "photos": names,
-            "seed": args.seed,
-            "weights": models[0].backend.name,
-            "backend": models[0].backend.device,
-            "iters": models[0].iters,
-            "fusion": models[0].fusion,
-            "settle": args.settle,
-            "runs": args.runs,
-            "precision": args.precision,
-            "compile": args.compile,
-            "threads": torch.get_num_threads(),
-            "camera": {"s": CAMERA_S, "read": CAMERA_READ, "jpeg": NATIVE_JPEG},
-            "scores": "PSNR over the whole image for noise kinds, inside the holes for masked kinds; SSIM whole",
-            **models_meta(models),
-            "kinds": table,
-            "per_image": per_image,
-        }
-        if paired:
-            report["paired_vitca2_minus_vitca"] = paired
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+    if not args.json:
+        return
+    report = {
+        "mode": "native",
+        "complete": complete,
+        "size": f"native {args.crop}",
+        "crop": args.crop,
+        "photo_dir": str(args.photos or NATIVE_PHOTOS),
+        "photos": names,
+        "seed": args.seed,
+        "weights": models[0].backend.name,
+        "backend": models[0].backend.device,
+        "iters": models[0].iters,
+        "fusion": models[0].fusion,
+        "settle": args.settle,
+        "runs": args.runs,
+        "precision": args.precision,
+        "compile": args.compile,
+        "threads": torch.get_num_threads(),
+        "camera": {"s": CAMERA_S, "read": CAMERA_READ, "jpeg": NATIVE_JPEG},
+        "scores": "PSNR over the whole image for noise kinds, inside the holes for masked kinds; SSIM whole",
+        **models_meta(models),
+        "kinds": table,
+        "per_image": per_image,
+    }
+    if paired:
+        report["paired_vitca2_minus_vitca"] = paired
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
 
 
 def print_native_table(rows: dict, names: list[str], args, models: list[Model]) -> dict:

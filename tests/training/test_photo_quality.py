@@ -51,7 +51,7 @@ def test_native_mode_runs_end_to_end_and_writes_every_per_image_figure(tmp_path,
     photo_quality.main(argv)
 
     r = json.loads(report.read_text())
-    assert r["mode"] == "native" and r["crop"] == 32 and r["size"] == "native 32" and r["seed"] == 0
+    assert r["mode"] == "native" and r["complete"] and r["crop"] == 32 and r["size"] == "native 32" and r["seed"] == 0
     assert r["weights"] == "a" and r["weights2"] == "b" and r["iters"] == r["iters2"] == 2
     [name] = r["photos"]
     assert name.startswith("p.png@") and r["camera"] == {"s": 0.07, "read": 0.014, "jpeg": 90}
