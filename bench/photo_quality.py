@@ -1,10 +1,9 @@
-"""Restoration quality on whole held-out photos: vitca against its input and the classic baselines, in one run.
+"""Restoration quality on photos: vitca against its input and the classic baselines, in one run. Two modes.
 
-Each held-out photo (``python -m vitca_cli.training.photos``'s test split: never trained on, nor validated on) is
-scaled so
-its short side is ``--size`` px (Lanczos, then quantised to 8 bits, as a saved file), damaged in each of these ways
-and restored by vitca through ``vitca_cli.restore.loop.restore`` (the code ``vitca denoise`` / ``vitca inpaint`` run)
-and by each classic baseline that applies:
+**256 px** (the default). Each held-out photo (``python -m vitca_cli.training.photos``'s test split: never trained on, nor
+validated on) is scaled so its short side is ``--size`` px (Lanczos, then quantised to 8 bits, as a saved file),
+damaged in each of these ways and restored by vitca through ``vitca_cli.restore.loop.restore`` (the code
+``vitca denoise`` / ``vitca inpaint`` run) and by each classic baseline that applies:
 
     clean               no damage (vitca must leave the photo alone)
     gaussian 0.02 … 0.2 additive N(0, σ²), clipped, quantised
@@ -15,18 +14,57 @@ and by each classic baseline that applies:
 
 Denoisers (median, TV, NL-means) run on the noise kinds; inpainters (biharmonic, Telea) on the masked kinds, given
 the mask, as vitca is. It prints per kind PSNR and SSIM (Gaussian 11×11, σ 1.5; means over the photos), wall
-seconds per photo, and vitca minus the best baseline; ``--save DIR`` writes every input and output as PNG.
+seconds per photo, and vitca minus the best baseline; ``--save DIR`` writes every input and output as PNG. The
+masked kinds' PSNR is over the whole image here (as it always was); the JSON adds the PSNR inside the holes.
 
-    python bench/photo_quality.py [--weights photo] [--iters 32] [--size 256] [--photos DIR] [--save DIR]
+**Native scale** (``--native``): where users' photos live. A ``--crop``×``--crop`` px crop (512 by default) of each
+multi-megapixel photo at its *own* pixel scale, never resized: such a photo is smooth from pixel to pixel, so noise
+must be averaged over large areas. Each crop's position is drawn from ``--seed`` and the photo's file name: the same
+crops on every run (recorded in the report as ``NAME@Y,X``). The photos: Debian's ``mate-backgrounds``
+(``apt-get install mate-backgrounds``: ``/usr/share/backgrounds/mate/nature/*.jpg``, 12 camera photos of 1.3–4 MP),
+or ``--photos DIR``. This is the project's independent check: **Debian's mate-backgrounds, matplotlib's sample
+photos and scikit-learn's sample images must never be used for training, validation or tuning** (of weights,
+recipes or settings), or the check stops being independent. Damage, named as in the table:
+
+    clean                 no damage
+    gaussian 0.03, 0.06   additive N(0, σ²), clipped, quantised to 8 bits
+    camera+jpeg90         camera noise: shot (s = 0.07) and read (0.2·s) noise in linear light on an RGGB mosaic,
+                          demosaicked, sRGB (``vitca_cli.nca.corruptions.camera_noise``; input about 28 dB on these
+                          photos), then saved as a Pillow JPEG at quality 90, 4:2:0 (as a camera saves it)
+    gaussian 0.05 jpeg90  Gaussian σ 0.05, then a JPEG at quality 90, 4:2:0: noise in a JPEG
+    scribbles 6×5px       six free-form strokes 5 px wide, the mask given (as ``vitca inpaint --mask``)
+    squares 3×20²         three 20×20 holes, the mask given
+
+Baselines, from ``training.baselines``: on the noise kinds NL-means (its own noise estimate), BM3D with σ estimated
+as a user would (scikit-image ``estimate_sigma``) and ``bm3d-true``, told the true σ (Gaussian kinds only: an upper
+bound, never counted as the best baseline); on the masked kinds biharmonic, Telea and Navier–Stokes, given the
+mask. Masked kinds are scored by the PSNR *inside the holes* (known pixels are exact for every method), SSIM over
+the whole image. Before timing, each model restores one crop untimed (the compiled step's start-up, paid once per
+process, is not charged to the first photo).
+
+Both modes: ``--weights2 W`` restores every damaged image with a second model too (``vitca2``, its own default
+steps and fusion unless ``--iters``/``--fusion`` say) and prints the paired difference vitca2 − vitca per kind with
+its 95% interval: an A/B of two checkpoints on the same damage. ``--json FILE`` writes the means and every per-photo
+figure (PSNR, SSIM, seconds, per method; native mode also a flat ``per_image`` list) for paired intervals later
+(``python bench/compare_eval.py A.json B.json``). ``--save DIR`` writes inputs and outputs as PNG (100% zoom).
+
+    python bench/photo_quality.py [--weights photo] [--weights2 W] [--iters 32] [--size 256] [--photos DIR] [--save DIR]
+    python bench/photo_quality.py --native [--crop 512] [--photos DIR] [--weights photo] [--weights2 W] [--limit 4]
+                                  [--kinds "gaussian 0.03,squares"] [--json FILE] [--save DIR] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import math
 import sys
 import tempfile
 import time
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +73,19 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vitca_cli.nca.corruptions import Corruption, corrupt_one, stroke_mask  # noqa: E402
+from vitca_cli.nca.corruptions import (  # noqa: E402
+    Corruption,
+    _randint,
+    _uniform,
+    camera_noise,
+    corrupt_one,
+    jpeg,
+    stroke_mask,
+)
 from vitca_cli.restore.backends import backend_mask_type, make_backend  # noqa: E402
 from vitca_cli.restore.loop import mask_missing, restore  # noqa: E402
-from vitca_cli.training.baselines import run_baseline  # noqa: E402
-from vitca_cli.training.metrics import psnr_per_image, ssim_per_image  # noqa: E402
+from vitca_cli.training.baselines import TAKES_SIGMA, run_baseline  # noqa: E402
+from vitca_cli.training.metrics import mean_interval, psnr_per_image, ssim_per_image  # noqa: E402
 
 DENOISERS = ("median", "tv-chambolle", "nl-means")
 INPAINTERS = ("biharmonic", "telea")
@@ -55,6 +101,34 @@ KINDS = {  # name -> (corruption or mask maker, inpainting)
     "holes 3×20²": ("holes", True),
 }
 
+# Native scale (--native)
+NATIVE_PHOTOS = Path("/usr/share/backgrounds/mate/nature")  # Debian mate-backgrounds: never train or tune on it
+NATIVE_CROP = 512
+CAMERA_S, CAMERA_READ = 0.07, 0.014  # camera_noise's shot and read levels (read = 0.2·s): input ≈ 28 dB
+NATIVE_JPEG = 90
+NATIVE_DENOISERS = ("nl-means", "bm3d", "bm3d-true")
+NATIVE_INPAINTERS = ("biharmonic", "telea", "navier-stokes")
+NATIVE_KINDS = {  # name -> (damage, its level, inpainting)
+    "clean": ("clean", 0.0, False),
+    "gaussian 0.03": ("gaussian", 0.03, False),
+    "gaussian 0.06": ("gaussian", 0.06, False),
+    "camera+jpeg90": ("camera", CAMERA_S, False),
+    "gaussian 0.05 jpeg90": ("gaussjpeg", 0.05, False),
+    "scribbles 6×5px": ("scribbles", 5, True),
+    "squares 3×20²": ("squares", 20, True),
+}
+
+
+@dataclass
+class Model:
+    """One model restoring every damaged image: its label in the tables (vitca, vitca2) and how it runs."""
+
+    label: str
+    backend: object
+    iters: int
+    fusion: bool
+    mask_type: str
+
 
 def held_out_photos(folder: Path | None) -> list[Path]:
     if folder is None:
@@ -69,11 +143,31 @@ def held_out_photos(folder: Path | None) -> list[Path]:
     return photos
 
 
+def native_photos(folder: Path | None) -> list[Path]:
+    folder = folder or NATIVE_PHOTOS
+    if not folder.is_dir():
+        sys.exit(f"{folder}: no such folder (apt-get install mate-backgrounds, or give --photos DIR)")
+    photos = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not photos:
+        sys.exit(f"no photos in {folder}")
+    return photos
+
+
 def load(path: Path, short: int) -> np.ndarray:
     im = Image.open(path).convert("RGB")
     scale = short / min(im.size)
     im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.LANCZOS)
     return np.asarray(im, dtype=np.float32) / 255.0
+
+
+def native_crop(path: Path, crop: int, seed: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """A ``crop``×``crop`` crop of the photo at its own scale (the whole side where it is shorter), at a position
+    drawn from ``seed`` and the file name; and that position (top, left)."""
+    im = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+    h, w, _ = im.shape
+    rng = np.random.default_rng([seed, zlib.crc32(path.name.encode())])
+    top, left = int(rng.integers(0, max(h - crop, 0) + 1)), int(rng.integers(0, max(w - crop, 0) + 1))
+    return np.ascontiguousarray(im[top : top + crop, left : left + crop]), (top, left)
 
 
 def quantise(x: np.ndarray) -> np.ndarray:
@@ -90,6 +184,58 @@ def missing_mask(kind: str, h: int, w: int, gen: torch.Generator) -> np.ndarray:
     return missing
 
 
+def fixed_strokes(h: int, w: int, count: int, width: int, gen: torch.Generator) -> np.ndarray:
+    """``stroke_mask``'s free-form strokes (random walks with a round brush), all ``width`` px wide."""
+    from PIL import ImageDraw
+
+    img = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(img)
+    scale = max(h, w)
+    for _ in range(count):
+        x, y = _uniform(gen, 0, w), _uniform(gen, 0, h)
+        angle = _uniform(gen, 0, 2 * math.pi)
+        points = [(x, y)]
+        for _ in range(_randint(gen, 2, 6)):
+            angle += _uniform(gen, -1.2, 1.2)
+            length = _uniform(gen, 0.05, 0.25) * scale
+            x = min(max(x + length * math.cos(angle), 0), w - 1)
+            y = min(max(y + length * math.sin(angle), 0), h - 1)
+            points.append((x, y))
+        draw.line(points, fill=255, width=width, joint="curve")
+        for px, py in points:  # round caps and joints
+            r = width / 2
+            draw.ellipse((px - r, py - r, px + r, py + r), fill=255)
+    return np.asarray(img) > 0
+
+
+def squares(h: int, w: int, count: int, side: int, gen: torch.Generator) -> np.ndarray:
+    missing = np.zeros((h, w), dtype=bool)
+    for _ in range(count):
+        y, x = (_randint(gen, 0, max(s - side, 0)) for s in (h, w))
+        missing[y : y + side, x : x + side] = True
+    return missing
+
+
+def native_damage(kind: str, clean: np.ndarray, gen: torch.Generator):
+    """``clean`` ``(H, W, 3)`` damaged as ``NATIVE_KINDS[kind]`` says: (damaged image in 8-bit steps, the missing
+    pixels ``(H, W)`` or None, the true noise σ where there is one)."""
+    what, level, _ = NATIVE_KINDS[kind]
+    h, w, _ = clean.shape
+    x = to_t(clean)[0]
+    hwc = lambda t: t.permute(1, 2, 0).numpy()  # noqa: E731
+    if what == "clean":
+        return clean, None, None
+    if what in ("gaussian", "gaussjpeg"):
+        noisy = torch.from_numpy(quantise(hwc(corrupt_one(x, Corruption("gaussian", level, level), gen)[0])))
+        if what == "gaussian":
+            return noisy.numpy(), None, level
+        return hwc(jpeg(noisy.permute(2, 0, 1), NATIVE_JPEG)), None, None
+    if what == "camera":
+        return hwc(jpeg(camera_noise(x, level, 0.2 * level, gen), NATIVE_JPEG)), None, None
+    missing = fixed_strokes(h, w, 6, int(level), gen) if what == "scribbles" else squares(h, w, 3, int(level), gen)
+    return np.where(missing[..., None], 0.0, clean).astype(np.float32), missing, None
+
+
 def to_t(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)[None].float()
 
@@ -100,18 +246,35 @@ def score(out: np.ndarray, clean: np.ndarray) -> tuple[float, float]:
     return min(psnr, 99.0), float(ssim_per_image(o, c)[0])
 
 
-def parse_args() -> argparse.Namespace:
+def hole_psnr(out: np.ndarray, clean: np.ndarray, missing: np.ndarray) -> float:
+    """PSNR over the missing pixels only (all channels), capped at 99 dB like ``score``."""
+    d = (np.clip(out, 0, 1) - np.clip(clean, 0, 1))[missing].astype(np.float64)
+    mse = float((d**2).mean()) if d.size else 0.0
+    return min(10 * math.log10(1.0 / max(mse, 1e-10)), 99.0)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--weights", default=None, help="NAME or PATH (default: the shipped photo model)")
+    ap.add_argument("--weights2", default=None, help="a second model (NAME or PATH), restoring the same damage")
     ap.add_argument("--backend", default="torch")
     ap.add_argument("--iters", type=int, default=None, help="CA steps (default: the model's own default)")
-    ap.add_argument("--size", type=int, default=256, help="short side of each photo, px")
+    ap.add_argument("--size", type=int, default=256, help="short side of each photo, px (256 px mode)")
+    ap.add_argument("--native", action="store_true", help="crops of multi-megapixel photos at their own scale")
+    ap.add_argument("--crop", type=int, default=None, help=f"native mode: crop side, px (default {NATIVE_CROP})")
     ap.add_argument("--photos", type=Path, default=None, help="folder of held-out photos")
     ap.add_argument("--limit", type=int, default=None, help="first N photos only")
-    ap.add_argument("--kinds", default=None, help="comma-separated subset of: " + ", ".join(KINDS).replace("%", "%%"))
+    ap.add_argument(
+        "--kinds",
+        default=None,
+        help="comma-separated subset (a unique prefix will do) of: "
+        + ", ".join(KINDS).replace("%", "%%")
+        + "; native: "
+        + ", ".join(NATIVE_KINDS),
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save", type=Path, default=None, help="write inputs and outputs here as PNG")
-    ap.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
+    ap.add_argument("--json", type=Path, default=None, help="also write the table and per-photo figures here")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--settle", type=float, default=0.0, help="vitca's --settle (0: every step on every cell)")
     ap.add_argument("--runs", type=int, default=1, help="vitca's --runs: the mean of this many runs")
@@ -120,45 +283,83 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument(
         "--fusion", choices=("on", "off", "auto"), default="auto", help="vitca's --fusion (auto: as trained)"
     )
-    return ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.crop is not None and not args.native:
+        ap.error("--crop is for --native")
+    args.crop = args.crop or NATIVE_CROP
+    return args
 
 
-def damage_and_restore(
-    backend,
-    clean,
-    spec,
-    inpainting: bool,
-    gen,
-    mask_type: str,
-    iters: int,
-    seed: int,
-    settle: float = 0.0,
-    fusion: bool = False,
-    runs: int = 1,
-) -> dict:
-    """One photo damaged by ``spec`` (or with the pixels it marks missing), restored by the CA and the classic
-    methods: method → (image, seconds); ``input`` is the damaged photo itself."""
-    h, w, _ = clean.shape
+def pick_kinds(spec: str | None, names) -> list[str]:
+    """The kinds ``--kinds`` names (exact names or unique prefixes), in the order given; all when None."""
+    names = list(names)
+    if not spec:
+        return names
+    picked = []
+    for want in (k.strip() for k in spec.split(",")):
+        hits = [want] if want in names else [n for n in names if n.startswith(want)]
+        if len(hits) != 1:
+            sys.exit(f"--kinds: {want!r} names {'no' if not hits else 'more than one'} kind of: {', '.join(names)}")
+        picked.append(hits[0])
+    return picked
+
+
+def load_model(label: str, weights: str | None, args: argparse.Namespace) -> Model:
+    backend = make_backend(weights, args.backend, "cpu", channels=3, precision=args.precision, compile=args.compile)
+    meta = getattr(backend, "meta", None) or {}
+    iters = args.iters or int(meta.get("default_iters", 64))
+    fusion = bool(meta.get("default_fusion")) if args.fusion == "auto" else args.fusion == "on"
+    return Model(label, backend, iters, fusion, backend_mask_type(backend))
+
+
+def run_vitca(model: Model, clean, damaged, missing, args) -> tuple[np.ndarray, float]:
+    """Restore as ``vitca denoise`` (``missing`` None) or ``vitca inpaint --mask`` would: (image, seconds)."""
     known = None
+    ca_input = damaged
+    if missing is not None:
+        ca_input, known = mask_missing(clean, missing, model.mask_type, args.seed), ~missing
+    start = time.perf_counter()
+    out = restore(
+        model.backend,
+        ca_input.astype(np.float32),
+        model.iters,
+        seed=args.seed,
+        known=known,
+        settle=args.settle,
+        fusion=model.fusion,
+        runs=args.runs,
+    ).image
+    return out, time.perf_counter() - start
+
+
+def run_classic(name: str, damaged: np.ndarray, missing, sigma=None) -> tuple[np.ndarray, float]:
+    h, w, _ = damaged.shape
+    keep = torch.from_numpy((~missing if missing is not None else np.ones((h, w), bool)).astype(np.float32))
+    start = time.perf_counter()
+    restored = run_baseline(name, to_t(damaged), keep[None, None], sigma=sigma)[0].permute(1, 2, 0).numpy()
+    return restored, time.perf_counter() - start
+
+
+def damage_and_restore(clean, spec, inpainting: bool, gen, models: list[Model], args) -> tuple[dict, np.ndarray]:
+    """One photo damaged by ``spec`` (or with the pixels it marks missing), restored by the CA and the classic
+    methods: method → (image, seconds), ``input`` the damaged photo itself; and the missing pixels (or None)."""
+    h, w, _ = clean.shape
+    missing = None
     if inpainting:
         missing = missing_mask(spec, h, w, gen)
         damaged = np.where(missing[..., None], 0.0, clean).astype(np.float32)
-        ca_input, known = mask_missing(clean, missing, mask_type, seed), ~missing
     else:
         damaged = quantise(corrupt_one(to_t(clean)[0], spec, gen)[0].permute(1, 2, 0).numpy())
-        ca_input = damaged
     results = {"input": (damaged, 0.0)}
-    start = time.perf_counter()
-    out = restore(
-        backend, ca_input.astype(np.float32), iters, seed=seed, known=known, settle=settle, fusion=fusion, runs=runs
-    ).image
-    results["vitca"] = (out, time.perf_counter() - start)
-    keep = torch.from_numpy((known if known is not None else np.ones((h, w), bool)).astype(np.float32))
+    for model in models:
+        results[model.label] = run_vitca(model, clean, damaged, missing, args)
     for name in INPAINTERS if inpainting else DENOISERS:
-        start = time.perf_counter()
-        restored = run_baseline(name, to_t(damaged), keep[None, None])[0].permute(1, 2, 0).numpy()
-        results[name] = (restored, time.perf_counter() - start)
-    return results
+        results[name] = run_classic(name, damaged, missing)
+    return results, missing
+
+
+def is_classic(method: str) -> bool:
+    return method != "input" and not method.startswith("vitca")
 
 
 def print_table(rows: dict, n_photos: int, args: argparse.Namespace, backend, iters: int) -> dict:
@@ -174,44 +375,77 @@ def print_table(rows: dict, n_photos: int, args: argparse.Namespace, backend, it
     print("-" * len(header))
     for kind, methods in rows.items():
         mean = {m: tuple(float(np.mean([v[i] for v in vals])) for i in range(3)) for m, vals in methods.items()}
-        classic = {m: v for m, v in mean.items() if m not in ("input", "vitca")}
+        classic = {m: v for m, v in mean.items() if is_classic(m)}
         best = max(classic, key=lambda m: classic[m][0]) if classic else None
         inp, ca = mean["input"], mean["vitca"]
         best_txt = f"{best} {classic[best][0]:.2f}/{classic[best][1]:.3f}" if best else "—"
         diff = f"{ca[0] - classic[best][0]:+.2f}" if best else "—"
         inp_txt = "∞" if kind == "clean" else f"{inp[0]:.2f}/{inp[1]:.3f}"
         print(f"{kind:<16}{inp_txt:>13}{ca[0]:>7.2f}/{ca[1]:.3f}{best_txt:>26}{diff:>14}{ca[2]:>9.2f}")
-        table[kind] = {
-            m: {
-                "psnr": round(v[0], 3),
-                "ssim": round(v[1], 4),
-                "seconds": round(v[2], 3),
-                "psnr_per_photo": [round(x[0], 3) for x in methods[m]],
-            }
-            for m, v in mean.items()
-        }
+        table[kind] = {m: method_entry(v, methods[m]) for m, v in mean.items()}
     print("\nall baselines (PSNR / seconds):")
     for kind, methods in table.items():
         print(
             f"  {kind:<16}"
             + "  ".join(f"{m} {v['psnr']:.2f}/{v['seconds']:.2f}s" for m, v in methods.items() if m != "input")
         )
+    holes = {k: t for k, t in table.items() if "psnr_hole" in t["vitca"]}
+    if holes:
+        print("\nmasked kinds, PSNR inside the holes only:")
+        for kind, methods in holes.items():
+            print(f"  {kind:<16}" + "  ".join(f"{m} {v['psnr_hole']:.2f}" for m, v in methods.items() if m != "input"))
     return table
 
 
-def main() -> None:
-    args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def method_entry(mean: tuple, per_photo: list) -> dict:
+    """One method's JSON entry for one kind: the means and the per-photo figures (each tuple is PSNR, SSIM,
+    seconds and, for masked kinds, the PSNR inside the holes)."""
+    entry = {
+        "psnr": round(mean[0], 3),
+        "ssim": round(mean[1], 4),
+        "seconds": round(mean[2], 3),
+        "psnr_per_photo": [round(x[0], 3) for x in per_photo],
+        "ssim_per_photo": [round(x[1], 4) for x in per_photo],
+        "seconds_per_photo": [round(x[2], 3) for x in per_photo],
+    }
+    if len(per_photo[0]) > 3:
+        entry["psnr_hole"] = round(float(np.mean([x[3] for x in per_photo])), 3)
+        entry["psnr_hole_per_photo"] = [round(x[3], 3) for x in per_photo]
+    return entry
 
-    backend = make_backend(
-        args.weights, args.backend, "cpu", channels=3, precision=args.precision, compile=args.compile
-    )
-    meta = getattr(backend, "meta", None) or {}
-    iters = args.iters or int(meta.get("default_iters", 64))
-    fusion = bool(meta.get("default_fusion")) if args.fusion == "auto" else args.fusion == "on"
-    mask_type = backend_mask_type(backend)
-    kinds = list(KINDS) if not args.kinds else [k.strip() for k in args.kinds.split(",")]
+
+def print_paired(rows: dict, a: str = "vitca", b: str = "vitca2") -> dict:
+    """vitca2 − vitca per kind (PSNR as in the table), paired over photos, with its 95% interval; and pooled."""
+    print(f"\n{b} − {a}, PSNR dB, paired over photos (95% interval):")
+    pooled, out = [], {}
+    for kind, methods in rows.items():
+        d = [q[0] - p[0] for p, q in zip(methods[a], methods[b])]
+        pooled += d
+        diff, half = mean_interval(d)
+        out[kind] = {"diff": round(diff, 3), "half": round(half, 3)}
+        print(f"  {kind:<22}{diff:+7.3f} ± {half:.3f}")
+    diff, half = mean_interval(pooled)
+    out["all kinds"] = {"diff": round(diff, 3), "half": round(half, 3)}
+    print(f"  {'all kinds':<22}{diff:+7.3f} ± {half:.3f}  ({len(pooled)} photo × damage pairs)")
+    return out
+
+
+def save_png(folder: Path, name: str, image: np.ndarray) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(folder / name)
+
+
+def models_meta(models: list[Model]) -> dict:
+    meta = {}
+    for m in models[1:]:
+        n = m.label.removeprefix("vitca")
+        meta |= {f"weights{n}": m.backend.name, f"iters{n}": m.iters, f"fusion{n}": m.fusion}
+    return meta
+
+
+def main_256(args: argparse.Namespace, models: list[Model]) -> None:
+    backend, iters = models[0].backend, models[0].iters
+    kinds = pick_kinds(args.kinds, KINDS)
     photos = held_out_photos(args.photos)[: args.limit]
     rows: dict[str, dict[str, list]] = {k: {} for k in kinds}
     for n, path in enumerate(photos):
@@ -220,38 +454,196 @@ def main() -> None:
         for kind in kinds:
             spec, inpainting = KINDS[kind]
             gen = torch.Generator().manual_seed(args.seed * 1000 + n * 31 + kinds.index(kind))
-            results = damage_and_restore(
-                backend, clean, spec, inpainting, gen, mask_type, iters, args.seed, args.settle, fusion, args.runs
-            )
+            results, missing = damage_and_restore(clean, spec, inpainting, gen, models, args)
             for name, (image, seconds) in results.items():
                 p, s = score(image, clean)
-                rows[kind].setdefault(name, []).append((p, s, seconds))
+                figures = (p, s, seconds) if missing is None else (p, s, seconds, hole_psnr(image, clean, missing))
+                rows[kind].setdefault(name, []).append(figures)
                 if args.save:
-                    args.save.mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(
-                        args.save / f"{path.stem}.{kind.split()[0]}{kind.split()[1] if ' ' in kind else ''}.{name}.png"
+                    save_png(
+                        args.save,
+                        f"{path.stem}.{kind.split()[0]}{kind.split()[1] if ' ' in kind else ''}.{name}.png",
+                        image,
                     )
         print(f"[{n + 1}/{len(photos)}] {path.name} {w}×{h}", file=sys.stderr, flush=True)
 
     table = print_table(rows, len(photos), args, backend, iters)
+    paired = print_paired(rows) if len(models) > 1 else None
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "iters": iters,
-                    "size": args.size,
-                    "photos": [p.name for p in photos],
-                    "seed": args.seed,
-                    "weights": backend.name,
-                    "backend": backend.device,
-                    "fusion": fusion,
-                    "settle": args.settle,
-                    "runs": args.runs,
-                    "kinds": table,
-                },
-                indent=2,
+        report = {
+            "iters": iters,
+            "size": args.size,
+            "photos": [p.name for p in photos],
+            "seed": args.seed,
+            "weights": backend.name,
+            "backend": backend.device,
+            "fusion": models[0].fusion,
+            "settle": args.settle,
+            "runs": args.runs,
+            "kinds": table,
+        }
+        if paired:
+            report |= models_meta(models) | {"paired_vitca2_minus_vitca": paired}
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+def slug(kind: str) -> str:
+    return "".join(c if (c.isascii() and c.isalnum()) or c in ".-" else "_" for c in kind)
+
+
+def warm_up(models: list[Model], clean: np.ndarray, inpainting: bool, args) -> None:
+    """One untimed restoration per model (and one with a mask if masked kinds run), so the compiled step's
+    start-up is not charged to the first photo."""
+    for model in models:
+        start = time.perf_counter()
+        run_vitca(model, clean, clean, None, args)
+        if inpainting:
+            missing = np.zeros(clean.shape[:2], bool)
+            missing[: clean.shape[0] // 8, : clean.shape[1] // 8] = True
+            run_vitca(model, clean, np.where(missing[..., None], 0.0, clean), missing, args)
+        print(f"warm-up {model.label}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+def main_native(args: argparse.Namespace, models: list[Model]) -> None:
+    kinds = pick_kinds(args.kinds, NATIVE_KINDS)
+    paths = native_photos(args.photos)[: args.limit]
+    rows: dict[str, dict[str, list]] = {k: {} for k in kinds}
+    per_image, names = [], []
+    for n, path in enumerate(paths):
+        clean, (top, left) = native_crop(path, args.crop, args.seed)
+        h, w, _ = clean.shape
+        names.append(f"{path.name}@{top},{left}")
+        if n == 0:
+            warm_up(models, clean, any(NATIVE_KINDS[k][2] for k in kinds), args)
+        if args.save:
+            save_png(args.save, f"{path.stem}.original.png", clean)
+        for kind in kinds:
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{args.seed}/{path.name}/{kind}".encode()))
+            damaged, missing, sigma = native_damage(kind, clean, gen)
+            results = {"input": (damaged, 0.0)}
+            for model in models:
+                results[model.label] = run_vitca(model, clean, damaged, missing, args)
+            for name in NATIVE_INPAINTERS if missing is not None else NATIVE_DENOISERS:
+                if name in TAKES_SIGMA and sigma is None:
+                    continue
+                results[name] = run_classic(name, damaged, missing, sigma)
+            for name, (image, seconds) in results.items():
+                p_image, s = score(image, clean)
+                p = p_image if missing is None else hole_psnr(image, clean, missing)
+                rows[kind].setdefault(name, []).append((p, s, seconds))
+                row = {"photo": names[-1], "kind": kind, "method": name, "psnr": round(p, 3), "ssim": round(s, 4)}
+                row |= {"seconds": round(seconds, 3)} | (
+                    {"psnr_image": round(p_image, 3)} if missing is not None else {}
+                )
+                per_image.append(row)
+                if args.save:
+                    save_png(args.save, f"{path.stem}.{slug(kind)}.{name}.png", image)
+            print(
+                f"  {path.name} {kind}: "
+                + "  ".join(f"{m} {rows[kind][m][-1][0]:.2f}/{rows[kind][m][-1][2]:.1f}s" for m in results),
+                file=sys.stderr,
+                flush=True,
+            )
+        print(f"[{n + 1}/{len(paths)}] {path.name} crop {w}×{h} at ({top}, {left})", file=sys.stderr, flush=True)
+        if args.json and n + 1 < len(paths):  # so far: a run cut short keeps the photos it finished
+            with contextlib.redirect_stdout(io.StringIO()):
+                write_native_report(args, models, names, rows, per_image, complete=False)
+
+    write_native_report(args, models, names, rows, per_image, complete=True)
+
+
+def write_native_report(args, models: list[Model], names, rows, per_image, complete: bool) -> None:
+    """Print the native table (and the A/B differences) and write ``--json``; ``complete`` False while photos are
+    still to come."""
+    table = print_native_table(rows, names, args, models)
+    paired = print_paired(rows) if len(models) > 1 else None
+    if not args.json:
+        return
+    report = {
+        "mode": "native",
+        "complete": complete,
+        "size": f"native {args.crop}",
+        "crop": args.crop,
+        "photo_dir": str(args.photos or NATIVE_PHOTOS),
+        "photos": names,
+        "seed": args.seed,
+        "weights": models[0].backend.name,
+        "backend": models[0].backend.device,
+        "iters": models[0].iters,
+        "fusion": models[0].fusion,
+        "settle": args.settle,
+        "runs": args.runs,
+        "precision": args.precision,
+        "compile": args.compile,
+        "threads": torch.get_num_threads(),
+        "camera": {"s": CAMERA_S, "read": CAMERA_READ, "jpeg": NATIVE_JPEG},
+        "scores": "PSNR over the whole image for noise kinds, inside the holes for masked kinds; SSIM whole",
+        **models_meta(models),
+        "kinds": table,
+        "per_image": per_image,
+    }
+    if paired:
+        report["paired_vitca2_minus_vitca"] = paired
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+
+
+def print_native_table(rows: dict, names: list[str], args, models: list[Model]) -> dict:
+    """The native-scale table: per kind the input, each vitca model and the best baseline a user can run (the
+    σ-told ``bm3d-true`` is an upper bound, listed with every method below but never "best"), PSNR / SSIM / seconds,
+    and vitca minus that baseline; then every method. Returns the JSON table."""
+    runs = "; ".join(f"{m.label} {m.backend.name} {m.iters} steps, fusion {m.fusion}" for m in models)
+    print(
+        f"\n{len(names)} photos at native scale, {args.crop}×{args.crop} crops ({', '.join(names)}); {runs}; "
+        f"seed {args.seed}, settle {args.settle}, runs {args.runs}, {torch.get_num_threads()} threads. "
+        "PSNR dB (masked kinds: inside the holes) / SSIM, means over photos; seconds per photo."
+    )
+    labels = [m.label for m in models]
+    header = (
+        f"{'damage':<22}{'input':>14}"
+        + "".join(f"{lab:>21}" for lab in labels)
+        + f"{'best baseline':>32}"
+        + "".join(f"{lab + ' − best':>15}" for lab in labels)
+    )
+    print(header)
+    print("-" * len(header))
+    table = {}
+    for kind, methods in rows.items():
+        mean = {m: tuple(float(np.mean([v[i] for v in vals])) for i in range(3)) for m, vals in methods.items()}
+        classic = {m: v for m, v in mean.items() if is_classic(m) and m not in TAKES_SIGMA}  # as a user runs them
+        best = max(classic, key=lambda m: classic[m][0]) if classic else None
+        inp = mean["input"]
+        inp_txt = "∞" if kind == "clean" else f"{inp[0]:.2f}/{inp[1]:.3f}"
+        line = f"{kind:<22}{inp_txt:>14}"
+        line += "".join(f"{f'{mean[lab][0]:.2f}/{mean[lab][1]:.3f} {mean[lab][2]:.1f}s':>21}" for lab in labels)
+        b = classic.get(best)
+        line += f"{f'{best} {b[0]:.2f}/{b[1]:.3f} {b[2]:.1f}s' if best else '—':>32}"
+        line += "".join(f"{f'{mean[lab][0] - b[0]:+.2f}' if best else '—':>15}" for lab in labels)
+        print(line)
+        table[kind] = {m: method_entry(v, methods[m]) for m, v in mean.items()}
+        if best:
+            table[kind]["best_baseline"] = best
+    print("\nevery method (PSNR / SSIM / seconds per photo):")
+    for kind, methods in table.items():
+        print(
+            f"  {kind:<22}"
+            + "  ".join(
+                f"{m} {v['psnr']:.2f}/{v['ssim']:.3f}/{v['seconds']:.1f}s"
+                for m, v in methods.items()
+                if m != "input" and isinstance(v, dict)
             )
         )
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = [load_model("vitca", args.weights, args)]
+    if args.weights2:
+        models.append(load_model("vitca2", args.weights2, args))
+    (main_native if args.native else main_256)(args, models)
 
 
 if __name__ == "__main__":
