@@ -1,7 +1,7 @@
 """Restoration quality on photos: vitca against its input and the classic baselines, in one run. Two modes.
 
-**256 px** (the default). Each held-out photo (``python -m vitca_cli.training.photos``'s test split: never trained on, nor
-validated on) is scaled so its short side is ``--size`` px (Lanczos, then quantised to 8 bits, as a saved file),
+**256 px** (the default). Each held-out photo (``python -m vitca_cli.training.photos``'s test split: never trained on,
+nor validated on) is scaled so its short side is ``--size`` px (Lanczos, then quantised to 8 bits, as a saved file),
 damaged in each of these ways and restored by vitca through ``vitca_cli.restore.loop.restore`` (the code
 ``vitca denoise`` / ``vitca inpaint`` run) and by each classic baseline that applies:
 

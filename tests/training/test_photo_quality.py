@@ -90,8 +90,8 @@ def test_native_crops_and_damage_are_fixed_by_the_seed(tmp_path):
 
 
 def test_bm3d_told_the_true_sigma_needs_it():
-    from training.baselines import run_baseline
     from vitca_cli.errors import UsageError
+    from vitca_cli.training.baselines import run_baseline
 
     with pytest.raises(UsageError, match="true noise level"):
         run_baseline("bm3d-true", torch.rand(1, 3, 16, 16), torch.ones(1, 1, 16, 16))
