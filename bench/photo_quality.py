@@ -83,6 +83,7 @@ from vitca_cli.nca.corruptions import (  # noqa: E402
     stroke_mask,
 )
 from vitca_cli.restore.backends import backend_mask_type, make_backend  # noqa: E402
+from vitca_cli.restore.defaults import default_iters, fusion_schedule  # noqa: E402
 from vitca_cli.restore.loop import mask_missing, restore  # noqa: E402
 from vitca_cli.training.baselines import TAKES_SIGMA, run_baseline  # noqa: E402
 from vitca_cli.training.metrics import mean_interval, psnr_per_image, ssim_per_image  # noqa: E402
@@ -126,7 +127,7 @@ class Model:
     label: str
     backend: object
     iters: int
-    fusion: bool
+    fusion: object  # a FusionSchedule or None
     mask_type: str
 
 
@@ -306,9 +307,8 @@ def pick_kinds(spec: str | None, names) -> list[str]:
 
 def load_model(label: str, weights: str | None, args: argparse.Namespace) -> Model:
     backend = make_backend(weights, args.backend, "cpu", channels=3, precision=args.precision, compile=args.compile)
-    meta = getattr(backend, "meta", None) or {}
-    iters = args.iters or int(meta.get("default_iters", 64))
-    fusion = bool(meta.get("default_fusion")) if args.fusion == "auto" else args.fusion == "on"
+    iters = args.iters or default_iters(backend)
+    fusion = fusion_schedule(backend, None if args.fusion == "auto" else args.fusion == "on")
     return Model(label, backend, iters, fusion, backend_mask_type(backend))
 
 
@@ -439,7 +439,7 @@ def models_meta(models: list[Model]) -> dict:
     meta = {}
     for m in models[1:]:
         n = m.label.removeprefix("vitca")
-        meta |= {f"weights{n}": m.backend.name, f"iters{n}": m.iters, f"fusion{n}": m.fusion}
+        meta |= {f"weights{n}": m.backend.name, f"iters{n}": m.iters, f"fusion{n}": str(m.fusion or "")}
     return meta
 
 
@@ -477,7 +477,7 @@ def main_256(args: argparse.Namespace, models: list[Model]) -> None:
             "seed": args.seed,
             "weights": backend.name,
             "backend": backend.device,
-            "fusion": models[0].fusion,
+            "fusion": str(models[0].fusion or ""),
             "settle": args.settle,
             "runs": args.runs,
             "kinds": table,
@@ -570,7 +570,7 @@ def write_native_report(args, models: list[Model], names, rows, per_image, compl
         "weights": models[0].backend.name,
         "backend": models[0].backend.device,
         "iters": models[0].iters,
-        "fusion": models[0].fusion,
+        "fusion": str(models[0].fusion or ""),
         "settle": args.settle,
         "runs": args.runs,
         "precision": args.precision,

@@ -189,3 +189,15 @@ def test_import_is_cheap_and_the_docstring_example_runs():
     finally:
         os.chdir(cwd)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_a_training_checkpoint_runs_the_steps_it_was_validated_with(tmp_path):
+    from vitca_cli.restore.defaults import DEFAULT_ITERS, default_iters
+
+    class Backend:  # only the meta matters here
+        def __init__(self, meta):
+            self.meta = meta
+
+    assert default_iters(Backend({"val_steps": 32})) == 32
+    assert default_iters(Backend({"val_steps": 32, "default_iters": 24})) == 24
+    assert default_iters(Backend({})) == DEFAULT_ITERS

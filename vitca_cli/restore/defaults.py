@@ -14,8 +14,10 @@ def _meta(backend) -> dict:
 
 
 def default_iters(backend) -> int:
-    """The steps the weights were made to run (their ``default_iters``), else ``DEFAULT_ITERS``."""
-    return int(_meta(backend).get("default_iters") or DEFAULT_ITERS)
+    """The steps the weights were made to run: their ``default_iters``, else the steps a training run validated
+    them with (``val_steps``), else ``DEFAULT_ITERS``."""
+    meta = _meta(backend)
+    return int(meta.get("default_iters") or meta.get("val_steps") or DEFAULT_ITERS)
 
 
 def fusion_schedule(backend, wanted: bool | None = None) -> FusionSchedule | None:
