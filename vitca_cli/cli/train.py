@@ -1,8 +1,8 @@
 """``vitca train``: pool-based training (the paper's Algorithm 1), every ablation knob a flag.
 
 Thin: the training options come from the fields of ``training.config.TrainConfig`` (each default and help text is
-stated there once), the model options from ``CAConfig``'s defaults; the run-folder and resume rules live in
-``training/run.py``, the loop in ``training/train.py``.
+stated there once), the model options from ``CAConfig``'s defaults; the run itself (planning, datasets, the model,
+the loop) is ``training.launch.launch``, the run-folder and resume rules live in ``training/run.py``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import typer
 
 from vitca_cli.cli import options as opt
 from vitca_cli.cli.options import MaskType, handle_errors
-from vitca_cli.errors import SettingError, placeholders
+from vitca_cli.errors import SettingError
 from vitca_cli.nca.config import ARCHES, CELL_INITS, POS_ENCODINGS, CAConfig
 from vitca_cli.training.config import DATA, TrainConfig, default_text  # torch-free: --help stays fast
 
@@ -156,6 +156,7 @@ def _value(v):
 def train(**given) -> None:
     """Train a ViTCA (or UNetCA) with the paper's pool-based Algorithm 1; resume a run exactly with --resume."""
     from vitca_cli.training.config import options
+    from vitca_cli.training.launch import Launch, launch
 
     o = {k: _value(v) for k, v in given.items()}
     train_opts = {name: o[name] for name, _ in options() if o[name] is not None}
@@ -164,133 +165,10 @@ def train(**given) -> None:
     model_opts = {k: o[k] for k in MODEL_OPTIONS if o[k] is not None}
     if "neighbourhood" in model_opts:
         model_opts["neighbourhood"] = (model_opts["neighbourhood"],) * 2
-    if o["stop_at"] is not None and o["stop_at"] < 1:
-        raise SettingError("stop_at", "must be ≥ 1")
-
-    from vitca_cli.training import distributed
-
-    if o["nproc"] is not None and o["nproc"] > 1 and not distributed.launched():
-        raise typer.Exit(distributed.launch_local(o["nproc"], _without_nproc(sys.argv[1:])))
-    world, dev = _start(o["device"], o["threads"])
-    _run(o, train_opts, model_opts, world, dev)
-
-
-def _start(device: str, threads: Optional[int]):
-    """This rank's world and device; the allocator and thread count set."""
-    from vitca_cli import log as logmod
-    from vitca_cli.runtime import resolve_device, tune_allocator
-    from vitca_cli.training import distributed
-
-    world, dev = distributed.init(resolve_device(device))
-    if not world.main:
-        logmod.setup(logmod.verbosity(), quiet=True)  # one rank speaks for the run
-    tune_allocator()
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
-    return world, dev
-
-
-def _plan(o: dict, train_opts: dict, model_opts: dict, world):
-    """The run's training configuration, folder, saved state (resuming) and starting weights (fine-tuning)."""
-    from vitca_cli.training import distributed, run
-
-    init = None
-    if o["init_weights"] is not None:
-        if o["resume"] is not None:
-            raise SettingError("init_weights", "starts a new run; {1} continues one (pick one)", "resume")
-        if model_opts:
-            given = placeholders(len(model_opts))
-            raise SettingError("init_weights", f"fixes the model; cannot also set {given}", *sorted(model_opts))
-        init = run.read_init(o["init_weights"])
-        train_opts["init_weights"] = init[2]
-    if o["resume"] is not None:
-        fixed = sorted(model_opts) + [n for n in ("dataset", "image_size", "run_dir") if o[n]]
-        moved = {"data_dir": str(o["data_dir"])} if o["data_dir"] else {}  # the same data, found elsewhere
-        cfg, tcfg, ckpt = run.resume_run(o["resume"], {**train_opts, **moved}, fixed)
-        return cfg, tcfg, o["resume"], ckpt, None
-    spec = o["dataset"] or TrainConfig.dataset
-    data_dir = str(o["data_dir"]) if o["data_dir"] else None
-    tcfg = TrainConfig.from_dict({"dataset": spec, "data_dir": data_dir, **train_opts})
-    out_dir = distributed.same_on_all_ranks(world, run.new_run_dir(spec, o["run_dir"]))  # ranks may start apart
-    run.check_new_run_dir(out_dir)
-    return None, tcfg, out_dir, None, init
-
-
-def _run(o: dict, train_opts: dict, model_opts: dict, world, dev) -> None:
-    from vitca_cli.log import log
-    from vitca_cli.training import distributed, run
-    from vitca_cli.training.data import dataset_channels, open_dataset
-    from vitca_cli.training.train import train as run_training
-
-    cfg, tcfg, out_dir, resume_from, init = _plan(o, train_opts, model_opts, world)
-    if cfg is not None:
-        image_hw = cfg.image_size
-    else:
-        image_hw = (o["image_size"],) * 2 if o["image_size"] else (init[0].image_size if init else None)
-        if tcfg.crop_sizes and not o["image_size"]:
-            image_hw = (tcfg.crop_sizes[0],) * 2
-    train_ds = open_dataset(tcfg.dataset, "train", tcfg.data_dir, image_hw, download=o["download"])
-    val_ds = open_dataset(tcfg.dataset, "val", tcfg.data_dir, train_ds.image_size) if tcfg.val_every else None
-    if cfg is None:
-        cfg = run.model_config(
-            tcfg,
-            dataset_channels(tcfg.dataset),
-            train_ds.image_size,
-            model_opts,
-            init[0] if init else None,
-            o["init_weights"] or "",
-        )
-    else:
-        run.check_sizes(cfg, tcfg)
-    _warn_precision(tcfg, dev)
-    h, w = cfg.image_size
-    log.info(
-        f"training {cfg.arch} on {train_ds.name} ({len(train_ds)} images, {h}×{w}) for {tcfg.iterations} "
-        f"iterations on {dev}, seed {tcfg.seed}; run folder {out_dir}"
-    )
-    if world.distributed:
-        log.info(
-            f"distributed: {world.size} ranks, backend {world.backend}, global batch {tcfg.batch_size} "
-            f"({tcfg.batch_size // world.size} per rank), one pool of {tcfg.pool_size // world.size} per rank"
-        )
-    summary = run_training(
-        cfg, tcfg, out_dir, train_ds=train_ds, val_ds=val_ds, device=dev, resume_from=resume_from,
-        init_state=init[1] if init else None, stop_at=o["stop_at"], argv=["vitca", *sys.argv[1:]], world=world,
-    )  # fmt: skip
-    distributed.shutdown()
-    best = summary["best_val_psnr"]
-    log.info(
-        f"{summary['status']} at iteration {summary['iteration']}"
-        + (f"; best validation PSNR {best:.2f} dB" if best is not None else "")
-        + f"; resume with: vitca train --resume {out_dir}"
-    )
-    if summary["status"] == "interrupted":
-        raise typer.Exit(130)
-
-
-def _warn_precision(tcfg, dev) -> None:
-    from vitca_cli import runtime
-    from vitca_cli.log import log
-
-    if tcfg.precision == "bf16" and dev.type == "cpu" and runtime.cpu_has_native_bf16() is False:
-        log.warning(
-            "--precision bf16: this CPU has no bfloat16 instructions (avx512_bf16 or amx_bf16), so the "
-            "products are emulated and run much slower than fp32; prefer --precision fp32"
-        )
-
-
-def _without_nproc(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for token in argv:
-        if skip:
-            skip = False
-        elif token == "--nproc":
-            skip = True
-        elif not token.startswith("--nproc="):
-            out.append(token)
-    return out
+    own = {f.name: o[f.name] for f in dataclasses.fields(Launch) if f.name in o}
+    status = launch(Launch(train_opts, model_opts, **own), sys.argv[1:])
+    if status:
+        raise typer.Exit(status)
 
 
 def _parse_sizes(text: str) -> tuple[int, ...]:
