@@ -30,6 +30,11 @@ import time
 from pathlib import Path
 
 MODES = ("plain", "checkpointing", "fusion-mitosis")
+MODE_LABELS = {
+    "plain": "no checkpointing",
+    "checkpointing": "checkpointing (T/2 segments)",
+    "fusion-mitosis": "fusion + mitosis",
+}
 
 
 def _rss_reset() -> tuple[int, str]:
@@ -198,6 +203,40 @@ def profile_training(
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"profiling subprocess failed ({mode}, {batch}×{height}×{width}, T={steps}): {tail}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def format_profile(results: list[dict]) -> str:
+    """Appendix Table 8's layout: one row per training mode, plus the ratios against the plain rollout."""
+    from vitca_cli.tables import format_table
+
+    r0 = results[0]
+    header = ("mode", "forward ms", "backward ms", "iteration ms", "no-grad ms", "peak memory")
+    rows = [
+        (
+            MODE_LABELS[r["mode"]],
+            f"{r['forward_ms']:.0f}",
+            f"{r['backward_ms']:.0f}",
+            f"{r['iteration_ms']:.0f}",
+            f"{r['nograd_rollout_ms']:.0f}",
+            f"{r['peak_bytes'] / 2**20:.0f} MiB",
+        )
+        for r in results
+    ]
+    lines = [
+        f"one training pass: batch {r0['batch']} × {r0['height']}×{r0['width']}, T = {r0['steps']} steps, "
+        f"device {r0['device']} ({r0['threads']} threads), compile {r0['compile']}, "
+        f"memory via {r0['memory_method']}"
+    ]
+    lines.append(format_table(header, rows))
+    plain = next((r for r in results if r["mode"] == "plain"), None)
+    if plain:
+        for r in results:
+            if r is not plain and plain["peak_bytes"] > 0 and plain["backward_ms"] > 0:
+                lines.append(
+                    f"{MODE_LABELS[r['mode']]}: memory ×{r['peak_bytes'] / plain['peak_bytes']:.2f}, "
+                    f"backward ×{r['backward_ms'] / plain['backward_ms']:.2f} vs no checkpointing"
+                )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":  # the subprocess side of profile_training
