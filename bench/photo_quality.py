@@ -76,7 +76,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vitca_cli.nca.corruptions import (  # noqa: E402
     Corruption,
     _randint,
-    _uniform,
     camera_noise,
     corrupt_one,
     jpeg,
@@ -185,30 +184,6 @@ def missing_mask(kind: str, h: int, w: int, gen: torch.Generator) -> np.ndarray:
     return missing
 
 
-def fixed_strokes(h: int, w: int, count: int, width: int, gen: torch.Generator) -> np.ndarray:
-    """``stroke_mask``'s free-form strokes (random walks with a round brush), all ``width`` px wide."""
-    from PIL import ImageDraw
-
-    img = Image.new("L", (w, h), 0)
-    draw = ImageDraw.Draw(img)
-    scale = max(h, w)
-    for _ in range(count):
-        x, y = _uniform(gen, 0, w), _uniform(gen, 0, h)
-        angle = _uniform(gen, 0, 2 * math.pi)
-        points = [(x, y)]
-        for _ in range(_randint(gen, 2, 6)):
-            angle += _uniform(gen, -1.2, 1.2)
-            length = _uniform(gen, 0.05, 0.25) * scale
-            x = min(max(x + length * math.cos(angle), 0), w - 1)
-            y = min(max(y + length * math.sin(angle), 0), h - 1)
-            points.append((x, y))
-        draw.line(points, fill=255, width=width, joint="curve")
-        for px, py in points:  # round caps and joints
-            r = width / 2
-            draw.ellipse((px - r, py - r, px + r, py + r), fill=255)
-    return np.asarray(img) > 0
-
-
 def squares(h: int, w: int, count: int, side: int, gen: torch.Generator) -> np.ndarray:
     missing = np.zeros((h, w), dtype=bool)
     for _ in range(count):
@@ -233,7 +208,7 @@ def native_damage(kind: str, clean: np.ndarray, gen: torch.Generator):
         return hwc(jpeg(noisy.permute(2, 0, 1), NATIVE_JPEG)), None, None
     if what == "camera":
         return hwc(jpeg(camera_noise(x, level, 0.2 * level, gen), NATIVE_JPEG)), None, None
-    missing = fixed_strokes(h, w, 6, int(level), gen) if what == "scribbles" else squares(h, w, 3, int(level), gen)
+    missing = stroke_mask(h, w, 6, gen, width=int(level)) if what == "scribbles" else squares(h, w, 3, int(level), gen)
     return np.where(missing[..., None], 0.0, clean).astype(np.float32), missing, None
 
 

@@ -118,8 +118,9 @@ def _randint(gen: torch.Generator, lo: int, hi: int) -> int:
     return int(torch.randint(int(lo), int(hi) + 1, (), generator=gen))
 
 
-def stroke_mask(h: int, w: int, count: int, gen: torch.Generator) -> np.ndarray:
-    """``count`` free-form strokes (random walks with a round brush) as a bool ``(H, W)`` missing-pixel map."""
+def stroke_mask(h: int, w: int, count: int, gen: torch.Generator, width: int | None = None) -> np.ndarray:
+    """``count`` free-form strokes (random walks with a round brush) as a bool ``(H, W)`` missing-pixel map, each
+    ``width`` px wide (default: drawn from 2–9 per stroke)."""
     from PIL import Image, ImageDraw
 
     img = Image.new("L", (w, h), 0)
@@ -127,7 +128,7 @@ def stroke_mask(h: int, w: int, count: int, gen: torch.Generator) -> np.ndarray:
     scale = max(h, w)
     for _ in range(count):
         x, y = _uniform(gen, 0, w), _uniform(gen, 0, h)
-        width = _randint(gen, 2, 9)
+        brush = _randint(gen, 2, 9) if width is None else width
         angle = _uniform(gen, 0, 2 * math.pi)
         points = [(x, y)]
         for _ in range(_randint(gen, 2, 6)):
@@ -136,9 +137,9 @@ def stroke_mask(h: int, w: int, count: int, gen: torch.Generator) -> np.ndarray:
             x = min(max(x + length * math.cos(angle), 0), w - 1)
             y = min(max(y + length * math.sin(angle), 0), h - 1)
             points.append((x, y))
-        draw.line(points, fill=255, width=width, joint="curve")
+        draw.line(points, fill=255, width=brush, joint="curve")
         for px, py in points:  # round caps and joints
-            r = width / 2
+            r = brush / 2
             draw.ellipse((px - r, py - r, px + r, py + r), fill=255)
     return np.asarray(img) > 0
 
