@@ -15,7 +15,8 @@ pytest.importorskip("pywt")
 pytest.importorskip("skimage")
 pytest.importorskip("cv2")
 
-import photo_quality  # noqa: E402  (bench/, on the path by conftest)
+import photo_native  # noqa: E402  (bench/, on the path by conftest)
+import photo_quality  # noqa: E402
 
 from vitca_cli.io.checkpoint import save_checkpoint  # noqa: E402
 from vitca_cli.nca.config import CAConfig  # noqa: E402
@@ -76,11 +77,11 @@ def test_native_mode_runs_end_to_end_and_writes_every_per_image_figure(tmp_path,
 
 def test_native_crops_and_damage_are_fixed_by_the_seed(tmp_path):
     photo(tmp_path / "q.png", 70, 90)
-    (c1, at1), (c2, at2) = (photo_quality.native_crop(tmp_path / "q.png", 40, 0) for _ in range(2))
+    (c1, at1), (c2, at2) = (photo_native.native_crop(tmp_path / "q.png", 40, 0) for _ in range(2))
     assert at1 == at2 and np.array_equal(c1, c2) and c1.shape == (40, 40, 3)
     for kind in photo_quality.NATIVE_KINDS:
-        d1, m1, s1 = photo_quality.native_damage(kind, c1, torch.Generator().manual_seed(3))
-        d2, m2, _ = photo_quality.native_damage(kind, c1, torch.Generator().manual_seed(3))
+        d1, m1, s1 = photo_native.native_damage(kind, c1, torch.Generator().manual_seed(3))
+        d2, m2, _ = photo_native.native_damage(kind, c1, torch.Generator().manual_seed(3))
         assert np.array_equal(d1, d2) and d1.shape == c1.shape
         assert np.allclose(d1 * 255, np.round(d1 * 255), atol=1e-4)  # 8-bit values, as a saved file
         assert (m1 is None) == (not photo_quality.NATIVE_KINDS[kind][2])
