@@ -12,7 +12,7 @@ damaged in each of these ways and restored by vitca through ``vitca_cli.restore.
     scribbles           6 free-form strokes, the mask given (vitca inpaint --mask)
     holes               three 20×20 holes, the mask given
 
-Denoisers (median, TV, NL-means) run on the noise kinds; inpainters (biharmonic, Telea) on the masked kinds, given
+Denoisers (median, TV, NL-means) run on the noise kinds; inpainters (biharmonic, Telea, Navier–Stokes) on the masked kinds, given
 the mask, as vitca is. It prints per kind PSNR and SSIM (Gaussian 11×11, σ 1.5; means over the photos), wall
 seconds per photo, and vitca minus the best baseline; ``--save DIR`` writes every input and output as PNG. The
 masked kinds' PSNR is over the whole image here (as it always was); the JSON adds the PSNR inside the holes.
@@ -82,7 +82,7 @@ from vitca_cli.training.baselines import run_baseline  # noqa: E402
 from vitca_cli.training.metrics import mean_interval, psnr_per_image, ssim_per_image  # noqa: E402
 
 DENOISERS = ("median", "tv-chambolle", "nl-means")
-INPAINTERS = ("biharmonic", "telea")
+INPAINTERS = ("biharmonic", "telea", "navier-stokes")
 KINDS = {  # name -> (corruption or mask maker, inpainting)
     "clean": (Corruption("clean", 0, 0), False),
     "gaussian 0.02": (Corruption("gaussian", 0.02, 0.02), False),
