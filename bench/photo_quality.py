@@ -12,8 +12,8 @@ damaged in each of these ways and restored by vitca through ``vitca_cli.restore.
     scribbles           6 free-form strokes, the mask given (vitca inpaint --mask)
     holes               three 20×20 holes, the mask given
 
-Denoisers (median, TV, NL-means) run on the noise kinds; inpainters (biharmonic, Telea, Navier–Stokes) on the masked kinds, given
-the mask, as vitca is. It prints per kind PSNR and SSIM (Gaussian 11×11, σ 1.5; means over the photos), wall
+Denoisers (median, TV, NL-means) run on the noise kinds; inpainters (biharmonic, Telea, Navier–Stokes) on the
+masked kinds, given the mask, as vitca is. It prints per kind PSNR and SSIM (Gaussian 11×11, σ 1.5; means over the photos), wall
 seconds per photo, and vitca minus the best baseline; ``--save DIR`` writes every input and output as PNG. The
 masked kinds' PSNR is over the whole image here (as it always was); the JSON adds the PSNR inside the holes.
 
