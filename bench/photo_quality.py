@@ -14,8 +14,9 @@ damaged in each of these ways and restored by vitca through ``vitca_cli.restore.
 
 Denoisers (median, TV, NL-means) run on the noise kinds; inpainters (biharmonic, Telea, Navier–Stokes) on the
 masked kinds, given the mask, as vitca is. It prints per kind PSNR and SSIM (Gaussian 11×11, σ 1.5; means over the
-photos), wall seconds per photo, and vitca minus the best baseline; ``--save DIR`` writes every input and output as PNG. The
-masked kinds' PSNR is over the whole image here (as it always was); the JSON adds the PSNR inside the holes.
+photos), wall seconds per photo, and vitca minus the best baseline; ``--save DIR`` writes every input and output
+as PNG. The masked kinds' PSNR is over the whole image here (as it always was); the JSON adds the PSNR inside the
+holes.
 
 **Native scale** (``--native``): where users' photos live. A ``--crop``×``--crop`` px crop (512 by default) of each
 multi-megapixel photo at its *own* pixel scale, never resized: such a photo is smooth from pixel to pixel, so noise
