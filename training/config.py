@@ -128,7 +128,8 @@ class TrainConfig:
         "",
         "Fusion over several levels, as steps down:steps up, e.g. 2,2:2,4: 2 steps, fuse 2x2, 2 steps, fuse "
         "again, the rest of the T steps at 1/4 resolution, divide, 2 steps, divide, 4 steps (implies "
-        "--fusion-mitosis, which alone is 2:2).",
+        "--fusion-mitosis, which alone is 2:2). A +detail suffix (2,2:2,4+detail) makes each division add back "
+        "the detail that fusion averaged away.",
         shown="2:2 with --fusion-mitosis",
     )
     masking: MaskingConfig = setting(MaskingConfig(), "The paper's masking curriculum.", option=False)

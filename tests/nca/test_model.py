@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import randomise
 from typer.testing import CliRunner
 
@@ -348,3 +349,33 @@ def test_a_two_level_rollout_is_the_composition_of_its_phases():
     assert torch.equal(out, expected)
     with pytest.raises(ValueError, match="multiples of 4"):
         ca.fusion_rollout(ca.seed(torch.rand(1, cfg.channels, 10, 10)), 8, schedule=schedule)
+
+
+def test_a_division_with_detail_gives_back_what_fusion_averaged_away():
+    from vitca_cli.nca.config import FusionSchedule
+
+    schedule = FusionSchedule.parse("2,2:2,8+detail")
+    assert schedule.detail and str(schedule) == "2,2:2,8+detail" and not FusionSchedule.parse("2:2").detail
+    with pytest.raises(ValueError, match=r"\+detail"):
+        FusionSchedule.parse("2:2+sharp")
+    for mask_channel in (False, True):
+        cfg = preset("celeba", image_size=(16, 16), cell_init="input", mask_channel=mask_channel)
+        ca = CellularAutomaton(cfg)
+        image = torch.rand(2, 3, 16, 16)
+        known = (torch.rand(2, 1, 16, 16) > 0.3).float() if mask_channel else None
+        z = ca.seed(image * known if mask_channel else image, known=known)
+        fused, stash = ca.fusion(z)
+        # a coarse level that restored the clean image: division with detail gives back every known pixel
+        if mask_channel:
+            fused = fused.clone()
+            k = F.avg_pool2d(known, 2)
+            fused[:, cfg.output_slice] = F.avg_pool2d(image * known, 2) / k.clamp_min(1e-6)
+            whole = (known * (k > 0).repeat_interleave(2, 2).repeat_interleave(2, 3)).expand_as(image).bool()
+        else:
+            whole = torch.ones_like(image, dtype=torch.bool)
+            assert not torch.allclose(ca.output(ca.mitosis(fused, stash)), image, atol=1e-3)  # a copy is blocky
+        out = ca.output(ca.mitosis(fused, stash, detail=True))
+        assert torch.allclose(out[whole], image[whole], atol=1e-5)
+        stepped = fused * 1.5 - 0.2
+        in_place = divide_cells(cfg, stepped, z.clone(memory_format=torch.channels_last), detail=True)
+        assert torch.equal(in_place, ca.mitosis(stepped, stash, detail=True))

@@ -4,6 +4,7 @@ computation, and as many steps as the holes are deep."""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +127,7 @@ TWO_LEVELS = FusionSchedule.parse("1,1:1,2")  # 1 step, fused, 1 step, fused aga
         (1, (259, 271), dict(iters=9, frames=4)),
         (2, (515, 530), dict(iters=6, runs=2)),
         (1, (259, 271), dict(iters=5)),  # no step on the coarsest level
+        (1, (259, 271), dict(iters=9, detail=True)),  # divisions that add back the detail
     ],
 )
 def test_holes_only_equals_the_whole_grid_over_two_fusion_levels(monkeypatch, patch, size, settings):
@@ -135,8 +137,9 @@ def test_holes_only_equals_the_whole_grid_over_two_fusion_levels(monkeypatch, pa
     monkeypatch.setattr(holes, "CORE", 64)
     backend = tiny_backend(patch)
     img, known = damaged(*size)  # padded to multiples of 4 cells
-    reach = restore(backend, img, known=known, seed=5, fusion=TWO_LEVELS, **settings)
-    whole = restore(backend, img, known=known, seed=5, fusion=TWO_LEVELS, holes_only=False, tile=0, **settings)
+    fusion = replace(TWO_LEVELS, detail=settings.pop("detail", False))
+    reach = restore(backend, img, known=known, seed=5, fusion=fusion, **settings)
+    whole = restore(backend, img, known=known, seed=5, fusion=fusion, holes_only=False, tile=0, **settings)
     assert reach.crops > 1 and reach.plan is None and reach.computed < whole.computed
     assert np.array_equal(reach.image, whole.image)
     assert all(np.array_equal(a, b) for a, b in zip(reach.frames, whole.frames))

@@ -453,10 +453,11 @@ def test_windows_have_one_size_and_their_cores_partition_the_axis():
     assert axis_windows(40, 64, 1)[0].size == 40
 
 
-def test_two_level_fused_tiles_equal_the_untiled_run_and_run_each_level():
+@pytest.mark.parametrize("spec", ["1,1:1,2", "1,1:1,2+detail"])
+def test_two_level_fused_tiles_equal_the_untiled_run_and_run_each_level(spec):
     from vitca_cli.nca.config import FusionSchedule
 
-    schedule = FusionSchedule.parse("1,1:1,2")
+    schedule = FusionSchedule.parse(spec)
     backend = small_backend(pos_encoding="none")
     img = rand_image(150, 129, seed=3)  # padded to multiples of 4 cells
     untiled = restore(backend, img, iters=9, tile=0, fusion=schedule)

@@ -585,21 +585,22 @@ def test_best_pt_takes_the_weight_average_when_it_validates_better(tmp_path, mon
     assert trainer.best["weights"] == "weights" and "weights" not in saved["meta"]
 
 
-def test_a_run_trained_with_a_fusion_schedule_is_replayed_by_denoise(tmp_path):
+@pytest.mark.parametrize("schedule", ["1,1:1,2", "1,1:1,2+detail"])
+def test_a_run_trained_with_a_fusion_schedule_is_replayed_by_denoise(tmp_path, schedule):
     photos = photo_folder(tmp_path, 6, (16, 16, 3), seed=4)
     run = tmp_path / "fused"
     res = CliRunner().invoke(app, [
         "train", "--dataset", f"folder:{photos}", "--image-size", "8", "--embed", "16", "--heads", "2", "--mlp", "16",
         "--hidden", "4", "--pos-encoding", "none", "--t-min", "5", "--t-max", "6", "-b", "2", "--mask-max-patch", "2",
-        "--val-every", "0", "--no-compile", "--iterations", "2", "--fusion-schedule", "1,1:1,2", "-o", str(run),
+        "--val-every", "0", "--no-compile", "--iterations", "2", "--fusion-schedule", schedule, "-o", str(run),
     ])  # fmt: skip
     assert res.exit_code == 0, res.output
-    assert read_checkpoint(run / "best.pt")["meta"]["fusion_schedule"] == "1,1:1,2"
+    assert read_checkpoint(run / "best.pt")["meta"]["fusion_schedule"] == schedule
     out = tmp_path / "out.png"
     res = CliRunner().invoke(app, ["-v", "denoise", str(photos / "p0.png"), "-w", str(run / "best.pt"), "-o", str(out),
                                    "--iters", "8"])  # fmt: skip
     assert res.exit_code == 0, res.output
-    assert "fused 1,1:1,2" in res.output and Image.open(out).size == (16, 16)
+    assert f"fused {schedule}" in res.output and Image.open(out).size == (16, 16)
     res = CliRunner().invoke(app, ["denoise", str(photos / "p0.png"), "-w", str(run / "best.pt"), "-o", "-",
                                    "--iters", "4"])  # fmt: skip
     assert res.exit_code == 2 and "at least 5" in res.output

@@ -156,16 +156,25 @@ class FusionSchedule:
     """Fusion and mitosis over several levels (appendix A.1, generalised): ``down[l]`` steps on level ``l`` before
     its cells are fused 2×2 into level ``l + 1``; the rest of the steps on the coarsest level ``len(down)``; then,
     for each division back up, ``up[k]`` steps on the level reached (``up[0]`` on level ``len(down) - 1``, the last
-    on full resolution). Spelled ``"2,2:2,4"`` (down:up); appendix A.1 is ``"2:2"``."""
+    on full resolution). Spelled ``"2,2:2,4"`` (down:up); appendix A.1 is ``"2:2"``.
+
+    ``detail`` (spelled ``"2,2:2,4+detail"``): each division also adds to every cell's output its *detail*, its own
+    input minus the mean input of its 2×2 group (known pixels only), which fusion averaged away. A clean image
+    restored at the coarse level comes back whole at full resolution, and the finer levels are left with only the
+    fine-scale part of the noise. Appendix A.1's mitosis copies the fused cell (``detail`` off)."""
 
     down: tuple[int, ...]
     up: tuple[int, ...]
+    detail: bool = False
 
     @classmethod
     def parse(cls, spec: str) -> FusionSchedule:
+        spec, plus, mode = spec.partition("+")
+        if plus and mode != "detail":
+            raise ValueError(f"bad fusion schedule {spec}+{mode}: the one mitosis mode is +detail, e.g. 2,2:2,4+detail")
         down, sep, up = spec.partition(":")
         try:
-            schedule = cls(tuple(int(v) for v in down.split(",")), tuple(int(v) for v in up.split(",")))
+            schedule = cls(tuple(int(v) for v in down.split(",")), tuple(int(v) for v in up.split(",")), bool(plus))
         except ValueError:
             raise ValueError(f"bad fusion schedule {spec!r}: expected steps down:steps up, e.g. 2,2:2,4") from None
         if not sep or len(schedule.down) != len(schedule.up) or min(schedule.down + schedule.up) < 0:
@@ -173,7 +182,8 @@ class FusionSchedule:
         return schedule
 
     def __str__(self) -> str:
-        return f"{','.join(map(str, self.down))}:{','.join(map(str, self.up))}"
+        steps = f"{','.join(map(str, self.down))}:{','.join(map(str, self.up))}"
+        return steps + "+detail" if self.detail else steps
 
     @property
     def levels(self) -> int:

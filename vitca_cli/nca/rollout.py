@@ -180,8 +180,8 @@ def fusion_rollout(
 ) -> torch.Tensor:
     """``steps`` steps of ``ca`` (a ``CellularAutomaton``) by ``schedule``: each fusion averages 2×2 groups of cells
     (:meth:`CellularAutomaton.fusion`); each division (mitosis) gives every cell of a group its fused cell's state
-    and re-injects its own input channels. Each phase draws its masks from ``masks``. The grid's height and width
-    must be multiples of ``2 ** levels``."""
+    and re-injects its own input channels (with ``schedule.detail``, adds back its detail). Each phase draws its
+    masks from ``masks``. The grid's height and width must be multiples of ``2 ** levels``."""
     if isinstance(masks, GivenMasks):
         raise ValueError("fusion/mitosis changes the grid size: give it a mask source that draws, not masks")
     side = 1 << schedule.levels
@@ -193,6 +193,6 @@ def fusion_rollout(
             z, stash = ca.fusion(z)
             stashes.append(stash)
         while level < len(stashes):
-            z = ca.mitosis(z, stashes.pop())
+            z = ca.mitosis(z, stashes.pop(), schedule.detail)
         z = rollout(ca.step, z, n, masks)
     return z

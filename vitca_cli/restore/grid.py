@@ -144,12 +144,14 @@ def _one(needed: torch.Tensor | None, i: int) -> torch.Tensor | None:
 @dataclass(frozen=True)
 class Stepping:
     """How a rollout steps: ``settle``, the ``record``ed steps, ``max_cells`` per backend call and the ``window``
-    side (None: the default) of :func:`vitca_cli.restore.windows.rollout_windows`."""
+    side (None: the default) of :func:`vitca_cli.restore.windows.rollout_windows`; ``detail``: divisions add back
+    each cell's detail (``FusionSchedule.detail``)."""
 
     settle: float
     record: tuple[int, ...]
     max_cells: int
     window: int | None = None
+    detail: bool = False
 
 
 def run_rects(
@@ -171,7 +173,9 @@ def run_rects(
         last = None if until is None else until[0]
         run = rollout_windows(backend, cells, phases[0][1], s.settle, s.record, s.max_cells, on_step, s.window, last)
     else:
-        run = rollout_levels(backend, cells, phases, s.settle, s.record, s.max_cells, on_step, s.window, until)
+        run = rollout_levels(
+            backend, cells, phases, s.settle, s.record, s.max_cells, on_step, s.window, until, s.detail
+        )
     final = output_image(cfg, run.cells).float().cpu()
     outputs = run.frames + [final] * (len(s.record) - len(run.frames)) + [final]  # settled early: final frames
     return run, outputs

@@ -160,7 +160,7 @@ def restore(
     align = 1 << fusion.levels if fusion else 1
     x, k, (ph, pw) = padded(cfg, image, known, align)
     record = recorded_steps(iters, frames, ph * pw * c * 4)
-    stepping = Stepping(settle, tuple(record), max_cells)
+    stepping = Stepping(settle, tuple(record), max_cells, detail=bool(fusion and fusion.detail))
     if known is not None and holes_only and cfg.arch == "vitca" and not cfg.size_dependent:
         args = (iters, rate, seed, runs, fusion, stepping, progress)
         result = restore_holes(backend, x, k, (h, w), *args)

@@ -181,14 +181,15 @@ def rollout_levels(
     on_step: Callable[[int], None] | None = None,
     window: int | None = None,
     until: list[torch.Tensor] | None = None,
+    detail: bool = False,
 ) -> Rollout:
     """A rollout with fusion and mitosis (appendix A.1, over several levels): ``phases`` lists ``(level, masks)`` in
     the order they run, ``masks`` ``(T_phase, N, H / 2^level, W / 2^level)``, each phase run by
     :func:`rollout_windows`. Going down a level fuses 2×2 groups of cells; going up divides them again, each cell
-    keeping its own input channels. ``cells`` ``(N, C, H, W)`` with H and W multiples of 2^(deepest level). Frames
-    recorded on a fused grid are shown at full size; settling works within each phase. ``window`` and ``until``
-    (one map per phase, each counted from the phase's first step; None: every cell every step) go to
-    :func:`rollout_windows`."""
+    keeping its own input channels (with ``detail`` also adding back its detail). ``cells`` ``(N, C, H, W)`` with
+    H and W multiples of 2^(deepest level). Frames recorded on a fused grid are shown at full size; settling works
+    within each phase. ``window`` and ``until`` (one map per phase, each counted from the phase's first step; None:
+    every cell every step) go to :func:`rollout_windows`."""
     cfg: CAConfig = backend.cfg
     n, _, h, w = cells.shape
     steps = sum(len(m) for _, m in phases)
@@ -200,7 +201,7 @@ def rollout_levels(
             grids.append(fuse_cells(grids[-1]))
         while level < len(grids) - 1:
             fused = grids.pop()
-            grids[-1] = divide_cells(cfg, fused, grids[-1])
+            grids[-1] = divide_cells(cfg, fused, grids[-1], detail)
         wanted = tuple(t - before for t in record if before < t <= before + len(masks))
         ticks = None if on_step is None else (lambda t, before=before: on_step(before + t))
         last = None if until is None else until[i]
