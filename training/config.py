@@ -161,7 +161,8 @@ class TrainConfig:
     corruptions: str = setting(  # "patch": vitca_cli.nca.corruptions.PAPER_MIXTURE
         "patch",
         'Damage mixture, e.g. "gaussian=0.01-0.25:3, saltpepper:1, jpeg=10-60:1, strokes:2, rects:1, '
-        'clean:1" (NAME[=LO-HI][:WEIGHT]; kinds: patch gaussian saltpepper jpeg strokes rects clean).',
+        'clean:1" (NAME[=LO-HI][:WEIGHT]; kinds: patch gaussian saltpepper jpeg gaussjpeg camera strokes rects '
+        "scribbles blobs text clean).",
         shown="patch: the paper's masks",
     )
     crop_sizes: tuple[int, ...] = setting(

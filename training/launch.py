@@ -79,9 +79,10 @@ def _plan(req: Launch, world):
     if req.init_weights is not None:
         if req.resume is not None:
             raise SettingError("init_weights", "starts a new run; {1} continues one (pick one)", "resume")
-        if model_opts:
-            given = placeholders(len(model_opts))
-            raise SettingError("init_weights", f"fixes the model; cannot also set {given}", *sorted(model_opts))
+        fixed = sorted(set(model_opts) - set(run.RULE_FREE))
+        if fixed:
+            given = placeholders(len(fixed))
+            raise SettingError("init_weights", f"fixes the model's weights; cannot also set {given}", *fixed)
         init = run.read_init(req.init_weights)
         train_opts["init_weights"] = init[2]
     if req.resume is not None:

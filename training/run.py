@@ -91,6 +91,9 @@ def read_init(spec: str):
     return cfg, state, f"{ref.name} ({ref.path.name}, sha256 {sha256_file(ref.path)[:12]})"
 
 
+RULE_FREE = ("cell_init", "update_rate")  # model options that change no weight: fine-tuning may set them
+
+
 def model_config(
     tcfg: TrainConfig,
     channels: int,
@@ -100,10 +103,10 @@ def model_config(
     init_spec: str = "",
 ) -> CAConfig:
     """The model a run trains on data of ``channels`` × ``image_size``: the starting weights' (moved to the image
-    size when its position encoding allows), else the dataset's preset with ``model_opts``; checked against the
-    masking and crop sizes."""
+    size when its position encoding allows, with any ``RULE_FREE`` options of ``model_opts``), else the dataset's
+    preset with ``model_opts``; checked against the masking and crop sizes."""
     if init_cfg is not None:
-        cfg = init_cfg
+        cfg = init_cfg.replace(**{k: v for k, v in model_opts.items() if k in RULE_FREE})
         if channels != cfg.channels or tuple(image_size) != tuple(cfg.image_size):
             if channels != cfg.channels or cfg.pos_encoding == "learned":
                 raise SettingError(

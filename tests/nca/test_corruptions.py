@@ -66,7 +66,7 @@ def test_each_kind_damages_as_described():
     assert 0.15 < float(hit.float().mean()) < 0.45
     jp, _ = corrupt_one(x, Corruption("jpeg", 5, 5), gen())
     assert jp.shape == x.shape and 0 < float((jp - x).abs().mean()) < 0.2
-    for kind in ("strokes", "rects"):
+    for kind in ("strokes", "rects", "scribbles", "blobs", "text"):
         damaged, known = corrupt_one(x, Corruption(kind, 2, 2), gen(), mask_type="dropout")
         missing = known[0] == 0
         assert 0 < int(missing.sum()) < missing.numel()
@@ -309,3 +309,18 @@ def test_noise_saved_as_a_4_2_0_jpeg_keeps_its_luminance_and_loses_its_chroma():
     assert known.all() and n.std() > 0.02
     assert np.corrcoef(n)[0, 2] > 0.5  # what is left is mostly the same in R, G and B
     assert str(parse_mixture("camera, gaussjpeg")[0]) == "camera=0.02-0.2:1"
+
+
+def test_scribbles_run_from_thin_to_thirty_pixels_wide_and_text_draws_letters():
+    from scipy import ndimage
+
+    from vitca_cli.nca.corruptions import hole_mask
+
+    depths = []
+    for seed in range(12):  # one stroke each: its half width is the farthest a missing pixel lies from a known one
+        missing = hole_mask("scribbles", 256, 256, 1, torch.Generator().manual_seed(seed))
+        depths.append(float(ndimage.distance_transform_edt(missing).max()))
+    assert min(depths) <= 3 and max(depths) >= 9  # from 2 px wide to past 18
+    text = hole_mask("text", 96, 96, 3, torch.Generator().manual_seed(1))
+    _, parts = ndimage.label(text)
+    assert 0.005 < text.mean() < 0.3 and parts >= 3  # several separate glyphs, not one block

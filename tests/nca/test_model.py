@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 from vitca_cli.cli import app
 from vitca_cli.nca.attention import local_attention, local_attention_at
 from vitca_cli.nca.config import CAConfig, preset
+from vitca_cli.nca.levels import divide_cells
 from vitca_cli.nca.model import (
     CellularAutomaton,
     count_parameters,
-    divide_cells,
     patchify,
     unpatchify,
     vit_position_encoding,

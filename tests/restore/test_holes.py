@@ -76,11 +76,19 @@ def test_holes_only_writes_the_same_bytes_as_the_whole_grid(tmp_path, monkeypatc
 # ---------------------------------------------------------------------------------------------------------------------
 # The library: every setting that changes a run, and that the exactness is not vacuous
 # ---------------------------------------------------------------------------------------------------------------------
-def tiny_backend(patch: int = 1) -> TorchBackend:
+def tiny_backend(patch: int = 1, cell_init: str = "constant") -> TorchBackend:
     """A small random mask-aware model whose every step changes the cells."""
     torch.manual_seed(0)
     cfg = CAConfig(
-        channels=3, embed=16, heads=2, mlp=16, hidden=4, pos_encoding="none", mask_channel=True, patch_size=patch
+        channels=3,
+        embed=16,
+        heads=2,
+        mlp=16,
+        hidden=4,
+        pos_encoding="none",
+        mask_channel=True,
+        patch_size=patch,
+        cell_init=cell_init,
     )
     ca = CellularAutomaton(cfg)
     with torch.no_grad():
@@ -104,11 +112,12 @@ def damaged(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         (1, (211, 243), dict(iters=8, fusion=True, frames=4)),
         (2, (259, 271), dict(iters=6, fusion=True, runs=2)),  # the fused grid at least a window (64 cells) a side
         (1, (211, 243), dict(iters=6, settle=0.02)),
+        (1, (211, 243), dict(iters=6, cell_init="fill")),  # every crop starts from the whole image's fill
     ],
 )
 def test_holes_only_equals_the_whole_grid_to_the_bit(monkeypatch, patch, size, settings):
     monkeypatch.setattr(holes, "CORE", 64)
-    backend = tiny_backend(patch)
+    backend = tiny_backend(patch, settings.pop("cell_init", "constant"))
     img, known = damaged(*size)  # odd sizes: padded to whole (and, with fusion, even) cells
     reach = restore(backend, img, known=known, seed=3, **settings)
     whole = restore(backend, img, known=known, seed=3, holes_only=False, tile=0, **settings)

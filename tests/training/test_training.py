@@ -424,6 +424,12 @@ def test_cli_init_weights_starts_a_new_run_from_trained_weights(tmp_path):
     assert any((fresh[k] - b["model"][k]).abs().max() > 1e-3 for k in fresh)  # not a fresh initialisation
     res = runner.invoke(app, ["train", *common, "--init-weights", str(first / "best.pt"), "--embed", "32"])
     assert res.exit_code == 2 and "cannot also set --embed" in res.output
+    third = tmp_path / "third"  # options that change no weight may change with the same weights
+    res = runner.invoke(app, ["train", *common, "--init-weights", str(first / "best.pt"), "--iterations", "1",
+                              "--cell-init", "fill", "--update-rate", "0.75", "-o", str(third)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    c = read_checkpoint(third / "last.pt")["config"]
+    assert (c["cell_init"], c["update_rate"]) == ("fill", 0.75) and c["hidden"] == a["config"]["hidden"]
     res = runner.invoke(app, ["train", "--resume", str(second), "--init-weights", str(first / "best.pt")])
     assert res.exit_code == 2 and "pick one" in res.output
     res = runner.invoke(app, ["train", *common, "--init-weights", str(tmp_path / "missing.pt")])

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 ARCHES = ("vitca", "unetca")
 POS_ENCODINGS = ("none", "vit", "nerf", "learned")
-CELL_INITS = ("constant", "random", "input")
+CELL_INITS = ("constant", "random", "input", "fill")
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,9 @@ class CAConfig:
     ``mask_channel`` adds the "known" channels: 1 where the pixel is given, 0 where it is missing (inpainting),
     so the rule need not guess which pixels to replace. ``cell_init="input"`` starts the output channels at the
     input image (0.5 where a pixel is missing): with the zero-initialised head, an untrained rule returns its input
-    unchanged, and training learns a correction rather than the whole image. The paper's presets use neither.
+    unchanged, and training learns a correction rather than the whole image. ``cell_init="fill"`` is ``input`` with
+    the missing pixels' outputs starting at a smooth push-pull fill of the known ones
+    (:func:`vitca_cli.nca.fill.push_pull_fill`) instead of 0.5. The paper's presets use none of these.
     """
 
     arch: str = "vitca"

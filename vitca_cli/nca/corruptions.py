@@ -44,11 +44,15 @@ RANGES: dict[str, tuple[float, float]] = {
     "camera": (0.02, 0.2),
     "strokes": (1, 6),
     "rects": (1, 4),
+    "scribbles": (1, 4),
+    "blobs": (1, 3),
+    "text": (1, 3),
     "patch": (0, 0),
     "clean": (0, 0),
 }
 KINDS = tuple(RANGES)
-INPAINTING = ("strokes", "rects", "patch")
+INPAINTING = ("strokes", "rects", "scribbles", "blobs", "text", "patch")
+DRAWN = ("strokes", "rects", "scribbles", "blobs", "text")  # holes drawn by ``hole_mask``
 PAPER_MIXTURE = "patch"
 
 
@@ -118,9 +122,11 @@ def _randint(gen: torch.Generator, lo: int, hi: int) -> int:
     return int(torch.randint(int(lo), int(hi) + 1, (), generator=gen))
 
 
-def stroke_mask(h: int, w: int, count: int, gen: torch.Generator, width: int | None = None) -> np.ndarray:
+def stroke_mask(
+    h: int, w: int, count: int, gen: torch.Generator, width: int | None = None, widest: int | None = None
+) -> np.ndarray:
     """``count`` free-form strokes (random walks with a round brush) as a bool ``(H, W)`` missing-pixel map, each
-    ``width`` px wide (default: drawn from 2–9 per stroke)."""
+    ``width`` px wide (default: drawn from 2–9 per stroke, or log-uniformly from 2 to ``widest``)."""
     from PIL import Image, ImageDraw
 
     img = Image.new("L", (w, h), 0)
@@ -128,7 +134,9 @@ def stroke_mask(h: int, w: int, count: int, gen: torch.Generator, width: int | N
     scale = max(h, w)
     for _ in range(count):
         x, y = _uniform(gen, 0, w), _uniform(gen, 0, h)
-        brush = _randint(gen, 2, 9) if width is None else width
+        brush = width or (
+            _randint(gen, 2, 9) if widest is None else round(math.exp(_uniform(gen, 0.7, math.log(widest))))
+        )
         angle = _uniform(gen, 0, 2 * math.pi)
         points = [(x, y)]
         for _ in range(_randint(gen, 2, 6)):
@@ -152,6 +160,50 @@ def rect_mask(h: int, w: int, count: int, gen: torch.Generator) -> np.ndarray:
         top, left = _randint(gen, 0, h - rh), _randint(gen, 0, w - rw)
         missing[top : top + rh, left : left + rw] = True
     return missing
+
+
+def blob_mask(h: int, w: int, count: int, gen: torch.Generator) -> np.ndarray:
+    """``count`` blobs (each a cluster of 3–6 overlapping discs, 3–20% of the image's short side across)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(img)
+    side = min(h, w)
+    for _ in range(count):
+        x, y = _uniform(gen, 0, w), _uniform(gen, 0, h)
+        for _ in range(_randint(gen, 3, 6)):
+            r = _uniform(gen, 0.015, 0.1) * side + 1
+            cx, cy = x + _uniform(gen, -r, r), y + _uniform(gen, -r, r)
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+    return np.asarray(img) > 0
+
+
+def text_mask(h: int, w: int, count: int, gen: torch.Generator) -> np.ndarray:
+    """``count`` lines of random capitals and digits, each in a size from 8 px to a third of the image's short side
+    (Pillow's own font), as captions and watermarks are laid over photos."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(img)
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 "
+    for _ in range(count):
+        size = _randint(gen, 8, max(8, min(h, w) // 3))
+        try:
+            font = ImageFont.load_default(size=size)
+        except (TypeError, OSError):  # a Pillow without FreeType: its one bitmap font
+            font = ImageFont.load_default()
+        text = "".join(letters[_randint(gen, 0, len(letters) - 1)] for _ in range(_randint(gen, 3, 12)))
+        draw.text((_uniform(gen, -0.2 * w, w), _uniform(gen, -0.1 * h, h)), text, fill=255, font=font)
+    return np.asarray(img) > 0
+
+
+def hole_mask(kind: str, h: int, w: int, count: int, gen: torch.Generator) -> np.ndarray:
+    """The missing pixels ``(H, W)`` of a ``DRAWN`` kind: ``scribbles`` are strokes 2–30 px wide (at most a third
+    of the short side), ``rects`` squares and oblongs."""
+    if kind == "scribbles":
+        return stroke_mask(h, w, count, gen, widest=max(3, min(30, min(h, w) // 3)))
+    draw = {"strokes": stroke_mask, "rects": rect_mask, "blobs": blob_mask, "text": text_mask}[kind]
+    return draw(h, w, count, gen)
 
 
 def jpeg(image: torch.Tensor, quality: int) -> torch.Tensor:
@@ -257,7 +309,7 @@ def corrupt_one(
         keep = patch_keep_mask(1, ph, pw, prob, patch, gen)[0, :, :h, :w]
     else:
         count = _randint(gen, c.lo, c.hi)
-        missing = (stroke_mask if kind == "strokes" else rect_mask)(h, w, count, gen)
+        missing = hole_mask(kind, h, w, count, gen)
         keep = torch.from_numpy(~missing).to(x.dtype)[None]
     damaged = apply_mask(x[None], keep[None], mask_type, combo[1] if kind == "patch" else 1, gen)[0]
     return damaged, keep.to(x.dtype)

@@ -21,6 +21,8 @@ from torch import nn
 
 from vitca_cli.nca.attention import LocalSelfAttention, run_kernel
 from vitca_cli.nca.config import CAConfig
+from vitca_cli.nca.fill import push_pull_fill
+from vitca_cli.nca.levels import cell_detail, fuse_cells
 from vitca_cli.nca.rollout import APPENDIX_A1, FusionSchedule, GeneratorMasks, GivenMasks, fusion_rollout, rollout
 from vitca_cli.nca.unet import UNetUpdate
 
@@ -194,14 +196,20 @@ class ViTCAUpdate(nn.Module):
 # The cell grid: seeding and reading out (functions of the config alone, shared by every backend)
 # ---------------------------------------------------------------------------------------------------------------------
 def seed_cells(
-    cfg: CAConfig, image: torch.Tensor, generator: torch.Generator | None = None, known: torch.Tensor | None = None
+    cfg: CAConfig,
+    image: torch.Tensor,
+    generator: torch.Generator | None = None,
+    known: torch.Tensor | None = None,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cells for a (masked) image ``(B, Ci, H, W)``, H and W divisible by the patch size.
 
     Input channels hold the image; output is 0.5 and hidden 0 (``constant``), U[0,1) and U[-1,1) (``random``),
-    or the input image and 0 (``input``: 0.5 where a pixel is missing). ``known`` ``(B|1, 1, H, W)`` (1 = the pixel
-    is given, 0 = missing; default all given) fills the known channels of a ``mask_channel`` model and tells
-    ``input`` where to start from 0.5. NeRF position channels, if any, come first.
+    or the input image and 0 (``input``: 0.5 where a pixel is missing; ``fill``: a push-pull fill there, or
+    ``start`` ``(B, Ci, H, W)`` where given, e.g. the fill of the whole image this grid is a window of). ``known``
+    ``(B|1, 1, H, W)`` (1 = the pixel is given, 0 = missing; default all given) fills the known channels of a
+    ``mask_channel`` model and tells ``input``/``fill`` which pixels are missing. NeRF position channels, if any,
+    come first.
     """
     x = patchify(image, cfg.patch_size)
     b, _, h, w = x.shape
@@ -214,9 +222,11 @@ def seed_cells(
     if cfg.cell_init == "random":
         out = torch.rand(shape_out, generator=generator, device=x.device).to(x.dtype)
         hidden = (torch.rand(shape_hidden, generator=generator, device=x.device) * 2 - 1).to(x.dtype)
-    elif cfg.cell_init == "input":
+    elif cfg.cell_init == "input" or (cfg.cell_init == "fill" and known is None and start is None):
         kx = None if kp is None else kp.repeat_interleave(cfg.channels, dim=1)  # b (p1 p2 c) h w
         out = x if kx is None else x * kx + 0.5 * (1 - kx)
+    elif cfg.cell_init == "fill":
+        out = patchify(push_pull_fill(image, known) if start is None else start.to(image.dtype), cfg.patch_size)
     layout: list[tuple[int, torch.Tensor | float]] = []  # (channels, values or a constant), in cell order
     if cfg.pos_encoding == "nerf":
         pe = nerf_position_channels(h, w, cfg.nerf_freqs, device=x.device).to(x.dtype)
@@ -237,40 +247,6 @@ def seed_cells(
             target.copy_(part.permute(0, 2, 3, 1))
         start += count
     return cells.permute(0, 3, 1, 2)
-
-
-def fuse_cells(z: torch.Tensor) -> torch.Tensor:
-    """Fusion (appendix A.1): each 2×2 group of cells of ``z`` ``(B, C, H, W)`` (H, W even) averaged into one cell,
-    in channels-last memory as ``seed_cells`` makes grids."""
-    return F.avg_pool2d(z, 2).contiguous(memory_format=torch.channels_last)
-
-
-def cell_detail(cfg: CAConfig, static: torch.Tensor) -> torch.Tensor:
-    """``(B, Co·P², H, W)``: each cell's input minus the mean input of its 2×2 group, over the known pixels of a
-    mask-aware grid (0 where a pixel is missing), from the grid's static channels ``(B, ≥static, H, W)``."""
-    x = static[:, cfg.input_slice]
-    if cfg.known_channels:
-        known = static[:, cfg.known_slice].repeat_interleave(cfg.channels, dim=1)
-        mean = F.avg_pool2d(x * known, 2) / F.avg_pool2d(known, 2).clamp_min(1e-6)
-    else:
-        known, mean = None, F.avg_pool2d(x, 2)
-    detail = x - mean.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
-    return detail if known is None else detail * known
-
-
-def divide_cells(cfg: CAConfig, fused: torch.Tensor, cells: torch.Tensor, detail: bool = False) -> torch.Tensor:
-    """Mitosis (appendix A.1) into ``cells`` ``(B, C, 2H, 2W)``, the grid that was fused: every cell of a 2×2 group
-    takes its fused cell's output and hidden channels, and keeps its own static channels (the input is re-injected);
-    with ``detail``, its output also gains its :func:`cell_detail`. Written in place, with no full-size temporary
-    but the detail; returns ``cells``. (``CellularAutomaton.mitosis`` is the same for training, out of place so
-    that gradients flow.)"""
-    b, c, h, w = cells.shape
-    s = cfg.static_channels
-    groups = cells.view(b, c, h // 2, 2, w // 2, 2)
-    groups[:, s:] = fused[:, s:, :, None, :, None]
-    if detail:
-        cells[:, cfg.output_slice] += cell_detail(cfg, cells)
-    return cells
 
 
 def output_image(cfg: CAConfig, z: torch.Tensor) -> torch.Tensor:
@@ -306,9 +282,13 @@ class CellularAutomaton(nn.Module):
 
     # -- cells ------------------------------------------------------------------------------------------------------
     def seed(
-        self, image: torch.Tensor, generator: torch.Generator | None = None, known: torch.Tensor | None = None
+        self,
+        image: torch.Tensor,
+        generator: torch.Generator | None = None,
+        known: torch.Tensor | None = None,
+        start: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return seed_cells(self.cfg, image, generator, known)
+        return seed_cells(self.cfg, image, generator, known, start)
 
     def output(self, z: torch.Tensor) -> torch.Tensor:
         return output_image(self.cfg, z)

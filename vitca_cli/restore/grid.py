@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from vitca_cli.log import log
 from vitca_cli.nca.config import CAConfig, FusionSchedule
+from vitca_cli.nca.fill import push_pull_fill
 from vitca_cli.nca.model import output_image, seed_cells
 from vitca_cli.nca.rollout import UpdateMasks
 from vitca_cli.restore.tiles import TilePlan
@@ -87,6 +88,14 @@ def padded(cfg: CAConfig, image: np.ndarray, known: np.ndarray | None, cells: in
     return x, k, (ph, pw)
 
 
+def first_outputs(cfg: CAConfig, x: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor | None:
+    """The outputs a ``fill`` model's cells start from, for the whole padded image ``x`` (known mask ``k``): every
+    window seeds from the same fill, so windows replay the whole grid. None for other models or with no mask."""
+    if cfg.cell_init != "fill" or k is None:
+        return None
+    return push_pull_fill(x, k)
+
+
 def level_masks(seed: int, iters: int, rate: float, fusion: FusionSchedule | None) -> list[UpdateMasks]:
     """The update masks of each level: full resolution as an unfused run draws them (a phase there takes the first
     or the last steps), each fused level drawn apart at its own coordinates for the steps it runs."""
@@ -155,19 +164,30 @@ class Stepping:
 
 
 def run_rects(
-    backend, x, k, origins: list, size: tuple[int, int], phases: list, stepping: Stepping, on_step, until=None
+    backend,
+    x,
+    k,
+    origins: list,
+    size: tuple[int, int],
+    phases: list,
+    stepping: Stepping,
+    on_step,
+    until=None,
+    start=None,
 ):
     """Run the rectangles of ``size`` cells at cell ``origins`` of the padded image ``x`` (known mask ``k``)
     together, with ``phases`` from :func:`draw_phases`; ``on_step(t)`` after each step. ``until``: each cell's
     last computed step, one map per phase (None: every step). Returns the rollout and, per recorded step and then
-    the final step, the output images ``(len(origins), C, th·p, tw·p)``."""
+    the final step, the output images ``(len(origins), C, th·p, tw·p)``. ``start``: the whole image's first
+    outputs (:func:`first_outputs`), for a ``fill`` model."""
     cfg: CAConfig = backend.cfg
     p = cfg.patch_size
     th, tw = size
     regions = [(..., slice(y * p, (y + th) * p), slice(xx * p, (xx + tw) * p)) for y, xx in origins]
     rects = torch.cat([x[region] for region in regions])
     rect_known = None if k is None else torch.cat([k[region] for region in regions])
-    cells = seed_cells(cfg, rects, known=rect_known)
+    rect_start = None if start is None else torch.cat([start[region] for region in regions])
+    cells = seed_cells(cfg, rects, known=rect_known, start=rect_start)
     s = stepping
     if len(phases) == 1:  # no fusion
         last = None if until is None else until[0]

@@ -198,12 +198,23 @@ def missing_cells(k: torch.Tensor, patch: int) -> np.ndarray:
 
 
 def restore_holes(
-    backend, x, k, size, iters, rate, seed, runs, fusion: FusionSchedule | None, stepping: Stepping, progress=None
+    backend,
+    x,
+    k,
+    size,
+    iters,
+    rate,
+    seed,
+    runs,
+    fusion: FusionSchedule | None,
+    stepping: Stepping,
+    progress=None,
+    initial=None,
 ):
     """The inpainted image of the padded image ``x`` with known mask ``k`` (both as ``restore`` pads them, to
     2^levels cells with ``fusion``), cropped to ``size``: ``restore``'s result, computing only the holes' reach;
     None where that reach covers ``WHOLE_GRID_SHARE`` of the grid or more (the whole grid's tiles are then cheaper
-    than overlapping crops)."""
+    than overlapping crops). ``initial``: the whole image's first outputs (``grid.first_outputs``)."""
     cfg: CAConfig = backend.cfg
     p, c = cfg.patch_size, cfg.channels
     ph, pw = x.shape[-2:]
@@ -243,7 +254,7 @@ def restore_holes(
                     progress(start + t, total)
 
             phases = draw_phases(source, fusion, [(y0, x0)], (h, w), needed)
-            run, outputs = run_rects(backend, x, k, [(y0, x0)], (h, w), phases, stepping, on_step, limits)
+            run, outputs = run_rects(backend, x, k, [(y0, x0)], (h, w), phases, stepping, on_step, limits, initial)
             computed, skipped, done = computed + run.computed, skipped + run.skipped, start + iters
             _add_holes(acc, outputs, crop, p)
     if progress is not None and total:

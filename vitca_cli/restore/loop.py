@@ -30,6 +30,7 @@ from vitca_cli.restore.grid import (
     Stepping,
     blended_images,
     draw_phases,
+    first_outputs,
     frame_schedule,
     level_masks,
     padded,
@@ -159,11 +160,12 @@ def restore(
     tile = _check_tile(cfg, tile)
     align = 1 << fusion.levels if fusion else 1
     x, k, (ph, pw) = padded(cfg, image, known, align)
+    initial = first_outputs(cfg, x, k)
     record = recorded_steps(iters, frames, ph * pw * c * 4)
     stepping = Stepping(settle, tuple(record), max_cells, detail=bool(fusion and fusion.detail))
     if known is not None and holes_only and cfg.arch == "vitca" and not cfg.size_dependent:
         args = (iters, rate, seed, runs, fusion, stepping, progress)
-        result = restore_holes(backend, x, k, (h, w), *args)
+        result = restore_holes(backend, x, k, (h, w), *args, initial=initial)
         if result is not None:
             return result
     reach = fusion.reach(iters) if fusion else iters  # full-resolution cells a cell's state can come from
@@ -193,7 +195,7 @@ def restore(
                     progress(start + t, total)
 
             phases = draw_phases(masks, fusion, batch, plan.tile)
-            run, outputs = run_rects(backend, x, k, batch, plan.tile, phases, stepping, on_step)
+            run, outputs = run_rects(backend, x, k, batch, plan.tile, phases, stepping, on_step, start=initial)
             computed, skipped = computed + run.computed, skipped + run.skipped
             done = start + iters
             if progress is not None and run.steps_run < iters:

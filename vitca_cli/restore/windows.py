@@ -27,7 +27,8 @@ from typing import Callable
 import torch
 
 from vitca_cli.nca.config import CAConfig
-from vitca_cli.nca.model import divide_cells, fuse_cells, output_image
+from vitca_cli.nca.levels import divide_cells, fuse_cells
+from vitca_cli.nca.model import output_image
 from vitca_cli.restore.tiles import axis_origins
 
 WINDOW = 64  # cells per side of a step window at most, halo included
