@@ -76,7 +76,7 @@ def squares(h: int, w: int, count: int, side: int, gen: torch.Generator) -> np.n
 def native_damage(kind: str, clean: np.ndarray, gen: torch.Generator):
     """``clean`` ``(H, W, 3)`` damaged as ``NATIVE_KINDS[kind]`` says: (damaged image in 8-bit steps, the missing
     pixels ``(H, W)`` or None, the true noise σ where there is one)."""
-    what, level, _ = NATIVE_KINDS[kind]
+    what, level, _, count = NATIVE_KINDS[kind]
     h, w, _ = clean.shape
     x = to_t(clean)[0]
     hwc = lambda t: t.permute(1, 2, 0).numpy()  # noqa: E731
@@ -89,7 +89,10 @@ def native_damage(kind: str, clean: np.ndarray, gen: torch.Generator):
         return hwc(jpeg(noisy.permute(2, 0, 1), NATIVE_JPEG)), None, None
     if what == "camera":
         return hwc(jpeg(camera_noise(x, level, 0.2 * level, gen), NATIVE_JPEG)), None, None
-    missing = stroke_mask(h, w, 6, gen, width=int(level)) if what == "scribbles" else squares(h, w, 3, int(level), gen)
+    if what == "scribbles":
+        missing = stroke_mask(h, w, count, gen, width=int(level))
+    else:
+        missing = squares(h, w, count, int(level), gen)
     return np.where(missing[..., None], 0.0, clean).astype(np.float32), missing, None
 
 

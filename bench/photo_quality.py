@@ -34,6 +34,7 @@ recipes or settings), or the check stops being independent. Damage, named as in 
                           photos), then saved as a Pillow JPEG at quality 90, 4:2:0 (as a camera saves it)
     gaussian 0.05 jpeg90  Gaussian σ 0.05, then a JPEG at quality 90, 4:2:0: noise in a JPEG
     scribbles 6×5px       six free-form strokes 5 px wide, the mask given (as ``vitca inpaint --mask``)
+    scribbles 3×15px      three strokes 15 px wide
     squares 3×20²         three 20×20 holes, the mask given
 
 Baselines, from ``training.baselines``: on the noise kinds NL-means (its own noise estimate), BM3D with σ estimated
@@ -103,14 +104,15 @@ CAMERA_S, CAMERA_READ = 0.07, 0.014  # camera_noise's shot and read levels (read
 NATIVE_JPEG = 90
 NATIVE_DENOISERS = ("nl-means", "bm3d", "bm3d-true")
 NATIVE_INPAINTERS = ("biharmonic", "telea", "navier-stokes")
-NATIVE_KINDS = {  # name -> (damage, its level, inpainting)
-    "clean": ("clean", 0.0, False),
-    "gaussian 0.03": ("gaussian", 0.03, False),
-    "gaussian 0.06": ("gaussian", 0.06, False),
-    "camera+jpeg90": ("camera", CAMERA_S, False),
-    "gaussian 0.05 jpeg90": ("gaussjpeg", 0.05, False),
-    "scribbles 6×5px": ("scribbles", 5, True),
-    "squares 3×20²": ("squares", 20, True),
+NATIVE_KINDS = {  # name -> (damage, its level, inpainting, how many holes)
+    "clean": ("clean", 0.0, False, 0),
+    "gaussian 0.03": ("gaussian", 0.03, False, 0),
+    "gaussian 0.06": ("gaussian", 0.06, False, 0),
+    "camera+jpeg90": ("camera", CAMERA_S, False, 0),
+    "gaussian 0.05 jpeg90": ("gaussjpeg", 0.05, False, 0),
+    "scribbles 6×5px": ("scribbles", 5, True, 6),
+    "scribbles 3×15px": ("scribbles", 15, True, 3),
+    "squares 3×20²": ("squares", 20, True, 3),
 }
 
 
