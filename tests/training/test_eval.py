@@ -102,31 +102,6 @@ def test_eval_runs_the_ca_with_the_update_masks_of_denoise(model):
     assert "the mean of 2 runs" in format_report(averaged)
 
 
-def test_eval_and_analyze_damage_as_denoise_corrupt_does_for_the_same_seed(model):
-    """One patch-masking stream (``nca.masking.random_mask``): ``vitca eval --seed S`` damages its first batch, and
-    ``vitca analyze --corruption`` its images, as ``vitca denoise --corrupt p=…,patch=… --seed S`` damages an image,
-    including sizes the patch does not divide."""
-    from vitca_cli.restore.loop import corrupt
-    from vitca_cli.training.analyses import corrupt_spec
-    from vitca_cli.training.metrics import psnr_per_image
-
-    def denoise_corrupt(image, prob, patch, mask_type, seed):  # CHW in, CHW out, through the CLI's HWC helper
-        return torch.from_numpy(corrupt(image.permute(1, 2, 0).numpy(), prob, patch, mask_type, seed)).permute(2, 0, 1)
-
-    clean, seed = _images(1, seed=2), 7
-    prob, patch = eval_combos()[0]  # the first batch's combo
-    for mask_type in ("noise", "dropout"):
-        damaged = denoise_corrupt(clean[0], prob, patch, mask_type, seed)
-        report = evaluate(model, batches(TensorDataset(clean), 1), iters=1, mask_type=mask_type, seed=seed)
-        expected = psnr_per_image(damaged[None], clean).item()
-        assert report["methods"]["input"]["psnr"]["mean"] == pytest.approx(expected, abs=1e-3)
-    odd = _images(1, seed=3, size=18)[..., :13]  # 18×13: a 4×4 patch grid cropped at the edges
-    for mask_type in ("noise", "dropout"):
-        spec = corrupt_spec(odd, f"p=0.5,patch=4,type={mask_type}", torch.Generator().manual_seed(seed))
-        assert torch.equal(spec[0], denoise_corrupt(odd[0], 0.5, 4, mask_type, seed))
-        assert not torch.equal(spec[0], odd[0])
-
-
 def test_corrupted_input_row_matches_the_masking(model):
     # dropout with p=0.25..0.75 zeroes pixels of an all-ones image: input PSNR is -10·log10(fraction dropped)
     ones = TensorDataset(torch.ones(9, 1, 16, 16))
