@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from vitca_cli.errors import SettingError, UsageError
-from vitca_cli.nca.masking import apply_mask, bernoulli, parse_corruption
+from vitca_cli.nca.masking import parse_corruption, random_mask
 from vitca_cli.nca.rollout import BlockMasks, rollout
 from vitca_cli.training.figures import image_grid, line_chart, save_png, save_table, stack_vertically
 from vitca_cli.training.metrics import psnr_per_image, ssim_per_image
@@ -36,22 +36,15 @@ DIVERGED_ABS = 100.0  # a cell state beyond this magnitude (or non-finite) count
 # ---------------------------------------------------------------------------------------------------------------------
 # Corruptions, including the unseen ones
 # ---------------------------------------------------------------------------------------------------------------------
-def _keep_mask(b: int, h: int, w: int, prob: float, patch: int, gen: torch.Generator) -> torch.Tensor:
-    """Like ``patch_keep_mask`` but for patches that need not divide the image (edge patches are cropped)."""
-    keep = bernoulli((b, 1, -(-h // patch), -(-w // patch)), 1.0 - prob, gen)
-    return keep.repeat_interleave(patch, 2).repeat_interleave(patch, 3)[..., :h, :w]
-
-
 def corrupt_spec(x: torch.Tensor, spec: str, gen: torch.Generator) -> torch.Tensor:
-    """Apply a ``parse_corruption`` spec (``p=…,patch=…,type=…``), or nothing for ``none``."""
+    """Apply a ``parse_corruption`` spec (``p=…,patch=…,type=…``) with ``random_mask``, or nothing for ``none``."""
     if spec.strip().lower() == "none":
         return x.clone()
     try:
         prob, patch, kind = parse_corruption(spec)
     except ValueError as exc:
         raise SettingError("corruption", f"{spec!r}: {exc}") from None
-    b, _, h, w = x.shape
-    return apply_mask(x, _keep_mask(b, h, w, prob, patch, gen), kind, patch, gen)
+    return random_mask(x, prob, patch, kind, gen)[0]
 
 
 def unseen_conditions(mask_type: str) -> dict[str, callable]:

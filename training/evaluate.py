@@ -33,7 +33,7 @@ import torch
 from vitca_cli import tables
 from vitca_cli.errors import SettingError, UsageError
 from vitca_cli.io.weights import home_dir
-from vitca_cli.nca.masking import MaskingSchedule, apply_mask, patch_keep_mask
+from vitca_cli.nca.masking import MaskingSchedule, random_mask
 from vitca_cli.nca.rollout import BlockMasks, MaskSource, rollout
 from vitca_cli.training.metrics import LPIPS, mean_interval, psnr_batch, psnr_per_image, ssim_per_image
 
@@ -106,15 +106,6 @@ def check_patch_sizes(image_size: tuple[int, int], schedule: MaskingSchedule | N
             f"not divide the image size {image_size[0]}×{image_size[1]}; pick a largest patch so that 1, max/2 and "
             "max all divide it",
         )
-
-
-def corrupt(
-    images: torch.Tensor, prob: float, patch: int, mask_type: str, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(corrupted, keep)`` for a CPU batch: patches dropped with probability ``prob`` (keep: 1 = kept)."""
-    b, _, h, w = images.shape
-    keep = patch_keep_mask(b, h, w, prob, patch, generator)
-    return apply_mask(images, keep, mask_type, patch, generator), keep
 
 
 def restore(
@@ -333,7 +324,7 @@ def _corrupt_batch(clean: torch.Tensor, prob: float, patch: int, mixture, mask_t
     if mixture:
         corrupted, known, kinds = corrupt_batch(clean, mixture, gen, mask_type, (prob, patch))
         return corrupted, known, known, kinds
-    corrupted, keep = corrupt(clean, prob, patch, mask_type, gen)
+    corrupted, keep = random_mask(clean, prob, patch, mask_type, gen)
     return corrupted, None, keep, None
 
 

@@ -13,6 +13,7 @@ from typing import Optional
 
 from vitca_cli.errors import UsageError
 from vitca_cli.log import log
+from vitca_cli.progress import Progress
 
 
 def load_weights(weights: str, device: str, threads: Optional[int] = None):
@@ -47,17 +48,9 @@ def mask_type_for(given: Optional[str], meta: dict) -> str:
     return given if given is not None else backend_mask_type(SimpleNamespace(meta=meta))
 
 
-class Progress:
-    """Logs progress to stderr about every 10%."""
-
-    def __init__(self, total: int, what: str):
-        self.total, self.done, self.next, self.what = total, 0, max(1, total // 10), what
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        if self.done >= self.next or self.done == self.total:
-            log.info(f"{self.what}: {self.done}/{self.total}")
-            self.next = self.done + max(1, self.total // 10)
+def _progress(label: str, total: int, unit: str) -> Progress:
+    """A bar on a terminal; in a log, a line about every 10% and at the end."""
+    return Progress(label, total, unit=unit, every_s=0.0, every_fraction=0.1, final=True, transient=False)
 
 
 def check_eval_options(
@@ -127,22 +120,24 @@ def evaluate_weights(
         + f", {mtype} masking, seed {seed}"
     )
     step, step_name = _step(model, fast)
-    report = ev.evaluate(
-        model,
-        ev.batches(ds, batch_size, n, drop_last=protocol == "paper"),
-        iters=iters,
-        mask_type=mtype,
-        seed=seed,
-        schedule=schedule,
-        update_rate=update_rate,
-        baselines=list(BASELINES) if baselines else [],
-        lpips=lpips,
-        progress=Progress(n, "images"),
-        corruptions=corruptions,
-        protocol=protocol,
-        step=step,
-        runs=runs,
-    )
+    scored = n - n % batch_size if protocol == "paper" else n  # the paper's protocol drops a last partial batch
+    with _progress("eval", scored, "images") as shown:
+        report = ev.evaluate(
+            model,
+            ev.batches(ds, batch_size, n, drop_last=protocol == "paper"),
+            iters=iters,
+            mask_type=mtype,
+            seed=seed,
+            schedule=schedule,
+            update_rate=update_rate,
+            baselines=list(BASELINES) if baselines else [],
+            lpips=lpips,
+            progress=shown.advance,
+            corruptions=corruptions,
+            protocol=protocol,
+            step=step,
+            runs=runs,
+        )
     report = _with_run(report, model, str(path), dataset, split, batch_size, lpips_status, baselines)
     report["step"] = step_name
     return report
@@ -245,18 +240,19 @@ def probe(
         if getattr(ds, "labels", None) is None:
             raise UsageError(f"--dataset {dataset}: no class labels, so nothing to probe")
     total = min(train_limit, len(train_set)) + min(test_limit, len(test_set))
-    report = linear_probe(
-        model,
-        train_set,
-        test_set,
-        iters=iters,
-        train_limit=train_limit,
-        test_limit=test_limit,
-        max_iter=max_iter,
-        batch_size=batch_size,
-        seed=seed,
-        progress=Progress(total, "features"),
-    )
+    with _progress("probe", total, "features") as shown:
+        report = linear_probe(
+            model,
+            train_set,
+            test_set,
+            iters=iters,
+            train_limit=train_limit,
+            test_limit=test_limit,
+            max_iter=max_iter,
+            batch_size=batch_size,
+            seed=seed,
+            progress=shown.advance,
+        )
     return {"weights": str(path), "dataset": dataset, **report}
 
 

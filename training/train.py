@@ -27,7 +27,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from vitca_cli.errors import VitcaError
 from vitca_cli.io.checkpoint import read_checkpoint
 from vitca_cli.io.files import atomic_write_bytes
 from vitca_cli.nca.config import CAConfig
+from vitca_cli.progress import Progress
 from vitca_cli.training.config import TrainConfig
 from vitca_cli.training.distributed import SINGLE, World, any_rank, barrier
 from vitca_cli.training.run import AVERAGE, BEST, CONFIG_FILE, LAST
@@ -126,7 +126,17 @@ def train(
     last_val = None
     window: list[dict] = []
     start_time, start_iter = time.perf_counter(), trainer.iteration
-    display = _Progress(progress and world.main, trainer.iteration, end)
+    display = Progress(  # a bar on a terminal; in a log, a line after each validation, every 30 s and at the end
+        "train",
+        end,
+        unit="iterations",
+        start=trainer.iteration,
+        every_s=30.0,
+        final=True,
+        transient=False,
+        enabled=progress and world.main,
+        status=_status(),
+    )
     metrics_file = open(metrics_path, "a") if world.main else open(os.devnull, "w")
     with _StopFlag() as flag, display, metrics_file as metrics:
         if init_state is not None and resume_from is None and val_ds is not None and tcfg.val_every:
@@ -159,7 +169,7 @@ def train(
                 if trainer.average is not None and world.main:
                     trainer.save_best(run_dir / AVERAGE, average=True)
             rate = (i - start_iter) / max(time.perf_counter() - start_time, 1e-9)
-            display.update(i, rec["loss"], last_val, rate, validated)
+            display.update(i, status=_status(rec["loss"], last_val, rate), force=validated)
             if stop:
                 status = "interrupted"
                 break
@@ -249,45 +259,10 @@ def _validate(trainer: Trainer, run_dir: Path, metrics) -> dict:
     return last_val
 
 
-class _Progress:
-    """A rich progress line on stderr when it is a terminal; otherwise a plain log line now and then."""
-
-    def __init__(self, enabled: bool, start: int, end: int):
-        self.enabled, self.start, self.end = enabled, start, end
-        self.bar = None
-        self.tty = sys.stderr.isatty()
-        self._last_line = time.monotonic()
-
-    def __enter__(self):
-        if self.enabled and self.tty:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(
-                TextColumn("train"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}  val PSNR {task.fields[psnr]}  {task.fields[rate]} it/s"),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-            )
-            self.bar.__enter__()
-            self.task = self.bar.add_task("train", total=self.end, completed=self.start, loss="-", psnr="-", rate="-")
-        return self
-
-    def update(self, i, loss, val, rate, validated):
-        psnr = f"{val['val_psnr']:.2f} dB" if val else "-"
-        if val and "ema_val_psnr" in val:
-            psnr += f" (average {val['ema_val_psnr']:.2f})"
-        if self.bar is not None:
-            self.bar.update(self.task, completed=i, loss=f"{loss:.3f}", psnr=psnr, rate=f"{rate:.2f}")
-        elif self.enabled and (validated or time.monotonic() - self._last_line > 30 or i == self.end):
-            eta = (self.end - i) / rate if rate > 0 else float("nan")
-            log.info(
-                f"iteration {i}/{self.end}  loss {loss:.3f}  val PSNR {psnr}  {rate:.2f} it/s  ETA {eta / 60:.1f} min"
-            )
-            self._last_line = time.monotonic()
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
+def _status(loss: float | None = None, val: dict | None = None, rate: float | None = None) -> str:
+    """What the progress display shows after the iterations: the loss, the last validation PSNR, the speed."""
+    psnr = f"{val['val_psnr']:.2f} dB" if val else "-"
+    if val and "ema_val_psnr" in val:
+        psnr += f" (average {val['ema_val_psnr']:.2f})"
+    loss_text, rate_text = ("-" if loss is None else f"{loss:.3f}"), ("-" if rate is None else f"{rate:.2f}")
+    return f"loss {loss_text}  val PSNR {psnr}  {rate_text} it/s"

@@ -92,7 +92,7 @@ class Trainer:
         prob, patch = self.schedule(i, self.rng)
         with torch.no_grad():
             if self.tcfg.paper_masking:
-                z = self.ca.seed(random_mask(x, prob, patch, self.tcfg.mask_type, self.gen), self.gen)
+                z = self.ca.seed(random_mask(x, prob, patch, self.tcfg.mask_type, self.gen)[0], self.gen)
             else:
                 damaged, known, _ = corrupt_batch(
                     x, self.tcfg.mixture, self.gen_data, self.tcfg.mask_type, (prob, patch)
@@ -164,7 +164,7 @@ class Trainer:
             x = self.val_ds.batch(list(range(start, min(n, start + self.tcfg.batch_size)))).to(self.device)
             prob, patch = self.schedule(-1, rng)
             if self.tcfg.paper_masking:
-                batches.append((random_mask(x, prob, patch, self.tcfg.mask_type, gen), None, x))
+                batches.append((random_mask(x, prob, patch, self.tcfg.mask_type, gen)[0], None, x))
             else:
                 cpu_gen = torch.Generator().manual_seed(30_000 + self.tcfg.seed + start)
                 damaged, known, _ = corrupt_batch(x, self.tcfg.mixture, cpu_gen, self.tcfg.mask_type, (prob, patch))

@@ -246,6 +246,28 @@ def test_progress_lines_when_stderr_is_not_a_terminal(capsys, tmp_path, model_fi
     assert code == 0 and re.search(r"in\.png: \d+/4 tile-steps \(\d+%\), ETA", err) and "None" not in err
 
 
+def test_one_progress_display_paces_its_log_lines(capsys):
+    """``vitca_cli.progress.Progress`` as eval (a line each 10% and at the end) and training (forced lines, a final
+    one, none between within 30 s) use it when stderr is not a terminal; disabled, it says nothing."""
+    from vitca_cli.progress import Progress
+
+    log.setup()
+    with Progress("eval", 20, unit="images", every_s=0.0, every_fraction=0.1, final=True) as shown:
+        for _ in range(20):
+            shown.advance(1)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 10 and lines[-1].startswith("eval: 20/20 images (100%), ETA")
+    with Progress("train", 10, unit="iterations", start=4, every_s=30.0, final=True, status="loss -") as shown:
+        for i in range(5, 11):
+            shown.update(i, status=f"loss {i}", force=i == 6)
+    assert [line.split(", ETA")[0] for line in capsys.readouterr().err.splitlines()] == [
+        "train: 6/10 iterations (60%), loss 6",
+        "train: 10/10 iterations (100%), loss 10",
+    ]
+    Progress("quiet", 2, enabled=False, every_s=0.0).update(1)
+    assert capsys.readouterr().err == ""
+
+
 # 10. eval intervals -------------------------------------------------------------------------------------------------
 def test_eval_prints_no_interval_from_one_or_two_batches(randomise_model):
     model = randomise_model(CellularAutomaton(CAConfig(channels=1, image_size=(12, 12), **TINY))).eval()

@@ -32,8 +32,9 @@ def test_schedule_draws_uniformly_from_allowed():
 
 def test_dropout_mask_zeroes_patches_with_probability_p():
     x = torch.rand(8, 3, 32, 32) + 0.1
-    out = random_mask(x, 0.5, 4, "dropout", torch.Generator().manual_seed(0))
+    out, keep = random_mask(x, 0.5, 4, "dropout", torch.Generator().manual_seed(0))
     dropped = out == 0
+    assert torch.equal(dropped[:, :1], keep == 0)
     assert torch.equal(dropped[:, 0], dropped[:, 2])  # all channels of a patch share the mask
     blocks = dropped[:, 0].reshape(8, 8, 4, 8, 4)
     assert bool((blocks.all(dim=(2, 4)) | (~blocks).all(dim=(2, 4))).all())  # whole 4×4 patches
@@ -61,6 +62,23 @@ def test_keep_mask_requires_divisible_size_and_same_seed_same_mask():
     a = patch_keep_mask(2, 8, 8, 0.5, 2, torch.Generator().manual_seed(5))
     b = patch_keep_mask(2, 8, 8, 0.5, 2, torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
+
+
+def test_random_mask_draws_the_keep_mask_then_one_noise_value_per_patch():
+    """The stream every patch-masking caller shares (training, eval, analyses, ``denoise --corrupt``): first one
+    uniform per patch (kept where ``U + 1 - p ≥ 1``), then one N(0,1) per patch; sizes that ``patch`` does not divide
+    take the patch grid cropped at the right and bottom."""
+    x = torch.rand(2, 3, 10, 9)
+    out, keep = random_mask(x, 0.5, 4, "noise", torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    grid_keep = torch.floor(torch.rand(2, 1, 3, 3, generator=gen) + 0.5).clamp(max=1)
+    noise = torch.randn(2, 1, 3, 3, generator=gen)
+    up = lambda t: t.repeat_interleave(4, 2).repeat_interleave(4, 3)[..., :10, :9]  # noqa: E731
+    assert torch.equal(keep, up(grid_keep))
+    assert torch.equal(out, x * keep + up(noise) * (1 - keep))
+    padded = torch.nn.functional.pad(x, (0, 3, 0, 2))  # 12×12: the same draws, uncropped
+    whole, _ = random_mask(padded, 0.5, 4, "noise", torch.Generator().manual_seed(3))
+    assert torch.equal(whole[..., :10, :9], out)
 
 
 def test_parse_corruption():

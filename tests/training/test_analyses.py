@@ -35,6 +35,32 @@ def _check_files(result, rows):
     assert format_table(result["table"]).count("\n") == rows + 1
 
 
+def test_eval_and_analyze_damage_as_denoise_corrupt_does_for_the_same_seed(model):
+    """One patch-masking stream (``nca.masking.random_mask``): ``vitca eval --seed S`` damages its first batch, and
+    ``vitca analyze --corruption`` its images, as ``vitca denoise --corrupt p=…,patch=… --seed S`` damages an image,
+    including sizes the patch does not divide."""
+    from vitca_cli.restore.loop import corrupt
+    from vitca_cli.training.analyses import corrupt_spec
+    from vitca_cli.training.evaluate import eval_combos, evaluate
+    from vitca_cli.training.metrics import psnr_per_image
+
+    def denoise_corrupt(image, prob, patch, mask_type, seed):  # CHW in, CHW out, through the CLI's HWC helper
+        return torch.from_numpy(corrupt(image.permute(1, 2, 0).numpy(), prob, patch, mask_type, seed)).permute(2, 0, 1)
+
+    clean, seed = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(2)), 7
+    prob, patch = eval_combos()[0]  # the first batch's combo
+    for mask_type in ("noise", "dropout"):
+        damaged = denoise_corrupt(clean[0], prob, patch, mask_type, seed)
+        report = evaluate(model, [clean], iters=1, mask_type=mask_type, seed=seed)
+        expected = psnr_per_image(damaged[None], clean).item()
+        assert report["methods"]["input"]["psnr"]["mean"] == pytest.approx(expected, abs=1e-3)
+    odd = torch.rand(1, 1, 18, 13, generator=torch.Generator().manual_seed(3))  # a 4×4 patch grid cropped at the edges
+    for mask_type in ("noise", "dropout"):
+        spec = corrupt_spec(odd, f"p=0.5,patch=4,type={mask_type}", torch.Generator().manual_seed(seed))
+        assert torch.equal(spec[0], denoise_corrupt(odd[0], 0.5, 4, mask_type, seed))
+        assert not torch.equal(spec[0], odd[0])
+
+
 def test_iterations_to_converge():
     assert iterations_to_converge([1.0, 5.0, 9.0, 10.0, 10.1, 10.0]) == 4  # 9.0 is 1 dB short of the final 10
     assert iterations_to_converge([1.0, 5.0, 9.9, 10.0, 10.1, 10.0]) == 3

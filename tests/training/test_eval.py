@@ -61,15 +61,15 @@ def test_evaluate_is_deterministic_and_cycles_combos(model):
 def test_eval_runs_the_ca_with_the_update_masks_of_denoise(model):
     """Same seed, same result: each image's CA output in ``vitca eval --seed S`` is what ``vitca denoise --seed S``
     (``restore.loop.restore``) gives for that corrupted image."""
+    from vitca_cli.nca.masking import random_mask
     from vitca_cli.restore.backends import TorchBackend
     from vitca_cli.restore.loop import restore
-    from vitca_cli.training.evaluate import corrupt
     from vitca_cli.training.metrics import psnr_per_image
 
     clean, seed, iters = _images(3, seed=4), 11, 5
     report = evaluate(model, batches(TensorDataset(clean), 3), iters=iters, seed=seed)
     prob, patch = eval_combos()[0]  # the first batch's combo, drawn from the generator seeded with the seed
-    corrupted, _ = corrupt(clean, prob, patch, "noise", torch.Generator().manual_seed(seed))
+    corrupted, _ = random_mask(clean, prob, patch, "noise", torch.Generator().manual_seed(seed))
     backend = TorchBackend(model)
     denoised = torch.stack(
         [

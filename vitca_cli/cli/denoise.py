@@ -9,83 +9,41 @@ missing weights exit 3 before any file is touched.
 from __future__ import annotations
 
 import inspect
-import sys
-import time
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from vitca_cli import log as logmod
 from vitca_cli.cli import options as opt
 from vitca_cli.cli.options import Backend, MaskType, handle_errors
 from vitca_cli.errors import EXIT_FAILED, VitcaError
 from vitca_cli.log import log
+from vitca_cli.progress import Progress
 from vitca_cli.restore.batch import MAX_HOLE_ITERS, BatchSettings  # torch-free: --help stays fast
 from vitca_cli.restore.defaults import DEFAULT_ITERS
 
 PROGRESS_EVERY_S = 5.0  # a log line this often when stderr is not a terminal
 
 
-def _progress_bar(name: str):
-    """Progress on stderr: a transient rich bar on a terminal (shown from the first step, when the total is known);
-    otherwise a log line every ``PROGRESS_EVERY_S`` seconds, so batch logs show a long image is alive."""
-    if logmod.log.level > 20:
-        return None, lambda: None
-    label = Path(name).name
-    start = time.perf_counter()
-    if not sys.stderr.isatty():
-        last = [start]
-
-        def log_line(done: int, total: int) -> None:
-            now = time.perf_counter()
-            if now - last[0] >= PROGRESS_EVERY_S and done < total:
-                eta = (now - start) / done * (total - done)
-                logmod.log.info(f"{label}: {done}/{total} tile-steps ({100 * done / total:.0f}%), ETA {eta:.0f}s")
-                last[0] = now
-
-        return log_line, lambda: None
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TimeRemainingColumn
-
-    bar = Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        "{task.completed}/{task.total} steps",
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
-    task: list = []
-
-    def update(done: int, total: int) -> None:
-        if not task:
-            bar.start()
-            task.append(bar.add_task(label, total=total))
-        bar.update(task[0], completed=done, total=total)
-
-    return update, bar.stop
-
-
 class _FileProgress:
-    """One progress display per file: opened at its first step, closed when its result arrives."""
+    """One progress display per file (``vitca_cli.progress``): opened at its first step, closed when its result
+    arrives. A transient bar on a terminal; otherwise a log line every ``PROGRESS_EVERY_S`` seconds."""
 
     def __init__(self):
-        self.job = None
-        self.update, self.finish = None, lambda: None
+        self.job, self.display = None, None
 
     def __call__(self, job, done: int, total: int) -> None:
         if job is not self.job:
             self.close()
             self.job = job
-            self.update, self.finish = _progress_bar(job.source)
-        if self.update is not None:
-            self.update(done, total)
+            self.display = Progress(Path(job.source).name, total, unit="tile-steps", every_s=PROGRESS_EVERY_S)
+        self.display.update(done, total)
 
     def close(self) -> None:
-        self.finish()
-        self.job, self.update, self.finish = None, None, lambda: None
+        if self.display is not None:
+            self.display.close()
+        self.job, self.display = None, None
 
 
 def run(inputs: list[str], inpaint: bool, **settings) -> None:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vitca_cli.nca.masking import apply_mask, patch_keep_mask
+from vitca_cli.nca.masking import apply_mask, random_mask
 
 RANGES: dict[str, tuple[float, float]] = {
     "gaussian": (0.01, 0.25),
@@ -304,15 +304,12 @@ def corrupt_one(
         noisy = noisy if ch == 3 else noisy.mean(0, keepdim=True)
         return (jpeg(noisy, _randint(gen, *SAVED_JPEG)) if _uniform(gen, 0, 1) < 0.75 else noisy), known
     if kind == "patch":
-        prob, patch = combo
-        ph, pw = -(-h // patch) * patch, -(-w // patch) * patch
-        keep = patch_keep_mask(1, ph, pw, prob, patch, gen)[0, :, :h, :w]
-    else:
-        count = _randint(gen, c.lo, c.hi)
-        missing = hole_mask(kind, h, w, count, gen)
-        keep = torch.from_numpy(~missing).to(x.dtype)[None]
-    damaged = apply_mask(x[None], keep[None], mask_type, combo[1] if kind == "patch" else 1, gen)[0]
-    return damaged, keep.to(x.dtype)
+        damaged, keep = random_mask(x[None], *combo, mask_type, gen)
+        return damaged[0], keep[0].to(x.dtype)
+    count = _randint(gen, c.lo, c.hi)
+    missing = hole_mask(kind, h, w, count, gen)
+    keep = torch.from_numpy(~missing).to(x.dtype)[None]
+    return apply_mask(x[None], keep[None], mask_type, 1, gen)[0], keep
 
 
 def corrupt_batch(

@@ -1,8 +1,9 @@
 """The paper's corruption: patch masking with a curriculum over training iterations (reference §3).
 
 ``masking_schedule(i)`` picks a (drop probability, patch size) combination for iteration ``i``; ``random_mask``
-applies it as ``dropout`` (masked patches set to 0) or ``noise`` (one N(0,1) scalar per masked patch, shared by
-its pixels and channels, not clipped). ``apply_mask`` applies a given mask, e.g. one read from a mask image.
+(the one home of this masking, for training, evaluation and ``vitca denoise --corrupt``) applies it as ``dropout``
+(masked patches set to 0) or ``noise`` (one N(0,1) scalar per masked patch, shared by its pixels and channels, not
+clipped). ``apply_mask`` applies a given mask, e.g. one read from a mask image.
 ``bernoulli`` is the one 0/1 mask draw (``floor(U + p)``) behind these patch masks and the CA's update masks.
 """
 
@@ -98,11 +99,18 @@ def random_mask(
     patch: int,
     mask_type: str = "noise",
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """The reference's ``random_mask``: drop each ``patch``×``patch`` block with probability ``prob``."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's patch masking of a batch ``(B, C, H, W)`` (the reference's ``random_mask``): each
+    ``patch``×``patch`` block is dropped with probability ``prob``. Returns ``(corrupted, keep)``, ``keep``
+    ``(B, 1, H, W)`` with 1 = kept. Sizes not divisible by ``patch`` are covered by a patch grid cropped at the right
+    and bottom edges.
+
+    The one home of this masking: training, ``vitca eval``, the analyses and ``vitca denoise --corrupt`` all draw it
+    here, so for one generator state they draw the same masks and noise (first the keep mask, then the noise)."""
     b, _, h, w = x.shape
-    keep = patch_keep_mask(b, h, w, prob, patch, generator, x.device)
-    return apply_mask(x, keep, mask_type, patch, generator)
+    ph, pw = -(-h // patch) * patch, -(-w // patch) * patch
+    keep = patch_keep_mask(b, ph, pw, prob, patch, generator, x.device)[..., :h, :w]
+    return apply_mask(x, keep, mask_type, patch, generator), keep
 
 
 def parse_corruption(spec: str) -> tuple[float, int, str]:

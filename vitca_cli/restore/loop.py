@@ -22,7 +22,7 @@ import torch
 from vitca_cli.errors import SettingError
 from vitca_cli.log import log
 from vitca_cli.nca.config import APPENDIX_A1, CAConfig, FusionSchedule
-from vitca_cli.nca.masking import apply_mask, patch_keep_mask
+from vitca_cli.nca.masking import apply_mask, random_mask
 from vitca_cli.nca.rollout import MASK_BLOCK, UpdateMasks
 from vitca_cli.restore.defaults import default_iters, fusion_schedule
 from vitca_cli.restore.grid import (
@@ -53,11 +53,10 @@ MAX_CELLS = {"cpu": 1 << 13, "cuda": 1 << 20}
 def corrupt(image: np.ndarray, prob: float, patch: int, mask_type: str = "noise", seed: int = 0) -> np.ndarray:
     """The paper's masking on a clean ``(H, W, C)`` image: each ``patch``×``patch`` block is dropped with
     probability ``prob`` (zeros, or one N(0,1) value per block). Sizes not divisible by ``patch`` are covered by
-    a patch grid cropped at the right and bottom edges."""
-    h, w = image.shape[:2]
+    a patch grid cropped at the right and bottom edges. The masking is ``vitca_cli.nca.masking.random_mask``'s,
+    from a generator seeded with ``seed``: ``vitca eval --seed`` draws its first batch's damage the same way."""
     gen = torch.Generator().manual_seed(seed)
-    keep = patch_keep_mask(1, -(-h // patch) * patch, -(-w // patch) * patch, prob, patch, gen)[..., :h, :w]
-    return _tensor_to_hwc(apply_mask(_hwc_to_tensor(image), keep, mask_type, patch, gen))
+    return _tensor_to_hwc(random_mask(_hwc_to_tensor(image), prob, patch, mask_type, gen)[0])
 
 
 def damage(image: np.ndarray, mixture, seed: int = 0, mask_type: str = "dropout") -> np.ndarray:
