@@ -39,10 +39,11 @@ recipes or settings), or the check stops being independent. Damage, named as in 
 
 Baselines, from ``training.baselines``: on the noise kinds NL-means (its own noise estimate), BM3D with σ estimated
 as a user would (scikit-image ``estimate_sigma``) and ``bm3d-true``, told the true σ (Gaussian kinds only: an upper
-bound, never counted as the best baseline); on the masked kinds biharmonic, Telea and Navier–Stokes, given the
-mask. Masked kinds are scored by the PSNR *inside the holes* (known pixels are exact for every method), SSIM over
-the whole image. Before timing, each model restores one crop untimed (the compiled step's start-up, paid once per
-process, is not charged to the first photo).
+bound, never counted as the best baseline); on the masked kinds biharmonic, Telea and Navier–Stokes, given the mask,
+and at native scale vitca's own push-pull fill (where a ``fill`` model's cells start). Masked kinds are scored by
+the PSNR *inside the holes* (known pixels are exact for every method), SSIM over the whole image. Before timing,
+each model restores one crop untimed (the compiled step's start-up, paid once per process, is not charged to the
+first photo).
 
 Both modes: ``--weights2 W`` restores every damaged image with a second model too (``vitca2``, its own default
 steps and fusion unless ``--iters``/``--fusion`` say) and prints the paired difference vitca2 − vitca per kind with
@@ -103,7 +104,7 @@ NATIVE_CROP = 512
 CAMERA_S, CAMERA_READ = 0.07, 0.014  # camera_noise's shot and read levels (read = 0.2·s): input ≈ 28 dB
 NATIVE_JPEG = 90
 NATIVE_DENOISERS = ("nl-means", "bm3d", "bm3d-true")
-NATIVE_INPAINTERS = ("biharmonic", "telea", "navier-stokes")
+NATIVE_INPAINTERS = ("biharmonic", "telea", "navier-stokes", "push-pull")
 NATIVE_KINDS = {  # name -> (damage, its level, inpainting, how many holes)
     "clean": ("clean", 0.0, False, 0),
     "gaussian 0.03": ("gaussian", 0.03, False, 0),

@@ -35,6 +35,7 @@ EXTRA_BASELINES: dict[str, tuple[str, bool]] = {
     "bm3d": ("bm3d package, bm3d_rgb (grey: bm3d), σ from scikit-image estimate_sigma (averaged over channels)", False),
     "bm3d-true": ("bm3d package, bm3d_rgb (grey: bm3d), told the true σ of the noise: an upper bound", False),
     "navier-stokes": ("OpenCV inpaint INPAINT_NS radius 3 (given the mask)", True),
+    "push-pull": ("vitca's own push-pull fill, where a fill model's cells start (given the mask)", True),
 }
 TAKES_SIGMA = ("bm3d-true",)  # need run_baseline(..., sigma=the true noise level)
 
@@ -134,6 +135,16 @@ def _bm3d(image: np.ndarray, masked: np.ndarray) -> np.ndarray:
     return _bm3d_with(image, estimated_sigma(image))
 
 
+def _push_pull(image: np.ndarray, masked: np.ndarray) -> np.ndarray:
+    import torch
+
+    from vitca_cli.nca.fill import push_pull_fill
+
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
+    known = torch.from_numpy(~masked).float()[None, None]
+    return push_pull_fill(x * known, known)[0].permute(1, 2, 0).numpy()
+
+
 def _bm3d_true(image: np.ndarray, masked: np.ndarray, sigma: float) -> np.ndarray:
     return _bm3d_with(image, sigma)
 
@@ -146,6 +157,7 @@ _FUNCS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "telea": _telea,
     "bm3d": _bm3d,
     "navier-stokes": _navier_stokes,
+    "push-pull": _push_pull,
 }
 
 

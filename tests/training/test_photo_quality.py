@@ -59,14 +59,24 @@ def test_native_mode_runs_end_to_end_and_writes_every_per_image_figure(tmp_path,
     assert list(r["kinds"]) == ["gaussian 0.03", "squares 3×20²"]
     noise, holes = r["kinds"]["gaussian 0.03"], r["kinds"]["squares 3×20²"]
     assert set(noise) == {"input", "vitca", "vitca2", "nl-means", "bm3d", "bm3d-true", "best_baseline"}
-    assert set(holes) == {"input", "vitca", "vitca2", "biharmonic", "telea", "navier-stokes", "best_baseline"}
+    assert set(holes) == {
+        "input",
+        "vitca",
+        "vitca2",
+        "biharmonic",
+        "telea",
+        "navier-stokes",
+        "push-pull",
+        "best_baseline",
+    }
+    assert holes["push-pull"]["psnr"] > holes["input"]["psnr"] + 10  # a smooth photo's holes filled smoothly
     for entry in (noise["bm3d"], holes["biharmonic"], noise["vitca2"]):
         for key in ("psnr", "ssim", "seconds", "psnr_per_photo", "ssim_per_photo", "seconds_per_photo"):
             assert key in entry
         assert len(entry["psnr_per_photo"]) == 1
     assert noise["bm3d-true"]["psnr"] > noise["input"]["psnr"]  # told σ, BM3D removes noise from a smooth image
     rows = r["per_image"]
-    assert len(rows) == 6 + 6
+    assert len(rows) == 6 + 7
     assert all({"photo", "kind", "method", "psnr", "ssim", "seconds"} <= set(row) for row in rows)
     # masked kinds are scored inside the holes; the whole image's PSNR is kept beside it
     hole_rows = [row for row in rows if row["kind"] == "squares 3×20²"]
