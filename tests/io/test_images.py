@@ -27,6 +27,18 @@ def test_rgb_png_round_trip_is_lossless(tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png")), arr)
 
 
+def test_values_out_of_range_are_clipped_and_nan_is_black():
+    """8-bit encoding (band by band) as ``round(clip(nan_to_num(x), 0, 1) · 255)``, halves to even."""
+    rng = np.random.default_rng(3)
+    pixels = rng.uniform(-0.2, 1.2, (150, 7, 3)).astype(np.float32)  # more rows than one band
+    pixels[:4, 0, 0] = [np.nan, np.inf, -np.inf, 0.5 / 255]
+    want = np.round(np.clip(np.nan_to_num(pixels), 0, 1) * 255).astype(np.uint8)
+    assert want[0, 0, 0] == 0 and want[1, 0, 0] == 255 and want[2, 0, 0] == 0 and want[3, 0, 0] == 0
+    encoded = Image.open(io.BytesIO(images.encode_image(pixels, "PNG")))
+    assert np.array_equal(np.asarray(encoded), want)
+    assert np.array_equal(images.to_uint8_rgb(pixels), want)
+
+
 def test_grayscale_and_one_bit(tmp_path):
     g = rgb_array()[..., 0]
     Image.fromarray(g, "L").save(tmp_path / "g.png")

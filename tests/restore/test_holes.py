@@ -155,6 +155,25 @@ def test_holes_only_equals_the_whole_grid_over_two_fusion_levels(monkeypatch, pa
     assert len(reach.frames) == settings.get("frames", 0)
 
 
+def test_crops_run_cell_by_cell_with_kept_keys_under_the_exact_step_only(monkeypatch):
+    """The equalities above run through ``vitca_cli.restore.sparse`` (each step its updating cells, with their
+    neighbours' keys and values kept); settling, and the fast step, run the windows."""
+    from vitca_cli.restore import sparse
+
+    monkeypatch.setattr(holes, "CORE", 64)
+    backend = tiny_backend()
+    img, known = damaged(211, 243)
+    runs, kept = [], sparse.rollout_kept
+    monkeypatch.setattr(sparse, "rollout_kept", lambda *args: runs.append(kept(*args)) or runs[-1])
+    restore(backend, img, known=known, iters=6)
+    assert len(runs) > 1 and all(run is not None for run in runs)
+    runs.clear()
+    restore(backend, img, known=known, iters=6, settle=0.02)
+    assert not runs
+    backend.use_bf16 = True
+    assert backend.kept_keys(10, 128) is None
+
+
 def test_a_coarsest_level_narrower_than_a_window_runs_the_whole_grid(monkeypatch):
     """211×243 cells fused twice: 53×61 cells, one window smaller than 64, whose scalar kernel tails round some
     cells otherwise than the crops' full windows would: the whole grid runs, and the bytes are its own."""
@@ -235,7 +254,7 @@ def test_crops_share_out_every_hole_once_on_aligned_edges():
 # ---------------------------------------------------------------------------------------------------------------------
 # Enough steps for the holes
 # ---------------------------------------------------------------------------------------------------------------------
-def test_hole_depth_is_the_farthest_missing_pixel_from_a_known_one():
+def test_hole_depth_is_the_farthest_missing_pixel_from_a_known_one(monkeypatch):
     scribble = np.zeros((50, 300), bool)
     scribble[20:24, 10:290] = True
     blob = np.zeros((100, 100), bool)
@@ -243,7 +262,10 @@ def test_hole_depth_is_the_farthest_missing_pixel_from_a_known_one():
     assert holes.hole_depth(scribble) == 2.0 and holes.hole_depth(blob) == 20.0
     assert holes.hole_depth(np.zeros((5, 5), bool)) == 0.0 and holes.hole_depth(np.ones((5, 5), bool)) is None
     rng = np.random.default_rng(0)
-    for _ in range(20):  # random blobs, some at the edges: the cheap search finds the transform's maximum
+    for i in range(40):  # random blobs, some at the edges: the cheap search finds the transform's maximum
+        if i == 20:  # tiles and margins smaller than the blobs: some holes deeper than the margin
+            monkeypatch.setattr(holes, "DEPTH_TILE", 16)
+            monkeypatch.setattr(holes, "DEPTH_MARGIN", 5)
         noise = ndimage.gaussian_filter(rng.random((90, 120)), rng.uniform(2, 8))
         missing = noise > np.quantile(noise, rng.uniform(0.5, 0.95))
         assert holes.hole_depth(missing) == ndimage.distance_transform_edt(missing).max()
@@ -327,8 +349,8 @@ def test_the_api_computes_the_holes_reach_with_the_holes_depth_steps_as_the_cli(
     )
     runs = []
 
-    def spy(backend, x, k, size, iters, *rest):
-        result = restore_holes(backend, x, k, size, iters, *rest)
+    def spy(backend, x, k, size, iters, *rest, **named):
+        result = restore_holes(backend, x, k, size, iters, *rest, **named)
         runs.append((iters, None if result is None else result.crops))
         return result
 

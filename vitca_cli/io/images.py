@@ -166,7 +166,8 @@ def read_image(source: str | Path) -> Picture:
             mode_to = "RGBA"
         else:  # RGB, CMYK, YCbCr, LAB, HSV, RGBX …
             mode_to = "RGB"
-        arr = np.asarray(img.convert(mode_to), dtype=np.float32) / 255.0
+        arr = np.asarray(img.convert(mode_to), dtype=np.float32)
+        arr /= 255.0
         if arr.ndim == 2:
             arr = arr[..., None]
         if mode_to in ("LA", "RGBA"):
@@ -244,24 +245,40 @@ def output_format(path: str | Path, fallback: str, ext: str | None = None) -> st
 def encode_image(pixels: np.ndarray, fmt: str, alpha: np.ndarray | None = None, bits: int = 8) -> bytes:
     """Encode float pixels ``(H, W, C)`` (clipped to [0, 1]) as ``fmt`` bytes, with alpha and 16 bits where the
     format holds them."""
-    pixels = np.clip(np.nan_to_num(pixels), 0.0, 1.0)
     grey = pixels.shape[2] == 1
     if alpha is not None and fmt not in ALPHA_FORMATS:
         log.info(f"{fmt} cannot store alpha: the alpha channel is dropped")
         alpha = None
     if bits == 16 and fmt in SIXTEEN_BIT_FORMATS:
         if grey and alpha is None:
-            img = Image.fromarray(np.round(pixels[..., 0] * 65535).astype(np.uint16))
+            img = Image.fromarray(np.round(_unit(pixels[..., 0]) * 65535).astype(np.uint16))
             return _save(img, fmt)
-        encoded = _encode_sixteen_bit_colour(pixels, alpha, fmt)
+        encoded = _encode_sixteen_bit_colour(_unit(pixels), alpha, fmt)
         if encoded is not None:
             return encoded
         log.info("16-bit colour written at 8 bits (install opencv-python-headless to keep 16)")
-    arr = np.round(pixels * 255).astype(np.uint8)
+    arr = _eight_bits(pixels)
     img = Image.fromarray(arr[..., 0] if grey else arr, mode="L" if grey else "RGB")
     if alpha is not None:
         img.putalpha(Image.fromarray(np.round(np.clip(alpha, 0, 1) * 255).astype(np.uint8), mode="L"))
     return _save(img, fmt)
+
+
+def _unit(pixels: np.ndarray) -> np.ndarray:
+    """A new float array of ``pixels`` clipped to [0, 1], NaN as 0 (``np.clip(np.nan_to_num(pixels), 0, 1)``)."""
+    out = np.fmax(pixels, 0.0)  # NaN -> 0: fmax and fmin return the number where one side is NaN
+    return np.fmin(out, 1.0, out=out)
+
+
+def _eight_bits(pixels: np.ndarray, band: int = 64) -> np.ndarray:
+    """Float pixels (clipped to [0, 1], NaN as 0) as 8-bit values, rounded half to even: ``band`` rows at a time,
+    whose float copy stays in cache, where a whole large image's would not."""
+    out = np.empty(pixels.shape, np.uint8)
+    for lo in range(0, len(pixels), band):
+        unit = _unit(pixels[lo : lo + band])
+        unit *= 255
+        out[lo : lo + band] = np.rint(unit, out=unit)
+    return out
 
 
 def _encode_sixteen_bit_colour(pixels: np.ndarray, alpha: np.ndarray | None, fmt: str) -> bytes | None:
@@ -307,7 +324,7 @@ def write_image(path: str | Path, pixels: np.ndarray, like: Picture | None = Non
 
 def to_uint8_rgb(pixels: np.ndarray) -> np.ndarray:
     """``(H, W, 3)`` uint8 for previews (animations, comparison strips)."""
-    arr = np.round(np.clip(np.nan_to_num(pixels), 0, 1) * 255).astype(np.uint8)
+    arr = _eight_bits(pixels)
     return np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr
 
 

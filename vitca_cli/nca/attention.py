@@ -48,13 +48,22 @@ def local_attention(
     nh, nw = neighbourhood
     # Neighbour axis first: the softmax and the weighted sum then run over large contiguous slices.
     logits = torch.stack([(q * kn).sum(-1) for kn in neighbour_views(k, nh, nw)], dim=0)  # K b h w heads
+    out, weights = neighbour_attention(logits, neighbour_views(v, nh, nw), scale)
+    return out, weights.permute(1, 2, 3, 4, 0)
+
+
+def neighbour_attention(logits: torch.Tensor, values, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The softmax over the neighbours of ``logits`` ``(K, ..., heads)`` (q·k, neighbour axis first) times
+    ``scale``, and the values it weighs: ``values`` yields one ``(..., heads, d)`` per neighbour, in the same order.
+    Returns the attended values ``(..., heads, d)`` and the weights ``(K, ..., heads)``: :func:`local_attention`'s
+    maths, whatever lays the neighbours out."""
     weights = (logits * scale).softmax(dim=0)  # scaling the 9 logits is cheaper than scaling q's d channels
     out = None
-    for n, vn in enumerate(neighbour_views(v, nh, nw)):
+    for n, vn in enumerate(values):
         w = weights[n, ..., None]
         # In-place accumulation is autograd-safe: addcmul's backward needs only its factors.
         out = w * vn if out is None else out.addcmul_(w, vn)
-    return out, weights.permute(1, 2, 3, 4, 0)
+    return out, weights
 
 
 def local_attention_at(
@@ -204,9 +213,13 @@ class LocalSelfAttention(nn.Module):
             if only is not None:
                 out = out.flatten(0, 2).index_select(0, only)
                 residual = residual.flatten(0, 2).index_select(0, only)
+        return self.project(out, residual, head_mask), weights
+
+    def project(self, out: torch.Tensor, residual: torch.Tensor, head_mask: torch.Tensor | None = None):
+        """``residual`` + the output projection of the attended values ``out`` ``(..., heads, d)``."""
         if head_mask is not None:  # 1 = head silenced (appendix Fig. 7)
             out = out * (1.0 - head_mask.to(out.dtype))[:, None]
         out = out.flatten(-2)
         if isinstance(self.to_out, nn.Identity):
-            return residual + out, weights
-        return run_kernel("bias_add", F.linear(out, self.to_out.weight), self.to_out.bias, residual), weights
+            return residual + out
+        return run_kernel("bias_add", F.linear(out, self.to_out.weight), self.to_out.bias, residual)

@@ -4,7 +4,8 @@
 A *backend* is what the restore loop (``vitca_cli.restore.loop.restore``) steps: it has ``.cfg`` (CAConfig),
 ``.name``, ``.device`` (a description for the log), ``.tensor_device`` (where its tensors live; CPU for ONNX
 Runtime) and ``.step(z, update_mask) -> z``; it may also have ``.step_rows(cells, only) -> rows``, the new values of
-the updating cells only (the torch backend), and ``.prepare(work, settle)``, which picks its step for a job.
+the updating cells only (the torch backend), ``.prepare(work, settle)``, which picks its step for a job, and
+``.kept_keys(cells, max_rows)``, a step of chosen cells that keeps each cell's keys and values (or None).
 """
 
 from __future__ import annotations
@@ -117,6 +118,15 @@ class TorchBackend:
         with torch.inference_mode(), torch.autocast(self.tensor_device.type, torch.bfloat16, enabled=self.use_bf16):
             only = only.clone()  # an inference tensor whoever made it: the compiled update guards on which it is
             return self.model.update_rows(cells, only, update=update)
+
+    def kept_keys(self, cells: int, max_rows: int):
+        """A ``vitca_cli.nca.kept.KeptKeys`` for ``cells`` cells of a grid, where the exact step runs (not the fast
+        one) and the rule keeps keys; else None."""
+        from vitca_cli.nca.kept import KeptKeys, keeps_keys
+
+        if self.use_compiled or self.use_bf16 or not keeps_keys(self.model.rule):
+            return None
+        return KeptKeys(self.model.rule, cells, max_rows, self.tensor_device)
 
     def _guarded_update(self, *args, **kwargs):
         """The rule's update, compiled on first use; if compiling fails (no C++ compiler, say), the exact step

@@ -14,7 +14,10 @@ inpainting job depend only on the cells within that *reach* of a hole, and only 
   one map per phase of the schedule, traced back from the last: a division needs the fused cells above the
   needed ones, a fusion all four cells of each needed group), windows without such a cell are left out, and
   update masks are drawn only for the global blocks that hold one, from the same per-level draws as the whole
-  grid's (``vitca_cli.restore.grid.draw_phases``).
+  grid's (``vitca_cli.restore.grid.draw_phases``);
+- with the exact step of a one-block ViTCA rule, a crop runs cell by cell (``vitca_cli.restore.sparse``): traced
+  back through the drawn masks, each step computes only the cells that update and that the holes depend on, with
+  their neighbours' keys and values kept while those do not change.
 
 Each missing pixel then comes out as the whole grid's computation makes it, to the bit: update masks are drawn by
 global block, and the exact step computes each cell's row independently of the other rows of its window, as long
@@ -37,7 +40,7 @@ from scipy import ndimage
 
 from vitca_cli.log import log
 from vitca_cli.nca.config import APPENDIX_A1, CAConfig, FusionSchedule
-from vitca_cli.restore.grid import Restored, Stepping, blended_images, draw_phases, level_masks, run_rects
+from vitca_cli.restore.grid import Restored, Stepping, draw_phases, level_masks, run_rects
 from vitca_cli.restore.tiles import step_radius
 from vitca_cli.restore.windows import WINDOW
 
@@ -46,6 +49,8 @@ CORE = 512  # cells per side of the squares of the global grid that share the ho
 # light cone of a thin hole more closely (bench/inpaint_reach.py); each window has the same one-step halo.
 HOLE_WINDOW = 24
 WHOLE_GRID_SHARE = 0.5  # the holes' reach holding this share of the grid's cells or more: the whole grid runs
+DEPTH_TILE = 256  # pixels a side of the tiles whose holes' depth is measured apart (hole_depth)
+DEPTH_MARGIN = 64  # pixels around a tile that its chessboard transform reads: deeper holes take the whole image's
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -57,18 +62,44 @@ def hole_depth(missing: np.ndarray) -> float | None:
 
     The chessboard distance d (cheap to transform) bounds the Euclidean one from both sides, d to √2·d: the deepest
     pixel is among those at d ≥ D/√2 (D the largest d), and its nearest known pixel lies within √2·D of it, so the
-    Euclidean transform runs on the box around those pixels only."""
+    Euclidean transform runs around those pixels only. Both transforms run on the tiles (``DEPTH_TILE`` pixels a
+    side) that hold a missing pixel, each widened by a margin that holds its pixels' nearest known pixels: the
+    chessboard one by ``DEPTH_MARGIN`` (on the whole image where a hole is deeper), the Euclidean one by √2·D."""
     if not missing.any():
         return 0.0
     if missing.all():
         return None
-    chess = ndimage.distance_transform_cdt(missing, metric="chessboard")
-    deepest = int(chess.max())
-    deep = chess * math.sqrt(2) >= deepest
+    h, w = missing.shape
+    tiles = [
+        (slice(y, min(h, y + DEPTH_TILE)), slice(x, min(w, x + DEPTH_TILE)))
+        for y in range(0, h, DEPTH_TILE)
+        for x in range(0, w, DEPTH_TILE)
+    ]
+    tiles = [tile for tile in tiles if missing[tile].any()]
+    chess = [_around(missing, tile, DEPTH_MARGIN, _chessboard) for tile in tiles]
+    if any(d.min() < 0 or d.max() > DEPTH_MARGIN for d in chess):  # a known pixel may lie beyond the margin
+        tiles, chess = [(slice(0, h), slice(0, w))], [_chessboard(missing)]
+    deepest = max(int(d.max()) for d in chess)
     pad = math.ceil(math.sqrt(2) * deepest) + 1
-    ys, xs = np.flatnonzero(deep.any(1)), np.flatnonzero(deep.any(0))
-    box = (slice(max(0, ys[0] - pad), ys[-1] + 1 + pad), slice(max(0, xs[0] - pad), xs[-1] + 1 + pad))
-    return float(ndimage.distance_transform_edt(missing[box])[deep[box]].max())
+    depth = 0.0
+    for tile, d in zip(tiles, chess):
+        deep = d * math.sqrt(2) >= deepest
+        if deep.any():
+            depth = max(depth, float(_around(missing, tile, pad, ndimage.distance_transform_edt)[deep].max()))
+    return depth
+
+
+def _chessboard(missing: np.ndarray) -> np.ndarray:
+    """Each missing pixel's chessboard distance to the nearest known one (-1 where none is known)."""
+    return ndimage.distance_transform_cdt(missing, metric="chessboard")
+
+
+def _around(missing: np.ndarray, tile: tuple[slice, slice], margin: int, transform) -> np.ndarray:
+    """``transform`` of ``missing`` on ``tile`` widened by ``margin`` pixels (within the image), at the tile."""
+    (ys, xs), (h, w) = tile, missing.shape
+    y0, x0 = max(0, ys.start - margin), max(0, xs.start - margin)
+    window = missing[y0 : min(h, ys.stop + margin), x0 : min(w, xs.stop + margin)]
+    return transform(window)[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0]
 
 
 def hole_steps(
@@ -194,7 +225,8 @@ def until_maps(holes: np.ndarray, iters: int, radius: int, fusion: FusionSchedul
 # ---------------------------------------------------------------------------------------------------------------------
 def missing_cells(k: torch.Tensor, patch: int) -> np.ndarray:
     """The cells ``(gh, gw)`` (bool) with a missing pixel, from the padded known mask ``k`` ``(1, 1, H, W)``."""
-    return (F.max_pool2d(1 - k, patch)[0, 0] > 0).numpy()
+    gaps = k[0, 0] < 1
+    return (F.max_pool2d(gaps[None].float(), patch)[0] > 0).numpy() if patch > 1 else gaps.numpy()
 
 
 def restore_holes(
@@ -239,13 +271,14 @@ def restore_holes(
         backend.prepare(sum(int(np.clip(u, 0, None).sum()) for until in maps for u in until), stepping.settle)
     record = stepping.record
     stepping = replace(stepping, window=HOLE_WINDOW)
-    acc = torch.zeros(len(record) + 1, c, ph, pw)
+    images = [x[0, :, : size[0], : size[1]].permute(1, 2, 0).numpy().copy() for _ in range(len(record) + 1)]
     sources = [level_masks(seed + r, iters, rate, fusion) for r in range(runs)]  # as the whole grid's
     done, total, computed, skipped = 0, runs * len(crops) * iters, 0, 0
     for crop, until in zip(crops, maps):
         (h, w), (y0, x0) = crop.size, (crop.y0, crop.x0)
         needed = _needed(until, fusion, iters)
         limits = [torch.from_numpy(u.astype(np.int32))[None] for u in until]
+        acc = torch.zeros(len(record) + 1, c, h * p, w * p)  # the runs' sums, one per frame, the final last
         for source in sources:
             start = done
 
@@ -257,9 +290,9 @@ def restore_holes(
             run, outputs = run_rects(backend, x, k, [(y0, x0)], (h, w), phases, stepping, on_step, limits, initial)
             computed, skipped, done = computed + run.computed, skipped + run.skipped, start + iters
             _add_holes(acc, outputs, crop, p)
+        _put_holes(images, acc / torch.full((1, 1, h * p, w * p), float(runs)), crop, k, p)
     if progress is not None and total:
         progress(total, total)
-    images = blended_images(acc, torch.full((1, 1, ph, pw), float(runs)), x, k, size)
     dense = grid_cells * iters * runs
     log.debug(
         f"holes' reach: {len(crops)} crops; {share:.2%} of the image's cells computed, "
@@ -285,9 +318,19 @@ def _needed(until: list[np.ndarray], fusion: FusionSchedule | None, iters: int) 
 
 
 def _add_holes(acc: torch.Tensor, outputs: list[torch.Tensor], crop: Crop, p: int) -> None:
-    """Add a crop's output at its holes' pixels into the running sums ``acc`` (one per frame, the final last)."""
-    h, w = crop.size
+    """Add a crop's outputs at its holes' pixels into its running sums ``acc`` (one per frame, the final last)."""
     holes = torch.from_numpy(crop.holes).repeat_interleave(p, 0).repeat_interleave(p, 1)
-    region = (..., slice(crop.y0 * p, (crop.y0 + h) * p), slice(crop.x0 * p, (crop.x0 + w) * p))
     for f, out in enumerate(outputs):
-        acc[f][region] += torch.where(holes, out[0], 0.0)
+        acc[f] += torch.where(holes, out[0], 0.0)
+
+
+def _put_holes(images: list[np.ndarray], means: torch.Tensor, crop: Crop, k: torch.Tensor, p: int) -> None:
+    """Write a crop's mean outputs ``means`` (one per frame) into the ``images`` ``(H, W, C)`` at its holes' missing
+    pixels (``k``: the padded known mask), as ``grid.blended_images`` blends the whole grid's."""
+    h, w = images[0].shape[:2]
+    top, left = crop.y0 * p, crop.x0 * p
+    bottom, right = min(h, top + crop.size[0] * p), min(w, left + crop.size[1] * p)
+    holes = torch.from_numpy(crop.holes).repeat_interleave(p, 0).repeat_interleave(p, 1)
+    put = (holes[: bottom - top, : right - left] & ~k[0, 0, top:bottom, left:right].bool()).numpy()
+    for image, mean in zip(images, means):
+        image[top:bottom, left:right][put] = mean[:, : bottom - top, : right - left].permute(1, 2, 0).numpy()[put]

@@ -16,7 +16,9 @@ settled. Settling is decided per cell from that cell's own history, so tiles sti
 Reach (``until``): a cell may be given the last step at which it is computed; after it, the cell keeps its value
 and still serves as a neighbour. A caller that wants some cells exact and computes each other cell only while its
 value can still reach them (``vitca_cli.restore.holes``) gets those cells exactly as the full rollout would. A
-window whose core holds no cell still computed at a step is left out of it.
+window whose core holds no cell still computed at a step is left out of it. Without settling, a backend that keeps
+each cell's keys and values (``kept_keys``) runs such a rollout cell by cell instead of window by window
+(``vitca_cli.restore.sparse``): the same bytes, computing only the updating cells and the neighbours that changed.
 """
 
 from __future__ import annotations
@@ -112,6 +114,12 @@ def rollout_windows(
 
     Each call computes the new values of its windows' updating core cells only; they are written into the grid
     when the step's last window has read its neighbours, so a step needs no second copy of the grid."""
+    if until is not None and settle == 0 and hasattr(backend, "kept_keys"):
+        from vitca_cli.restore.sparse import rollout_kept
+
+        kept = rollout_kept(backend, cells, masks, record, max_cells, on_step, until)
+        if kept is not None:
+            return kept
     cfg: CAConfig = backend.cfg
     device = getattr(backend, "tensor_device", torch.device("cpu"))
     steps = masks.shape[0]
