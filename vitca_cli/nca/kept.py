@@ -4,7 +4,7 @@ A one-block ViTCA rule without a position encoding tied to the grid reads a cell
 and values only, and those depend on the neighbour's own state alone (embedding, LayerNorm, two products). A cell
 that did not update since they were computed still has them: :class:`KeptKeys` keeps them per cell and computes
 them only for the neighbours that changed, where a step of whole windows computes every cell's each step. With an
-update rate of 0.5 most of a step's neighbours are unchanged since the step before.
+update rate of 0.5, about half of a step's neighbours did not change at the step before.
 
 The maths is the rule's own, op for op (the exact step, float32, eager): each product and LayerNorm computes a
 cell's row independently of the other rows, as long as a call has more than a few rows, so rows are padded to a
@@ -80,7 +80,7 @@ class KeptKeys:
         for lo in range(0, len(cells), self.max_rows):
             part, near = _padded(cells[lo : lo + self.max_rows]), _padded(neighbours[lo : lo + self.max_rows])
             out.append(self._updated(part, near)[: min(self.max_rows, len(cells) - lo)])
-        return torch.cat(out) if len(out) != 1 else out[0]
+        return out[0] if len(out) == 1 else torch.cat(out or [cells[:0].float()])
 
     def _embedded(self, cells: torch.Tensor) -> torch.Tensor:
         """As :meth:`ViTCAUpdate.update_cells` embeds cells without a position encoding: the product, then the bias."""

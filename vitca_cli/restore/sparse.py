@@ -21,6 +21,10 @@ import torch
 from vitca_cli.nca.folded import neighbour_table
 from vitca_cli.nca.model import output_image
 
+# Cells a call updates: half as many as a window call reads (each reads its neighbours' kept keys and values, not a
+# window's), and at most this many, whose gathered keys and values take about a gigabyte.
+KEPT_ROWS = 1 << 16
+
 
 def rollout_kept(
     backend,
@@ -50,8 +54,7 @@ def rollout_kept(
         need |= _spread(todo[t], nh, nw)  # what they read
     todo = todo.flatten(1)  # (T, n·h·w)
     where = need.flatten().nonzero().squeeze(1)  # each cell read at some step, by id
-    # A call updates half as many cells as a window call reads: each reads its neighbours' kept keys and values.
-    kept = backend.kept_keys(len(where), max_cells // 2)
+    kept = backend.kept_keys(len(where), min(max_cells // 2, KEPT_ROWS))
     if kept is None:
         return None
     ids = torch.full((n * h * w + 1,), len(where), dtype=torch.long, device=device)  # the last: the ghost
