@@ -18,7 +18,8 @@ and still serves as a neighbour. A caller that wants some cells exact and comput
 value can still reach them (``vitca_cli.restore.holes``) gets those cells exactly as the full rollout would. A
 window whose core holds no cell still computed at a step is left out of it. Without settling, a backend that keeps
 each cell's keys and values (``kept_keys``) runs such a rollout cell by cell instead of window by window
-(``vitca_cli.restore.sparse``): the same bytes, computing only the updating cells and the neighbours that changed.
+(``vitca_cli.restore.sparse``): the same bytes where the caller wants them exact, computing only the updating
+cells those depend on and the keys and values of neighbours that changed.
 """
 
 from __future__ import annotations
