@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from photo_quality import (
+from photo_common import (
     CAMERA_READ,
     CAMERA_S,
     NATIVE_DENOISERS,

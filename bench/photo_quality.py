@@ -60,11 +60,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -73,16 +70,31 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from photo_common import (  # noqa: E402
+    NATIVE_CROP,
+    NATIVE_KINDS,
+    Model,
+    hole_psnr,
+    is_classic,
+    load_model,
+    method_entry,
+    models_meta,
+    pick_kinds,
+    print_paired,
+    quantise,
+    run_classic,
+    run_vitca,
+    save_png,
+    score,
+    to_t,
+)
+from photo_native import main_native  # noqa: E402
+
 from vitca_cli.nca.corruptions import (  # noqa: E402
     Corruption,
     corrupt_one,
     stroke_mask,
 )
-from vitca_cli.restore.backends import backend_mask_type, make_backend  # noqa: E402
-from vitca_cli.restore.defaults import default_iters, fusion_schedule  # noqa: E402
-from vitca_cli.restore.loop import mask_missing, restore  # noqa: E402
-from vitca_cli.training.baselines import run_baseline  # noqa: E402
-from vitca_cli.training.metrics import mean_interval, psnr_per_image, ssim_per_image  # noqa: E402
 
 DENOISERS = ("median", "tv-chambolle", "nl-means")
 INPAINTERS = ("biharmonic", "telea", "navier-stokes")
@@ -97,35 +109,6 @@ KINDS = {  # name -> (corruption or mask maker, inpainting)
     "scribbles": ("scribbles", True),
     "holes 3×20²": ("holes", True),
 }
-
-# Native scale (--native)
-NATIVE_PHOTOS = Path("/usr/share/backgrounds/mate/nature")  # Debian mate-backgrounds: never train or tune on it
-NATIVE_CROP = 512
-CAMERA_S, CAMERA_READ = 0.07, 0.014  # camera_noise's shot and read levels (read = 0.2·s): input ≈ 28 dB
-NATIVE_JPEG = 90
-NATIVE_DENOISERS = ("nl-means", "bm3d", "bm3d-true")
-NATIVE_INPAINTERS = ("biharmonic", "telea", "navier-stokes", "push-pull")
-NATIVE_KINDS = {  # name -> (damage, its level, inpainting, how many holes)
-    "clean": ("clean", 0.0, False, 0),
-    "gaussian 0.03": ("gaussian", 0.03, False, 0),
-    "gaussian 0.06": ("gaussian", 0.06, False, 0),
-    "camera+jpeg90": ("camera", CAMERA_S, False, 0),
-    "gaussian 0.05 jpeg90": ("gaussjpeg", 0.05, False, 0),
-    "scribbles 6×5px": ("scribbles", 5, True, 6),
-    "scribbles 3×15px": ("scribbles", 15, True, 3),
-    "squares 3×20²": ("squares", 20, True, 3),
-}
-
-
-@dataclass
-class Model:
-    """One model restoring every damaged image: its label in the tables (vitca, vitca2) and how it runs."""
-
-    label: str
-    backend: object
-    iters: int
-    fusion: object  # a FusionSchedule or None
-    mask_type: str
 
 
 def held_out_photos(folder: Path | None) -> list[Path]:
@@ -148,10 +131,6 @@ def load(path: Path, short: int) -> np.ndarray:
     return np.asarray(im, dtype=np.float32) / 255.0
 
 
-def quantise(x: np.ndarray) -> np.ndarray:
-    return np.round(np.clip(x, 0, 1) * 255) / 255.0
-
-
 def missing_mask(kind: str, h: int, w: int, gen: torch.Generator) -> np.ndarray:
     if kind == "scribbles":
         return stroke_mask(h, w, 6, gen)
@@ -160,23 +139,6 @@ def missing_mask(kind: str, h: int, w: int, gen: torch.Generator) -> np.ndarray:
         y, x = (int(torch.randint(0, s - 20, (), generator=gen)) for s in (h, w))
         missing[y : y + 20, x : x + 20] = True
     return missing
-
-
-def to_t(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)[None].float()
-
-
-def score(out: np.ndarray, clean: np.ndarray) -> tuple[float, float]:
-    o, c = to_t(np.clip(out, 0, 1)), to_t(clean)
-    psnr = float(psnr_per_image(o, c)[0])
-    return min(psnr, 99.0), float(ssim_per_image(o, c)[0])
-
-
-def hole_psnr(out: np.ndarray, clean: np.ndarray, missing: np.ndarray) -> float:
-    """PSNR over the missing pixels only (all channels), capped at 99 dB like ``score``."""
-    d = (np.clip(out, 0, 1) - np.clip(clean, 0, 1))[missing].astype(np.float64)
-    mse = float((d**2).mean()) if d.size else 0.0
-    return min(10 * math.log10(1.0 / max(mse, 1e-10)), 99.0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -216,55 +178,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def pick_kinds(spec: str | None, names) -> list[str]:
-    """The kinds ``--kinds`` names (exact names or unique prefixes), in the order given; all when None."""
-    names = list(names)
-    if not spec:
-        return names
-    picked = []
-    for want in (k.strip() for k in spec.split(",")):
-        hits = [want] if want in names else [n for n in names if n.startswith(want)]
-        if len(hits) != 1:
-            sys.exit(f"--kinds: {want!r} names {'no' if not hits else 'more than one'} kind of: {', '.join(names)}")
-        picked.append(hits[0])
-    return picked
-
-
-def load_model(label: str, weights: str | None, args: argparse.Namespace) -> Model:
-    backend = make_backend(weights, args.backend, "cpu", channels=3, precision=args.precision, compile=args.compile)
-    iters = args.iters or default_iters(backend)
-    fusion = fusion_schedule(backend, None if args.fusion == "auto" else args.fusion == "on")
-    return Model(label, backend, iters, fusion, backend_mask_type(backend))
-
-
-def run_vitca(model: Model, clean, damaged, missing, args) -> tuple[np.ndarray, float]:
-    """Restore as ``vitca denoise`` (``missing`` None) or ``vitca inpaint --mask`` would: (image, seconds)."""
-    known = None
-    ca_input = damaged
-    if missing is not None:
-        ca_input, known = mask_missing(clean, missing, model.mask_type, args.seed), ~missing
-    start = time.perf_counter()
-    out = restore(
-        model.backend,
-        ca_input.astype(np.float32),
-        model.iters,
-        seed=args.seed,
-        known=known,
-        settle=args.settle,
-        fusion=model.fusion,
-        runs=args.runs,
-    ).image
-    return out, time.perf_counter() - start
-
-
-def run_classic(name: str, damaged: np.ndarray, missing, sigma=None) -> tuple[np.ndarray, float]:
-    h, w, _ = damaged.shape
-    keep = torch.from_numpy((~missing if missing is not None else np.ones((h, w), bool)).astype(np.float32))
-    start = time.perf_counter()
-    restored = run_baseline(name, to_t(damaged), keep[None, None], sigma=sigma)[0].permute(1, 2, 0).numpy()
-    return restored, time.perf_counter() - start
-
-
 def damage_and_restore(clean, spec, inpainting: bool, gen, models: list[Model], args) -> tuple[dict, np.ndarray]:
     """One photo damaged by ``spec`` (or with the pixels it marks missing), restored by the CA and the classic
     methods: method → (image, seconds), ``input`` the damaged photo itself; and the missing pixels (or None)."""
@@ -281,10 +194,6 @@ def damage_and_restore(clean, spec, inpainting: bool, gen, models: list[Model], 
     for name in INPAINTERS if inpainting else DENOISERS:
         results[name] = run_classic(name, damaged, missing)
     return results, missing
-
-
-def is_classic(method: str) -> bool:
-    return method != "input" and not method.startswith("vitca")
 
 
 def print_table(rows: dict, n_photos: int, args: argparse.Namespace, backend, iters: int) -> dict:
@@ -320,52 +229,6 @@ def print_table(rows: dict, n_photos: int, args: argparse.Namespace, backend, it
         for kind, methods in holes.items():
             print(f"  {kind:<16}" + "  ".join(f"{m} {v['psnr_hole']:.2f}" for m, v in methods.items() if m != "input"))
     return table
-
-
-def method_entry(mean: tuple, per_photo: list) -> dict:
-    """One method's JSON entry for one kind: the means and the per-photo figures (each tuple is PSNR, SSIM,
-    seconds and, for masked kinds, the PSNR inside the holes)."""
-    entry = {
-        "psnr": round(mean[0], 3),
-        "ssim": round(mean[1], 4),
-        "seconds": round(mean[2], 3),
-        "psnr_per_photo": [round(x[0], 3) for x in per_photo],
-        "ssim_per_photo": [round(x[1], 4) for x in per_photo],
-        "seconds_per_photo": [round(x[2], 3) for x in per_photo],
-    }
-    if len(per_photo[0]) > 3:
-        entry["psnr_hole"] = round(float(np.mean([x[3] for x in per_photo])), 3)
-        entry["psnr_hole_per_photo"] = [round(x[3], 3) for x in per_photo]
-    return entry
-
-
-def print_paired(rows: dict, a: str = "vitca", b: str = "vitca2") -> dict:
-    """vitca2 − vitca per kind (PSNR as in the table), paired over photos, with its 95% interval; and pooled."""
-    print(f"\n{b} − {a}, PSNR dB, paired over photos (95% interval):")
-    pooled, out = [], {}
-    for kind, methods in rows.items():
-        d = [q[0] - p[0] for p, q in zip(methods[a], methods[b])]
-        pooled += d
-        diff, half = mean_interval(d)
-        out[kind] = {"diff": round(diff, 3), "half": round(half, 3)}
-        print(f"  {kind:<22}{diff:+7.3f} ± {half:.3f}")
-    diff, half = mean_interval(pooled)
-    out["all kinds"] = {"diff": round(diff, 3), "half": round(half, 3)}
-    print(f"  {'all kinds':<22}{diff:+7.3f} ± {half:.3f}  ({len(pooled)} photo × damage pairs)")
-    return out
-
-
-def save_png(folder: Path, name: str, image: np.ndarray) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(folder / name)
-
-
-def models_meta(models: list[Model]) -> dict:
-    meta = {}
-    for m in models[1:]:
-        n = m.label.removeprefix("vitca")
-        meta |= {f"weights{n}": m.backend.name, f"iters{n}": m.iters, f"fusion{n}": str(m.fusion or "")}
-    return meta
 
 
 def main_256(args: argparse.Namespace, models: list[Model]) -> None:
@@ -420,8 +283,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.weights2:
         models.append(load_model("vitca2", args.weights2, args))
     if args.native:
-        from photo_native import main_native
-
         main_native(args, models)
     else:
         main_256(args, models)

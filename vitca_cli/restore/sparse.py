@@ -14,6 +14,7 @@ and steps run the windowed rollout.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -24,6 +25,20 @@ from vitca_cli.nca.model import output_image
 # Cells a call updates: half as many as a window call reads (each reads its neighbours' kept keys and values, not a
 # window's), and at most this many, whose gathered keys and values take about a gigabyte.
 KEPT_ROWS = 1 << 16
+
+
+@dataclass
+class Rollout:
+    """A tile's final cells, the output images recorded along the way, and the work: ``computed`` cell-steps (window
+    cells, halos included), ``skipped`` (windows of settled cells left out), ``dense`` (the grid's cells × steps),
+    and the steps run before every cell settled."""
+
+    cells: torch.Tensor
+    frames: list[torch.Tensor] = field(default_factory=list)
+    computed: int = 0
+    skipped: int = 0
+    dense: int = 0
+    steps_run: int = 0
 
 
 def rollout_kept(
@@ -39,8 +54,6 @@ def rollout_kept(
     only its updating cells that the cells wanted after the last step (``until`` at least the steps) depend on, or
     None where ``backend`` keeps no keys. The rollout's ``computed`` counts the cells each step reads: the updating
     ones and their neighbours."""
-    from vitca_cli.restore.windows import Rollout
-
     cfg = backend.cfg
     device = getattr(backend, "tensor_device", torch.device("cpu"))
     steps = masks.shape[0]

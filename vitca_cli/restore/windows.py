@@ -24,7 +24,7 @@ cells those depend on and the keys and values of neighbours that changed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -32,6 +32,7 @@ import torch
 from vitca_cli.nca.config import CAConfig
 from vitca_cli.nca.levels import divide_cells, fuse_cells
 from vitca_cli.nca.model import output_image
+from vitca_cli.restore.sparse import Rollout, rollout_kept
 from vitca_cli.restore.tiles import axis_origins
 
 WINDOW = 64  # cells per side of a step window at most, halo included
@@ -63,20 +64,6 @@ def axis_windows(length: int, window: int, halo: int) -> list[AxisWindow]:
         out.append(AxisWindow(origin, window, lo, hi))
         lo = hi
     return out
-
-
-@dataclass
-class Rollout:
-    """A tile's final cells, the output images recorded along the way, and the work: ``computed`` cell-steps (window
-    cells, halos included), ``skipped`` (windows of settled cells left out), ``dense`` (the grid's cells × steps),
-    and the steps run before every cell settled."""
-
-    cells: torch.Tensor
-    frames: list[torch.Tensor] = field(default_factory=list)
-    computed: int = 0
-    skipped: int = 0
-    dense: int = 0
-    steps_run: int = 0
 
 
 def window_plan(cfg: CAConfig, grid: tuple[int, int], window: int) -> tuple[list, list]:
@@ -116,8 +103,6 @@ def rollout_windows(
     Each call computes the new values of its windows' updating core cells only; they are written into the grid
     when the step's last window has read its neighbours, so a step needs no second copy of the grid."""
     if until is not None and settle == 0 and hasattr(backend, "kept_keys"):
-        from vitca_cli.restore.sparse import rollout_kept
-
         kept = rollout_kept(backend, cells, masks, record, max_cells, on_step, until)
         if kept is not None:
             return kept
