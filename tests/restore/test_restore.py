@@ -440,6 +440,41 @@ def test_a_fused_run_compiles_once_though_its_grids_differ_in_size(photo_backend
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
+def test_the_auto_fast_step_is_compiled_ahead_of_time_once_and_loaded_by_later_backends(
+    photo_backend, tmp_path, monkeypatch, caplog
+):
+    """With ``compile="auto"`` a large job's fast step comes from a package built once per CPU and weights under
+    VITCA_HOME; a later backend loads it without building (nor tracing) again and restores the same bytes,
+    close to the exact step's; a damaged package is dropped with a warning and the step compiles in the process."""
+    import vitca_cli.restore.aot as aot
+    import vitca_cli.restore.backends as backends
+
+    monkeypatch.setenv("VITCA_HOME", str(tmp_path))
+    monkeypatch.setattr(backends, "FAST_WORK", 0)  # every job is large enough for the fast step
+    img = smooth_noisy(40, 36)
+    exact = restore(photo_backend, img, iters=8).image
+    first = TorchBackend(photo_backend.model, "photo", compile="auto")
+    fast = restore(first, img, iters=8).image
+    assert first.use_compiled and not first._in_process, "the fast step did not come ahead of time"
+    np.testing.assert_allclose(fast, exact, atol=1e-4)
+    (package,) = (tmp_path / "aot").glob("step-*.pt2")
+
+    def no_build(*args):
+        raise AssertionError("built again")
+
+    monkeypatch.setattr(aot, "_build", no_build)
+    again = TorchBackend(photo_backend.model, "photo", compile="auto")
+    assert np.array_equal(restore(again, img, iters=8).image, fast)
+
+    package.write_bytes(b"not a package")
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the in-process fallback, without compiling
+    damaged = TorchBackend(photo_backend.model, "photo", compile="auto")
+    with caplog.at_level("WARNING"):
+        out = restore(damaged, img, iters=8).image
+    assert "unreadable ahead-of-time step" in caplog.text and not package.exists()
+    np.testing.assert_allclose(out, exact, atol=1e-4)
+
+
 def test_windows_have_one_size_and_their_cores_partition_the_axis():
     from vitca_cli.restore.windows import axis_windows
 

@@ -69,6 +69,10 @@ class FoldedUpdate(nn.Module):
         self.register_buffer("sel_bias", torch.cat([b_e, offset[0]]).to(dtype), persistent=False)
         self.register_buffer("q_shift", after[0].to(dtype), persistent=False)
         self._tables: dict = {}
+        self.compile_with(compiler)
+
+    def compile_with(self, compiler: Callable | None) -> None:
+        """Run :meth:`folded` as ``compiler(self.folded)`` returns it (None: as it is)."""
         self._apply_folded = compiler(self.folded) if compiler else self.folded
 
     def update_cells(

@@ -51,6 +51,7 @@ class TorchBackend:
         self.tensor_device = next(model.parameters()).device
         self.precision, self.compile = precision, compile
         self._compiled = None  # the compiled update, made on first use; False once compiling has failed
+        self._compiled_bf16 = self._in_process = False  # the precision it was made for; whether torch.compile made it
         if precision == "bf16" and self.tensor_device.type == "cpu":
             from vitca_cli.runtime import cpu_has_native_bf16
 
@@ -129,16 +130,17 @@ class TorchBackend:
         return KeptKeys(self.model.rule, cells, max_rows, self.tensor_device)
 
     def _guarded_update(self, *args, **kwargs):
-        """The rule's update, compiled on first use; if compiling fails (no C++ compiler, say), the exact step
-        from then on, with a warning.
+        """The rule's update, compiled on first use (again if the products' precision changes); if compiling
+        fails (no C++ compiler, say), the exact step from then on, with a warning.
 
-        The kernels are specialised to the shape of the cells (a run steps windows of one shape), and only the
-        count of updating cells (``only``) is dynamic; a later shape that differs recompiles with those sizes
-        dynamic (torch's automatic dynamic shapes). Kernels for fixed sizes run the step 1.1× as fast as kernels
-        for any size (``bench/denoise.py``)."""
-        if self._compiled is None:
-            self._compiled = self._fast_update()
-        if kwargs.get("only") is not None:
+        In the process (``torch.compile``), the kernels are specialised to the shape of the cells (a run steps
+        windows of one shape), and only the count of updating cells (``only``) is dynamic; a later shape that
+        differs recompiles with those sizes dynamic (torch's automatic dynamic shapes). Ahead of time, every size
+        is dynamic."""
+        if self._compiled is None or self._compiled_bf16 != self.use_bf16:
+            self._compiled, self._in_process = self._fast_update()
+            self._compiled_bf16 = self.use_bf16
+        if self._in_process and kwargs.get("only") is not None:
             torch._dynamo.mark_dynamic(kwargs["only"], 0)
         try:
             return self._compiled(*args, **kwargs)
@@ -148,12 +150,23 @@ class TorchBackend:
             return self.model.rule.update_cells(*args, **kwargs)
 
     def _fast_update(self):
-        """The fast step's update, compiled: the rule with its embedding folded into the first block's products
-        (``vitca_cli.nca.folded``) where the rule allows it, else the rule's own."""
+        """The fast step's update, compiled, and whether ``torch.compile`` compiled it in this process: the rule
+        with its embedding folded into the first block's products (``vitca_cli.nca.folded``) where the rule allows
+        it, else the rule's own. With ``compile="auto"`` on CPU the folded update comes compiled ahead of time
+        (``vitca_cli.restore.aot``: built once per CPU and weights, loaded in milliseconds by later processes)."""
         from vitca_cli.nca.folded import FoldedUpdate, foldable
 
         rule = self.model.rule
-        return FoldedUpdate(rule, torch.compile).update_cells if foldable(rule) else torch.compile(rule.update_cells)
+        if not foldable(rule):
+            return torch.compile(rule.update_cells), True
+        folded = FoldedUpdate(rule)
+        ahead = None
+        if self.compile == "auto" and self.tensor_device.type == "cpu":
+            from vitca_cli.restore import aot
+
+            ahead = aot.fast_step(folded, self.use_bf16)
+        folded.compile_with((lambda fn: ahead) if ahead else torch.compile)
+        return folded.update_cells, ahead is None
 
 
 def make_backend(

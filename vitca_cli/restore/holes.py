@@ -36,7 +36,6 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 from vitca_cli.log import log
 from vitca_cli.nca.config import APPENDIX_A1, CAConfig, FusionSchedule
@@ -82,6 +81,8 @@ def hole_depth(missing: np.ndarray) -> float | None:
     deepest = max(int(d.max()) for d in chess)
     pad = math.ceil(math.sqrt(2) * deepest) + 1
     depth = 0.0
+    from scipy import ndimage  # here, not at import: SciPy's import costs every denoise run about half a second
+
     for tile, d in zip(tiles, chess):
         deep = d * math.sqrt(2) >= deepest
         if deep.any():
@@ -91,6 +92,8 @@ def hole_depth(missing: np.ndarray) -> float | None:
 
 def _chessboard(missing: np.ndarray) -> np.ndarray:
     """Each missing pixel's chessboard distance to the nearest known one (-1 where none is known)."""
+    from scipy import ndimage
+
     return ndimage.distance_transform_cdt(missing, metric="chessboard")
 
 
@@ -191,6 +194,8 @@ def _last_steps(targets: np.ndarray, steps: int, radius: int) -> np.ndarray:
     """For each cell, the last of ``steps`` steps at which it is computed for the ``targets`` to come out exact
     after them: ``steps`` less its chessboard distance to a target in steps of ``radius`` (below 1: never
     computed; below 0: not even read)."""
+    from scipy import ndimage
+
     d = ndimage.distance_transform_cdt(~targets, metric="chessboard")
     return steps - (-(-d // radius))
 

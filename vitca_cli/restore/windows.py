@@ -32,7 +32,8 @@ import torch
 from vitca_cli.nca.config import CAConfig
 from vitca_cli.nca.levels import divide_cells, fuse_cells
 from vitca_cli.nca.model import output_image
-from vitca_cli.restore.sparse import Rollout, rollout_kept
+from vitca_cli.restore import sparse
+from vitca_cli.restore.sparse import Rollout
 from vitca_cli.restore.tiles import axis_origins
 
 WINDOW = 64  # cells per side of a step window at most, halo included
@@ -103,7 +104,7 @@ def rollout_windows(
     Each call computes the new values of its windows' updating core cells only; they are written into the grid
     when the step's last window has read its neighbours, so a step needs no second copy of the grid."""
     if until is not None and settle == 0 and hasattr(backend, "kept_keys"):
-        kept = rollout_kept(backend, cells, masks, record, max_cells, on_step, until)
+        kept = sparse.rollout_kept(backend, cells, masks, record, max_cells, on_step, until)
         if kept is not None:
             return kept
     cfg: CAConfig = backend.cfg
