@@ -16,6 +16,20 @@ def psnr_per_image(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
+def hole_psnr(output: torch.Tensor, target: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """PSNR (dB) inside the holes of each image ``(B, C, H, W)`` that has any: over the pixels where ``known``
+    ``(B, 1, H, W)`` is 0, all channels; outputs and targets clipped to [0, 1]. Images without holes (or a
+    ``known`` of None) are left out."""
+    if known is None:
+        return output.new_zeros(0)
+    missing = (known == 0).to(output.dtype)
+    count = missing.flatten(1).sum(1) * output.shape[1]
+    err = ((output.clamp(0, 1) - target.clamp(0, 1)).pow(2) * missing).flatten(1).sum(1)
+    holed = count > 0
+    mse = err[holed] / count[holed]
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
 def psnr_batch(output: torch.Tensor, target: torch.Tensor) -> float:
     """The reference's PSNR: one MSE over the whole batch (not a per-image average)."""
     mse = (output.clamp(0, 1) - target.clamp(0, 1)).pow(2).mean()

@@ -64,8 +64,14 @@ class Trainer:
     @property
     def selection(self) -> str:
         """The validation figure that picks ``best.pt``: the per-image mean PSNR for the paper's masks; for a
-        mixture, the per-batch PSNR (undamaged images make per-image PSNRs unbounded, and would dominate a mean)."""
-        return "val_psnr" if self.tcfg.paper_masking else "val_psnr_batch"
+        mixture of drawn holes only, the PSNR inside the holes (what ``vitca inpaint`` returns: the given pixels
+        are pasted back); for any other mixture, the per-batch PSNR (undamaged images make per-image PSNRs
+        unbounded, and would dominate a mean)."""
+        from vitca_cli.nca.corruptions import DRAWN
+
+        if self.tcfg.paper_masking:
+            return "val_psnr"
+        return "val_psnr_holes" if all(c.kind in DRAWN for c in self.tcfg.mixture) else "val_psnr_batch"
 
     @property
     def pool(self) -> Pool:
@@ -183,14 +189,14 @@ class Trainer:
     @torch.no_grad()
     def _score(self, model: CellularAutomaton) -> dict:
         """:meth:`validate`'s figures for ``model`` (the run's weights or their average)."""
-        from vitca_cli.training.metrics import psnr_batch, psnr_per_image, ssim_per_image
+        from vitca_cli.training.metrics import hole_psnr, psnr_batch, psnr_per_image, ssim_per_image
 
         if self._val_batches is None:
             self._val_batches = self._prepare_validation()
         gen = torch.Generator(self.device).manual_seed(20_000 + self.tcfg.seed)
         training = model.training
         model.eval()
-        psnr, ssim, batch_psnr, l1 = [], [], [], []
+        psnr, ssim, batch_psnr, l1, holes = [], [], [], [], []
         for masked, known, x in self._val_batches:
             z = model(
                 model.seed(masked, gen, known),
@@ -204,12 +210,14 @@ class Trainer:
                 ssim.append(ssim_per_image(out, x))
             batch_psnr.append(psnr_batch(out, x))
             l1.append(float((out.clamp(0, 1) - x).abs().mean()))
+            holes.append(hole_psnr(out, x, known))
         model.train(training)
         return {
             "val_psnr": float(torch.cat(psnr).mean()),
             "val_ssim": float(torch.cat(ssim).mean()) if ssim else None,
             "val_psnr_batch": sum(batch_psnr) / len(batch_psnr),
             "val_l1": sum(l1) / len(l1),
+            "val_psnr_holes": float(torch.cat(holes).mean()) if sum(len(h) for h in holes) else None,
         }
 
     # -- checkpoints --------------------------------------------------------------------------------------------

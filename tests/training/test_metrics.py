@@ -91,3 +91,19 @@ def test_lpips_from_state_dicts():
     diff = lpips(noisy, clean)
     assert same.shape == (2,) and torch.allclose(same, torch.zeros(2))
     assert torch.all(diff > 0)
+
+
+def test_hole_psnr_scores_only_the_missing_pixels_of_images_that_have_any():
+    from vitca_cli.training.metrics import hole_psnr
+
+    target = torch.full((3, 3, 8, 8), 0.5)
+    known = torch.ones(3, 1, 8, 8)
+    known[1, :, 2:4, 2:4] = 0
+    known[2, :, 5:, :] = 0
+    out = target.clone()
+    out[1] += 0.2 * known[1]  # wrong only where the pixels are given: the holes are exact
+    out[2] += 0.1 * (1 - known[2])  # wrong by 0.1 inside the holes only
+    scores = hole_psnr(out, target, known)  # the first image has no holes: left out
+    assert scores.shape == (2,)
+    assert scores[0] == pytest.approx(100.0) and scores[1] == pytest.approx(20.0, abs=1e-4)
+    assert float(psnr_per_image(out, target)[1]) < 30

@@ -610,3 +610,13 @@ def test_a_run_trained_with_a_fusion_schedule_is_replayed_by_denoise(tmp_path, s
     res = CliRunner().invoke(app, ["denoise", str(photos / "p0.png"), "-w", str(run / "best.pt"), "-o", "-",
                                    "--iters", "4"])  # fmt: skip
     assert res.exit_code == 2 and "at least 5" in res.output
+
+
+def test_a_run_on_drawn_holes_only_picks_its_best_weights_by_the_psnr_inside_the_holes():
+    ds = tiny_dataset()
+    holes = Trainer(CFG, tcfg(corruptions="scribbles:1, blobs:1"), ds, ds)
+    assert holes.selection == "val_psnr_holes"
+    figures = holes.validate()
+    assert math.isfinite(figures["val_psnr_holes"])
+    noise = Trainer(CFG, tcfg(corruptions="gaussian=0.1:1, scribbles:1"), ds, ds)
+    assert noise.selection == "val_psnr_batch"
