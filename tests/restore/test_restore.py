@@ -445,7 +445,8 @@ def test_the_auto_fast_step_is_compiled_ahead_of_time_once_and_loaded_by_later_b
 ):
     """With ``compile="auto"`` a large job's fast step comes from a package built once per CPU and weights under
     VITCA_HOME; a later backend loads it without building (nor tracing) again and restores the same bytes,
-    close to the exact step's; a damaged package is dropped with a warning and the step compiles in the process."""
+    close to the exact step's; a damaged package is dropped with a warning and the step compiles in the process;
+    a build that fails is not tried again."""
     import vitca_cli.restore.aot as aot
     import vitca_cli.restore.backends as backends
 
@@ -473,6 +474,18 @@ def test_the_auto_fast_step_is_compiled_ahead_of_time_once_and_loaded_by_later_b
         out = restore(damaged, img, iters=8).image
     assert "unreadable ahead-of-time step" in caplog.text and not package.exists()
     np.testing.assert_allclose(out, exact, atol=1e-4)
+
+    builds = []
+
+    def failing(*args):
+        builds.append(1)
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(aot, "_build", failing)  # a build that fails is tried once, not in every process
+    for _ in range(2):
+        retry = TorchBackend(photo_backend.model, "photo", compile="auto")
+        assert np.array_equal(restore(retry, img, iters=8).image, out)
+    assert builds == [1] and package.with_suffix(".failed").exists()
 
 
 def test_windows_have_one_size_and_their_cores_partition_the_axis():

@@ -8,7 +8,8 @@ packaged under vitca's cache folder (``<home>/aot/``); a later process loads tha
 loader without importing the compiler. The package is keyed by what its code depends on: the torch version, the
 CPU (model name and instruction-set flags), the products' precision, and the folded weights themselves.
 
-Building takes about a minute (once); if it fails for any reason, the caller compiles in the process as before.
+Building takes about a minute (once); if it fails for any reason, the caller compiles in the process as before,
+and a ``.failed`` file beside the package's place keeps later processes from trying again (delete it to retry).
 """
 
 from __future__ import annotations
@@ -64,11 +65,20 @@ def fast_step(module: torch.nn.Module, bf16: bool) -> Callable | None:
     if not hasattr(torch._C, "_aoti"):
         return None
     path = package_path(module, bf16)
+    failed = path.with_suffix(".failed")  # a build that failed here once is not tried again in every process
+    if failed.exists():
+        log.debug(f"fast step: {failed} says building failed here; compiling in the process")
+        return None
     if not path.exists():
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             _build(module, bf16, path)
         except Exception as exc:  # noqa: BLE001 - any export or compiler failure: the in-process compiler instead
             log.warning(f"ahead-of-time step unavailable ({type(exc).__name__}); compiling in the process")
+            try:
+                failed.write_text(f"{type(exc).__name__}: {exc}\n")
+            except OSError:
+                pass
             return None
     try:
         loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
@@ -114,7 +124,6 @@ def _build(module: torch.nn.Module, bf16: bool, path: Path) -> None:
     }
     with torch.no_grad():
         exported = torch.export.export(_Exported(module, bf16).eval(), (cells, only, neighbours), dynamic_shapes=sizes)
-        path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".partial-{os.getpid()}-{path.name}")
         try:
             torch._inductor.aoti_compile_and_package(exported, package_path=str(partial))
