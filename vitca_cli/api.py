@@ -124,16 +124,18 @@ def _run(image: ImageLike, mask: Optional[ImageLike], options: dict) -> ImageLik
     pixels, pack = _unpack(image)
     missing = None if mask is None else _missing(mask, pixels.shape[:2])
     choose_threads(settings.threads)
-    done = restore_pixels(pixels, _backend(settings, pixels.shape[2]), settings, missing, progress, "image")
+    command = "denoise" if mask is None else "inpaint"
+    done = restore_pixels(pixels, _backend(settings, pixels.shape[2], command), settings, missing, progress, "image")
     return pack(done.result.image, missing)
 
 
-def _backend(settings: BatchSettings, channels: int):
-    """The cached model for ``settings``' weights and backend options, built on first use."""
+def _backend(settings: BatchSettings, channels: int, command: str):
+    """The cached model for ``settings``' weights and backend options (and ``command``'s default), built on first
+    use."""
     s = settings
-    key = (s.weights, s.device, s.backend, s.precision, s.quantize, s.compile)
+    key = (s.weights, s.device, s.backend, s.precision, s.quantize, s.compile, command if s.weights is None else "")
     if key not in _BACKENDS:
-        _BACKENDS[key] = Backends(settings)
+        _BACKENDS[key] = Backends(settings, command)
     return _BACKENDS[key].get(channels)
 
 

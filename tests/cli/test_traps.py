@@ -107,7 +107,8 @@ def test_the_api_refuses_a_mask_of_another_size(model_file):
 def test_weights_list_fits_80_columns_and_marks_each_commands_default(capsys, weights_dirs):
     shipped, _ = weights_dirs
     entries = []
-    for name, channels in (("fashion-mnist", 1), ("photo", 3), ("a-model-with-a-name-too-long-for-a-column", 3)):
+    names = (("fashion-mnist", 1), ("photo", 3), ("a-model-with-a-name-too-long-for-a-column", 3), ("photo-inpaint", 3))
+    for name, channels in names:
         cfg = CAConfig(channels=channels, **TINY)
         save_checkpoint(shipped / f"{name}.pt", cfg, CellularAutomaton(cfg).state_dict(), {})
         text = "a long dataset description, of the kind the shipped models carry, that no column could hold " * 3
@@ -121,7 +122,8 @@ def test_weights_list_fits_80_columns_and_marks_each_commands_default(capsys, we
     code, out, _ = cli(capsys, "weights", "list")
     lines = out.splitlines()
     assert code == 0 and max(len(line) for line in lines) <= 80
-    rows = {line.split()[0]: line.split() for line in lines[1:4]}
+    rows = {line.split()[0]: line.split() for line in lines[1:5]}
+    assert rows["photo-inpaint"][1:3] == ["colour", "inpaint"]  # inpaint's own default for colour images
     assert rows["fashion-mnist"][1] == "grey" and rows["photo"][1] == "colour"
     assert rows["fashion-mnist"][5] == "64" and rows["photo"][5] == "32"  # each model's own steps
     assert any(name.endswith("…") for name in rows) and "default:" in out and "denoise, inpaint" in out

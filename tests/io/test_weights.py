@@ -78,6 +78,11 @@ def test_default_for_channels_and_missing_default(dirs, tmp_path):
     (home / "weights").mkdir(parents=True)
     (home / "weights" / "photo.pt").write_bytes(training_checkpoint(tmp_path / "p.pt").read_bytes())
     assert resolve(None, channels=3).name == "photo"
+    with pytest.raises(WeightsError, match="no default weights for 3-channel"):  # inpaint has its own default
+        resolve(None, channels=3, command="inpaint")
+    (home / "weights" / "photo-inpaint.pt").write_bytes((home / "weights" / "photo.pt").read_bytes())
+    assert resolve(None, channels=3, command="inpaint").name == "photo-inpaint"
+    assert resolve(None, channels=3, command="denoise").name == "photo"
 
 
 def test_ship_strips_training_state_and_writes_a_checked_manifest_entry(dirs, tmp_path):

@@ -24,7 +24,18 @@ def _fmt(value, spec: str = "") -> str:
 WIDTH = 80  # the table fits a terminal of this many columns
 NAME_WIDTH = 18
 STATUS = {"ok": None, "downloadable": "to fetch"}  # the status column: where it is, or what is wrong
-KINDS = {1: "grey", 3: "colour"}  # what DEFAULT_FOR_CHANNELS' channel counts are called in the list
+KINDS = {1: "grey", 3: "colour"}  # what the default models' channel counts are called in the list
+
+
+def _default_label(name: str, channels: int) -> str:
+    """``colour`` where ``name`` is the default for colour images, ``colour inpaint`` where only some command's
+    (the commands it is the default of), else empty."""
+    from vitca_cli.io.weights import COMMANDS, DEFAULT_FOR_CHANNELS, default_name
+
+    if DEFAULT_FOR_CHANNELS[channels] == name:
+        return KINDS[channels]
+    commands = [c for c in COMMANDS if default_name(channels, c) == name]
+    return f"{KINDS[channels]} {'/'.join(commands)}" if commands else ""
 
 
 def _short(text: str, width: int) -> str:
@@ -36,12 +47,12 @@ def _short(text: str, width: int) -> str:
 def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON (every field, dataset included).")) -> None:
     """List shipped and cached weights: channels, training size and iterations, default steps, validation quality,
     and which one denoise, inpaint and export-onnx use for grey and for colour images."""
-    from vitca_cli.io.weights import DEFAULT_FOR_CHANNELS, cache_dir, list_weights
+    from vitca_cli.io.weights import cache_dir, list_weights
     from vitca_cli.restore.defaults import DEFAULT_ITERS
 
     rows = list_weights()
     for r in rows:
-        r["default_for"] = [KINDS[ch] for ch, name in DEFAULT_FOR_CHANNELS.items() if name == r["name"]]
+        r["default_for"] = [_default_label(r["name"], ch) for ch in KINDS if _default_label(r["name"], ch)]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -70,7 +81,8 @@ def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON (eve
         print(f"(no weights yet: train with `vitca train`, or put NAME.pt files in {cache_dir()})")
         return
     print(
-        "default: what denoise, inpaint and export-onnx run without -w, by image colour.\n"
+        "default: what denoise, inpaint and export-onnx run without -w, by image colour;\n"
+        "`colour inpaint`: inpaint's own default for colour images.\n"
         "trained: training iterations. steps: what a run takes unless --iters is given.\n"
         "Dataset and training of a model: vitca weights show NAME"
     )

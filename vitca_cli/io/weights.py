@@ -28,6 +28,9 @@ MANIFEST_FORMAT = "vitca-weights-manifest"
 SUFFIXES = (".pt", ".onnx")
 # The shipped model used when --weights is not given, by the image's channel count.
 DEFAULT_FOR_CHANNELS = {1: "fashion-mnist", 3: "photo"}
+# Where a command's default differs from DEFAULT_FOR_CHANNELS': command -> channel count -> shipped model.
+DEFAULT_FOR_COMMAND = {"inpaint": {3: "photo-inpaint"}}
+COMMANDS = ("denoise", "inpaint", "export-onnx")
 # A shipped model that restores large images of a default model's kind in fewer cell-steps (fused), at a cost in
 # fine detail: suggested when the default meets a large image.
 FASTER_FOR_LARGE = {"photo": "photo-fused"}
@@ -110,13 +113,15 @@ def looks_like_path(spec: str) -> bool:
     return os.sep in spec or "/" in spec or spec.endswith(SUFFIXES + (".pth",)) or Path(spec).is_file()
 
 
-def default_name(channels: int) -> str:
-    """The shipped model for images with ``channels`` channels."""
-    return DEFAULT_FOR_CHANNELS[1 if channels == 1 else 3]
+def default_name(channels: int, command: str = "denoise") -> str:
+    """The shipped model that ``command`` runs on images with ``channels`` channels."""
+    kind = 1 if channels == 1 else 3
+    return DEFAULT_FOR_COMMAND.get(command, {}).get(kind, DEFAULT_FOR_CHANNELS[kind])
 
 
-def resolve(spec: str | None, channels: int | None = None, suffix: str = ".pt") -> WeightsRef:
-    """Resolve ``--weights NAME|PATH`` (or, when ``spec`` is None, the default for ``channels``) to a checked file.
+def resolve(spec: str | None, channels: int | None = None, suffix: str = ".pt", command: str = "denoise") -> WeightsRef:
+    """Resolve ``--weights NAME|PATH`` (or, when ``spec`` is None, ``command``'s default for ``channels``) to a
+    checked file.
 
     A PATH is used as is. A NAME is looked up in the shipped manifest (file in ``weights/``, else in the cache,
     verified against its sha256), then as ``NAME<suffix>`` in the cache folder. ``suffix`` picks the file kind
@@ -125,7 +130,7 @@ def resolve(spec: str | None, channels: int | None = None, suffix: str = ".pt") 
     if spec is None:
         if channels is None:
             raise ValueError("resolve() needs a spec or a channel count")
-        name = default_name(channels)
+        name = default_name(channels, command)
         try:
             ref = resolve(name, suffix=suffix)
         except WeightsError as exc:

@@ -177,17 +177,19 @@ def make_backend(
     precision: str = "fp32",
     quantize: bool = False,
     compile: str = "off",
+    command: str = "denoise",
 ):
-    """Resolve ``--weights`` (or the default for ``channels``) and build a backend on ``device``: ``precision`` and
-    ``compile`` for the torch backend (see :class:`TorchBackend`), ``quantize`` (int8 products) for the ONNX one."""
+    """Resolve ``--weights`` (or ``command``'s default for ``channels``) and build a backend on ``device``:
+    ``precision`` and ``compile`` for the torch backend (see :class:`TorchBackend`), ``quantize`` (int8 products)
+    for the ONNX one."""
     from vitca_cli.io import weights
     from vitca_cli.runtime import resolve_device
 
     if backend not in ("torch", "onnx"):
         raise SettingError("backend", f"{backend!r}: expected torch or onnx")
-    ref = weights.resolve(weights_spec, channels, suffix=".onnx") if backend == "onnx" else None
+    ref = weights.resolve(weights_spec, channels, ".onnx", command) if backend == "onnx" else None
     if ref is None:
-        ref = weights.resolve(weights_spec, channels)
+        ref = weights.resolve(weights_spec, channels, command=command)
         if ref.path.suffix == ".onnx":  # an ONNX step file runs in ONNX Runtime, whatever --backend said
             log.info(f"{ref.path}: an ONNX step graph, so the ONNX Runtime backend runs it")
             backend = "onnx"

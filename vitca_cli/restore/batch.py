@@ -154,10 +154,11 @@ Progress = Callable[[Job, int, int], None]  # (job, tile-steps done, total)
 # The batch
 # ---------------------------------------------------------------------------------------------------------------------
 class Backends:
-    """Backends by weights name, built on first use (the default depends on each image's channels)."""
+    """Backends by weights name, built on first use (the default depends on the command and each image's
+    channels)."""
 
-    def __init__(self, settings: BatchSettings):
-        self.settings = settings
+    def __init__(self, settings: BatchSettings, command: str = "denoise"):
+        self.settings, self.command = settings, command
         self._by_key: dict = {}
         self._suggested = False
 
@@ -168,7 +169,7 @@ class Backends:
         if key not in self._by_key:
             s = self.settings
             self._by_key[key] = make_backend(
-                s.weights, s.backend, s.device, channels, s.precision, s.quantize, s.compile
+                s.weights, s.backend, s.device, channels, s.precision, s.quantize, s.compile, self.command
             )
         return self._by_key[key]
 
@@ -184,14 +185,14 @@ class Backends:
             )
 
 
-def _prepare(inputs: list[str], settings: BatchSettings) -> tuple[list[Job], Backends]:
+def _prepare(inputs: list[str], settings: BatchSettings, command: str) -> tuple[list[Job], Backends]:
     """Device, threads and weights checked (usage errors and missing weights before any file), jobs listed."""
     from vitca_cli.runtime import choose_threads, resolve_device
 
     if settings.backend == "torch":  # an impossible device is a usage error before any file is read
         resolve_device(settings.device)
     choose_threads(settings.threads)
-    backends = Backends(settings)
+    backends = Backends(settings, command)
     if settings.weights is not None:
         backends.get(0)  # missing or unknown weights: raise now, not once per file
     jobs = collect_inputs(inputs, settings.recursive, skip_outputs=not settings.include_outputs)
@@ -213,7 +214,7 @@ def run_batch(
     """Restore every input (inpainting the pixels ``settings.mask`` marks, with ``inpaint``). ``progress(job, done,
     total)`` follows each image's steps; ``on_result`` hears of each file as it finishes. A usage error or missing
     weights raise; any other error fails its file only (and, with ``fail_fast``, ends the batch)."""
-    jobs, backends = _prepare(inputs, settings)
+    jobs, backends = _prepare(inputs, settings, "inpaint" if inpaint else "denoise")
     rate = "as trained" if settings.update_rate is None else settings.update_rate
     steps = "the model's default" if settings.iters is None else settings.iters
     log.info(f"seed {settings.seed}, {steps} iterations, update rate {rate}")
